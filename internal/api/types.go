@@ -1,0 +1,128 @@
+// Package api is the daemon's HTTP reservation and operator API (DESIGN.md
+// §3.1): the server, its wire types and the Go client autoscalerctl uses.
+package api
+
+import "time"
+
+// CreateReservationRequest is the body of POST /v1/reservations.
+type CreateReservationRequest struct {
+	ID       string   `json:"id,omitempty"`
+	Pool     string   `json:"pool,omitempty"`
+	System   string   `json:"system"`
+	Features []string `json:"features,omitempty"`
+	Owner    string   `json:"owner,omitempty"`
+	Lease    string   `json:"lease,omitempty"` // Go duration, e.g. "10m"
+}
+
+// Reservation is a reservation as the API shows it.
+type Reservation struct {
+	ID         string     `json:"id"`
+	Pool       string     `json:"pool"`
+	System     string     `json:"system"`
+	Features   []string   `json:"features"`
+	Owner      string     `json:"owner"`
+	State      string     `json:"state"` // pending, ready, released, failed, expired
+	Slot       string     `json:"slot,omitempty"`
+	Address    string     `json:"address,omitempty"`
+	InstanceID string     `json:"instance_id,omitempty"`
+	Lease      string     `json:"lease"`
+	CreatedAt  time.Time  `json:"created_at"`
+	ExpiresAt  time.Time  `json:"expires_at"`
+	AssignedAt *time.Time `json:"assigned_at,omitempty"`
+	EndedAt    *time.Time `json:"ended_at,omitempty"`
+	Reason     string     `json:"reason,omitempty"`
+	// WaitSeconds is how long the reservation waited (or has waited) for a slot.
+	WaitSeconds float64 `json:"wait_seconds"`
+}
+
+// Slot is a slot as the API shows it.
+type Slot struct {
+	Pool         string    `json:"pool"`
+	Slot         string    `json:"slot"`
+	State        string    `json:"state"`
+	InstanceID   string    `json:"instance_id,omitempty"`
+	Address      string    `json:"address,omitempty"`
+	InstanceType string    `json:"instance_type,omitempty"`
+	Market       string    `json:"market,omitempty"`
+	Weight       int       `json:"weight"`
+	Since        time.Time `json:"since"`
+	LastActive   time.Time `json:"last_active,omitzero"`
+	DrainReason  string    `json:"drain_reason,omitempty"`
+	Reservations int       `json:"reservations"` // live reservations assigned here
+}
+
+// WeightRequest is the body of POST /v1/slots/{pool}/{slot}/weight.
+type WeightRequest struct {
+	Weight *int `json:"weight"`
+}
+
+// PoolStatus summarises one pool.
+type PoolStatus struct {
+	Name                   string         `json:"name"`
+	Systems                []string       `json:"systems"`
+	Features               []string       `json:"features"`
+	MinBuilders            int            `json:"min_builders"`
+	MaxBuilders            int            `json:"max_builders"`
+	WarmPool               int            `json:"warm_pool"`
+	ReservationsPerBuilder int            `json:"reservations_per_builder"`
+	Slots                  map[string]int `json:"slots"`        // by state
+	Reservations           map[string]int `json:"reservations"` // live, by state
+}
+
+// Status is the answer of GET /v1/status.
+type Status struct {
+	Pools     []PoolStatus    `json:"pools"`
+	Reconcile ReconcileStatus `json:"reconcile"`
+}
+
+// ReconcileStatus tells how the last reconcile went.
+type ReconcileStatus struct {
+	LastAt          time.Time `json:"last_at,omitzero"`
+	LastError       string    `json:"last_error,omitempty"`
+	DurationSeconds float64   `json:"duration_seconds"`
+	Rounds          uint64    `json:"rounds"`
+}
+
+// Error is the body of every error answer.
+type Error struct {
+	Error string `json:"error"`
+	Code  string `json:"code"`
+}
+
+// Error codes.
+const (
+	CodeBadRequest   = "bad_request"
+	CodeNotFound     = "not_found"
+	CodeUnauthorized = "unauthorized"
+	CodeTooLarge     = "body_too_large"
+	CodeConflict     = "conflict"
+	CodeInternal     = "internal"
+	CodeUnavailable  = "unavailable"
+)
+
+// Event is one entry of the daemon's event log.
+type Event struct {
+	At            time.Time `json:"at"`
+	Kind          string    `json:"kind"`
+	Pool          string    `json:"pool,omitempty"`
+	Slot          string    `json:"slot,omitempty"`
+	InstanceID    string    `json:"instance_id,omitempty"`
+	ReservationID string    `json:"reservation_id,omitempty"`
+	Actor         string    `json:"actor,omitempty"`
+	Reason        string    `json:"reason,omitempty"`
+}
+
+// ReservationList is the answer of GET /v1/reservations.
+type ReservationList struct {
+	Reservations []Reservation `json:"reservations"`
+}
+
+// SlotList is the answer of GET /v1/slots.
+type SlotList struct {
+	Slots []Slot `json:"slots"`
+}
+
+// EventList is the answer of GET /v1/events.
+type EventList struct {
+	Events []Event `json:"events"`
+}

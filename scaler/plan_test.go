@@ -1,0 +1,465 @@
+package scaler
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+)
+
+var t0 = time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
+
+func pool(mod ...func(*PoolPolicy)) PoolPolicy {
+	pp := PoolPolicy{
+		Name: "x86", MaxBuilders: 3, ReservationsPerBuilder: 1,
+		IdleTimeout: 5 * time.Minute, DrainTimeout: time.Hour,
+		LaunchTimeout: 5 * time.Minute, BootTimeout: 10 * time.Minute, BindTimeout: 5 * time.Minute,
+	}
+	for _, m := range mod {
+		m(&pp)
+	}
+	return pp
+}
+
+func policy(pp ...PoolPolicy) Policy {
+	if len(pp) == 0 {
+		pp = []PoolPolicy{pool()}
+	}
+	return Policy{Pools: pp, PendingTimeout: time.Hour, OrphanGrace: 2 * time.Minute}
+}
+
+// slot builds a slot of pool x86; instance ids are "i-<name>".
+func slot(name string, st SlotState, mod ...func(*Slot)) Slot {
+	s := Slot{Pool: "x86", Name: name, State: st, StateSince: t0.Add(-time.Minute), LastActive: t0.Add(-time.Minute), Weight: DefaultWeight}
+	if st != Empty {
+		s.InstanceID = "i-" + name
+		s.LaunchID = "l-" + name
+	}
+	if st == Binding || st == Ready || st == Draining {
+		s.Address = "10.0.0." + strings.TrimPrefix(name, "slot") + ":22"
+	}
+	for _, m := range mod {
+		m(&s)
+	}
+	return s
+}
+
+func inst(name string, st InstanceState, mod ...func(*Instance)) Instance {
+	in := Instance{ID: "i-" + name, Pool: "x86", Slot: name, LaunchID: "l-" + name, State: st, LaunchedAt: t0.Add(-time.Hour)}
+	if st == InstanceRunning {
+		in.Address = "10.0.0." + strings.TrimPrefix(name, "slot") + ":22"
+	}
+	for _, m := range mod {
+		m(&in)
+	}
+	return in
+}
+
+func pending(id string, age time.Duration) Reservation {
+	return Reservation{ID: id, Pool: "x86", State: Pending, CreatedAt: t0.Add(-age), ExpiresAt: t0.Add(10 * time.Minute)}
+}
+
+func assigned(id, slot string) Reservation {
+	r := pending(id, time.Minute)
+	r.State, r.Slot = Assigned, slot
+	return r
+}
+
+// world builds an observation where every non-empty slot has a running
+// instance and an up server at its address, unless overridden.
+type world struct {
+	slots     []Slot
+	res       []Reservation
+	instances []Instance
+	servers   map[SlotKey]ServerStatus
+	unknown   bool // load balancer unreachable
+	noList    bool // provider list failed
+}
+
+func (w world) observed() Observed {
+	obs := Observed{Slots: w.slots, Reservations: w.res, InstancesKnown: map[string]bool{"x86": !w.noList, "arm": !w.noList},
+		ServersKnown: !w.unknown, Servers: map[SlotKey]ServerStatus{}}
+	haveInst := map[string]bool{}
+	for _, in := range w.instances {
+		haveInst[in.ID] = true
+	}
+	obs.Instances = append(obs.Instances, w.instances...)
+	for _, s := range w.slots {
+		if s.InstanceID != "" && !haveInst[s.InstanceID] {
+			obs.Instances = append(obs.Instances, inst(s.Name, InstanceRunning, func(in *Instance) { in.Pool = s.Pool }))
+		}
+		if s.Address != "" {
+			obs.Servers[s.Key()] = ServerStatus{Addr: s.Address, Up: s.State == Ready || s.State == Draining}
+		}
+	}
+	for k, v := range w.servers {
+		obs.Servers[k] = v
+	}
+	return obs
+}
+
+func key(slot string) SlotKey { return SlotKey{"x86", slot} }
+
+func render(as []Action) string {
+	var b strings.Builder
+	for _, a := range as {
+		fmt.Fprintln(&b, a.String())
+	}
+	return b.String()
+}
+
+func TestPlan(t *testing.T) {
+	tests := []struct {
+		name string
+		pol  Policy
+		w    world
+		want []string
+	}{
+		// Assignment.
+		{
+			name: "assign to ready slot with free capacity",
+			w:    world{slots: []Slot{slot("slot1", Ready), slot("slot2", Empty), slot("slot3", Empty)}, res: []Reservation{pending("r1", time.Second)}},
+			want: []string{`assign pool="x86" slot="slot1" reservation="r1" instance="i-slot1"`},
+		},
+		{
+			name: "full slot gets no more reservations; a builder is launched instead",
+			w: world{slots: []Slot{slot("slot1", Ready), slot("slot2", Empty), slot("slot3", Empty)},
+				res: []Reservation{assigned("r1", "slot1"), pending("r2", time.Second)}},
+			want: []string{
+				`touch pool="x86" slot="slot1"`,
+				`launch pool="x86" slot="slot2" reason="2 reservations need a builder, 2 builders wanted, 1 active"`,
+			},
+		},
+		{
+			name: "packs reservations onto the fuller builder",
+			pol:  policy(pool(func(p *PoolPolicy) { p.ReservationsPerBuilder = 3 })),
+			w: world{slots: []Slot{slot("slot1", Ready), slot("slot2", Ready), slot("slot3", Empty)},
+				res: []Reservation{assigned("r1", "slot2"), pending("r2", time.Second)}},
+			want: []string{
+				`touch pool="x86" slot="slot2"`,
+				`assign pool="x86" slot="slot2" reservation="r2" instance="i-slot2"`,
+			},
+		},
+		{
+			name: "weight 0 slot gets no reservations",
+			w: world{slots: []Slot{slot("slot1", Ready, func(s *Slot) { s.Weight = 0 }), slot("slot2", Ready), slot("slot3", Empty)},
+				res: []Reservation{pending("r1", time.Second)}},
+			want: []string{`assign pool="x86" slot="slot2" reservation="r1" instance="i-slot2"`},
+		},
+		{
+			name: "draining slot gets no reservations",
+			w: world{slots: []Slot{slot("slot1", Draining, func(s *Slot) { s.DrainReason = "operator" }), slot("slot2", Empty), slot("slot3", Empty)},
+				res: []Reservation{pending("r1", time.Second)}, servers: map[SlotKey]ServerStatus{key("slot1"): {Addr: "10.0.0.1:22", Up: true, Sessions: 2}}},
+			want: []string{`launch pool="x86" slot="slot2" reason="1 reservations need a builder, 1 builders wanted, 0 active"`},
+		},
+		// Launching.
+		{
+			name: "pending demand with no capacity launches",
+			w:    world{slots: []Slot{slot("slot1", Empty), slot("slot2", Empty), slot("slot3", Empty)}, res: []Reservation{pending("r1", 0), pending("r2", 0)}},
+			want: []string{
+				`launch pool="x86" slot="slot1" reason="2 reservations need a builder, 2 builders wanted, 0 active"`,
+				`launch pool="x86" slot="slot2" reason="2 reservations need a builder, 2 builders wanted, 1 active"`,
+			},
+		},
+		{
+			name: "starting builders count as capacity",
+			w: world{slots: []Slot{slot("slot1", Booting, func(s *Slot) { s.StateSince = t0 }), slot("slot2", Empty), slot("slot3", Empty)},
+				instances: []Instance{inst("slot1", InstanceRunning, func(in *Instance) { in.Address = "" })},
+				res:       []Reservation{pending("r1", 0)}},
+			want: nil,
+		},
+		{
+			name: "max_builders caps launches",
+			pol:  policy(pool(func(p *PoolPolicy) { p.MaxBuilders = 2 })),
+			w:    world{slots: []Slot{slot("slot1", Empty), slot("slot2", Empty)}, res: []Reservation{pending("r1", 0), pending("r2", 0), pending("r3", 0)}},
+			want: []string{
+				`launch pool="x86" slot="slot1" reason="3 reservations need a builder, 2 builders wanted, 0 active"`,
+				`launch pool="x86" slot="slot2" reason="3 reservations need a builder, 2 builders wanted, 1 active"`,
+			},
+		},
+		{
+			name: "reservations_per_builder shares a builder",
+			pol:  policy(pool(func(p *PoolPolicy) { p.ReservationsPerBuilder = 2 })),
+			w:    world{slots: []Slot{slot("slot1", Empty), slot("slot2", Empty), slot("slot3", Empty)}, res: []Reservation{pending("r1", 0), pending("r2", 0), pending("r3", 0)}},
+			want: []string{
+				`launch pool="x86" slot="slot1" reason="3 reservations need a builder, 2 builders wanted, 0 active"`,
+				`launch pool="x86" slot="slot2" reason="3 reservations need a builder, 2 builders wanted, 1 active"`,
+			},
+		},
+		{
+			name: "min_builders launches without demand",
+			pol:  policy(pool(func(p *PoolPolicy) { p.MinBuilders = 1 })),
+			w:    world{slots: []Slot{slot("slot1", Empty), slot("slot2", Empty), slot("slot3", Empty)}},
+			want: []string{`launch pool="x86" slot="slot1" reason="0 reservations need a builder, 1 builders wanted, 0 active"`},
+		},
+		{
+			name: "warm_pool keeps a spare above demand",
+			pol:  policy(pool(func(p *PoolPolicy) { p.WarmPool = 1 })),
+			w:    world{slots: []Slot{slot("slot1", Ready), slot("slot2", Empty), slot("slot3", Empty)}, res: []Reservation{pending("r1", 0)}},
+			want: []string{
+				`assign pool="x86" slot="slot1" reservation="r1" instance="i-slot1"`,
+				`launch pool="x86" slot="slot2" reason="1 reservations need a builder, 2 builders wanted, 1 active"`,
+			},
+		},
+		{
+			name: "launch backoff holds launches after failures",
+			w:    world{slots: []Slot{slot("slot1", Empty), slot("slot2", Empty), slot("slot3", Empty)}, res: []Reservation{pending("r1", 0)}},
+			pol:  policy(),
+			want: nil,
+		},
+		// Idle drain.
+		{
+			name: "idle builder drains after idle_timeout",
+			w:    world{slots: []Slot{slot("slot1", Ready, func(s *Slot) { s.LastActive = t0.Add(-5 * time.Minute) }), slot("slot2", Empty), slot("slot3", Empty)}},
+			want: []string{`drain pool="x86" slot="slot1" instance="i-slot1" reason="idle"`},
+		},
+		{
+			name: "idle builder before idle_timeout stays",
+			w:    world{slots: []Slot{slot("slot1", Ready, func(s *Slot) { s.LastActive = t0.Add(-4 * time.Minute) }), slot("slot2", Empty), slot("slot3", Empty)}},
+			want: nil,
+		},
+		{
+			name: "idle drain never goes below min_builders + warm_pool",
+			pol:  policy(pool(func(p *PoolPolicy) { p.MinBuilders = 1; p.WarmPool = 1 })),
+			w: world{slots: []Slot{
+				slot("slot1", Ready, func(s *Slot) { s.LastActive = t0.Add(-time.Hour) }),
+				slot("slot2", Ready, func(s *Slot) { s.LastActive = t0.Add(-2 * time.Hour) }),
+				slot("slot3", Ready, func(s *Slot) { s.LastActive = t0.Add(-3 * time.Hour) }),
+			}},
+			want: []string{`drain pool="x86" slot="slot3" instance="i-slot3" reason="idle"`},
+		},
+		{
+			name: "never drains a builder with a live reservation",
+			w: world{slots: []Slot{slot("slot1", Ready, func(s *Slot) { s.LastActive = t0.Add(-time.Hour) }), slot("slot2", Empty), slot("slot3", Empty)},
+				res: []Reservation{assigned("r1", "slot1")}},
+			want: []string{`touch pool="x86" slot="slot1"`},
+		},
+		{
+			name: "never drains a builder with open sessions",
+			w: world{slots: []Slot{slot("slot1", Ready, func(s *Slot) { s.LastActive = t0.Add(-time.Hour) }), slot("slot2", Empty), slot("slot3", Empty)},
+				servers: map[SlotKey]ServerStatus{key("slot1"): {Addr: "10.0.0.1:22", Up: true, Sessions: 1}}},
+			want: []string{`touch pool="x86" slot="slot1"`},
+		},
+		{
+			name: "never drains while the load balancer is unreachable",
+			w:    world{slots: []Slot{slot("slot1", Ready, func(s *Slot) { s.LastActive = t0.Add(-time.Hour) }), slot("slot2", Empty), slot("slot3", Empty)}, unknown: true},
+			want: nil,
+		},
+		// Lifecycle transitions and timeouts.
+		{
+			name: "launching instance running advances to booting and binds",
+			w: world{slots: []Slot{slot("slot1", Launching), slot("slot2", Empty), slot("slot3", Empty)},
+				res: []Reservation{pending("r1", 0)}},
+			want: []string{
+				`advance pool="x86" slot="slot1" instance="i-slot1" to="booting" reason="instance running"`,
+				`bind pool="x86" slot="slot1" instance="i-slot1" addr="10.0.0.1:22"`,
+			},
+		},
+		{
+			name: "binding slot becomes ready when the server is up and takes the reservation at once",
+			w: world{slots: []Slot{slot("slot1", Binding), slot("slot2", Empty), slot("slot3", Empty)},
+				res:     []Reservation{pending("r1", 0)},
+				servers: map[SlotKey]ServerStatus{key("slot1"): {Addr: "10.0.0.1:22", Up: true}}},
+			want: []string{
+				`advance pool="x86" slot="slot1" instance="i-slot1" to="ready" reason="server up"`,
+				`assign pool="x86" slot="slot1" reservation="r1" instance="i-slot1"`,
+			},
+		},
+		{
+			name: "address lost by the load balancer is bound again",
+			w: world{slots: []Slot{slot("slot1", Ready), slot("slot2", Empty), slot("slot3", Empty)},
+				servers: map[SlotKey]ServerStatus{key("slot1"): {Addr: "192.0.2.1:22"}}},
+			want: []string{`bind pool="x86" slot="slot1" instance="i-slot1" addr="10.0.0.1:22"`},
+		},
+		{
+			name: "launch timeout terminates and replaces",
+			w: world{slots: []Slot{slot("slot1", Launching, func(s *Slot) { s.StateSince = t0.Add(-5 * time.Minute) }), slot("slot2", Empty), slot("slot3", Empty)},
+				instances: []Instance{inst("slot1", InstancePending)}, res: []Reservation{pending("r1", 0)}},
+			want: []string{
+				`terminate pool="x86" slot="slot1" instance="i-slot1" reason="launch timeout (5m0s)"`,
+				`launch pool="x86" slot="slot2" reason="1 reservations need a builder, 1 builders wanted, 0 active"`,
+			},
+		},
+		{
+			name: "boot timeout terminates and replaces",
+			w: world{slots: []Slot{slot("slot1", Booting, func(s *Slot) { s.StateSince = t0.Add(-10 * time.Minute) }), slot("slot2", Empty), slot("slot3", Empty)},
+				instances: []Instance{inst("slot1", InstanceRunning, func(in *Instance) { in.Address = "" })}, res: []Reservation{pending("r1", 0)}},
+			want: []string{
+				`terminate pool="x86" slot="slot1" instance="i-slot1" reason="boot timeout (10m0s)"`,
+				`launch pool="x86" slot="slot2" reason="1 reservations need a builder, 1 builders wanted, 0 active"`,
+			},
+		},
+		{
+			name: "bind timeout terminates and replaces",
+			w: world{slots: []Slot{slot("slot1", Binding, func(s *Slot) { s.StateSince = t0.Add(-5 * time.Minute) }), slot("slot2", Empty), slot("slot3", Empty)},
+				res: []Reservation{pending("r1", 0)}, servers: map[SlotKey]ServerStatus{key("slot1"): {Addr: "10.0.0.1:22", Up: false}}},
+			want: []string{
+				`terminate pool="x86" slot="slot1" instance="i-slot1" reason="bind timeout (5m0s)"`,
+				`launch pool="x86" slot="slot2" reason="1 reservations need a builder, 1 builders wanted, 0 active"`,
+			},
+		},
+		{
+			name: "launch without a recorded instance times out straight to empty",
+			w: world{slots: []Slot{slot("slot1", Launching, func(s *Slot) { s.InstanceID = ""; s.StateSince = t0.Add(-time.Hour) }), slot("slot2", Empty), slot("slot3", Empty)},
+				instances: []Instance{}},
+			want: []string{`terminate pool="x86" slot="slot1" reason="launch timeout (5m0s)"`},
+		},
+		{
+			name: "instance found by launch id after a crash is adopted",
+			w: world{slots: []Slot{slot("slot1", Launching, func(s *Slot) { s.InstanceID = ""; s.StateSince = t0 }), slot("slot2", Empty), slot("slot3", Empty)},
+				instances: []Instance{inst("slot1", InstanceRunning)}, res: []Reservation{pending("r1", 0)}},
+			want: []string{
+				`adopt pool="x86" slot="slot1" instance="i-slot1" reason="found by launch id"`,
+				`advance pool="x86" slot="slot1" instance="i-slot1" to="booting" reason="instance running"`,
+				`bind pool="x86" slot="slot1" instance="i-slot1" addr="10.0.0.1:22"`,
+			},
+		},
+		// Draining.
+		{
+			name: "draining slot terminates when empty",
+			w:    world{slots: []Slot{slot("slot1", Draining, func(s *Slot) { s.DrainReason = "idle" }), slot("slot2", Empty), slot("slot3", Empty)}},
+			want: []string{`terminate pool="x86" slot="slot1" instance="i-slot1" reason="drained (idle)"`},
+		},
+		{
+			name: "draining slot with sessions waits",
+			w: world{slots: []Slot{slot("slot1", Draining, func(s *Slot) { s.DrainReason = "operator" }), slot("slot2", Empty), slot("slot3", Empty)},
+				servers: map[SlotKey]ServerStatus{key("slot1"): {Addr: "10.0.0.1:22", Up: true, Sessions: 1}}},
+			want: nil,
+		},
+		{
+			name: "draining slot with a live reservation waits",
+			w: world{slots: []Slot{slot("slot1", Draining, func(s *Slot) { s.DrainReason = "operator" }), slot("slot2", Empty), slot("slot3", Empty)},
+				res: []Reservation{assigned("r1", "slot1")}},
+			want: nil,
+		},
+		{
+			name: "draining slot terminates at drain_timeout and its reservation is requeued",
+			w: world{slots: []Slot{slot("slot1", Draining, func(s *Slot) { s.DrainReason = "operator"; s.StateSince = t0.Add(-time.Hour) }), slot("slot2", Empty), slot("slot3", Empty)},
+				res:     []Reservation{assigned("r1", "slot1")},
+				servers: map[SlotKey]ServerStatus{key("slot1"): {Addr: "10.0.0.1:22", Up: true, Sessions: 1}}},
+			want: []string{
+				`terminate pool="x86" slot="slot1" instance="i-slot1" reason="drain timeout (1h0m0s)"`,
+				`requeue pool="x86" slot="slot1" reservation="r1" reason="drain timeout (1h0m0s)"`,
+				`launch pool="x86" slot="slot2" reason="1 reservations need a builder, 1 builders wanted, 0 active"`,
+			},
+		},
+		{
+			name: "draining slot is not terminated while the load balancer is unreachable",
+			w:    world{slots: []Slot{slot("slot1", Draining, func(s *Slot) { s.StateSince = t0.Add(-2 * time.Hour) }), slot("slot2", Empty), slot("slot3", Empty)}, unknown: true},
+			want: nil,
+		},
+		{
+			name: "terminating slot empties when the instance is gone",
+			w: world{slots: []Slot{slot("slot1", Terminating), slot("slot2", Empty), slot("slot3", Empty)},
+				instances: []Instance{inst("slot1", InstanceTerminated)}},
+			want: []string{`advance pool="x86" slot="slot1" instance="i-slot1" to="empty" reason="terminated"`},
+		},
+		{
+			name: "terminating slot whose instance still runs is terminated again",
+			w:    world{slots: []Slot{slot("slot1", Terminating, func(s *Slot) { s.DrainReason = "idle" }), slot("slot2", Empty), slot("slot3", Empty)}},
+			want: []string{`terminate pool="x86" slot="slot1" instance="i-slot1" reason="retry: idle"`},
+		},
+		// Instances lost outside the daemon.
+		{
+			name: "ready builder reclaimed: slot empties, reservation requeued, replacement launched",
+			w: world{slots: []Slot{slot("slot1", Ready), slot("slot2", Empty), slot("slot3", Empty)},
+				instances: []Instance{inst("slot1", InstanceTerminated, func(in *Instance) { in.StateReason = "Server.SpotInstanceTermination" })},
+				res:       []Reservation{assigned("r1", "slot1")}},
+			want: []string{
+				`requeue pool="x86" slot="slot1" reservation="r1" reason="instance i-slot1 is terminated: Server.SpotInstanceTermination"`,
+				`advance pool="x86" slot="slot1" instance="i-slot1" to="empty" reason="instance i-slot1 is terminated: Server.SpotInstanceTermination"`,
+				`launch pool="x86" slot="slot1" reason="1 reservations need a builder, 1 builders wanted, 0 active"`,
+			},
+		},
+		{
+			name: "nothing concluded from a failed provider list",
+			w: world{slots: []Slot{slot("slot1", Ready), slot("slot2", Empty), slot("slot3", Empty)},
+				instances: []Instance{inst("slot1", InstanceTerminated)}, res: []Reservation{assigned("r1", "slot1")}, noList: true},
+			want: []string{`touch pool="x86" slot="slot1"`},
+		},
+		{
+			name: "orphan instance terminated after the grace period",
+			w: world{slots: []Slot{slot("slot1", Empty), slot("slot2", Empty), slot("slot3", Empty)},
+				instances: []Instance{inst("slot1", InstanceRunning), inst("slot2", InstanceRunning, func(in *Instance) { in.LaunchedAt = t0.Add(-time.Minute) })}},
+			want: []string{`terminate pool="x86" instance="i-slot1" reason="orphan: no slot tracks it"`},
+		},
+		// Reservation deadlines.
+		{
+			name: "expired lease frees capacity for a pending reservation",
+			w: world{slots: []Slot{slot("slot1", Ready), slot("slot2", Empty), slot("slot3", Empty)},
+				res: []Reservation{
+					func() Reservation { r := assigned("r1", "slot1"); r.ExpiresAt = t0; return r }(),
+					pending("r2", time.Second),
+				}},
+			want: []string{
+				`expire pool="x86" slot="slot1" reservation="r1" reason="lease expired without heartbeat"`,
+				`assign pool="x86" slot="slot1" reservation="r2" instance="i-slot1"`,
+			},
+		},
+		{
+			name: "pending past pending_timeout fails, naming the full pool",
+			pol:  policy(pool(func(p *PoolPolicy) { p.MaxBuilders = 1 })),
+			w:    world{slots: []Slot{slot("slot1", Ready)}, res: []Reservation{assigned("r1", "slot1"), pending("r2", time.Hour)}},
+			want: []string{
+				`fail pool="x86" reservation="r2" reason="no builder after 1h0m0s: pool x86 at max_builders (1)"`,
+				`touch pool="x86" slot="slot1"`,
+			},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			pol := tt.pol
+			if pol.Pools == nil {
+				pol = policy()
+			}
+			obs := tt.w.observed()
+			if strings.HasPrefix(tt.name, "launch backoff") {
+				obs.LaunchBackoff = map[string]time.Time{"x86": t0.Add(time.Second)}
+			}
+			got := render(Plan(t0, pol, obs))
+			want := ""
+			for _, w := range tt.want {
+				want += w + "\n"
+			}
+			if got != want {
+				t.Errorf("Plan() =\n%s\nwant:\n%s", got, want)
+			}
+		})
+	}
+}
+
+func TestPlanIsPure(t *testing.T) {
+	w := world{slots: []Slot{slot("slot1", Binding), slot("slot2", Empty), slot("slot3", Empty)}, res: []Reservation{pending("r1", 0), pending("r2", 0)},
+		servers: map[SlotKey]ServerStatus{key("slot1"): {Addr: "10.0.0.1:22", Up: true}}}
+	obs := w.observed()
+	before := fmt.Sprintf("%+v", obs)
+	a := render(Plan(t0, policy(), obs))
+	b := render(Plan(t0, policy(), obs))
+	if a != b {
+		t.Fatalf("Plan not deterministic:\n%s\nvs\n%s", a, b)
+	}
+	if after := fmt.Sprintf("%+v", obs); after != before {
+		t.Fatalf("Plan mutated its input")
+	}
+}
+
+func TestTarget(t *testing.T) {
+	tests := []struct {
+		pp   PoolPolicy
+		live int
+		want int
+	}{
+		{pool(), 0, 0},
+		{pool(), 2, 2},
+		{pool(), 10, 3},
+		{pool(func(p *PoolPolicy) { p.MinBuilders = 1 }), 0, 1},
+		{pool(func(p *PoolPolicy) { p.MinBuilders = 1; p.WarmPool = 1 }), 0, 2},
+		{pool(func(p *PoolPolicy) { p.WarmPool = 1 }), 2, 3},
+		{pool(func(p *PoolPolicy) { p.ReservationsPerBuilder = 4 }), 5, 2},
+	}
+	for _, tt := range tests {
+		if got := Target(tt.pp, tt.live); got != tt.want {
+			t.Errorf("Target(min=%d warm=%d rpb=%d, live=%d) = %d, want %d", tt.pp.MinBuilders, tt.pp.WarmPool, tt.pp.ReservationsPerBuilder, tt.live, got, tt.want)
+		}
+	}
+}

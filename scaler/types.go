@@ -1,0 +1,256 @@
+// Package scaler holds the autoscaler's core: slot and reservation states,
+// the pure scaling policy (Plan) and the reconciler that applies it.
+package scaler
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"time"
+)
+
+// SlotState is the persisted runtime state of a slot (DESIGN.md §1).
+type SlotState string
+
+const (
+	Empty       SlotState = "empty"
+	Launching   SlotState = "launching"
+	Booting     SlotState = "booting"
+	Binding     SlotState = "binding"
+	Ready       SlotState = "ready"
+	Draining    SlotState = "draining"
+	Terminating SlotState = "terminating"
+)
+
+// SlotStates lists every slot state in lifecycle order.
+var SlotStates = []SlotState{Empty, Launching, Booting, Binding, Ready, Draining, Terminating}
+
+// Starting reports whether a slot in state s holds an instance that is on its
+// way to ready.
+func (s SlotState) Starting() bool { return s == Launching || s == Booting || s == Binding }
+
+// HasInstance reports whether a slot in state s may own a provider instance.
+func (s SlotState) HasInstance() bool { return s != Empty }
+
+// SlotKey names a slot: its pool and its HAProxy server name (slot1..slotN).
+type SlotKey struct {
+	Pool string
+	Slot string
+}
+
+func (k SlotKey) String() string { return k.Pool + "/" + k.Slot }
+
+// ParseSlotKey parses "pool/slot".
+func ParseSlotKey(s string) (SlotKey, error) {
+	pool, slot, ok := strings.Cut(s, "/")
+	if !ok || pool == "" || slot == "" || strings.Contains(slot, "/") {
+		return SlotKey{}, errors.New("slot must be written <pool>/<slot>, e.g. x86/slot1")
+	}
+	return SlotKey{Pool: pool, Slot: slot}, nil
+}
+
+// DefaultWeight is the HAProxy weight of a slot no operator has changed.
+const DefaultWeight = 100
+
+// MaxWeight is the highest weight HAProxy accepts.
+const MaxWeight = 256
+
+// Slot is one HAProxy server position of a pool and the builder it holds.
+type Slot struct {
+	Pool  string
+	Name  string
+	State SlotState
+	// InstanceID is the provider's id of the builder, once Launch returned it.
+	InstanceID string
+	// LaunchID is written before the provider is called and tagged onto the
+	// instance, so an instance launched just before a crash is found again.
+	LaunchID     string
+	Address      string // host:port HAProxy connects to
+	InstanceType string
+	Market       string
+	StateSince   time.Time
+	// LastActive is when the slot last held a reservation or a session; idle
+	// time counts from here.
+	LastActive time.Time
+	Weight     int
+	// DrainReason says why a slot is draining or terminating ("idle",
+	// "operator", "interrupted", ...); empty otherwise.
+	DrainReason string
+	// Version counts committed changes of the row (optimistic concurrency).
+	Version int64
+}
+
+func (s Slot) Key() SlotKey { return SlotKey{Pool: s.Pool, Slot: s.Name} }
+
+// ReservationState is the lifecycle state of a reservation (DESIGN.md §3.1).
+type ReservationState string
+
+const (
+	Pending  ReservationState = "pending"
+	Assigned ReservationState = "ready"
+	Released ReservationState = "released"
+	Failed   ReservationState = "failed"
+	Expired  ReservationState = "expired"
+)
+
+// ReservationStates lists every reservation state.
+var ReservationStates = []ReservationState{Pending, Assigned, Released, Failed, Expired}
+
+// Live reports whether a reservation in state s still holds or waits for capacity.
+func (s ReservationState) Live() bool { return s == Pending || s == Assigned }
+
+// Reservation is a lease on build capacity in one pool.
+type Reservation struct {
+	ID         string
+	Pool       string
+	System     string
+	Features   []string
+	Owner      string
+	State      ReservationState
+	Slot       string // set while State == Assigned
+	Lease      time.Duration
+	CreatedAt  time.Time
+	ExpiresAt  time.Time
+	AssignedAt time.Time
+	EndedAt    time.Time
+	Reason     string
+	Version    int64
+}
+
+// InstanceState is a provider instance's lifecycle state, EC2's vocabulary.
+type InstanceState string
+
+const (
+	InstancePending      InstanceState = "pending"
+	InstanceRunning      InstanceState = "running"
+	InstanceShuttingDown InstanceState = "shutting-down"
+	InstanceStopping     InstanceState = "stopping"
+	InstanceStopped      InstanceState = "stopped"
+	InstanceTerminated   InstanceState = "terminated"
+)
+
+// Gone reports whether an instance in state s will never serve builds again.
+func (s InstanceState) Gone() bool {
+	return s == InstanceShuttingDown || s == InstanceStopping || s == InstanceStopped || s == InstanceTerminated
+}
+
+// Instance is a builder machine as its provider reports it.
+type Instance struct {
+	ID       string
+	Pool     string // from the instance's tags
+	Slot     string
+	LaunchID string
+	State    InstanceState
+	// Address is where the builder's sshd listens (host:port), empty until known.
+	Address     string
+	LaunchedAt  time.Time
+	Type        string
+	Market      string
+	StateReason string // why the provider stopped it, e.g. Server.SpotInstanceTermination
+}
+
+// LaunchRequest asks a provider for one builder in a pool's slot.
+type LaunchRequest struct {
+	Pool     string
+	Slot     string
+	LaunchID string
+}
+
+// Provider starts and stops builder machines. Implementations tag every
+// instance with the cluster, pool, slot and launch id at launch time, so List
+// finds all of them after any crash.
+type Provider interface {
+	Launch(ctx context.Context, req LaunchRequest) (Instance, error)
+	// Terminate stops an instance; an instance that is already gone is success.
+	Terminate(ctx context.Context, instanceID string) error
+	// List returns every instance tagged for this cluster, in any state.
+	List(ctx context.Context) ([]Instance, error)
+}
+
+// ServerStatus is what the load balancer knows of a slot's server.
+type ServerStatus struct {
+	Addr     string // address the server currently points at ("" if none)
+	Up       bool   // health check passes
+	Sessions int    // open connections
+}
+
+// Readiness binds builder addresses into the load balancer and reports which
+// servers are up. The product's implementation is HAProxy (runtime API);
+// scaler/local.Prober checks SSH banners directly for setups without it.
+type Readiness interface {
+	Bind(ctx context.Context, key SlotKey, addr string) error
+	Servers(ctx context.Context) (map[SlotKey]ServerStatus, error)
+}
+
+// Clock is the reconciler's time source, injected so tests run on fake time.
+type Clock interface {
+	Now() time.Time
+	NewTicker(d time.Duration) Ticker
+}
+
+// Ticker is the part of time.Ticker the reconciler uses.
+type Ticker interface {
+	C() <-chan time.Time
+	Stop()
+}
+
+// RealClock is the wall clock.
+type RealClock struct{}
+
+func (RealClock) Now() time.Time { return time.Now() }
+
+func (RealClock) NewTicker(d time.Duration) Ticker { return realTicker{time.NewTicker(d)} }
+
+type realTicker struct{ t *time.Ticker }
+
+func (t realTicker) C() <-chan time.Time { return t.t.C }
+func (t realTicker) Stop()               { t.t.Stop() }
+
+// Event is one line of the append-only event log: who did what to which slot,
+// instance or reservation, and why.
+type Event struct {
+	At            time.Time
+	Kind          string // see the Ev* constants
+	Pool          string
+	Slot          string
+	InstanceID    string
+	ReservationID string
+	Actor         string // "reconciler", "api", "operator", ...
+	Reason        string
+}
+
+// Event kinds.
+const (
+	EvCreated    = "created"
+	EvLaunched   = "launched"
+	EvAdopted    = "adopted"
+	EvBooted     = "booted"
+	EvBound      = "bound"
+	EvReady      = "ready"
+	EvAssigned   = "assigned"
+	EvRequeued   = "requeued"
+	EvReleased   = "released"
+	EvExpired    = "expired"
+	EvDrained    = "drained"
+	EvUndrained  = "undrained"
+	EvWeight     = "weight"
+	EvTerminated = "terminated"
+	EvEmptied    = "emptied"
+	EvFailed     = "failed"
+	EvHeartbeat  = "heartbeat"
+)
+
+// Change is one atomic write: slots and reservations to update (compared on
+// Version, so a concurrent writer's change is never overwritten) and the
+// events that explain them.
+type Change struct {
+	Slots        []Slot
+	Reservations []Reservation
+	Events       []Event
+}
+
+// ErrConflict is returned by a Store when a row changed since it was read.
+var ErrConflict = errors.New("concurrent update")
+
+// ErrNotFound is returned for an unknown reservation or slot.
+var ErrNotFound = errors.New("not found")
