@@ -1,0 +1,128 @@
+// Command nix-builder-autoscaler is the autoscaler daemon and its tools.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/pflag"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon"
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/local"
+)
+
+const usage = `Usage: nix-builder-autoscaler <command> [flags]
+
+Commands:
+  run --config FILE        run the daemon (the default command)
+  check-config FILE        validate a config file; exit 1 listing every problem
+  demo [--once]            run the daemon on a built-in config with local
+                           stand-in builders and walk one reservation through
+  local-builder ...        internal: a local stand-in builder process
+
+Exit codes: 0 ok, 1 failure, 2 usage error.
+`
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	cmd := "run"
+	if len(args) > 0 && len(args[0]) > 0 && args[0][0] != '-' {
+		cmd, args = args[0], args[1:]
+	}
+	switch cmd {
+	case "run":
+		return runDaemon(args, stderr)
+	case "check-config":
+		return checkConfig(args, stdout, stderr)
+	case "demo":
+		return demo(args, stdout, stderr)
+	case "local-builder":
+		return local.BuilderMain(args)
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	}
+	fmt.Fprintf(stderr, "nix-builder-autoscaler: unknown command %q\n\n%s", cmd, usage)
+	return 2
+}
+
+func checkConfig(args []string, stdout, stderr io.Writer) int {
+	fs := pflag.NewFlagSet("check-config", pflag.ContinueOnError)
+	fs.SetOutput(stderr)
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if fs.NArg() != 1 {
+		fmt.Fprintln(stderr, "usage: nix-builder-autoscaler check-config FILE")
+		return 2
+	}
+	path := fs.Arg(0)
+	if _, err := config.Load(path); err != nil {
+		var ps config.Problems
+		if errors.As(err, &ps) {
+			fmt.Fprintf(stderr, "%s: %d problem(s):\n", path, len(ps))
+			for _, p := range ps {
+				fmt.Fprintf(stderr, "  %s\n", p)
+			}
+			return 1
+		}
+		fmt.Fprintf(stderr, "%s: %v\n", path, err)
+		return 1
+	}
+	fmt.Fprintf(stdout, "%s: ok\n", path)
+	return 0
+}
+
+// newLogger builds the daemon's logger from the config.
+func newLogger(d config.Daemon, w io.Writer) *slog.Logger {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(d.LogLevel))
+	opts := &slog.HandlerOptions{Level: level}
+	if d.LogFormat == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// signalContext ends on SIGINT or SIGTERM.
+func signalContext() (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+}
+
+func runDaemon(args []string, stderr io.Writer) int {
+	fs := pflag.NewFlagSet("run", pflag.ContinueOnError)
+	fs.SetOutput(stderr)
+	path := fs.StringP("config", "c", "/etc/nix-builder-autoscaler/config.toml", "config file")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	cfg, err := config.Load(*path)
+	if err != nil {
+		fmt.Fprintf(stderr, "nix-builder-autoscaler: %v\n", err)
+		return 1
+	}
+	log := newLogger(cfg.Daemon, stderr)
+	slog.SetDefault(log)
+	ctx, stop := signalContext()
+	defer stop()
+	d, err := daemon.New(ctx, cfg, daemon.Options{Logger: log})
+	if err != nil {
+		log.Error("start failed", "err", err)
+		return 1
+	}
+	if err := d.Run(ctx); err != nil {
+		log.Error("daemon failed", "err", err)
+		return 1
+	}
+	return 0
+}

@@ -1,0 +1,338 @@
+// Package config reads the daemon's single TOML config file (DESIGN.md §2,
+// §3): daemon settings, reservation leases and the builder pools.
+//
+// Reading is strict: unknown keys, values of the wrong type and values out of
+// range are all reported together as Problems, each naming the key and how to
+// fix it. Keys that are absent keep the defaults of Default and DefaultPool.
+// docs/configuration.md describes every key.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/BurntSushi/toml"
+)
+
+// ProviderLocal is the provider that runs stand-in builders (or operator
+// commands) on this machine.
+const ProviderLocal = "local"
+
+// Providers lists the accepted values of a pool's provider key.
+var Providers = []string{ProviderLocal}
+
+// Config is the whole config file.
+type Config struct {
+	Daemon       Daemon       `toml:"daemon"`
+	Reservations Reservations `toml:"reservations"`
+	Pools        []Pool       `toml:"pool"` // [[pool]]
+}
+
+// Daemon is the [daemon] table: where the daemon listens and keeps state.
+type Daemon struct {
+	Cluster           string   `toml:"cluster"`
+	Socket            string   `toml:"socket"`
+	SocketGroup       string   `toml:"socket_group"`
+	Listen            string   `toml:"listen"`
+	TokenFile         string   `toml:"token_file"`
+	MetricsListen     string   `toml:"metrics_listen"`
+	StateDir          string   `toml:"state_dir"`
+	Database          string   `toml:"database"`
+	LogLevel          string   `toml:"log_level"`
+	LogFormat         string   `toml:"log_format"`
+	ReconcileInterval Duration `toml:"reconcile_interval"`
+	EventRetention    Duration `toml:"event_retention"`
+}
+
+// DatabasePath is the SQLite database file: database if set, else
+// <state_dir>/state.db.
+func (d Daemon) DatabasePath() string {
+	if d.Database != "" {
+		return d.Database
+	}
+	return filepath.Join(d.StateDir, "state.db")
+}
+
+// Reservations is the [reservations] table: lease and wait limits.
+type Reservations struct {
+	Lease          Duration `toml:"lease"`
+	MaxLease       Duration `toml:"max_lease"`
+	PendingTimeout Duration `toml:"pending_timeout"`
+	MaxPoll        Duration `toml:"max_poll"`
+}
+
+// Pool is one [[pool]]: a set of max_builders slots serving the same Nix
+// systems and features.
+type Pool struct {
+	Name                   string   `toml:"name"`
+	Systems                []string `toml:"systems"`
+	Features               []string `toml:"features"`
+	MaxBuilders            int      `toml:"max_builders"`
+	MinBuilders            int      `toml:"min_builders"`
+	WarmPool               int      `toml:"warm_pool"`
+	ReservationsPerBuilder int      `toml:"reservations_per_builder"`
+	MaxJobs                int      `toml:"max_jobs"`
+	IdleTimeout            Duration `toml:"idle_timeout"`
+	DrainTimeout           Duration `toml:"drain_timeout"`
+	LaunchTimeout          Duration `toml:"launch_timeout"`
+	BootTimeout            Duration `toml:"boot_timeout"`
+	BindTimeout            Duration `toml:"bind_timeout"`
+	Provider               string   `toml:"provider"`
+	Local                  Local    `toml:"local"`
+}
+
+// Serves reports whether the pool builds for system and offers every one of
+// features.
+func (p Pool) Serves(system string, features []string) bool {
+	if !slices.Contains(p.Systems, system) {
+		return false
+	}
+	for _, f := range features {
+		if !slices.Contains(p.Features, f) {
+			return false
+		}
+	}
+	return true
+}
+
+// Local is a pool's [pool.local] table, used with provider = "local".
+type Local struct {
+	Address          string   `toml:"address"`
+	BootDelay        Duration `toml:"boot_delay"`
+	LaunchCommand    string   `toml:"launch_command"`
+	TerminateCommand string   `toml:"terminate_command"`
+}
+
+// Default returns the configuration with every default filled in and no
+// pools.
+func Default() Config {
+	return Config{
+		Daemon: Daemon{
+			Cluster:           "nix-builders",
+			Socket:            "/run/nix-builder-autoscaler/daemon.sock",
+			MetricsListen:     "127.0.0.1:9464",
+			StateDir:          "/var/lib/nix-builder-autoscaler",
+			LogLevel:          "info",
+			LogFormat:         "text",
+			ReconcileInterval: NewDuration(10 * time.Second),
+			EventRetention:    NewDuration(720 * time.Hour),
+		},
+		Reservations: Reservations{
+			Lease:          NewDuration(10 * time.Minute),
+			MaxLease:       NewDuration(24 * time.Hour),
+			PendingTimeout: NewDuration(time.Hour),
+			MaxPoll:        NewDuration(60 * time.Second),
+		},
+	}
+}
+
+// DefaultPool returns a pool with every default filled in. Name, Systems,
+// MaxBuilders and Provider have no default.
+func DefaultPool() Pool {
+	return Pool{
+		ReservationsPerBuilder: 1,
+		MaxJobs:                1,
+		IdleTimeout:            NewDuration(5 * time.Minute),
+		DrainTimeout:           NewDuration(2 * time.Hour),
+		LaunchTimeout:          NewDuration(5 * time.Minute),
+		BootTimeout:            NewDuration(10 * time.Minute),
+		BindTimeout:            NewDuration(5 * time.Minute),
+		Local: Local{
+			Address:   "127.0.0.1",
+			BootDelay: NewDuration(0),
+		},
+	}
+}
+
+// Pool returns the pool called name.
+func (c *Config) Pool(name string) (Pool, bool) {
+	for _, p := range c.Pools {
+		if p.Name == name {
+			return p, true
+		}
+	}
+	return Pool{}, false
+}
+
+// Load reads and parses the config file at path. Its errors start with the
+// path; Problems stay reachable with errors.As.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	cfg, err := Parse(data)
+	if err != nil {
+		var ps Problems
+		if errors.As(err, &ps) {
+			return nil, fmt.Errorf("%s: %d problem(s):\n%w", path, len(ps), err)
+		}
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// Parse decodes a config file on top of the defaults and validates it. A TOML
+// syntax error is returned wrapping a toml.ParseError, which has the line;
+// everything else wrong with the file (unknown keys, values of the wrong
+// type, values out of range) is returned at once as Problems.
+func Parse(data []byte) (*Config, error) {
+	var raw map[string]any
+	if _, err := toml.Decode(string(data), &raw); err != nil {
+		return nil, fmt.Errorf("config syntax: %w", err)
+	}
+
+	// Values of the wrong type would stop the decoder at the first one; find
+	// them all and take them out, so that decoding can go on and report the
+	// rest of the file too.
+	schema := checkSchema(raw)
+	if len(schema) > 0 {
+		var buf bytes.Buffer
+		if err := toml.NewEncoder(&buf).Encode(raw); err != nil {
+			return nil, fmt.Errorf("config: %w", err)
+		}
+		data = buf.Bytes()
+	}
+
+	cfg, unknown, err := decode(data, raw)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+
+	problems := append(schema, unknown...)
+	reported := make(map[string]bool, len(problems))
+	for _, p := range problems {
+		reported[p.Key] = true
+	}
+	var vs Problems
+	if err := cfg.Validate(); errors.As(err, &vs) {
+		for _, p := range vs {
+			// A value with the wrong type was dropped and is reported
+			// already; its stand-in zero value says nothing new.
+			if !reported[p.Key] {
+				problems = append(problems, p)
+			}
+		}
+	}
+	if len(problems) > 0 {
+		sortProblems(problems)
+		return nil, problems
+	}
+	return cfg, nil
+}
+
+// document is Config with each pool left undecoded, so that every pool can be
+// decoded on top of its own copy of the pool defaults.
+type document struct {
+	Daemon       Daemon           `toml:"daemon"`
+	Reservations Reservations     `toml:"reservations"`
+	Pools        []toml.Primitive `toml:"pool"`
+}
+
+// decode decodes data on top of the defaults and reports the keys it did not
+// use. raw is data decoded generically, used to tell which pool an unknown
+// key belongs to.
+func decode(data []byte, raw map[string]any) (*Config, Problems, error) {
+	def := Default()
+	doc := document{Daemon: def.Daemon, Reservations: def.Reservations}
+	md, err := toml.Decode(string(data), &doc)
+	if err != nil {
+		return nil, nil, err
+	}
+	cfg := &Config{Daemon: doc.Daemon, Reservations: doc.Reservations}
+	for i, prim := range doc.Pools {
+		p := DefaultPool()
+		if err := md.PrimitiveDecode(prim, &p); err != nil {
+			return nil, nil, fmt.Errorf("pool[%d]: %w", i, err)
+		}
+		cfg.Pools = append(cfg.Pools, p)
+	}
+	return cfg, unknownKeys(md.Undecoded(), raw), nil
+}
+
+const unknownKeyMessage = "unknown key; check the spelling against docs/configuration.md"
+
+// unknownKeys turns the decoder's undecoded keys into problems. The decoder
+// names keys of [[pool]] tables without their index ("pool.bogus"), so each
+// is looked up in every raw pool to name the pool it was found in. Keys under
+// an unknown key are not reported again.
+func unknownKeys(undecoded []toml.Key, raw map[string]any) Problems {
+	var ps Problems
+	seen := map[string]bool{}
+	var unknown []toml.Key
+	for _, k := range undecoded {
+		s := k.String()
+		if seen[s] {
+			continue
+		}
+		seen[s] = true
+		if slices.ContainsFunc(unknown, func(u toml.Key) bool {
+			return len(u) < len(k) && slices.Equal(u, k[:len(u)])
+		}) {
+			continue
+		}
+		unknown = append(unknown, k)
+		if k[0] != "pool" || len(k) == 1 {
+			ps = append(ps, Problem{Key: k.String(), Message: unknownKeyMessage})
+			continue
+		}
+		for i, pool := range rawPools(raw) {
+			if hasPath(pool, k[1:]) {
+				key := poolKey(i, rawName(pool)) + "." + k[1:].String()
+				ps = append(ps, Problem{Key: key, Message: unknownKeyMessage})
+			}
+		}
+	}
+	return ps
+}
+
+func hasPath(m map[string]any, path []string) bool {
+	for i, seg := range path {
+		v, ok := m[seg]
+		if !ok {
+			return false
+		}
+		if i == len(path)-1 {
+			return true
+		}
+		if m, ok = v.(map[string]any); !ok {
+			return false
+		}
+	}
+	return false
+}
+
+// rawPools returns the generic tables of the [[pool]] array.
+func rawPools(raw map[string]any) []map[string]any {
+	switch v := raw["pool"].(type) {
+	case []map[string]any:
+		return v
+	case []any:
+		pools := make([]map[string]any, 0, len(v))
+		for _, e := range v {
+			m, _ := e.(map[string]any)
+			pools = append(pools, m)
+		}
+		return pools
+	}
+	return nil
+}
+
+func rawName(pool map[string]any) string {
+	s, _ := pool["name"].(string)
+	return s
+}
+
+// poolKey names the i'th pool (0-based) in problem keys: pool[1] or, when the
+// pool has a name, pool[1] (name "arm").
+func poolKey(i int, name string) string {
+	if name == "" {
+		return fmt.Sprintf("pool[%d]", i)
+	}
+	return fmt.Sprintf("pool[%d] (name %q)", i, name)
+}

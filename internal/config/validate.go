@@ -1,0 +1,340 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"text/template"
+	"time"
+)
+
+// Problem is one thing wrong with a config file.
+type Problem struct {
+	// Key names the value, as a dotted TOML path: "daemon.listen",
+	// "pool[1] (name \"arm\").max_builders" (pools are counted from 0; the
+	// name is shown when the pool has one), "pool[0].systems[2]" for a list
+	// element, or "pool" for the list of pools as a whole.
+	Key string
+	// Message says what is wrong and how to fix it.
+	Message string
+}
+
+func (p Problem) String() string { return p.Key + ": " + p.Message }
+
+// Problems is every problem found in a config file, grouped by section:
+// unknown top-level keys, then [daemon], [reservations] and each [[pool]].
+type Problems []Problem
+
+func (ps Problems) Error() string {
+	lines := make([]string, len(ps))
+	for i, p := range ps {
+		lines[i] = p.String()
+	}
+	return strings.Join(lines, "\n")
+}
+
+var (
+	clusterRE  = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
+	poolNameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,31}$`)
+	systemRE   = regexp.MustCompile(`^[a-z0-9_]+-[a-z0-9_]+$`)
+	featureRE  = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]*$`)
+)
+
+// Limits on values.
+const (
+	// MaxBuilders is the most slots (HAProxy servers) a pool may have.
+	MaxBuilders = 64
+	// maxSocketPath is the longest unix socket path Linux accepts
+	// (sizeof sun_path, less the terminating NUL).
+	maxSocketPath = 107
+	minReconcile  = time.Second
+)
+
+// Validate checks every value and returns nil or Problems listing all that
+// is wrong.
+func (c *Config) Validate() error {
+	var v validator
+	v.daemon(c.Daemon)
+	v.reservations(c.Reservations)
+	v.pools(c.Pools)
+	if len(v.problems) == 0 {
+		return nil
+	}
+	return v.problems
+}
+
+type validator struct {
+	problems Problems
+}
+
+func (v *validator) add(key, format string, args ...any) {
+	v.problems = append(v.problems, Problem{Key: key, Message: fmt.Sprintf(format, args...)})
+}
+
+func (v *validator) daemon(d Daemon) {
+	const p = "daemon."
+	if !clusterRE.MatchString(d.Cluster) {
+		if d.Cluster == "" {
+			v.add(p+"cluster", `is required; it tags every instance of this daemon; the default is "nix-builders"`)
+		} else {
+			v.add(p+"cluster", "%q is not a valid cluster name; use 1 to 63 lower-case letters, digits and '-', starting with a letter or digit", d.Cluster)
+		}
+	}
+	if v.absPath(p+"socket", d.Socket, `like "/run/nix-builder-autoscaler/daemon.sock"`) && len(d.Socket) > maxSocketPath {
+		v.add(p+"socket", "is %d bytes long; unix socket paths may be at most %d bytes; choose a shorter path", len(d.Socket), maxSocketPath)
+	}
+	if d.Listen != "" {
+		v.hostPort(p+"listen", d.Listen, "127.0.0.1:8080")
+		if d.TokenFile == "" {
+			v.add(p+"token_file", "token_file is required when listen is set; point it at a file holding the bearer token")
+		}
+	}
+	if d.TokenFile != "" {
+		v.absPath(p+"token_file", d.TokenFile, `like "/run/secrets/nix-builder-autoscaler-token"`)
+	}
+	if d.MetricsListen != "" {
+		v.hostPort(p+"metrics_listen", d.MetricsListen, "127.0.0.1:9464")
+	}
+	v.absPath(p+"state_dir", d.StateDir, `like "/var/lib/nix-builder-autoscaler"`)
+	if d.Database != "" {
+		v.absPath(p+"database", d.Database, `or leave it out to use <state_dir>/state.db`)
+	}
+	v.oneOf(p+"log_level", "log level", d.LogLevel, "debug", "info", "warn", "error")
+	v.oneOf(p+"log_format", "log format", d.LogFormat, "text", "json")
+	if v.duration(p+"reconcile_interval", d.ReconcileInterval, "10s") && d.ReconcileInterval.D() < minReconcile {
+		v.add(p+"reconcile_interval", "%q is too short; reconcile_interval must be at least %s", d.ReconcileInterval, NewDuration(minReconcile))
+	}
+	v.duration(p+"event_retention", d.EventRetention, "720h")
+}
+
+func (v *validator) reservations(r Reservations) {
+	const p = "reservations."
+	lease := v.duration(p+"lease", r.Lease, "10m")
+	maxLease := v.duration(p+"max_lease", r.MaxLease, "24h")
+	if lease && maxLease && r.Lease.D() > r.MaxLease.D() {
+		v.add(p+"lease", "lease (%s) is longer than max_lease (%s); lower lease or raise max_lease", r.Lease, r.MaxLease)
+	}
+	v.duration(p+"pending_timeout", r.PendingTimeout, "1h")
+	v.duration(p+"max_poll", r.MaxPoll, "60s")
+}
+
+func (v *validator) pools(pools []Pool) {
+	if len(pools) == 0 {
+		v.add("pool", "at least one [[pool]] is required; add a [[pool]] table with name, systems, max_builders and provider")
+		return
+	}
+	first := map[string]int{}
+	for i, pool := range pools {
+		p := poolKey(i, pool.Name) + "."
+		if j, dup := first[pool.Name]; dup && pool.Name != "" {
+			v.add(p+"name", "duplicate name; pool[%d] is also named %q; give each pool its own name", j, pool.Name)
+		} else {
+			first[pool.Name] = i
+		}
+		v.pool(p, pool)
+	}
+}
+
+func (v *validator) pool(p string, pool Pool) {
+	switch {
+	case pool.Name == "":
+		v.add(p+"name", `is required; name the pool, like name = "x86"`)
+	case !poolNameRE.MatchString(pool.Name):
+		v.add(p+"name", "%q is not a valid pool name; use 1 to 32 lower-case letters, digits, '_' and '-', starting with a letter or digit", pool.Name)
+	}
+
+	if len(pool.Systems) == 0 {
+		v.add(p+"systems", `is required; list the Nix systems this pool builds for, like systems = ["x86_64-linux"]`)
+	}
+	v.list(p+"systems", pool.Systems, func(key, s string) {
+		if !systemRE.MatchString(s) {
+			v.add(key, "%q is not a Nix system; write it like \"x86_64-linux\" or \"aarch64-linux\"", s)
+		}
+	})
+	v.list(p+"features", pool.Features, func(key, f string) {
+		if !featureRE.MatchString(f) {
+			v.add(key, "%q is not a valid feature; use lower-case letters, digits, '.', '_' and '-', starting with a letter or digit, like \"kvm\" or \"big-parallel\"", f)
+		}
+	})
+
+	maxOK := false
+	switch {
+	case pool.MaxBuilders < 1:
+		v.add(p+"max_builders", "must be at least 1; set max_builders = 1 or more (at most %d)", MaxBuilders)
+	case pool.MaxBuilders > MaxBuilders:
+		v.add(p+"max_builders", "%d is more than %d; lower max_builders, or split the builders over two pools", pool.MaxBuilders, MaxBuilders)
+	default:
+		maxOK = true
+	}
+	minOK := v.atLeast(p+"min_builders", pool.MinBuilders, 0)
+	warmOK := v.atLeast(p+"warm_pool", pool.WarmPool, 0)
+	if maxOK && minOK && warmOK && pool.MinBuilders+pool.WarmPool > pool.MaxBuilders {
+		v.add(p+"min_builders", "min_builders (%d) + warm_pool (%d) exceeds max_builders (%d); raise max_builders or lower the others",
+			pool.MinBuilders, pool.WarmPool, pool.MaxBuilders)
+	}
+	v.atLeast(p+"reservations_per_builder", pool.ReservationsPerBuilder, 1)
+	v.atLeast(p+"max_jobs", pool.MaxJobs, 1)
+
+	v.duration(p+"idle_timeout", pool.IdleTimeout, "5m")
+	v.duration(p+"drain_timeout", pool.DrainTimeout, "2h")
+	v.duration(p+"launch_timeout", pool.LaunchTimeout, "5m")
+	v.duration(p+"boot_timeout", pool.BootTimeout, "10m")
+	v.duration(p+"bind_timeout", pool.BindTimeout, "5m")
+
+	switch pool.Provider {
+	case "":
+		v.add(p+"provider", "is required; set provider = %q (accepted: %s)", ProviderLocal, strings.Join(Providers, ", "))
+	case ProviderLocal:
+		v.local(p+"local.", pool.Local)
+	default:
+		if !slices.Contains(Providers, pool.Provider) {
+			v.add(p+"provider", "%q is not a known provider; use one of: %s", pool.Provider, strings.Join(Providers, ", "))
+		} else if pool.Local != DefaultPool().Local {
+			v.add(p+"local", "[pool.local] is used only with provider = %q; remove it or change provider", ProviderLocal)
+		}
+	}
+}
+
+func (v *validator) local(p string, l Local) {
+	if l.Address == "" {
+		v.add(p+"address", `is required; stand-in builders listen there; use "127.0.0.1"`)
+	} else if a, err := netip.ParseAddr(l.Address); err != nil || !a.Is4() || !a.IsLoopback() {
+		v.add(p+"address", "%q is not a loopback IPv4 address; use an address in 127.0.0.0/8, like \"127.0.0.1\"", l.Address)
+	}
+	if l.BootDelay.err != nil {
+		v.add(p+"boot_delay", "%q is not a duration; write it like \"30s\" or \"2m\", or \"0s\" for no delay", l.BootDelay.raw)
+	} else if l.BootDelay.D() < 0 {
+		v.add(p+"boot_delay", "%q is negative; write \"0s\" for no delay, or a positive duration like \"30s\"", l.BootDelay)
+	}
+	v.template(p+"launch_command", l.LaunchCommand)
+	v.template(p+"terminate_command", l.TerminateCommand)
+	switch {
+	case l.LaunchCommand != "" && l.TerminateCommand == "":
+		v.add(p+"terminate_command", "terminate_command is required when launch_command is set; give the command that stops what launch_command started")
+	case l.LaunchCommand == "" && l.TerminateCommand != "":
+		v.add(p+"terminate_command", "is used only with launch_command; set launch_command too, or remove terminate_command to use the built-in stand-in builders")
+	}
+}
+
+// localTemplateFuncs names the functions the local provider gives its
+// command templates (scaler/local parseHook). Parsing needs only the names.
+var localTemplateFuncs = template.FuncMap{
+	"quote": func(s string) string { return s },
+}
+
+func (v *validator) template(key, text string) {
+	if text == "" {
+		return
+	}
+	if _, err := template.New(key).Funcs(localTemplateFuncs).Parse(text); err != nil {
+		msg := err.Error()
+		// The error repeats the template name, which is the key.
+		msg = strings.TrimPrefix(msg, "template: "+key+":")
+		v.add(key, "is not a valid Go text/template (%s); fix the template syntax", strings.TrimSpace(msg))
+	}
+}
+
+// list checks each element of a string list with check, under the key
+// "<key>[i]", and reports duplicates.
+func (v *validator) list(key string, items []string, check func(key, item string)) {
+	for i, item := range items {
+		k := fmt.Sprintf("%s[%d]", key, i)
+		if j := slices.Index(items, item); j < i {
+			v.add(k, "%q is listed twice (also at [%d]); remove one", item, j)
+			continue
+		}
+		check(k, item)
+	}
+}
+
+func (v *validator) atLeast(key string, n, min int) bool {
+	if n >= min {
+		return true
+	}
+	name := key[strings.LastIndexByte(key, '.')+1:]
+	v.add(key, "must be at least %d; set %s = %d or more", min, name, min)
+	return false
+}
+
+// duration reports a duration that did not parse or is not above zero, and
+// tells whether it is fine. def is the default, shown as an example.
+func (v *validator) duration(key string, d Duration, def string) bool {
+	switch {
+	case d.err != nil:
+		v.add(key, "%q is not a duration; write it like \"5m\" or \"1h30m\"", d.raw)
+	case d.D() < 0:
+		v.add(key, "%q is negative; write a positive duration, like %q (the default)", d, def)
+	case d.D() == 0:
+		v.add(key, "must be more than zero; write a duration, like %q (the default)", def)
+	default:
+		return true
+	}
+	return false
+}
+
+func (v *validator) absPath(key, path, example string) bool {
+	switch {
+	case path == "":
+		v.add(key, "is required; give an absolute path, %s", example)
+	case !filepath.IsAbs(path):
+		v.add(key, "%q is not an absolute path; give a path starting with /, %s", path, example)
+	default:
+		return true
+	}
+	return false
+}
+
+func (v *validator) hostPort(key, addr, example string) {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		msg := err.Error()
+		var ae *net.AddrError
+		if errors.As(err, &ae) {
+			msg = ae.Err
+		}
+		v.add(key, "%q is not host:port (%s); write it like %q, or \"[::1]:port\" for IPv6", addr, msg, example)
+		return
+	}
+	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
+		v.add(key, "port %q in %q is not a number from 0 to 65535; write it like %q", port, addr, example)
+	}
+}
+
+func (v *validator) oneOf(key, what, value string, accepted ...string) {
+	if !slices.Contains(accepted, value) {
+		v.add(key, "%q is not a %s; use one of: %s", value, what, strings.Join(accepted, ", "))
+	}
+}
+
+// sortProblems orders problems by section, keeping the order within each:
+// unknown top-level keys, [daemon], [reservations], then each pool.
+func sortProblems(ps Problems) {
+	slices.SortStableFunc(ps, func(a, b Problem) int {
+		return sectionRank(a.Key) - sectionRank(b.Key)
+	})
+}
+
+func sectionRank(key string) int {
+	head, _, _ := strings.Cut(key, ".")
+	switch {
+	case head == "daemon":
+		return 1
+	case head == "reservations":
+		return 2
+	case key == "pool":
+		return 3
+	case strings.HasPrefix(key, "pool["):
+		var i int
+		if _, err := fmt.Sscanf(key, "pool[%d]", &i); err == nil {
+			return 3 + i
+		}
+		return 3
+	}
+	return 0
+}

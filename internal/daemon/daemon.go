@@ -1,0 +1,364 @@
+// Package daemon wires the autoscaler together: store, providers,
+// readiness, reconciler, API and metrics listeners. Tests start it in-process.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/store"
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/local"
+)
+
+// OrphanGrace is how long an untracked instance of this cluster lives before
+// it is terminated: longer than any launch call takes to be recorded.
+const OrphanGrace = 2 * time.Minute
+
+// Options holds what tests (or main) inject; zero values pick the defaults.
+type Options struct {
+	Clock    scaler.Clock
+	Logger   *slog.Logger
+	Registry *prometheus.Registry
+	// Providers overrides the configured provider per pool.
+	Providers map[string]scaler.Provider
+	// Readiness overrides the readiness implementation.
+	Readiness scaler.Readiness
+	// BuilderCommand runs a local stand-in builder; default: this executable
+	// with the "local-builder" subcommand.
+	BuilderCommand []string
+	BuilderEnv     []string
+}
+
+// Daemon is a running (or ready to run) autoscaler.
+type Daemon struct {
+	cfg   *config.Config
+	o     Options
+	log   *slog.Logger
+	db    *store.DB
+	rec   *scaler.Reconciler
+	api   *api.Server
+	reg   *prometheus.Registry
+	ready chan struct{}
+	token string
+	provs map[string]scaler.Provider
+}
+
+// New opens the state and builds every part; nothing listens until Run.
+func New(ctx context.Context, cfg *config.Config, o Options) (*Daemon, error) {
+	if o.Clock == nil {
+		o.Clock = scaler.RealClock{}
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.Registry == nil {
+		o.Registry = prometheus.NewRegistry()
+		o.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	}
+	d := &Daemon{cfg: cfg, o: o, log: o.Logger, reg: o.Registry, ready: make(chan struct{})}
+	if cfg.Daemon.Listen != "" {
+		b, err := os.ReadFile(cfg.Daemon.TokenFile)
+		if err != nil {
+			return nil, fmt.Errorf("read token_file: %w", err)
+		}
+		d.token = strings.TrimSpace(string(b))
+		if d.token == "" {
+			return nil, fmt.Errorf("token_file %s is empty; put a long random token in it", cfg.Daemon.TokenFile)
+		}
+	}
+	if err := os.MkdirAll(cfg.Daemon.StateDir, 0o750); err != nil {
+		return nil, fmt.Errorf("create state_dir: %w", err)
+	}
+	db, err := store.Open(ctx, cfg.Daemon.DatabasePath())
+	if err != nil {
+		return nil, err
+	}
+	d.db = db
+	sizes := map[string]int{}
+	for _, p := range cfg.Pools {
+		sizes[p.Name] = p.MaxBuilders
+	}
+	if err := db.EnsureSlots(ctx, sizes, o.Clock.Now()); err != nil {
+		db.Close()
+		return nil, err
+	}
+	providers, err := d.providers()
+	if err != nil {
+		db.Close()
+		return nil, err
+	}
+	d.provs = providers
+	readiness := o.Readiness
+	if readiness == nil {
+		readiness = local.NewProber(2 * time.Second)
+	}
+	d.rec = scaler.New(scaler.Options{
+		Store: db, Providers: providers, Readiness: readiness, Policy: Policy(cfg), Clock: o.Clock,
+		Interval: cfg.Daemon.ReconcileInterval.D(), Logger: o.Logger, Metrics: scaler.NewMetrics(o.Registry),
+		OnChange: func() { d.api.Notify() },
+	})
+	d.api = api.NewServer(api.Options{Store: db, Scaler: d.rec, Pools: cfg.Pools, Reservations: cfg.Reservations, Clock: o.Clock, Logger: o.Logger})
+	return d, nil
+}
+
+// Policy turns the configuration into the scaling policy's terms.
+func Policy(cfg *config.Config) scaler.Policy {
+	pol := scaler.Policy{PendingTimeout: cfg.Reservations.PendingTimeout.D(), OrphanGrace: OrphanGrace}
+	for _, p := range cfg.Pools {
+		pol.Pools = append(pol.Pools, scaler.PoolPolicy{
+			Name: p.Name, MaxBuilders: p.MaxBuilders, MinBuilders: p.MinBuilders, WarmPool: p.WarmPool,
+			ReservationsPerBuilder: p.ReservationsPerBuilder, IdleTimeout: p.IdleTimeout.D(), DrainTimeout: p.DrainTimeout.D(),
+			LaunchTimeout: p.LaunchTimeout.D(), BootTimeout: p.BootTimeout.D(), BindTimeout: p.BindTimeout.D(),
+		})
+	}
+	return pol
+}
+
+func (d *Daemon) providers() (map[string]scaler.Provider, error) {
+	out := map[string]scaler.Provider{}
+	localPools := map[string]local.PoolOptions{}
+	for _, p := range d.cfg.Pools {
+		if prov, ok := d.o.Providers[p.Name]; ok {
+			out[p.Name] = prov
+			continue
+		}
+		switch p.Provider {
+		case config.ProviderLocal:
+			localPools[p.Name] = local.PoolOptions{Address: p.Local.Address, BootDelay: p.Local.BootDelay.D(),
+				LaunchCommand: p.Local.LaunchCommand, TerminateCommand: p.Local.TerminateCommand}
+		default:
+			return nil, fmt.Errorf("pool %s: provider %q is not available in this build", p.Name, p.Provider)
+		}
+	}
+	if len(localPools) > 0 {
+		cmd := d.o.BuilderCommand
+		if cmd == nil {
+			exe, err := os.Executable()
+			if err != nil {
+				return nil, fmt.Errorf("find own executable for local builders: %w", err)
+			}
+			cmd = []string{exe, "local-builder"}
+		}
+		lp, err := local.New(local.Options{Cluster: d.cfg.Daemon.Cluster, StateDir: filepath.Join(d.cfg.Daemon.StateDir, "local"),
+			Pools: localPools, BuilderCommand: cmd, BuilderEnv: d.o.BuilderEnv, Logger: d.log, Now: d.o.Clock.Now})
+		if err != nil {
+			return nil, err
+		}
+		for name := range localPools {
+			out[name] = lp
+		}
+	}
+	return out, nil
+}
+
+// TerminateAll terminates every instance the providers list. Only for
+// owners of throwaway fleets (the demo, tests): a daemon stop never calls it.
+func (d *Daemon) TerminateAll(ctx context.Context) error {
+	var errs []error
+	seen := map[scaler.Provider]bool{}
+	for _, p := range d.provs {
+		if seen[p] {
+			continue
+		}
+		seen[p] = true
+		ins, err := p.List(ctx)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		for _, in := range ins {
+			if !in.State.Gone() {
+				errs = append(errs, p.Terminate(ctx, in.ID))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Ready is closed once every listener accepts connections.
+func (d *Daemon) Ready() <-chan struct{} { return d.ready }
+
+// Store is the daemon's state (tests inspect it).
+func (d *Daemon) Store() *store.DB { return d.db }
+
+// Reconciler is the daemon's reconciler.
+func (d *Daemon) Reconciler() *scaler.Reconciler { return d.rec }
+
+// Handler is the unauthenticated API handler (what the unix socket serves).
+func (d *Daemon) Handler() http.Handler { return d.api.Handler() }
+
+// Run serves until ctx ends, then stops cleanly. Stopping never terminates a
+// builder: they keep serving and the next start takes them over.
+func (d *Daemon) Run(ctx context.Context) error {
+	defer d.db.Close()
+	var servers []*http.Server
+	var lns []net.Listener
+	closeAll := func() {
+		for _, l := range lns {
+			l.Close()
+		}
+	}
+	ul, err := ListenUnix(d.cfg.Daemon.Socket, d.cfg.Daemon.SocketGroup)
+	if err != nil {
+		return err
+	}
+	lns = append(lns, ul)
+	servers = append(servers, newHTTPServer(d.api.Handler()))
+	if d.cfg.Daemon.Listen != "" {
+		tl, err := net.Listen("tcp", d.cfg.Daemon.Listen)
+		if err != nil {
+			closeAll()
+			return fmt.Errorf("listen on daemon.listen %s: %w", d.cfg.Daemon.Listen, err)
+		}
+		lns = append(lns, tl)
+		servers = append(servers, newHTTPServer(api.RequireToken(d.token, d.api.Handler())))
+	}
+	if d.cfg.Daemon.MetricsListen != "" {
+		ml, err := net.Listen("tcp", d.cfg.Daemon.MetricsListen)
+		if err != nil {
+			closeAll()
+			return fmt.Errorf("listen on daemon.metrics_listen %s: %w", d.cfg.Daemon.MetricsListen, err)
+		}
+		lns = append(lns, ml)
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", promhttp.HandlerFor(d.reg, promhttp.HandlerOpts{Registry: d.reg}))
+		servers = append(servers, newHTTPServer(mux))
+	}
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	errc := make(chan error, len(servers)+1)
+	for i, srv := range servers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := srv.Serve(lns[i]); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("serve %s: %w", lns[i].Addr(), err)
+			}
+		}()
+	}
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		_ = d.rec.Run(runCtx)
+	}()
+	go func() {
+		defer wg.Done()
+		d.pruneEvents(runCtx)
+	}()
+	addrs := make([]string, len(lns))
+	for i, l := range lns {
+		addrs[i] = l.Addr().String()
+	}
+	d.log.Info("daemon started", "listen", strings.Join(addrs, " "), "database", d.cfg.Daemon.DatabasePath(), "pools", len(d.cfg.Pools))
+	close(d.ready)
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case runErr = <-errc:
+	}
+	d.log.Info("daemon stopping; builders keep running")
+	shutCtx, shutCancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer shutCancel()
+	for _, srv := range servers {
+		_ = srv.Shutdown(shutCtx)
+	}
+	cancel()
+	wg.Wait()
+	_ = os.Remove(d.cfg.Daemon.Socket)
+	return runErr
+}
+
+func newHTTPServer(h http.Handler) *http.Server {
+	return &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, MaxHeaderBytes: 16 << 10, IdleTimeout: 2 * time.Minute}
+}
+
+func (d *Daemon) pruneEvents(ctx context.Context) {
+	t := d.o.Clock.NewTicker(time.Hour)
+	defer t.Stop()
+	for {
+		n, err := d.db.PruneEvents(ctx, d.o.Clock.Now().Add(-d.cfg.Daemon.EventRetention.D()))
+		if err != nil && ctx.Err() == nil {
+			d.log.Error("prune event log", "err", err)
+		} else if n > 0 {
+			d.log.Info("pruned event log", "events", n)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C():
+		}
+	}
+}
+
+// ListenUnix listens on a unix socket with mode 0660, owned by group (if
+// set). A stale socket file from a crashed daemon is replaced; a live one is
+// an error, so two daemons never share one state.
+func ListenUnix(path, group string) (net.Listener, error) {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("create socket directory %s: %w", dir, err)
+	}
+	if _, err := os.Lstat(path); err == nil {
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("another daemon is listening on %s; stop it first", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("remove stale socket %s: %w", path, err)
+		}
+	}
+	old := syscall.Umask(0o117)
+	l, err := net.Listen("unix", path)
+	syscall.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("listen on socket %s: %w", path, err)
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(true)
+	if err := os.Chmod(path, 0o660); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("chmod socket %s: %w", path, err)
+	}
+	if group != "" {
+		gid, err := lookupGroup(group)
+		if err != nil {
+			l.Close()
+			return nil, fmt.Errorf("daemon.socket_group: %w", err)
+		}
+		if err := os.Chown(path, -1, gid); err != nil {
+			l.Close()
+			return nil, fmt.Errorf("chown socket %s to group %s: %w", path, group, err)
+		}
+	}
+	return l, nil
+}
+
+func lookupGroup(name string) (int, error) {
+	if gid, err := strconv.Atoi(name); err == nil {
+		return gid, nil
+	}
+	g, err := user.LookupGroup(name)
+	if err != nil {
+		return 0, fmt.Errorf("group %q: %w", name, err)
+	}
+	return strconv.Atoi(g.Gid)
+}

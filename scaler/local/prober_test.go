@@ -1,0 +1,144 @@
+package local
+
+import (
+	"context"
+	"io"
+	"maps"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+)
+
+// fakeServer listens on loopback and greets each connection with greeting
+// ("" = says nothing), holding it until the peer closes or the test ends.
+func fakeServer(t *testing.T, greeting string) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	done := make(chan struct{})
+	t.Cleanup(func() {
+		close(done)
+		_ = ln.Close()
+		wg.Wait()
+	})
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Go(func() {
+				defer c.Close()
+				go func() { <-done; _ = c.Close() }()
+				_, _ = io.WriteString(c, greeting)
+				_, _ = io.Copy(io.Discard, c)
+			})
+		}
+	})
+	return ln.Addr().String()
+}
+
+// closedPort returns a loopback address nothing listens on.
+func closedPort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	_ = ln.Close()
+	return addr
+}
+
+func TestProber(t *testing.T) {
+	t.Parallel()
+	p := newProvider(t, standinOptions(t, "c1", t.TempDir(), nil))
+	standin := launch(t, context.Background(), p, scaler.LaunchRequest{Pool: "x86", Slot: "slot1", LaunchID: "l1"})
+	t.Cleanup(func() { _ = p.Terminate(context.Background(), standin.ID) })
+
+	tests := []struct {
+		name string
+		addr string
+		up   bool
+	}{
+		{"stand-in", standin.Address, true},
+		{"other sshd", fakeServer(t, "SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n"), true},
+		{"closed port", closedPort(t), false},
+		{"http server", fakeServer(t, "HTTP/1.0 400 Bad Request\r\n\r\n"), false},
+		{"ssh 1 banner", fakeServer(t, "SSH-1.5-old\r\n"), false},
+		{"silent server", fakeServer(t, ""), false},
+	}
+	pr := NewProber(500 * time.Millisecond)
+	ctx := context.Background()
+	want := map[scaler.SlotKey]scaler.ServerStatus{}
+	for _, tt := range tests {
+		key := scaler.SlotKey{Pool: "x86", Slot: tt.name}
+		if err := pr.Bind(ctx, key, tt.addr); err != nil {
+			t.Fatalf("Bind(%s, %s): %v", key, tt.addr, err)
+		}
+		want[key] = scaler.ServerStatus{Addr: tt.addr, Up: tt.up, Sessions: 0}
+	}
+	got, err := pr.Servers(ctx)
+	if err != nil {
+		t.Fatalf("Servers: %v", err)
+	}
+	for _, tt := range tests {
+		key := scaler.SlotKey{Pool: "x86", Slot: tt.name}
+		if got[key] != want[key] {
+			t.Errorf("%s: got %+v, want %+v", tt.name, got[key], want[key])
+		}
+	}
+	if len(got) != len(want) {
+		t.Errorf("Servers: got %d servers, want %d", len(got), len(want))
+	}
+
+	// Unbinding removes a server; a bad address is refused.
+	gone := scaler.SlotKey{Pool: "x86", Slot: "closed port"}
+	if err := pr.Bind(ctx, gone, ""); err != nil {
+		t.Fatalf("Bind(%s, \"\"): %v", gone, err)
+	}
+	delete(want, gone)
+	if err := pr.Bind(ctx, scaler.SlotKey{Pool: "x86", Slot: "bad"}, "no-port"); err == nil {
+		t.Error("Bind with an address without port: got nil error")
+	}
+	got, err = pr.Servers(ctx)
+	if err != nil {
+		t.Fatalf("Servers: %v", err)
+	}
+	if !maps.Equal(got, want) {
+		t.Errorf("Servers after unbind:\n got %+v\nwant %+v", got, want)
+	}
+
+	cctx, cancel := context.WithCancel(ctx)
+	cancel()
+	if _, err := pr.Servers(cctx); err == nil {
+		t.Error("Servers with a cancelled context: got nil error")
+	}
+}
+
+func TestProberBootDelay(t *testing.T) {
+	t.Parallel()
+	p := newProvider(t, standinOptions(t, "c1", t.TempDir(),
+		map[string]PoolOptions{"x86": {Address: "127.0.0.1", BootDelay: time.Minute}}))
+	inst := launch(t, context.Background(), p, scaler.LaunchRequest{Pool: "x86", Slot: "slot1", LaunchID: "l1"})
+	t.Cleanup(func() { _ = p.Terminate(context.Background(), inst.ID) })
+
+	pr := NewProber(200 * time.Millisecond)
+	key := scaler.SlotKey{Pool: "x86", Slot: "slot1"}
+	if err := pr.Bind(context.Background(), key, inst.Address); err != nil {
+		t.Fatal(err)
+	}
+	got, err := pr.Servers(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := (scaler.ServerStatus{Addr: inst.Address}); got[key] != want {
+		t.Errorf("booting stand-in: got %+v, want %+v (down)", got[key], want)
+	}
+}
