@@ -275,6 +275,11 @@ func (p *planner) lost(s *Slot, in Instance, found bool) bool {
 	if s.State == Terminating {
 		reason = "terminated"
 	}
+	if found && (in.State == InstanceStopped || in.State == InstanceStopping) {
+		// A stopped instance still costs (its volumes) and may come back:
+		// it is terminated below, as an instance no slot owns.
+		p.claimed[in.ID] = false
+	}
 	p.requeueSlot(s, reason)
 	p.advance(s, Empty, reason)
 	return true
@@ -390,7 +395,12 @@ func (p *planner) orphans() {
 	sort.Strings(ids)
 	for _, id := range ids {
 		in := p.byID[id]
-		if p.claimed[id] || in.State.Gone() {
+		stopped := in.State == InstanceStopped || in.State == InstanceStopping
+		if p.claimed[id] || in.State.Gone() && !stopped {
+			continue
+		}
+		if stopped {
+			p.emit(Action{Kind: ActTerminate, Pool: in.Pool, Instance: id, Reason: "orphan: stopped outside the daemon"})
 			continue
 		}
 		if p.now.Sub(in.LaunchedAt) < p.pol.OrphanGrace {

@@ -372,6 +372,15 @@ func TestPlan(t *testing.T) {
 			},
 		},
 		{
+			name: "builder stopped outside the daemon: slot empties and the instance is terminated",
+			w: world{slots: []Slot{slot("slot1", Ready), slot("slot2", Empty), slot("slot3", Empty)},
+				instances: []Instance{inst("slot1", InstanceStopped, func(in *Instance) { in.StateReason = "Client.UserInitiatedShutdown" })}},
+			want: []string{
+				`advance pool="x86" slot="slot1" instance="i-slot1" to="empty" reason="instance i-slot1 is stopped: Client.UserInitiatedShutdown"`,
+				`terminate pool="x86" instance="i-slot1" reason="orphan: stopped outside the daemon"`,
+			},
+		},
+		{
 			name: "nothing concluded from a failed provider list",
 			w: world{slots: []Slot{slot("slot1", Ready), slot("slot2", Empty), slot("slot3", Empty)},
 				instances: []Instance{inst("slot1", InstanceTerminated)}, res: []Reservation{assigned("r1", "slot1")}, noList: true},

@@ -48,21 +48,28 @@ func cell(s string) string {
 	}, s)
 }
 
-// humanDuration shows d, rounded, in at most two units: 42s, 3m12s, 2h5m, 3d4h.
+// humanDuration shows d, rounded, in at most two units: 42s, 3m12s, 5m,
+// 2h5m, 3d4h.
 func humanDuration(d time.Duration) string {
 	if d < 0 {
 		d = -d
 	}
 	s := int64(d.Round(time.Second) / time.Second)
+	two := func(a int64, ua string, b int64, ub string) string {
+		if b == 0 {
+			return fmt.Sprintf("%d%s", a, ua)
+		}
+		return fmt.Sprintf("%d%s%d%s", a, ua, b, ub)
+	}
 	switch {
 	case s < 60:
 		return fmt.Sprintf("%ds", s)
 	case s < 3600:
-		return fmt.Sprintf("%dm%ds", s/60, s%60)
+		return two(s/60, "m", s%60, "s")
 	case s < 86400:
-		return fmt.Sprintf("%dh%dm", s/3600, s%3600/60)
+		return two(s/3600, "h", s%3600/60, "m")
 	default:
-		return fmt.Sprintf("%dd%dh", s/86400, s%86400/3600)
+		return two(s/86400, "d", s%86400/3600, "h")
 	}
 }
 

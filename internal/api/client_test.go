@@ -457,6 +457,17 @@ func TestClientReservationLifecycle(t *testing.T) {
 		t.Errorf("Reservations = %+v, want only build-42", l.Reservations)
 	}
 
+	// Ids may hold a slash; it stays inside one path segment.
+	if r, _, err = c.CreateReservation(ctx, api.CreateReservationRequest{ID: "proj/build-7", System: "x86_64-linux"}); err != nil {
+		t.Fatal(err)
+	}
+	if r, err = c.Heartbeat(ctx, "proj/build-7"); err != nil || r.ID != "proj/build-7" {
+		t.Errorf("Heartbeat(proj/build-7) = %+v, %v", r, err)
+	}
+	if got := f.lastRequest(); got != "POST /v1/reservations/proj%2Fbuild-7/heartbeat" {
+		t.Errorf("request = %q", got)
+	}
+
 	for i := range 2 { // releasing is idempotent
 		if r, err = c.Release(ctx, "build-42"); err != nil || r.State != "released" {
 			t.Errorf("Release #%d = %+v, %v; want released", i+1, r, err)

@@ -53,7 +53,15 @@ func (p *Provider) hookData(r record) hookData {
 // launchHook runs the pool's launch command for r and records the address
 // it printed. On failure r is recorded as terminated.
 func (p *Provider) launchHook(ctx context.Context, r *record, pl pool) error {
-	out, err := p.runHook(ctx, "launch", r.Pool, pl.launch, p.hookData(*r))
+	out, err := p.runHook(ctx, "launch", r.Pool, pl.launch, p.hookData(*r), func(pid int) {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		r.HookPID = pid
+		if err := p.writeRecord(*r); err != nil {
+			p.log.Warn("local provider: cannot record launch command pid", "instance", r.ID, "err", err)
+		}
+	})
+	r.HookPID = 0
 	if err == nil {
 		r.Address, err = hookAddress(r.Pool, pl.LaunchCommand, out)
 	}
@@ -67,7 +75,7 @@ func (p *Provider) launchHook(ctx context.Context, r *record, pl pool) error {
 	if err != nil {
 		// The builder exists but no record says where: undo it.
 		p.failLaunch(r, err)
-		if _, terr := p.runHook(context.Background(), "terminate", r.Pool, pl.terminate, p.hookData(*r)); terr != nil {
+		if _, terr := p.runHook(context.Background(), "terminate", r.Pool, pl.terminate, p.hookData(*r), nil); terr != nil {
 			p.log.Error("local provider: cannot undo launch", "instance", r.ID, "err", terr)
 		}
 		return fmt.Errorf("local provider: write record: %w", err)
@@ -98,8 +106,9 @@ func hookAddress(poolName, command, stdout string) (string, error) {
 }
 
 // runHook renders tmpl and runs it with /bin/sh -c, bounded by ctx and
-// hookTimeout, and returns its standard output.
-func (p *Provider) runHook(ctx context.Context, what, poolName string, tmpl *template.Template, data hookData) (string, error) {
+// hookTimeout, and returns its standard output. started, if set, learns the
+// command's pid (its process group) once it runs.
+func (p *Provider) runHook(ctx context.Context, what, poolName string, tmpl *template.Template, data hookData, started func(pid int)) (string, error) {
 	var script bytes.Buffer
 	if err := tmpl.Execute(&script, data); err != nil {
 		return "", fmt.Errorf("local provider: %s command of pool %q: %w", what, poolName, err)
@@ -130,7 +139,13 @@ func (p *Provider) runHook(ctx context.Context, what, poolName string, tmpl *tem
 	cmd.Stdout = stdout
 	cmd.Stderr = stderr
 
-	err := cmd.Run()
+	err := cmd.Start()
+	if err == nil {
+		if started != nil {
+			started(cmd.Process.Pid)
+		}
+		err = cmd.Wait()
+	}
 	if errors.Is(err, exec.ErrWaitDelay) {
 		p.log.Warn("local provider: hook command left a process holding its output open; redirect the output of what it starts in the background",
 			"pool", poolName, "command", what)
@@ -179,3 +194,13 @@ func (b *tailBuffer) Write(p []byte) (int, error) {
 }
 
 func (b *tailBuffer) String() string { return string(b.buf) }
+
+// killHookGroup kills the process group of an interrupted launch command,
+// if that pid still runs a shell (the group id is not trusted blindly).
+func killHookGroup(pid int) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil || !strings.HasPrefix(string(b), "/bin/sh\x00") {
+		return
+	}
+	_ = syscall.Kill(-pid, syscall.SIGKILL)
+}

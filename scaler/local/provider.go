@@ -100,17 +100,20 @@ var idPattern = regexp.MustCompile(`^local-[0-9a-f]{16}$`)
 // record is the on-disk form of an instance: its tags and what is known of
 // its process.
 type record struct {
-	ID           string    `json:"id"`
-	Cluster      string    `json:"cluster"`
-	Pool         string    `json:"pool"`
-	Slot         string    `json:"slot"`
-	LaunchID     string    `json:"launch_id"`
-	LaunchedAt   time.Time `json:"launched_at"`
-	Type         string    `json:"type"`
-	Market       string    `json:"market"`
-	Mode         string    `json:"mode"`             // "standin" or "hook"
-	Marker       string    `json:"marker,omitempty"` // in the stand-in's cmdline
-	PID          int       `json:"pid,omitempty"`
+	ID         string    `json:"id"`
+	Cluster    string    `json:"cluster"`
+	Pool       string    `json:"pool"`
+	Slot       string    `json:"slot"`
+	LaunchID   string    `json:"launch_id"`
+	LaunchedAt time.Time `json:"launched_at"`
+	Type       string    `json:"type"`
+	Market     string    `json:"market"`
+	Mode       string    `json:"mode"`             // "standin" or "hook"
+	Marker     string    `json:"marker,omitempty"` // in the stand-in's cmdline
+	PID        int       `json:"pid,omitempty"`
+	// HookPID is the launch command's process (and group) id while it runs,
+	// so a launch cut off by a daemon crash can be stopped by Terminate.
+	HookPID      int       `json:"hook_pid,omitempty"`
 	Address      string    `json:"address,omitempty"`
 	TerminatedAt time.Time `json:"terminated_at,omitzero"`
 	StateReason  string    `json:"state_reason,omitempty"`
@@ -339,7 +342,12 @@ func (p *Provider) Terminate(ctx context.Context, instanceID string) error {
 		if !ok || pl.terminate == nil {
 			return fmt.Errorf("local provider: instance %s: pool %q has no terminate command", r.ID, r.Pool)
 		}
-		if _, err := p.runHook(ctx, "terminate", r.Pool, pl.terminate, p.hookData(r)); err != nil {
+		if r.Address == "" && r.HookPID != 0 {
+			// An interrupted launch command may still be running and start
+			// a builder after the terminate command ran: stop it first.
+			killHookGroup(r.HookPID)
+		}
+		if _, err := p.runHook(ctx, "terminate", r.Pool, pl.terminate, p.hookData(r), nil); err != nil {
 			return err
 		}
 	} else if r.PID != 0 {
@@ -450,10 +458,15 @@ func (p *Provider) observe(r *record, now time.Time) (inst scaler.Instance, keep
 	switch {
 	case r.Mode == modeHook && r.Address != "":
 		// Running until terminated: nothing here can see the builder.
-	case r.Mode == modeHook && young:
-		state = scaler.InstancePending
 	case r.Mode == modeHook:
-		state, reason = scaler.InstanceTerminated, "launch command did not complete"
+		// Its launch command was cut off (the daemon died while it ran;
+		// this process is not launching it). Whatever it started may be
+		// running: report it stopped, so the caller terminates it and the
+		// terminate command cleans up, rather than terminated, which
+		// would leak it.
+		inst = r.instance()
+		inst.State, inst.StateReason = scaler.InstanceStopped, "launch command interrupted"
+		return inst, true
 	case r.PID == 0 && young:
 		state = scaler.InstancePending
 	case r.PID == 0:
