@@ -3,6 +3,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -59,15 +60,20 @@ func run(args []string, stdout, stderr io.Writer) int {
 func checkConfig(args []string, stdout, stderr io.Writer) int {
 	fs := pflag.NewFlagSet("check-config", pflag.ContinueOnError)
 	fs.SetOutput(stderr)
+	asJSON := fs.Bool("json", false, `print {"file","ok","problems":[{"key","message"}]} on stdout`)
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
 	if fs.NArg() != 1 {
-		fmt.Fprintln(stderr, "usage: nix-builder-autoscaler check-config FILE")
+		fmt.Fprintln(stderr, "usage: nix-builder-autoscaler check-config [--json] FILE")
 		return 2
 	}
 	path := fs.Arg(0)
-	if _, err := config.Load(path); err != nil {
+	_, err := config.Load(path)
+	if *asJSON {
+		return checkConfigJSON(path, err, stdout)
+	}
+	if err != nil {
 		var ps config.Problems
 		if errors.As(err, &ps) {
 			fmt.Fprintf(stderr, "%s: %d problem(s):\n", path, len(ps))
@@ -80,6 +86,35 @@ func checkConfig(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	fmt.Fprintf(stdout, "%s: ok\n", path)
+	return 0
+}
+
+type problemJSON struct {
+	Key     string `json:"key"`
+	Message string `json:"message"`
+}
+
+func checkConfigJSON(path string, err error, stdout io.Writer) int {
+	out := struct {
+		File     string        `json:"file"`
+		OK       bool          `json:"ok"`
+		Problems []problemJSON `json:"problems"`
+	}{File: path, OK: err == nil, Problems: []problemJSON{}}
+	var ps config.Problems
+	switch {
+	case errors.As(err, &ps):
+		for _, p := range ps {
+			out.Problems = append(out.Problems, problemJSON{Key: p.Key, Message: p.Message})
+		}
+	case err != nil:
+		out.Problems = append(out.Problems, problemJSON{Message: err.Error()})
+	}
+	enc := json.NewEncoder(stdout)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(out)
+	if err != nil {
+		return 1
+	}
 	return 0
 }
 

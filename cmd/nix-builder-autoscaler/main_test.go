@@ -1,0 +1,105 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/local"
+)
+
+func TestMain(m *testing.M) {
+	// The demo's stand-in builders are this binary's local-builder command.
+	if len(os.Args) > 1 && os.Args[1] == "local-builder" {
+		os.Exit(local.BuilderMain(os.Args[2:]))
+	}
+	os.Exit(m.Run())
+}
+
+const testdata = "../../internal/config/testdata"
+
+func TestCheckConfigBadFilesListEveryProblem(t *testing.T) {
+	files, err := filepath.Glob(filepath.Join(testdata, "bad", "*.toml"))
+	if err != nil || len(files) < 8 {
+		t.Fatalf("bad configs: %v %v", files, err)
+	}
+	for _, f := range files {
+		t.Run(filepath.Base(f), func(t *testing.T) {
+			want, err := os.ReadFile(f + ".want")
+			if err != nil {
+				t.Fatal(err)
+			}
+			var stdout, stderr bytes.Buffer
+			if code := run([]string{"check-config", f}, &stdout, &stderr); code != 1 {
+				t.Fatalf("exit %d, want 1; stderr:\n%s", code, stderr.String())
+			}
+			for _, line := range strings.Split(strings.TrimSpace(string(want)), "\n") {
+				if !strings.Contains(stderr.String(), line) {
+					t.Errorf("stderr lacks problem %q; got:\n%s", line, stderr.String())
+				}
+			}
+		})
+	}
+}
+
+func TestCheckConfigJSON(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	code := run([]string{"check-config", "--json", filepath.Join(testdata, "bad", "many-problems.toml")}, &stdout, &stderr)
+	var got struct {
+		OK       bool `json:"ok"`
+		Problems []struct{ Key, Message string }
+	}
+	if err := json.Unmarshal(stdout.Bytes(), &got); err != nil {
+		t.Fatalf("--json output does not parse: %v\n%s", err, stdout.String())
+	}
+	if code != 1 || got.OK || len(got.Problems) != 12 {
+		t.Fatalf("exit %d, ok %v, %d problems; want 1, false, 12", code, got.OK, len(got.Problems))
+	}
+	if got.Problems[0].Key != "daemon.token_file" {
+		t.Errorf("first problem key %q, want daemon.token_file", got.Problems[0].Key)
+	}
+}
+
+func TestCheckConfigGoodFiles(t *testing.T) {
+	files, _ := filepath.Glob(filepath.Join(testdata, "good", "*.toml"))
+	if len(files) < 2 {
+		t.Fatalf("good configs: %v", files)
+	}
+	for _, f := range files {
+		var stdout, stderr bytes.Buffer
+		if code := run([]string{"check-config", f}, &stdout, &stderr); code != 0 {
+			t.Errorf("%s: exit %d; stderr:\n%s", f, code, stderr.String())
+		}
+	}
+}
+
+func TestUsage(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	if code := run([]string{"frobnicate"}, &stdout, &stderr); code != 2 || !strings.Contains(stderr.String(), "unknown command") {
+		t.Errorf("unknown command: exit %d, stderr %q", code, stderr.String())
+	}
+	if code := run([]string{"check-config"}, &stdout, &stderr); code != 2 {
+		t.Errorf("check-config without a file: exit %d, want 2", code)
+	}
+	if code := run([]string{"check-config", "/nonexistent.toml"}, &stdout, &stderr); code != 1 || !strings.Contains(stderr.String(), "/nonexistent.toml") {
+		t.Errorf("missing file: exit %d, stderr %q", code, stderr.String())
+	}
+}
+
+// TestDemo runs the README's first command end to end: a reservation
+// becomes a ready builder, the builder answers, and it drains away.
+func TestDemo(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	code := run([]string{"demo", "--once"}, &stdout, &stderr)
+	if code != 0 {
+		t.Fatalf("demo exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout.String(), stderr.String())
+	}
+	for _, want := range []string{"reservation ready on demo/slot1", `connected to the builder: "SSH-2.0-`, "every slot is empty again"} {
+		if !strings.Contains(stdout.String(), want) {
+			t.Errorf("demo output lacks %q:\n%s", want, stdout.String())
+		}
+	}
+}
