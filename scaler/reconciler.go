@@ -129,6 +129,11 @@ func (r *Reconciler) Status() RoundStatus {
 // sshd answers", so it is polled, but only while it matters.
 const FastInterval = time.Second
 
+// KickBatch is how long a round waits after the first event that asked for
+// it, so that events arriving together are planned together (like
+// Karpenter's batch window, but short enough not to matter to a build).
+const KickBatch = 2 * time.Millisecond
+
 // Run reconciles until ctx ends. Rounds never overlap. A round that changed
 // something is followed at once by another, so chained transitions
 // (launched → booting → binding) do not wait for a tick.
@@ -147,6 +152,13 @@ func (r *Reconciler) Run(ctx context.Context) error {
 			}
 			r.round(ctx)
 		case <-r.kick:
+			// Let a burst of events (a push starting many builds, a
+			// create quickly followed by its release) land in one round.
+			time.Sleep(KickBatch)
+			select {
+			case <-r.kick:
+			default:
+			}
 			r.round(ctx)
 		case done := <-r.reqs:
 			done <- r.round(ctx)

@@ -452,6 +452,7 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request) {
 	now := s.o.Clock.Now()
 	ev := scaler.Event{At: now, Kind: scaler.EvReleased, ReservationID: id, Actor: "api"}
 	var freed string
+	released := false
 	res, err := s.updateReservation(r.Context(), id, func(res *scaler.Reservation) (scaler.Change, bool) {
 		if !res.State.Live() {
 			return scaler.Change{}, false
@@ -467,7 +468,7 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request) {
 				ev.InstanceID = sl.InstanceID
 			}
 		}
-		freed = res.Slot
+		freed, released = res.Slot, true
 		res.State, res.EndedAt, res.Slot = scaler.Released, now, ""
 		c.Events = []scaler.Event{ev}
 		return c, true
@@ -478,13 +479,13 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request) {
 		tomb := scaler.Reservation{ID: id, State: scaler.Released, CreatedAt: now, EndedAt: now, ExpiresAt: now,
 			Reason: "released before it was created"}
 		ev.Reason = tomb.Reason
-		res, _, err = s.o.Store.CreateReservation(r.Context(), tomb, ev)
+		res, released, err = s.o.Store.CreateReservation(r.Context(), tomb, ev)
 	}
 	if err != nil {
 		s.internal(w, "release", err)
 		return
 	}
-	if freed != "" || res.EndedAt.Equal(now) {
+	if released {
 		s.o.Logger.Info("reservation released", "reservation", id, "pool", res.Pool, "slot", freed)
 		s.o.Scaler.Kick()
 		s.Notify()
@@ -554,10 +555,23 @@ func (s *Server) slots(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "list slots", err)
 		return
 	}
-	live, err := s.o.Store.LiveReservations(r.Context())
+	count, err := s.assignedCount(r.Context())
 	if err != nil {
 		s.internal(w, "list reservations", err)
 		return
+	}
+	out := SlotList{Slots: []Slot{}}
+	for _, sl := range slots {
+		out.Slots = append(out.Slots, slotView(sl, count[sl.Key()]))
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// assignedCount counts live assigned reservations per slot.
+func (s *Server) assignedCount(ctx context.Context) (map[scaler.SlotKey]int, error) {
+	live, err := s.o.Store.LiveReservations(ctx)
+	if err != nil {
+		return nil, err
 	}
 	count := map[scaler.SlotKey]int{}
 	for _, res := range live {
@@ -565,11 +579,7 @@ func (s *Server) slots(w http.ResponseWriter, r *http.Request) {
 			count[scaler.SlotKey{Pool: res.Pool, Slot: res.Slot}]++
 		}
 	}
-	out := SlotList{Slots: []Slot{}}
-	for _, sl := range slots {
-		out.Slots = append(out.Slots, slotView(sl, count[sl.Key()]))
-	}
-	writeJSON(w, http.StatusOK, out)
+	return count, nil
 }
 
 // operate applies an operator change to one slot.
@@ -602,7 +612,12 @@ func (s *Server) operate(w http.ResponseWriter, r *http.Request, kind, reason st
 		sl.Version++
 		s.o.Logger.Info("operator: slot "+kind, "slot", key, "instance", sl.InstanceID, "reason", reason)
 		s.o.Scaler.Kick()
-		writeJSON(w, http.StatusOK, slotView(sl, 0))
+		count, err := s.assignedCount(r.Context())
+		if err != nil {
+			s.internal(w, "list reservations", err)
+			return
+		}
+		writeJSON(w, http.StatusOK, slotView(sl, count[key]))
 		return
 	}
 }

@@ -68,6 +68,9 @@ func Open(ctx context.Context, path string) (*DB, error) {
 		"_busy_timeout": {"5000"},
 		"_foreign_keys": {"on"},
 		"_txlock":       {"immediate"},
+		// Reuse prepared statements: preparing every query was a sixth of
+		// the CPU time of a create+release.
+		"_stmt_cache_size": {"32"},
 	}))
 	if err != nil {
 		return nil, fmt.Errorf("open store %s: %w", path, err)
@@ -97,9 +100,10 @@ func Open(ctx context.Context, path string) (*DB, error) {
 	// The read pool is opened after the writer switched the file to WAL, so
 	// readers never see (or try to change) the rollback journal mode.
 	r, err := sql.Open("sqlite3", dsn(abs, url.Values{
-		"mode":          {"ro"},
-		"_busy_timeout": {"5000"},
-		"_foreign_keys": {"on"},
+		"mode":             {"ro"},
+		"_busy_timeout":    {"5000"},
+		"_foreign_keys":    {"on"},
+		"_stmt_cache_size": {"32"},
 	}))
 	if err != nil {
 		w.Close()
