@@ -94,11 +94,29 @@ func (s *Server) Handler() http.Handler {
 		// Every handler reads at most MaxBodyBytes.
 		r.Body = http.MaxBytesReader(w, r.Body, MaxBodyBytes)
 		if _, pattern := s.mux.Handler(r); pattern == "" {
-			writeError(w, http.StatusNotFound, CodeNotFound, fmt.Sprintf("no endpoint %s %s; see docs/cli.md for the API", r.Method, r.URL.Path))
+			if allow := s.allowed(r); len(allow) > 0 {
+				w.Header().Set("Allow", strings.Join(allow, ", "))
+				writeError(w, http.StatusMethodNotAllowed, CodeBadRequest, fmt.Sprintf("%s %s: method not allowed; use %s", r.Method, r.URL.Path, strings.Join(allow, " or ")))
+				return
+			}
+			writeError(w, http.StatusNotFound, CodeNotFound, fmt.Sprintf("no endpoint %s %s; see docs/design.md §3.1 for the API", r.Method, r.URL.Path))
 			return
 		}
 		s.mux.ServeHTTP(w, r)
 	})
+}
+
+// allowed lists the methods that have an endpoint at r's path.
+func (s *Server) allowed(r *http.Request) []string {
+	var allow []string
+	for _, m := range []string{http.MethodGet, http.MethodPost, http.MethodDelete} {
+		probe := r.Clone(r.Context())
+		probe.Method = m
+		if _, pattern := s.mux.Handler(probe); pattern != "" {
+			allow = append(allow, m)
+		}
+	}
+	return allow
 }
 
 // RequireToken wraps h so that every request but /healthz needs
@@ -161,11 +179,18 @@ func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 	dec := json.NewDecoder(r.Body)
 	dec.DisallowUnknownFields()
 	err := dec.Decode(v)
-	if err == nil && dec.More() {
-		err = errors.New("trailing data after the JSON object")
-	}
 	if err == nil {
-		return true
+		// Exactly one value: anything but the end of the body after it is
+		// an error (json.Decoder.More misses a stray ']' or '}').
+		var rest json.RawMessage
+		switch e := dec.Decode(&rest); {
+		case errors.Is(e, io.EOF):
+			return true
+		case errors.As(e, new(*http.MaxBytesError)):
+			err = e
+		default:
+			err = errors.New("trailing data after the JSON object")
+		}
 	}
 	var tooBig *http.MaxBytesError
 	switch {

@@ -1,0 +1,799 @@
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/store"
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/scalertest"
+)
+
+var serverT0 = time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
+
+// kickCounter stands in for the reconciler: it records Kick calls.
+type kickCounter struct {
+	mu    sync.Mutex
+	kicks int
+}
+
+func (k *kickCounter) Kick() {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.kicks++
+}
+
+func (k *kickCounter) Reconcile(context.Context) error { return nil }
+func (k *kickCounter) Status() scaler.RoundStatus      { return scaler.RoundStatus{} }
+
+func (k *kickCounter) count() int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.kicks
+}
+
+// watchedStore is the real store; it also tells when a read of a chosen
+// reservation has completed, so a test can change the reservation while a
+// long poll is known to be waiting.
+type watchedStore struct {
+	*store.DB
+	mu    sync.Mutex
+	reads map[string]chan struct{}
+}
+
+func (s *watchedStore) Reservation(ctx context.Context, id string) (scaler.Reservation, error) {
+	r, err := s.DB.Reservation(ctx, id)
+	s.mu.Lock()
+	if ch, ok := s.reads[id]; ok {
+		delete(s.reads, id)
+		close(ch)
+	}
+	s.mu.Unlock()
+	return r, err
+}
+
+// readOf returns a channel closed after the next read of reservation id.
+func (s *watchedStore) readOf(id string) <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ch := make(chan struct{})
+	s.reads[id] = ch
+	return ch
+}
+
+type testServer struct {
+	t     *testing.T
+	db    *store.DB
+	st    *watchedStore
+	kicks *kickCounter
+	clock *scalertest.Clock
+	srv   *Server
+	url   string
+}
+
+// testPools are two pools: x86 (with kvm and big-parallel) and arm.
+func testPools() []config.Pool {
+	x86 := config.DefaultPool()
+	x86.Name, x86.Systems, x86.Features, x86.MaxBuilders, x86.Provider = "x86", []string{"x86_64-linux"}, []string{"big-parallel", "kvm"}, 2, config.ProviderLocal
+	arm := config.DefaultPool()
+	arm.Name, arm.Systems, arm.MaxBuilders, arm.Provider = "arm", []string{"aarch64-linux"}, 1, config.ProviderLocal
+	return []config.Pool{x86, arm}
+}
+
+// newTestServer serves a Server over the real store in a temporary
+// directory, with the default [reservations] (lease 10m, max_lease 24h,
+// max_poll 60s), a manual clock at serverT0 and the slots of testPools.
+func newTestServer(t *testing.T) *testServer {
+	t.Helper()
+	ctx := context.Background()
+	db, err := store.Open(ctx, filepath.Join(t.TempDir(), "state.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	pools := testPools()
+	sizes := map[string]int{}
+	for _, p := range pools {
+		sizes[p.Name] = p.MaxBuilders
+	}
+	if err := db.EnsureSlots(ctx, sizes, serverT0); err != nil {
+		t.Fatal(err)
+	}
+	ts := &testServer{t: t, db: db, st: &watchedStore{DB: db, reads: map[string]chan struct{}{}},
+		kicks: &kickCounter{}, clock: scalertest.NewClock(serverT0)}
+	ts.srv = NewServer(Options{Store: ts.st, Scaler: ts.kicks, Pools: pools, Reservations: config.Default().Reservations,
+		Clock: ts.clock, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	hs := httptest.NewServer(ts.srv.Handler())
+	t.Cleanup(hs.Close)
+	ts.url = hs.URL
+	return ts
+}
+
+type answer struct {
+	status int
+	header http.Header
+	body   []byte
+}
+
+// do sends one request; body "" sends an empty body.
+func (ts *testServer) do(method, path, body string) answer {
+	ts.t.Helper()
+	return doRequest(ts.t, method, ts.url+path, body, nil)
+}
+
+func doRequest(t *testing.T, method, url, body string, header http.Header) answer {
+	t.Helper()
+	req, err := http.NewRequest(method, url, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, vs := range header {
+		req.Header[k] = vs
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("%s %s: read answer: %v", method, url, err)
+	}
+	return answer{status: resp.StatusCode, header: resp.Header, body: data}
+}
+
+// decodeStrict decodes a JSON answer, failing on fields T does not have.
+func decodeStrict[T any](t *testing.T, a answer) T {
+	t.Helper()
+	var v T
+	dec := json.NewDecoder(strings.NewReader(string(a.body)))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&v); err != nil {
+		t.Fatalf("decode answer %q as %T: %v", a.body, v, err)
+	}
+	if ct := a.header.Get("Content-Type"); ct != "application/json" {
+		t.Errorf("Content-Type = %q, want application/json", ct)
+	}
+	return v
+}
+
+// wantReservation checks status and decodes a reservation answer.
+func wantReservation(t *testing.T, a answer, status int) Reservation {
+	t.Helper()
+	if a.status != status {
+		t.Fatalf("status = %d, want %d; body %s", a.status, status, a.body)
+	}
+	return decodeStrict[Reservation](t, a)
+}
+
+// wantError checks that a is an error answer: the status, and a JSON body
+// of exactly {"error", "code"} whose message contains msg.
+func wantError(t *testing.T, a answer, status int, code, msg string) {
+	t.Helper()
+	if a.status != status {
+		t.Fatalf("status = %d, want %d (code %s, message containing %q); body %.300s", a.status, status, code, msg, a.body)
+	}
+	var body map[string]any
+	if err := json.Unmarshal(a.body, &body); err != nil {
+		t.Fatalf("error body %q is not a JSON object: %v", a.body, err)
+	}
+	var keys []string
+	for k := range body {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	if want := []string{"code", "error"}; !slices.Equal(keys, want) {
+		t.Errorf("error body keys = %v, want %v; body %s", keys, want, a.body)
+	}
+	if got, _ := body["code"].(string); got != code {
+		t.Errorf("code = %q, want %q; body %s", got, code, a.body)
+	}
+	if got, _ := body["error"].(string); !strings.Contains(got, msg) {
+		t.Errorf("error = %q, want it to contain %q", got, msg)
+	}
+	if ct := a.header.Get("Content-Type"); ct != "application/json" {
+		t.Errorf("Content-Type = %q, want application/json", ct)
+	}
+}
+
+// setSlot puts a builder into slot name of pool x86 in state st.
+func (ts *testServer) setSlot(name string, st scaler.SlotState) {
+	ts.t.Helper()
+	ctx := context.Background()
+	sl, err := ts.db.Slot(ctx, scaler.SlotKey{Pool: "x86", Slot: name})
+	if err != nil {
+		ts.t.Fatal(err)
+	}
+	sl.State, sl.StateSince = st, ts.clock.Now()
+	if st != scaler.Empty {
+		sl.InstanceID, sl.Address = "i-"+name, "127.0.0.1:2222"
+	}
+	if err := ts.db.Commit(ctx, scaler.Change{Slots: []scaler.Slot{sl}}); err != nil {
+		ts.t.Fatal(err)
+	}
+}
+
+func (ts *testServer) stored(id string) scaler.Reservation {
+	ts.t.Helper()
+	r, err := ts.db.Reservation(context.Background(), id)
+	if err != nil {
+		ts.t.Fatal(err)
+	}
+	return r
+}
+
+func (ts *testServer) events(f store.EventFilter) []scaler.Event {
+	ts.t.Helper()
+	evs, err := ts.db.Events(context.Background(), f)
+	if err != nil {
+		ts.t.Fatal(err)
+	}
+	return evs
+}
+
+func TestCreateIsIdempotentOnClientID(t *testing.T) {
+	ts := newTestServer(t)
+	const body = `{"id": "build-1", "system": "x86_64-linux", "features": ["kvm", "big-parallel"], "owner": "proj/nix-build#42", "lease": "15m"}`
+
+	first := wantReservation(t, ts.do("POST", "/v1/reservations", body), http.StatusCreated)
+	want := Reservation{ID: "build-1", Pool: "x86", System: "x86_64-linux", Features: []string{"big-parallel", "kvm"},
+		Owner: "proj/nix-build#42", State: "pending", Lease: "15m0s", CreatedAt: serverT0, ExpiresAt: serverT0.Add(15 * time.Minute)}
+	if !reflect.DeepEqual(first, want) {
+		t.Errorf("first create = %+v\nwant %+v", first, want)
+	}
+	if got := ts.kicks.count(); got != 1 {
+		t.Errorf("kicks after create = %d, want 1", got)
+	}
+
+	tests := []struct {
+		name string
+		body string
+	}{
+		{"same request", body},
+		{"features in another order, repeated", `{"id": "build-1", "system": "x86_64-linux", "features": ["big-parallel", "kvm", "kvm"], "owner": "proj/nix-build#42", "lease": "15m"}`},
+		{"same pool named explicitly", `{"id": "build-1", "pool": "x86", "system": "x86_64-linux", "features": ["kvm", "big-parallel"]}`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := wantReservation(t, ts.do("POST", "/v1/reservations", tt.body), http.StatusOK)
+			if !reflect.DeepEqual(got, first) {
+				t.Errorf("repeated create = %+v\nwant the first answer %+v", got, first)
+			}
+		})
+	}
+
+	conflicts := []struct {
+		name string
+		body string
+	}{
+		{"other system", `{"id": "build-1", "system": "aarch64-linux"}`},
+		{"other features", `{"id": "build-1", "system": "x86_64-linux", "features": ["kvm"]}`},
+	}
+	for _, tt := range conflicts {
+		t.Run(tt.name, func(t *testing.T) {
+			wantError(t, ts.do("POST", "/v1/reservations", tt.body), http.StatusConflict, CodeConflict, "build-1")
+		})
+	}
+
+	// Only the first create stored anything.
+	list, err := ts.db.Reservations(context.Background(), store.ReservationFilter{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(list) != 1 || list[0].System != "x86_64-linux" || list[0].Version != 1 {
+		t.Errorf("stored reservations = %+v, want only build-1 as first created", list)
+	}
+	if evs := ts.events(store.EventFilter{ReservationID: "build-1"}); len(evs) != 1 || evs[0].Kind != scaler.EvCreated {
+		t.Errorf("events of build-1 = %+v, want one %q", evs, scaler.EvCreated)
+	}
+}
+
+func TestCreateWithoutIDGeneratesOne(t *testing.T) {
+	ts := newTestServer(t)
+	const body = `{"system": "x86_64-linux"}`
+	a := wantReservation(t, ts.do("POST", "/v1/reservations", body), http.StatusCreated)
+	b := wantReservation(t, ts.do("POST", "/v1/reservations", body), http.StatusCreated)
+	if a.ID == "" || b.ID == "" || a.ID == b.ID {
+		t.Fatalf("generated ids %q and %q; want two distinct non-empty ids", a.ID, b.ID)
+	}
+	if a.State != "pending" || a.Lease != "10m0s" || !a.ExpiresAt.Equal(serverT0.Add(10*time.Minute)) {
+		t.Errorf("reservation = %+v; want pending with the default lease of 10m", a)
+	}
+	got := wantReservation(t, ts.do("GET", "/v1/reservations/"+a.ID, ""), http.StatusOK)
+	if got.ID != a.ID || got.State != "pending" {
+		t.Errorf("GET %s = %+v", a.ID, got)
+	}
+	if k := ts.kicks.count(); k != 2 {
+		t.Errorf("kicks = %d, want 2 (one per create)", k)
+	}
+}
+
+func TestCreateValidation(t *testing.T) {
+	ts := newTestServer(t)
+	tests := []struct {
+		name   string
+		body   string
+		status int
+		code   string
+		msg    string // the message must contain this (the field it is about)
+	}{
+		{"malformed JSON", `{"system": "x86_64-linux"`, 400, CodeBadRequest, "invalid JSON body"},
+		{"not an object", `"x86_64-linux"`, 400, CodeBadRequest, "invalid JSON body"},
+		{"unknown field", `{"system": "x86_64-linux", "colour": "blue"}`, 400, CodeBadRequest, `"colour"`},
+		{"wrong type", `{"system": "x86_64-linux", "features": "kvm"}`, 400, CodeBadRequest, "features"},
+		{"trailing object", `{"system": "x86_64-linux"} {"system": "x86_64-linux"}`, 400, CodeBadRequest, "trailing data"},
+		{"trailing garbage", `{"system": "x86_64-linux"} x`, 400, CodeBadRequest, "trailing data"},
+		// json.Decoder.More reports false before a '}' or ']', so the
+		// server must not rely on it alone to find trailing data.
+		{"trailing close bracket", `{"system": "x86_64-linux"}]`, 400, CodeBadRequest, "trailing data"},
+		{"trailing close brace", `{"system": "x86_64-linux"}}`, 400, CodeBadRequest, "trailing data"},
+		{"empty body", ``, 400, CodeBadRequest, "empty body"},
+		{"whitespace body", " \n", 400, CodeBadRequest, "empty body"},
+		{"missing system", `{"owner": "me"}`, 400, CodeBadRequest, "system"},
+		{"bad system", `{"system": "x86 64 linux"}`, 400, CodeBadRequest, "system"},
+		{"upper-case system", `{"system": "X86_64-Linux"}`, 400, CodeBadRequest, "system"},
+		{"bad feature", `{"system": "x86_64-linux", "features": ["kvm", "Big Parallel"]}`, 400, CodeBadRequest, "features"},
+		{"empty feature", `{"system": "x86_64-linux", "features": [""]}`, 400, CodeBadRequest, "features"},
+		{"bad id", `{"id": "-starts-with-dash", "system": "x86_64-linux"}`, 400, CodeBadRequest, "id"},
+		{"id with space", `{"id": "a b", "system": "x86_64-linux"}`, 400, CodeBadRequest, "id"},
+		{"owner too long", `{"system": "x86_64-linux", "owner": "` + strings.Repeat("o", 513) + `"}`, 400, CodeBadRequest, "owner"},
+		{"bad lease", `{"system": "x86_64-linux", "lease": "10 minutes"}`, 400, CodeBadRequest, "lease"},
+		{"lease without unit", `{"system": "x86_64-linux", "lease": "600"}`, 400, CodeBadRequest, "lease"},
+		{"negative lease", `{"system": "x86_64-linux", "lease": "-5m"}`, 400, CodeBadRequest, "lease"},
+		{"zero lease", `{"system": "x86_64-linux", "lease": "0s"}`, 400, CodeBadRequest, "lease"},
+		{"lease above max_lease", `{"system": "x86_64-linux", "lease": "25h"}`, 400, CodeBadRequest, "max_lease"},
+		{"unknown pool", `{"pool": "riscv", "system": "x86_64-linux"}`, 400, CodeBadRequest, "pool"},
+		{"pool does not serve the system", `{"pool": "arm", "system": "x86_64-linux"}`, 400, CodeBadRequest, "pool"},
+		{"pool lacks a feature", `{"pool": "arm", "system": "aarch64-linux", "features": ["kvm"]}`, 400, CodeBadRequest, "pool"},
+		{"oversized body", `{"system": "x86_64-linux", "owner": "` + strings.Repeat("o", MaxBodyBytes) + `"}`, 413, CodeTooLarge, "larger than"},
+		// A valid object followed by padding beyond the limit is still a
+		// body larger than MaxBodyBytes.
+		{"oversized by trailing padding", `{"system": "x86_64-linux"}` + strings.Repeat(" ", MaxBodyBytes), 413, CodeTooLarge, "larger than"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			wantError(t, ts.do("POST", "/v1/reservations", tt.body), tt.status, tt.code, tt.msg)
+		})
+	}
+	list, err := ts.db.Reservations(context.Background(), store.ReservationFilter{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(list) != 0 {
+		t.Errorf("invalid requests stored %d reservations, e.g. %+v; want none", len(list), list[0])
+	}
+	if k := ts.kicks.count(); k != 0 {
+		t.Errorf("invalid requests kicked the scaler %d times, want 0", k)
+	}
+}
+
+func TestGetWaitValidation(t *testing.T) {
+	ts := newTestServer(t)
+	wantReservation(t, ts.do("POST", "/v1/reservations", `{"id": "r1", "system": "x86_64-linux"}`), http.StatusCreated)
+	for _, wait := range []string{"abc", "-1s", "10", "30%20seconds"} {
+		t.Run(wait, func(t *testing.T) {
+			wantError(t, ts.do("GET", "/v1/reservations/r1?wait="+wait, ""), 400, CodeBadRequest, "wait")
+		})
+	}
+}
+
+func TestWeightValidation(t *testing.T) {
+	ts := newTestServer(t)
+	tests := []struct {
+		name string
+		body string
+		msg  string
+	}{
+		{"missing", `{}`, "weight"},
+		{"null", `{"weight": null}`, "weight"},
+		{"negative", `{"weight": -1}`, "weight"},
+		{"above max", `{"weight": 257}`, "weight"},
+		{"not an integer", `{"weight": 1.5}`, "weight"},
+		{"string", `{"weight": "high"}`, "weight"},
+		{"unknown field", `{"weight": 10, "slot": "slot2"}`, `"slot"`},
+		{"empty body", ``, "empty body"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			wantError(t, ts.do("POST", "/v1/slots/x86/slot1/weight", tt.body), 400, CodeBadRequest, tt.msg)
+		})
+	}
+	sl, err := ts.db.Slot(context.Background(), scaler.SlotKey{Pool: "x86", Slot: "slot1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sl.Weight != scaler.DefaultWeight {
+		t.Errorf("weight after invalid requests = %d, want %d", sl.Weight, scaler.DefaultWeight)
+	}
+	if evs := ts.events(store.EventFilter{}); len(evs) != 0 {
+		t.Errorf("invalid weight requests wrote events %+v", evs)
+	}
+}
+
+func TestCreateWithNoMatchingPoolFails(t *testing.T) {
+	ts := newTestServer(t)
+	tests := []struct {
+		name   string
+		body   string
+		system string
+	}{
+		{"unserved system", `{"id": "r-riscv", "system": "riscv64-linux"}`, "riscv64-linux"},
+		{"unserved feature", `{"id": "r-test", "system": "x86_64-linux", "features": ["nixos-test"]}`, "x86_64-linux"},
+		{"features of different pools", `{"id": "r-mix", "system": "aarch64-linux", "features": ["kvm"]}`, "aarch64-linux"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := wantReservation(t, ts.do("POST", "/v1/reservations", tt.body), http.StatusCreated)
+			if r.State != "failed" {
+				t.Errorf("state = %q, want failed", r.State)
+			}
+			for _, want := range []string{tt.system, "x86", "arm", "x86_64-linux", "aarch64-linux"} {
+				if !strings.Contains(r.Reason, want) {
+					t.Errorf("reason %q does not name %q (the system and the configured pools)", r.Reason, want)
+				}
+			}
+			if r.EndedAt == nil || !r.EndedAt.Equal(serverT0) {
+				t.Errorf("ended_at = %v, want %v", r.EndedAt, serverT0)
+			}
+			if st := ts.stored(r.ID); st.State != scaler.Failed || st.Reason != r.Reason {
+				t.Errorf("stored = %s %q, want failed with the answer's reason", st.State, st.Reason)
+			}
+			// Retrying gives the same failed reservation.
+			again := wantReservation(t, ts.do("POST", "/v1/reservations", tt.body), http.StatusOK)
+			if !reflect.DeepEqual(again, r) {
+				t.Errorf("retried create = %+v, want %+v", again, r)
+			}
+		})
+	}
+}
+
+func TestReleaseIsIdempotent(t *testing.T) {
+	ts := newTestServer(t)
+	wantReservation(t, ts.do("POST", "/v1/reservations", `{"id": "r1", "system": "x86_64-linux"}`), http.StatusCreated)
+	ts.clock.Advance(time.Minute)
+	first := wantReservation(t, ts.do("DELETE", "/v1/reservations/r1", ""), http.StatusOK)
+	if first.State != "released" || first.EndedAt == nil || !first.EndedAt.Equal(serverT0.Add(time.Minute)) {
+		t.Fatalf("first release = %+v; want released at %v", first, serverT0.Add(time.Minute))
+	}
+	ts.clock.Advance(time.Minute)
+	second := wantReservation(t, ts.do("DELETE", "/v1/reservations/r1", ""), http.StatusOK)
+	if second.State != "released" || second.EndedAt == nil || !second.EndedAt.Equal(*first.EndedAt) {
+		t.Errorf("second release = %+v; want still released at the first release's time", second)
+	}
+	if st := ts.stored("r1"); st.State != scaler.Released {
+		t.Errorf("stored state = %s, want released", st.State)
+	}
+	var released int
+	for _, e := range ts.events(store.EventFilter{ReservationID: "r1"}) {
+		if e.Kind == scaler.EvReleased {
+			released++
+		}
+	}
+	if released != 1 {
+		t.Errorf("%d released events, want 1", released)
+	}
+}
+
+func TestReleaseBeforeCreateLeavesTombstone(t *testing.T) {
+	ts := newTestServer(t)
+	rel := wantReservation(t, ts.do("DELETE", "/v1/reservations/late-1", ""), http.StatusOK)
+	if rel.ID != "late-1" || rel.State != "released" {
+		t.Fatalf("release of unknown id = %+v; want released late-1", rel)
+	}
+	kicks := ts.kicks.count()
+
+	got := ts.do("POST", "/v1/reservations", `{"id": "late-1", "system": "x86_64-linux", "owner": "proj#1"}`)
+	r := wantReservation(t, got, http.StatusOK)
+	if r.ID != "late-1" || r.State != "released" {
+		t.Errorf("late create = %+v; want the released tombstone, not a new reservation", r)
+	}
+	if st := ts.stored("late-1"); st.State != scaler.Released {
+		t.Errorf("stored state = %s, want released", st.State)
+	}
+	live, err := ts.db.LiveReservations(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(live) != 0 {
+		t.Errorf("live reservations = %+v, want none", live)
+	}
+	if k := ts.kicks.count(); k != kicks {
+		t.Errorf("late create kicked the scaler (%d -> %d kicks); nothing to do", kicks, k)
+	}
+	again := wantReservation(t, ts.do("DELETE", "/v1/reservations/late-1", ""), http.StatusOK)
+	if again.State != "released" {
+		t.Errorf("second release = %s, want released", again.State)
+	}
+}
+
+func TestHeartbeat(t *testing.T) {
+	ts := newTestServer(t)
+	wantReservation(t, ts.do("POST", "/v1/reservations", `{"id": "r1", "system": "x86_64-linux", "lease": "10m"}`), http.StatusCreated)
+	ts.clock.Advance(3 * time.Minute)
+	r := wantReservation(t, ts.do("POST", "/v1/reservations/r1/heartbeat", ""), http.StatusOK)
+	want := serverT0.Add(13 * time.Minute)
+	if !r.ExpiresAt.Equal(want) {
+		t.Errorf("expires_at after heartbeat = %v, want %v (now + lease)", r.ExpiresAt, want)
+	}
+	if st := ts.stored("r1"); !st.ExpiresAt.Equal(want) || st.State != scaler.Pending {
+		t.Errorf("stored = %s expires %v, want pending expiring %v", st.State, st.ExpiresAt, want)
+	}
+
+	// The answer carries the version the store holds, so a second heartbeat
+	// works without a conflict.
+	ts.clock.Advance(time.Minute)
+	r = wantReservation(t, ts.do("POST", "/v1/reservations/r1/heartbeat", ""), http.StatusOK)
+	if want := serverT0.Add(14 * time.Minute); !r.ExpiresAt.Equal(want) {
+		t.Errorf("expires_at after second heartbeat = %v, want %v", r.ExpiresAt, want)
+	}
+
+	wantReservation(t, ts.do("DELETE", "/v1/reservations/r1", ""), http.StatusOK)
+	wantError(t, ts.do("POST", "/v1/reservations/r1/heartbeat", ""), http.StatusConflict, CodeConflict, "released")
+	wantError(t, ts.do("POST", "/v1/reservations/nope/heartbeat", ""), http.StatusNotFound, CodeNotFound, "nope")
+}
+
+// assign commits reservation id as assigned to x86/slot1.
+func assign(ctx context.Context, db *store.DB, id string, now time.Time) error {
+	r, err := db.Reservation(ctx, id)
+	if err != nil {
+		return err
+	}
+	r.State, r.Slot, r.AssignedAt = scaler.Assigned, "slot1", now
+	return db.Commit(ctx, scaler.Change{Reservations: []scaler.Reservation{r},
+		Events: []scaler.Event{{At: now, Kind: scaler.EvAssigned, Pool: "x86", Slot: "slot1", ReservationID: id, Actor: "test"}}})
+}
+
+func TestLongPollWakesOnNotify(t *testing.T) {
+	ts := newTestServer(t)
+	ts.setSlot("slot1", scaler.Ready)
+	wantReservation(t, ts.do("POST", "/v1/reservations", `{"id": "lp", "system": "x86_64-linux"}`), http.StatusCreated)
+
+	const wait = 5 * time.Second
+	firstRead := ts.st.readOf("lp")
+	answered := make(chan struct{})
+	errc := make(chan error, 1)
+	go func() {
+		ctx := context.Background()
+		select {
+		case <-firstRead: // the poll has seen "pending" and waits
+		case <-answered:
+			errc <- nil
+			return
+		}
+		if err := assign(ctx, ts.db, "lp", ts.clock.Now()); err != nil {
+			errc <- err
+			return
+		}
+		ts.srv.Notify()
+		// A poll that did not wake would answer only when its wait ends, and
+		// then read the reservation again. Release it before that, so such a
+		// late answer says "released" and the check below fails.
+		select {
+		case <-answered:
+			errc <- nil
+		case <-time.After(wait - time.Second):
+			r, err := ts.db.Reservation(ctx, "lp")
+			if err == nil {
+				r.State, r.Slot, r.EndedAt = scaler.Released, "", ts.clock.Now()
+				err = ts.db.Commit(ctx, scaler.Change{Reservations: []scaler.Reservation{r}})
+			}
+			errc <- err
+		}
+	}()
+	a := ts.do("GET", "/v1/reservations/lp?wait="+wait.String(), "")
+	close(answered)
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	r := wantReservation(t, a, http.StatusOK)
+	if r.State != "ready" {
+		t.Fatalf("long poll answered state %q; want ready: it must wake on Notify, not at the end of its wait", r.State)
+	}
+	if r.Slot != "slot1" || r.Address != "127.0.0.1:2222" || r.InstanceID != "i-slot1" || r.AssignedAt == nil {
+		t.Errorf("ready reservation = %+v; want slot1 with its builder's address and instance", r)
+	}
+}
+
+func TestLongPollAnswersPendingAfterWait(t *testing.T) {
+	ts := newTestServer(t)
+	wantReservation(t, ts.do("POST", "/v1/reservations", `{"id": "lp", "system": "x86_64-linux"}`), http.StatusCreated)
+	start := time.Now()
+	r := wantReservation(t, ts.do("GET", "/v1/reservations/lp?wait=200ms", ""), http.StatusOK)
+	if r.State != "pending" {
+		t.Errorf("state = %q, want pending", r.State)
+	}
+	// A lower bound only: the answer must not come before the wait ended.
+	if d := time.Since(start); d < 200*time.Millisecond {
+		t.Errorf("answered after %s, before the 200ms wait ended", d)
+	}
+	// Unrelated changes wake the poll, which then keeps waiting.
+	done := make(chan answer, 1)
+	go func() { done <- doRequest(t, "GET", ts.url+"/v1/reservations/lp?wait=300ms", "", nil) }()
+	wantReservation(t, ts.do("POST", "/v1/reservations", `{"id": "other", "system": "x86_64-linux"}`), http.StatusCreated)
+	ts.srv.Notify()
+	if r := wantReservation(t, <-done, http.StatusOK); r.State != "pending" {
+		t.Errorf("state after unrelated change = %q, want pending", r.State)
+	}
+}
+
+func TestRequireToken(t *testing.T) {
+	ts := newTestServer(t)
+	hs := httptest.NewServer(RequireToken("s3cret", ts.srv.Handler()))
+	t.Cleanup(hs.Close)
+	tests := []struct {
+		name   string
+		path   string
+		auth   []string // Authorization header values; nil = none
+		status int
+	}{
+		{"missing token", "/v1/slots", nil, 401},
+		{"wrong token", "/v1/slots", []string{"Bearer wrong"}, 401},
+		{"bearer without token", "/v1/slots", []string{"Bearer "}, 401},
+		{"bare bearer", "/v1/slots", []string{"Bearer"}, 401},
+		{"token without scheme", "/v1/slots", []string{"s3cret"}, 401},
+		{"token prefix", "/v1/slots", []string{"Bearer s3cre"}, 401},
+		{"token with suffix", "/v1/slots", []string{"Bearer s3cret2"}, 401},
+		{"basic auth", "/v1/slots", []string{"Basic czNjcmV0"}, 401},
+		{"right token", "/v1/slots", []string{"Bearer s3cret"}, 200},
+		{"right token, unknown path", "/v1/nope", []string{"Bearer s3cret"}, 404},
+		{"unknown path without token", "/v1/nope", nil, 401},
+		{"healthz without token", "/healthz", nil, 200},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := http.Header{}
+			if tt.auth != nil {
+				h["Authorization"] = tt.auth
+			}
+			a := doRequest(t, "GET", hs.URL+tt.path, "", h)
+			switch tt.status {
+			case 401:
+				wantError(t, a, 401, CodeUnauthorized, "bearer token")
+				if a.header.Get("WWW-Authenticate") == "" {
+					t.Errorf("401 without WWW-Authenticate header")
+				}
+			case 404:
+				wantError(t, a, 404, CodeNotFound, tt.path)
+			default:
+				if a.status != tt.status {
+					t.Errorf("status = %d, want %d; body %s", a.status, tt.status, a.body)
+				}
+			}
+		})
+	}
+
+	// An empty configured token admits nobody, not even "Bearer ". The
+	// handler is called directly: over the wire, the trailing space of the
+	// header value would be trimmed before the check.
+	open := RequireToken("", ts.srv.Handler())
+	for _, auth := range []string{"", "Bearer ", "Bearer"} {
+		req := httptest.NewRequest("GET", "/v1/slots", nil)
+		if auth != "" {
+			req.Header.Set("Authorization", auth)
+		}
+		rec := httptest.NewRecorder()
+		open.ServeHTTP(rec, req)
+		wantError(t, answer{status: rec.Code, header: rec.Header(), body: rec.Body.Bytes()}, 401, CodeUnauthorized, "bearer token")
+	}
+}
+
+func TestOperatorSlotCommands(t *testing.T) {
+	ts := newTestServer(t)
+	ts.setSlot("slot1", scaler.Ready)
+
+	slot := func(a answer) Slot {
+		t.Helper()
+		if a.status != http.StatusOK {
+			t.Fatalf("status = %d, want 200; body %s", a.status, a.body)
+		}
+		return decodeStrict[Slot](t, a)
+	}
+	ts.clock.Advance(time.Minute)
+	if s := slot(ts.do("POST", "/v1/slots/x86/slot1/drain", "")); s.State != "draining" || s.DrainReason != "operator" {
+		t.Errorf("drain = %+v; want draining by operator", s)
+	}
+	if st := ts.storedSlot("slot1"); st.State != scaler.Draining || !st.StateSince.Equal(serverT0.Add(time.Minute)) {
+		t.Errorf("stored slot1 = %s since %v, want draining since %v", st.State, st.StateSince, serverT0.Add(time.Minute))
+	}
+	kicks := ts.kicks.count()
+	if kicks == 0 {
+		t.Errorf("drain did not kick the scaler")
+	}
+	if s := slot(ts.do("POST", "/v1/slots/x86/slot1/undrain", "")); s.State != "ready" || s.DrainReason != "" {
+		t.Errorf("undrain = %+v; want ready", s)
+	}
+	if s := slot(ts.do("POST", "/v1/slots/x86/slot1/weight", `{"weight": 42}`)); s.Weight != 42 {
+		t.Errorf("weight answer = %+v; want weight 42", s)
+	}
+	if st := ts.storedSlot("slot1"); st.Weight != 42 || st.State != scaler.Ready {
+		t.Errorf("stored slot1 = %s weight %d, want ready weight 42", st.State, st.Weight)
+	}
+	for _, w := range []int{0, scaler.MaxWeight} {
+		body, _ := json.Marshal(WeightRequest{Weight: &w})
+		if s := slot(ts.do("POST", "/v1/slots/x86/slot2/weight", string(body))); s.Weight != w {
+			t.Errorf("weight %d answer = %+v", w, s)
+		}
+	}
+
+	wantError(t, ts.do("POST", "/v1/slots/x86/slot2/drain", ""), http.StatusConflict, CodeConflict, "only a ready slot can be drained")
+	wantError(t, ts.do("POST", "/v1/slots/x86/slot2/undrain", ""), http.StatusConflict, CodeConflict, "only a draining slot")
+	if st := ts.storedSlot("slot2"); st.State != scaler.Empty {
+		t.Errorf("slot2 = %s after a refused drain, want empty", st.State)
+	}
+	for _, path := range []string{"/v1/slots/x86/slot9/drain", "/v1/slots/x86/slot9/undrain", "/v1/slots/riscv/slot1/drain"} {
+		wantError(t, ts.do("POST", path, ""), http.StatusNotFound, CodeNotFound, "no slot")
+	}
+	wantError(t, ts.do("POST", "/v1/slots/x86/slot9/weight", `{"weight": 5}`), http.StatusNotFound, CodeNotFound, "x86/slot9")
+
+	type ev struct{ kind, slot, actor, reason string }
+	var got []ev
+	for _, e := range ts.events(store.EventFilter{Pool: "x86"}) {
+		got = append(got, ev{e.Kind, e.Slot, e.Actor, e.Reason})
+	}
+	want := []ev{
+		{scaler.EvDrained, "slot1", "operator", "operator"},
+		{scaler.EvUndrained, "slot1", "operator", "operator"},
+		{scaler.EvWeight, "slot1", "operator", "weight 42"},
+		{scaler.EvWeight, "slot2", "operator", "weight 0"},
+		{scaler.EvWeight, "slot2", "operator", "weight 256"},
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("events = %+v\nwant %+v", got, want)
+	}
+	for _, e := range ts.events(store.EventFilter{Pool: "x86", Slot: "slot1"}) {
+		if e.InstanceID != "i-slot1" {
+			t.Errorf("event %s has instance %q, want i-slot1", e.Kind, e.InstanceID)
+		}
+	}
+}
+
+func (ts *testServer) storedSlot(slot string) scaler.Slot {
+	ts.t.Helper()
+	s, err := ts.db.Slot(context.Background(), scaler.SlotKey{Pool: "x86", Slot: slot})
+	if err != nil {
+		ts.t.Fatal(err)
+	}
+	return s
+}
+
+func TestUnknownPathIsJSON404(t *testing.T) {
+	ts := newTestServer(t)
+	tests := []struct {
+		method, path, msg string
+	}{
+		{"GET", "/v1/nope", "/v1/nope"},
+		{"GET", "/", "no endpoint"},
+		{"POST", "/v2/reservations", "/v2/reservations"},
+		{"GET", "/v1/reservations/a/b/c", "no endpoint"},
+		{"POST", "/v1/slots/x86/slot1/explode", "no endpoint"},
+		{"GET", "/v1/reservations/missing", `"missing"`},
+		{"DELETE", "/v1/slots/x86/slot1", "no endpoint"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.method+" "+tt.path, func(t *testing.T) {
+			wantError(t, ts.do(tt.method, tt.path, ""), http.StatusNotFound, CodeNotFound, tt.msg)
+		})
+	}
+}
+
+func TestWrongMethodIs405(t *testing.T) {
+	h := newTestServer(t)
+	req := httptest.NewRequest(http.MethodPut, "/v1/reservations", nil)
+	rec := httptest.NewRecorder()
+	h.srv.Handler().ServeHTTP(rec, req)
+	if rec.Code != http.StatusMethodNotAllowed || rec.Header().Get("Allow") != "GET, POST" {
+		t.Fatalf("PUT /v1/reservations = %d Allow %q; want 405 Allow \"GET, POST\"", rec.Code, rec.Header().Get("Allow"))
+	}
+}

@@ -1,0 +1,226 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+)
+
+// pumpClock advances the fake clock a second at a time until the test ends,
+// so the reconciler's ticker keeps firing while a builder boots in real time.
+func (h *harness) pumpClock() {
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(20 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+				h.clock.Advance(time.Second)
+			}
+		}
+	}()
+	h.t.Cleanup(func() {
+		close(stop)
+		<-done
+	})
+}
+
+func TestLongPollWakesWhenBuilderBecomesReady(t *testing.T) {
+	// The stand-in serves its banner only after boot_delay (real time), so
+	// the reservation is surely pending when the poll starts and becomes
+	// ready only while the poll waits.
+	h := start(t, testConfig(t, `max_builders = 1
+[pool.local]
+address = "127.0.0.1"
+boot_delay = "300ms"`))
+	ctx := context.Background()
+	r, created, err := h.c.CreateReservation(ctx, api.CreateReservationRequest{ID: "poll-1", System: "x86_64-linux", Lease: "1h"})
+	if err != nil || !created || r.State != "pending" {
+		t.Fatalf("create = %+v, %v, %v; want a new pending reservation (no builder runs yet)", r, created, err)
+	}
+	h.pumpClock()
+
+	const wait = 60 * time.Second
+	begin := time.Now()
+	r, err = h.c.Reservation(ctx, "poll-1", wait)
+	elapsed := time.Since(begin)
+	t.Logf("long poll answered after %s", elapsed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.State != "ready" || r.Slot != "slot1" || r.Address == "" || r.InstanceID == "" {
+		t.Fatalf("long poll answered %+v; want ready on slot1 with the builder's address", r)
+	}
+	// Not a performance check: a poll that did not wake on the change would
+	// answer only when its whole wait ended.
+	if elapsed >= wait {
+		t.Errorf("long poll answered after %s, at the end of its %s wait; it must wake when the reservation becomes ready", elapsed, wait)
+	}
+	if got := banner(t, r.Address); !strings.HasPrefix(got, "SSH-2.0-") {
+		t.Errorf("builder banner = %q", got)
+	}
+}
+
+// freePort returns a loopback address no one listened on a moment ago.
+func freePort(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	return addr
+}
+
+// tcpConfig is testConfig with the API also on TCP at listen, guarded by
+// the token in tokenFile.
+func tcpConfig(t *testing.T, listen, tokenFile string) *config.Config {
+	t.Helper()
+	dir := shortDir(t)
+	text := fmt.Sprintf(`
+[daemon]
+socket = "%[1]s/d.sock"
+state_dir = "%[1]s/state"
+metrics_listen = ""
+reconcile_interval = "10s"
+listen = %[2]q
+token_file = %[3]q
+
+[[pool]]
+name = "x86"
+systems = ["x86_64-linux"]
+provider = "local"
+max_builders = 1
+`, dir, listen, tokenFile)
+	cfg, err := config.Parse([]byte(text))
+	if err != nil {
+		t.Fatalf("config: %v", err)
+	}
+	return cfg
+}
+
+func TestTCPListenerRequiresToken(t *testing.T) {
+	const token = "s3cret-token-0123456789"
+	tokenFile := filepath.Join(t.TempDir(), "token")
+	// The file's trailing newline is not part of the token.
+	if err := os.WriteFile(tokenFile, []byte(token+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	addr := freePort(t)
+	h := start(t, tcpConfig(t, addr, tokenFile))
+	base := "http://" + addr
+
+	tests := []struct {
+		name   string
+		path   string
+		auth   string // Authorization header; "" = none
+		status int
+	}{
+		{"no token", "/v1/slots", "", http.StatusUnauthorized},
+		{"wrong token", "/v1/slots", "Bearer wrong", http.StatusUnauthorized},
+		{"empty bearer", "/v1/slots", "Bearer ", http.StatusUnauthorized},
+		{"token without scheme", "/v1/slots", token, http.StatusUnauthorized},
+		{"right token", "/v1/slots", "Bearer " + token, http.StatusOK},
+		{"healthz without token", "/healthz", "", http.StatusOK},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			req, err := http.NewRequest("GET", base+tt.path, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tt.auth != "" {
+				req.Header.Set("Authorization", tt.auth)
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			body, err := io.ReadAll(resp.Body)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if resp.StatusCode != tt.status {
+				t.Fatalf("status = %d, want %d; body %s", resp.StatusCode, tt.status, body)
+			}
+			if tt.status == http.StatusUnauthorized {
+				var e api.Error
+				if err := json.Unmarshal(body, &e); err != nil || e.Code != api.CodeUnauthorized || e.Error == "" {
+					t.Errorf("401 body = %s (%v); want JSON with code %q and a message", body, err, api.CodeUnauthorized)
+				}
+			}
+		})
+	}
+
+	// The API client with the token works end to end over TCP.
+	ctx := context.Background()
+	c := api.NewHTTPClient(base, token)
+	r, created, err := c.CreateReservation(ctx, api.CreateReservationRequest{ID: "tcp-1", System: "x86_64-linux"})
+	if err != nil || !created || r.ID != "tcp-1" {
+		t.Fatalf("create over TCP = %+v, %v, %v", r, created, err)
+	}
+	if _, err := c.Release(ctx, "tcp-1"); err != nil {
+		t.Fatalf("release over TCP: %v", err)
+	}
+	_, err = api.NewHTTPClient(base, "wrong").Slots(ctx)
+	var ae *api.APIError
+	if !errors.As(err, &ae) || ae.Status != http.StatusUnauthorized || ae.Code != api.CodeUnauthorized {
+		t.Errorf("client with a wrong token: err = %v; want APIError 401 unauthorized", err)
+	}
+	// The unix socket needs no token.
+	if _, err := h.c.Slots(ctx); err != nil {
+		t.Errorf("unix socket without token: %v", err)
+	}
+}
+
+func TestNewRefusesUnusableTokenFile(t *testing.T) {
+	tests := []struct {
+		name    string
+		content *string // nil = no file
+	}{
+		{"empty", ptr("")},
+		{"only whitespace", ptr(" \n\t\n")},
+		{"missing", nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			tokenFile := filepath.Join(t.TempDir(), "token")
+			if tt.content != nil {
+				if err := os.WriteFile(tokenFile, []byte(*tt.content), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			cfg := tcpConfig(t, "127.0.0.1:8080", tokenFile)
+			d, err := New(context.Background(), cfg, Options{Clock: scaler.RealClock{}, BuilderCommand: []string{os.Args[0]}, BuilderEnv: []string{envBuilder + "=1"}})
+			if err == nil {
+				d.db.Close()
+				t.Fatal("New succeeded; want an error naming token_file")
+			}
+			if !strings.Contains(err.Error(), "token_file") {
+				t.Errorf("New error = %q; want it to name token_file", err)
+			}
+		})
+	}
+}
+
+func ptr[T any](v T) *T { return &v }
