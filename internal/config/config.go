@@ -30,6 +30,7 @@ var Providers = []string{ProviderLocal}
 type Config struct {
 	Daemon       Daemon       `toml:"daemon"`
 	Reservations Reservations `toml:"reservations"`
+	HAProxy      HAProxy      `toml:"haproxy"`
 	Pools        []Pool       `toml:"pool"` // [[pool]]
 }
 
@@ -82,8 +83,11 @@ type Pool struct {
 	LaunchTimeout          Duration `toml:"launch_timeout"`
 	BootTimeout            Duration `toml:"boot_timeout"`
 	BindTimeout            Duration `toml:"bind_timeout"`
-	Provider               string   `toml:"provider"`
-	Local                  Local    `toml:"local"`
+	// Frontend is where HAProxy accepts this pool's SSH connections
+	// (host:port); Nix's machines file points there.
+	Frontend string `toml:"frontend"`
+	Provider string `toml:"provider"`
+	Local    Local  `toml:"local"`
 }
 
 // Serves reports whether the pool builds for system and offers every one of
@@ -99,6 +103,25 @@ func (p Pool) Serves(system string, features []string) bool {
 	}
 	return true
 }
+
+// HAProxy is the [haproxy] table: how the daemon and HAProxy reach each
+// other, and what the generated HAProxy configuration contains.
+type HAProxy struct {
+	// RuntimeSocket is HAProxy's admin socket. Empty: no HAProxy, and
+	// builders are probed directly for their SSH banner.
+	RuntimeSocket string   `toml:"runtime_socket"`
+	AgentListen   string   `toml:"agent_listen"`
+	SPOAListen    string   `toml:"spoa_listen"`
+	Hold          Duration `toml:"hold"`
+	CheckInterval Duration `toml:"check_interval"`
+	StatsListen   string   `toml:"stats_listen"`
+	StateFile     string   `toml:"state_file"`
+	Timeout       Duration `toml:"timeout"`
+	Log           string   `toml:"log"`
+}
+
+// Enabled reports whether the daemon works with HAProxy.
+func (h HAProxy) Enabled() bool { return h.RuntimeSocket != "" }
 
 // Local is a pool's [pool.local] table, used with provider = "local".
 type Local struct {
@@ -121,6 +144,16 @@ func Default() Config {
 			LogFormat:         "text",
 			ReconcileInterval: NewDuration(10 * time.Second),
 			EventRetention:    NewDuration(720 * time.Hour),
+		},
+		HAProxy: HAProxy{
+			AgentListen:   "127.0.0.1:5555",
+			SPOAListen:    "127.0.0.1:12345",
+			Hold:          NewDuration(3 * time.Minute),
+			CheckInterval: NewDuration(time.Second),
+			StatsListen:   "127.0.0.1:8404",
+			StateFile:     "/var/lib/haproxy/nix-builder-autoscaler.state",
+			Timeout:       NewDuration(5 * time.Second),
+			Log:           "/dev/log",
 		},
 		Reservations: Reservations{
 			Lease:          NewDuration(10 * time.Minute),
@@ -231,6 +264,7 @@ func Parse(data []byte) (*Config, error) {
 type document struct {
 	Daemon       Daemon           `toml:"daemon"`
 	Reservations Reservations     `toml:"reservations"`
+	HAProxy      HAProxy          `toml:"haproxy"`
 	Pools        []toml.Primitive `toml:"pool"`
 }
 
@@ -239,12 +273,12 @@ type document struct {
 // key belongs to.
 func decode(data []byte, raw map[string]any) (*Config, Problems, error) {
 	def := Default()
-	doc := document{Daemon: def.Daemon, Reservations: def.Reservations}
+	doc := document{Daemon: def.Daemon, Reservations: def.Reservations, HAProxy: def.HAProxy}
 	md, err := toml.Decode(string(data), &doc)
 	if err != nil {
 		return nil, nil, err
 	}
-	cfg := &Config{Daemon: doc.Daemon, Reservations: doc.Reservations}
+	cfg := &Config{Daemon: doc.Daemon, Reservations: doc.Reservations, HAProxy: doc.HAProxy}
 	for i, prim := range doc.Pools {
 		p := DefaultPool()
 		if err := md.PrimitiveDecode(prim, &p); err != nil {

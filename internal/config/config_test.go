@@ -175,6 +175,17 @@ func fullWant() Config {
 			PendingTimeout: d("45m"),
 			MaxPoll:        d("30s"),
 		},
+		HAProxy: HAProxy{
+			RuntimeSocket: "/run/haproxy/nba.sock",
+			AgentListen:   "127.0.0.1:5600",
+			SPOAListen:    "127.0.0.1:12400",
+			Hold:          d("5m"),
+			CheckInterval: d("2s"),
+			StatsListen:   "127.0.0.1:8405",
+			StateFile:     "/var/lib/haproxy/nba.state",
+			Timeout:       d("3s"),
+			Log:           "stdout",
+		},
 		Pools: []Pool{{
 			Name:                   "x86",
 			Systems:                []string{"x86_64-linux", "i686-linux"},
@@ -189,6 +200,7 @@ func fullWant() Config {
 			LaunchTimeout:          d("4m"),
 			BootTimeout:            d("15m"),
 			BindTimeout:            d("3m"),
+			Frontend:               "0.0.0.0:2222",
 			Provider:               "local",
 			Local: Local{
 				Address:          "127.0.0.2",
@@ -208,6 +220,7 @@ func fullWant() Config {
 			LaunchTimeout:          d("2m"),
 			BootTimeout:            d("5m"),
 			BindTimeout:            d("1m"),
+			Frontend:               "0.0.0.0:2223",
 			Provider:               "local",
 			Local:                  Local{Address: "127.0.0.3", BootDelay: d("0s")},
 		}},
@@ -660,7 +673,7 @@ func TestDocs(t *testing.T) {
 	}
 
 	for _, typ := range []reflect.Type{
-		reflect.TypeFor[Daemon](), reflect.TypeFor[Reservations](),
+		reflect.TypeFor[Daemon](), reflect.TypeFor[Reservations](), reflect.TypeFor[HAProxy](),
 		reflect.TypeFor[Pool](), reflect.TypeFor[Local](),
 	} {
 		for i := range typ.NumField() {

@@ -62,7 +62,15 @@ func (c *Config) Validate() error {
 	var v validator
 	v.daemon(c.Daemon)
 	v.reservations(c.Reservations)
+	v.haproxy(c.HAProxy)
 	v.pools(c.Pools)
+	if c.HAProxy.Enabled() {
+		for i, pool := range c.Pools {
+			if pool.Frontend == "" {
+				v.add(poolKey(i, pool.Name)+".frontend", `is required with haproxy.runtime_socket; set the address HAProxy accepts this pool's SSH on, like "0.0.0.0:2222"`)
+			}
+		}
+	}
 	if len(v.problems) == 0 {
 		return nil
 	}
@@ -111,6 +119,32 @@ func (v *validator) daemon(d Daemon) {
 		v.add(p+"reconcile_interval", "%q is too short; reconcile_interval must be at least %s", d.ReconcileInterval, NewDuration(minReconcile))
 	}
 	v.duration(p+"event_retention", d.EventRetention, "720h")
+}
+
+// maxHold keeps the SPOE hold (and so HAProxy's inspect-delay) sane.
+const maxHold = 30 * time.Minute
+
+func (v *validator) haproxy(h HAProxy) {
+	const p = "haproxy."
+	if h.RuntimeSocket != "" {
+		v.absPath(p+"runtime_socket", h.RuntimeSocket, `like "/run/haproxy/admin.sock"`)
+	}
+	v.hostPort(p+"agent_listen", h.AgentListen, "127.0.0.1:5555")
+	v.hostPort(p+"spoa_listen", h.SPOAListen, "127.0.0.1:12345")
+	if h.StatsListen != "" {
+		v.hostPort(p+"stats_listen", h.StatsListen, "127.0.0.1:8404")
+	}
+	if v.duration(p+"hold", h.Hold, "3m") && h.Hold.D() > maxHold {
+		v.add(p+"hold", "%q is longer than %s; a connection should not wait that long for a builder", h.Hold, NewDuration(maxHold))
+	}
+	if v.duration(p+"check_interval", h.CheckInterval, "1s") && h.CheckInterval.D() < 100*time.Millisecond {
+		v.add(p+"check_interval", "%q is too short; use at least 100ms", h.CheckInterval)
+	}
+	v.duration(p+"timeout", h.Timeout, "5s")
+	v.absPath(p+"state_file", h.StateFile, `like "/var/lib/haproxy/nix-builder-autoscaler.state"`)
+	if h.Log == "" {
+		v.add(p+"log", `is required; "/dev/log" for syslog, or "stdout" when HAProxy runs in the foreground`)
+	}
 }
 
 func (v *validator) reservations(r Reservations) {
@@ -186,6 +220,9 @@ func (v *validator) pool(p string, pool Pool) {
 	v.duration(p+"launch_timeout", pool.LaunchTimeout, "5m")
 	v.duration(p+"boot_timeout", pool.BootTimeout, "10m")
 	v.duration(p+"bind_timeout", pool.BindTimeout, "5m")
+	if pool.Frontend != "" {
+		v.hostPort(p+"frontend", pool.Frontend, "0.0.0.0:2222")
+	}
 
 	switch pool.Provider {
 	case "":
