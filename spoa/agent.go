@@ -1,0 +1,347 @@
+// Package spoa is the SPOE agent HAProxy calls on every new builder
+// connection (DESIGN.md §3.3). It records demand, picks the slot the
+// connection should go to, and when a pool has no room it asks the scaler
+// for a builder and holds the connection until one is ready or the hold
+// limit passes.
+//
+// github.com/negasus/haproxy-spoe-go v1.0.7 encodes only some values safely:
+// a negative integer panics its encoder (killing the process), and net.IP or
+// float64 values make it silently drop the ACK. This agent only ever sets
+// string variables, and recovers panics in its handler.
+package spoa
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/negasus/haproxy-spoe-go/action"
+	"github.com/negasus/haproxy-spoe-go/agent"
+	"github.com/negasus/haproxy-spoe-go/request"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+)
+
+// The SPOE message and its arguments, as the generated HAProxy config sends
+// them (haproxy.Generate).
+const (
+	Message   = "nba-conn"
+	ArgPool   = "pool"
+	ArgSrc    = "src"
+	ArgSport  = "sport"
+	ArgQueue  = "q"
+	ArgBeConn = "beconn"
+	ArgNbSrv  = "nbsrv"
+	// VarSlot and VarVerdict are set in the session scope; with HAProxy's
+	// var-prefix they read sess.nba.slot and sess.nba.verdict.
+	VarSlot    = "slot"
+	VarVerdict = "verdict"
+	Reject     = "reject"
+)
+
+// Options configures an Agent.
+type Options struct {
+	// MaxJobs is each pool's max_jobs: the most connections a builder takes.
+	MaxJobs map[string]int
+	// Hold bounds how long a connection waits for a builder when its pool
+	// has no room; it must stay under SPOE's timeout processing.
+	Hold time.Duration
+	// Kick asks the scaler for a round (a held connection is new demand).
+	Kick   func()
+	Logger *slog.Logger
+	// Registerer takes the agent's metrics (nil: not registered).
+	Registerer prometheus.Registerer
+}
+
+// slotView is what the agent knows of one slot between two reconcile rounds.
+type slotView struct {
+	name         string
+	usable       bool // ready and weight > 0
+	sessions     int
+	reservations int
+}
+
+// Agent is the SPOE agent. Its view of the fleet is refreshed by Update after
+// each reconcile round; between rounds it counts the connections it sent
+// itself, so a burst is spread over the builders.
+type Agent struct {
+	o Options
+	m *metrics
+
+	mu      sync.Mutex
+	pools   map[string][]slotView
+	picks   map[scaler.SlotKey]int
+	held    map[string]int
+	changed chan struct{}
+}
+
+// New returns an agent; Serve runs it.
+func New(o Options) *Agent {
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.Kick == nil {
+		o.Kick = func() {}
+	}
+	return &Agent{o: o, m: newMetrics(o.Registerer), pools: map[string][]slotView{},
+		picks: map[scaler.SlotKey]int{}, held: map[string]int{}, changed: make(chan struct{})}
+}
+
+// Update replaces the agent's view of the fleet with one reconcile round's
+// observation and wakes held connections.
+func (a *Agent) Update(obs scaler.Observed) {
+	perSlot := map[scaler.SlotKey]int{}
+	for _, r := range obs.Reservations {
+		if r.State == scaler.Assigned {
+			perSlot[scaler.SlotKey{Pool: r.Pool, Slot: r.Slot}]++
+		}
+	}
+	pools := map[string][]slotView{}
+	for _, s := range obs.Slots {
+		v := slotView{name: s.Name, reservations: perSlot[s.Key()]}
+		srv, ok := obs.Servers[s.Key()]
+		// Without the load balancer's word a slot is not known to be up.
+		v.usable = s.State == scaler.Ready && s.Weight > 0 && obs.ServersKnown && ok && srv.Up && srv.Addr == s.Address
+		v.sessions = srv.Sessions
+		pools[s.Pool] = append(pools[s.Pool], v)
+	}
+	a.mu.Lock()
+	a.pools = pools
+	a.picks = map[scaler.SlotKey]int{}
+	close(a.changed)
+	a.changed = make(chan struct{})
+	a.mu.Unlock()
+}
+
+// Held returns, per pool, the connections waiting for a builder: demand that
+// came without a reservation.
+func (a *Agent) Held() map[string]int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make(map[string]int, len(a.held))
+	for p, n := range a.held {
+		if n > 0 {
+			out[p] = n
+		}
+	}
+	return out
+}
+
+// Serve answers HAProxy on ln until ctx ends.
+func (a *Agent) Serve(ctx context.Context, ln net.Listener) error {
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	err := agent.New(a.handle, spoeLogger{a.o.Logger}).Serve(ln)
+	if ctx.Err() != nil {
+		return nil
+	}
+	return err
+}
+
+// handle answers one NOTIFY. It never panics: a panic would kill the daemon.
+func (a *Agent) handle(req *request.Request) {
+	defer func() {
+		if r := recover(); r != nil {
+			a.m.decisions.WithLabelValues("", "panic").Inc()
+			a.o.Logger.Error("spoa: handler panic; HAProxy falls back to leastconn for this connection", "panic", r)
+		}
+	}()
+	msg, err := req.Messages.GetByName(Message)
+	if err != nil {
+		return // not ours; HAProxy goes on without variables
+	}
+	pool, _ := argString(msg.KV.Get(ArgPool))
+	if _, ok := a.o.MaxJobs[pool]; !ok {
+		a.m.decisions.WithLabelValues(pool, "unknown_pool").Inc()
+		a.o.Logger.Warn("spoa: message for an unknown pool; regenerate the HAProxy config", "pool", pool)
+		return
+	}
+	if q, ok := argInt(msg.KV.Get(ArgQueue)); ok {
+		a.m.queue.WithLabelValues(pool).Set(float64(q))
+	}
+	if c, ok := argInt(msg.KV.Get(ArgBeConn)); ok {
+		a.m.beConn.WithLabelValues(pool).Set(float64(c))
+	}
+	if n, ok := argInt(msg.KV.Get(ArgNbSrv)); ok {
+		a.m.nbSrv.WithLabelValues(pool).Set(float64(n))
+	}
+	a.m.connections.WithLabelValues(pool).Inc()
+	start := time.Now()
+	slot, held := a.Decide(pool)
+	a.m.decisionSeconds.Observe(time.Since(start).Seconds())
+	if slot == "" {
+		src, _ := argString(msg.KV.Get(ArgSrc))
+		sport, _ := argInt(msg.KV.Get(ArgSport))
+		a.o.Logger.Warn("spoa: no builder became ready within the hold; connection rejected",
+			"pool", pool, "client", fmt.Sprintf("%s:%d", src, sport), "hold", a.o.Hold)
+		req.Actions.SetVar(action.ScopeSession, VarVerdict, Reject)
+		return
+	}
+	if held {
+		a.o.Logger.Info("spoa: held connection routed", "pool", pool, "slot", slot, "waited", time.Since(start).Round(time.Millisecond))
+	}
+	req.Actions.SetVar(action.ScopeSession, VarSlot, slot)
+}
+
+// Decide picks the slot for a new connection to pool, holding it while the
+// pool has no room (up to the hold). It returns "" when none came in time.
+func (a *Agent) Decide(pool string) (slot string, held bool) {
+	a.mu.Lock()
+	slot, changed := a.choose(pool), a.changed
+	if slot != "" {
+		a.mu.Unlock()
+		a.m.decisions.WithLabelValues(pool, "routed").Inc()
+		return slot, false
+	}
+	a.held[pool]++
+	a.mu.Unlock()
+	a.m.held.WithLabelValues(pool).Inc()
+	defer func() {
+		a.mu.Lock()
+		a.held[pool]--
+		a.mu.Unlock()
+		a.m.held.WithLabelValues(pool).Dec()
+	}()
+	a.o.Kick()
+	timer := time.NewTimer(a.o.Hold)
+	defer timer.Stop()
+	for {
+		select {
+		case <-changed:
+		case <-timer.C:
+			a.m.decisions.WithLabelValues(pool, "rejected").Inc()
+			return "", true
+		}
+		a.mu.Lock()
+		slot, changed = a.choose(pool), a.changed
+		a.mu.Unlock()
+		if slot != "" {
+			a.m.decisions.WithLabelValues(pool, "held_routed").Inc()
+			return slot, true
+		}
+	}
+}
+
+// choose picks a usable slot with room, counting the pick. Slots holding
+// live reservations come first, the one with the fewest sessions per
+// reservation first, so a build's connections land where its capacity was
+// counted; then the others by least connections. a.mu must be held.
+func (a *Agent) choose(pool string) string {
+	maxJobs := a.o.MaxJobs[pool]
+	type cand struct {
+		v    slotView
+		load int
+	}
+	var cands []cand
+	for _, v := range a.pools[pool] {
+		load := v.sessions + a.picks[scaler.SlotKey{Pool: pool, Slot: v.name}]
+		if v.usable && load < maxJobs {
+			cands = append(cands, cand{v, load})
+		}
+	}
+	if len(cands) == 0 {
+		return ""
+	}
+	sort.SliceStable(cands, func(i, j int) bool {
+		ci, cj := cands[i], cands[j]
+		if (ci.v.reservations > 0) != (cj.v.reservations > 0) {
+			return ci.v.reservations > 0
+		}
+		if ci.v.reservations > 0 {
+			// load/reservations, compared without division
+			if l, r := ci.load*cj.v.reservations, cj.load*ci.v.reservations; l != r {
+				return l < r
+			}
+		}
+		return ci.load < cj.load
+	})
+	best := cands[0].v.name
+	a.picks[scaler.SlotKey{Pool: pool, Slot: best}]++
+	return best
+}
+
+func argString(v any, ok bool) (string, bool) {
+	if !ok {
+		return "", false
+	}
+	switch x := v.(type) {
+	case string:
+		return x, true
+	case []byte:
+		return string(x), true
+	case net.IP:
+		return x.String(), true
+	}
+	return fmt.Sprint(v), true
+}
+
+func argInt(v any, ok bool) (int64, bool) {
+	if !ok {
+		return 0, false
+	}
+	switch x := v.(type) {
+	case int32:
+		return int64(x), true
+	case uint32:
+		return int64(x), true
+	case int64:
+		return x, true
+	case uint64:
+		return int64(x), true
+	case int:
+		return int64(x), true
+	}
+	return 0, false
+}
+
+// spoeLogger adapts slog to the SPOE library's logger.
+type spoeLogger struct{ l *slog.Logger }
+
+func (s spoeLogger) Errorf(format string, args ...any) {
+	err := fmt.Errorf(format, args...)
+	if errors.Is(err, net.ErrClosed) {
+		return
+	}
+	s.l.Warn("spoa: " + err.Error())
+}
+
+type metrics struct {
+	connections     *prometheus.CounterVec
+	decisions       *prometheus.CounterVec
+	held            *prometheus.GaugeVec
+	queue           *prometheus.GaugeVec
+	beConn          *prometheus.GaugeVec
+	nbSrv           *prometheus.GaugeVec
+	decisionSeconds prometheus.Histogram
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	const ns = "nix_builder_autoscaler"
+	m := &metrics{
+		connections: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "spoa_connections_total",
+			Help: "Builder connections HAProxy asked the SPOE agent about."}, []string{"pool"}),
+		decisions: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "spoa_decisions_total",
+			Help: "SPOE answers by result: routed, held_routed, rejected, unknown_pool, panic."}, []string{"pool", "result"}),
+		held: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "spoa_held_connections",
+			Help: "Connections held waiting for a builder."}, []string{"pool"}),
+		queue: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "haproxy_backend_queue",
+			Help: "Connections queued in the pool's backend, as HAProxy reported with the last connection."}, []string{"pool"}),
+		beConn: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "haproxy_backend_connections",
+			Help: "Connections on the pool's backend, as HAProxy reported with the last connection."}, []string{"pool"}),
+		nbSrv: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "haproxy_backend_usable_servers",
+			Help: "Usable servers in the pool's backend, as HAProxy reported with the last connection."}, []string{"pool"}),
+		decisionSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Name: "spoa_decision_seconds",
+			Help:    "Time to answer a connection, holds included.",
+			Buckets: []float64{0.0001, 0.0005, 0.001, 0.005, 0.05, 1, 10, 60, 300}}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.connections, m.decisions, m.held, m.queue, m.beConn, m.nbSrv, m.decisionSeconds)
+	}
+	return m
+}

@@ -1,0 +1,213 @@
+package spoa
+
+import (
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/negasus/haproxy-spoe-go/action"
+	"github.com/negasus/haproxy-spoe-go/message"
+	"github.com/negasus/haproxy-spoe-go/request"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+)
+
+func readySlot(name string, weight int) scaler.Slot {
+	return scaler.Slot{Pool: "x86", Name: name, State: scaler.Ready, Weight: weight, Address: "10.0.0.1:22"}
+}
+
+func observed(slots []scaler.Slot, sessions map[string]int, res ...scaler.Reservation) scaler.Observed {
+	obs := scaler.Observed{Slots: slots, Reservations: res, ServersKnown: true, Servers: map[scaler.SlotKey]scaler.ServerStatus{}}
+	for _, s := range slots {
+		obs.Servers[s.Key()] = scaler.ServerStatus{Addr: s.Address, Up: s.State == scaler.Ready, Sessions: sessions[s.Name]}
+	}
+	return obs
+}
+
+func assignedTo(slot string) scaler.Reservation {
+	return scaler.Reservation{ID: "r-" + slot, Pool: "x86", State: scaler.Assigned, Slot: slot}
+}
+
+func newAgent(hold time.Duration, kick func()) *Agent {
+	return New(Options{MaxJobs: map[string]int{"x86": 2}, Hold: hold, Kick: kick})
+}
+
+func TestChoose(t *testing.T) {
+	tests := []struct {
+		name     string
+		slots    []scaler.Slot
+		sessions map[string]int
+		res      []scaler.Reservation
+		want     []string // successive decisions
+	}{
+		{
+			name:     "least connections among slots without reservations",
+			slots:    []scaler.Slot{readySlot("slot1", 100), readySlot("slot2", 100)},
+			sessions: map[string]int{"slot1": 1},
+			want:     []string{"slot2", "slot1", "slot2"},
+		},
+		{
+			name:     "slots holding reservations first, fewest sessions per reservation",
+			slots:    []scaler.Slot{readySlot("slot1", 100), readySlot("slot2", 100), readySlot("slot3", 100)},
+			res:      []scaler.Reservation{assignedTo("slot2"), assignedTo("slot3")},
+			sessions: map[string]int{"slot3": 1},
+			want:     []string{"slot2", "slot2", "slot3", "slot1", "slot1"},
+		},
+		{
+			name:  "weight 0 and non-ready slots are never chosen",
+			slots: []scaler.Slot{readySlot("slot1", 0), {Pool: "x86", Name: "slot2", State: scaler.Draining, Weight: 100}, readySlot("slot3", 100)},
+			want:  []string{"slot3", "slot3", ""},
+		},
+		{
+			name:     "full slots (max_jobs) are not chosen",
+			slots:    []scaler.Slot{readySlot("slot1", 100)},
+			sessions: map[string]int{"slot1": 2},
+			want:     []string{""},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a := newAgent(0, nil)
+			a.Update(observed(tt.slots, tt.sessions, tt.res...))
+			for i, want := range tt.want {
+				a.mu.Lock()
+				got := a.choose("x86")
+				a.mu.Unlock()
+				if got != want {
+					t.Fatalf("decision %d = %q, want %q", i, got, want)
+				}
+			}
+		})
+	}
+}
+
+func TestUnknownServerStateIsNotUsable(t *testing.T) {
+	a := newAgent(0, nil)
+	obs := observed([]scaler.Slot{readySlot("slot1", 100)}, nil)
+	obs.ServersKnown = false
+	a.Update(obs)
+	if slot, _ := a.Decide("x86"); slot != "" {
+		t.Fatalf("Decide = %q while HAProxy's view is unknown; want none", slot)
+	}
+}
+
+func TestHoldUntilReady(t *testing.T) {
+	var kicks sync.WaitGroup
+	kicks.Add(1)
+	var once sync.Once
+	a := newAgent(time.Minute, func() { once.Do(kicks.Done) })
+	a.Update(observed(nil, nil))
+	got := make(chan string, 1)
+	go func() {
+		slot, held := a.Decide("x86")
+		if !held {
+			slot = "not held"
+		}
+		got <- slot
+	}()
+	kicks.Wait() // the held connection asked the scaler for a builder
+	waitHeld(t, a, 1)
+	// A round that sees a builder not yet up changes nothing for it.
+	a.Update(observed([]scaler.Slot{{Pool: "x86", Name: "slot1", State: scaler.Binding, Weight: 100}}, nil))
+	select {
+	case s := <-got:
+		t.Fatalf("Decide returned %q before any slot was ready", s)
+	case <-time.After(50 * time.Millisecond):
+	}
+	a.Update(observed([]scaler.Slot{readySlot("slot1", 100)}, nil))
+	select {
+	case s := <-got:
+		if s != "slot1" {
+			t.Fatalf("held connection got %q, want slot1", s)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("held connection not released when slot1 became ready")
+	}
+	waitHeld(t, a, 0)
+}
+
+func TestHoldLimitRejects(t *testing.T) {
+	a := newAgent(20*time.Millisecond, nil)
+	slot, held := a.Decide("x86")
+	if slot != "" || !held {
+		t.Fatalf("Decide = %q, held %v; want rejection after the hold", slot, held)
+	}
+	if n := a.Held()["x86"]; n != 0 {
+		t.Fatalf("Held after rejection = %d, want 0", n)
+	}
+}
+
+func waitHeld(t *testing.T, a *Agent, want int) {
+	t.Helper()
+	for i := 0; i < 1000; i++ {
+		if a.Held()["x86"] == want {
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatalf("Held = %d, want %d", a.Held()["x86"], want)
+}
+
+func notify(args map[string]any) *request.Request {
+	req := request.AcquireRequest()
+	m := message.AcquireMessage()
+	m.Name = Message
+	for k, v := range args {
+		m.KV.Add(k, v)
+	}
+	*req.Messages = append(*req.Messages, m)
+	return req
+}
+
+func setVars(req *request.Request) map[string]any {
+	out := map[string]any{}
+	for _, act := range req.Actions {
+		if act.Type == action.TypeSetVar && act.Scope == action.ScopeSession {
+			out[act.Name] = act.Value
+		}
+	}
+	return out
+}
+
+func TestHandle(t *testing.T) {
+	a := newAgent(10*time.Millisecond, nil)
+	a.Update(observed([]scaler.Slot{readySlot("slot1", 100)}, nil))
+	args := map[string]any{ArgPool: "x86", ArgSrc: net.ParseIP("127.0.0.1"), ArgSport: int32(40000), ArgQueue: int32(0), ArgBeConn: int32(1), ArgNbSrv: int32(1)}
+
+	req := notify(args)
+	a.handle(req)
+	if got := setVars(req); len(got) != 1 || got[VarSlot] != "slot1" {
+		t.Fatalf("vars = %v, want slot=slot1", got)
+	}
+	// Only strings are ever sent (v1.0.7 cannot encode net.IP or floats,
+	// and panics on negative integers).
+	for _, act := range req.Actions {
+		if _, ok := act.Value.(string); !ok {
+			t.Fatalf("action %s sets a %T", act.Name, act.Value)
+		}
+	}
+
+	a.Update(observed(nil, nil))
+	req = notify(args)
+	a.handle(req)
+	if got := setVars(req); got[VarVerdict] != Reject || got[VarSlot] != nil {
+		t.Fatalf("vars with no builder = %v, want verdict=reject", got)
+	}
+
+	args[ArgPool] = "nope"
+	req = notify(args)
+	a.handle(req)
+	if got := setVars(req); len(got) != 0 {
+		t.Fatalf("vars for an unknown pool = %v, want none (HAProxy balances itself)", got)
+	}
+}
+
+func TestHandleRecoversPanics(t *testing.T) {
+	a := newAgent(0, func() { panic("boom") })
+	req := notify(map[string]any{ArgPool: "x86"})
+	a.handle(req) // Kick panics inside Decide; handle must survive it
+	if n := a.Held()["x86"]; n != 0 {
+		t.Fatalf("Held after a panic = %d, want 0", n)
+	}
+}
