@@ -52,6 +52,10 @@ type Observed struct {
 	// tried (after failed launches); LaunchError is the last failure.
 	LaunchBackoff map[string]time.Time
 	LaunchError   map[string]string
+	// Held counts, per pool, connections the load balancer holds while no
+	// builder has room for them: demand that came without a reservation
+	// (evaluation-time builds, other Nix clients).
+	Held map[string]int
 }
 
 // ActionKind names what an Action does.
@@ -465,7 +469,7 @@ func (p *planner) demand(pool string) int {
 			draining[s.Name] = true
 		}
 	}
-	n := 0
+	n := p.obs.Held[pool]
 	for _, r := range p.res {
 		if r.Pool == pool && !p.ended[r.ID] && !(r.State == Assigned && draining[r.Slot]) {
 			n++
@@ -537,7 +541,7 @@ func (p *planner) scale(pp PoolPolicy) {
 				continue
 			}
 			p.emit(Action{Kind: ActLaunch, Pool: pp.Name, Slot: s.Name,
-				Reason: fmt.Sprintf("%d reservations need a builder, %d builders wanted, %d active", p.demand(pp.Name), target, active)})
+				Reason: fmt.Sprintf("%d need a builder, %d builders wanted, %d active", p.demand(pp.Name), target, active)})
 			p.setState(s, Launching)
 			active++
 		}

@@ -127,7 +127,7 @@ func TestPlan(t *testing.T) {
 				res: []Reservation{assigned("r1", "slot1"), pending("r2", time.Second)}},
 			want: []string{
 				`touch pool="x86" slot="slot1"`,
-				`launch pool="x86" slot="slot2" reason="2 reservations need a builder, 2 builders wanted, 1 active"`,
+				`launch pool="x86" slot="slot2" reason="2 need a builder, 2 builders wanted, 1 active"`,
 			},
 		},
 		{
@@ -150,15 +150,15 @@ func TestPlan(t *testing.T) {
 			name: "draining slot gets no reservations",
 			w: world{slots: []Slot{slot("slot1", Draining, func(s *Slot) { s.DrainReason = "operator" }), slot("slot2", Empty), slot("slot3", Empty)},
 				res: []Reservation{pending("r1", time.Second)}, servers: map[SlotKey]ServerStatus{key("slot1"): {Addr: "10.0.0.1:22", Up: true, Sessions: 2}}},
-			want: []string{`launch pool="x86" slot="slot2" reason="1 reservations need a builder, 1 builders wanted, 0 active"`},
+			want: []string{`launch pool="x86" slot="slot2" reason="1 need a builder, 1 builders wanted, 0 active"`},
 		},
 		// Launching.
 		{
 			name: "pending demand with no capacity launches",
 			w:    world{slots: []Slot{slot("slot1", Empty), slot("slot2", Empty), slot("slot3", Empty)}, res: []Reservation{pending("r1", 0), pending("r2", 0)}},
 			want: []string{
-				`launch pool="x86" slot="slot1" reason="2 reservations need a builder, 2 builders wanted, 0 active"`,
-				`launch pool="x86" slot="slot2" reason="2 reservations need a builder, 2 builders wanted, 1 active"`,
+				`launch pool="x86" slot="slot1" reason="2 need a builder, 2 builders wanted, 0 active"`,
+				`launch pool="x86" slot="slot2" reason="2 need a builder, 2 builders wanted, 1 active"`,
 			},
 		},
 		{
@@ -173,8 +173,8 @@ func TestPlan(t *testing.T) {
 			pol:  policy(pool(func(p *PoolPolicy) { p.MaxBuilders = 2 })),
 			w:    world{slots: []Slot{slot("slot1", Empty), slot("slot2", Empty)}, res: []Reservation{pending("r1", 0), pending("r2", 0), pending("r3", 0)}},
 			want: []string{
-				`launch pool="x86" slot="slot1" reason="3 reservations need a builder, 2 builders wanted, 0 active"`,
-				`launch pool="x86" slot="slot2" reason="3 reservations need a builder, 2 builders wanted, 1 active"`,
+				`launch pool="x86" slot="slot1" reason="3 need a builder, 2 builders wanted, 0 active"`,
+				`launch pool="x86" slot="slot2" reason="3 need a builder, 2 builders wanted, 1 active"`,
 			},
 		},
 		{
@@ -182,15 +182,20 @@ func TestPlan(t *testing.T) {
 			pol:  policy(pool(func(p *PoolPolicy) { p.ReservationsPerBuilder = 2 })),
 			w:    world{slots: []Slot{slot("slot1", Empty), slot("slot2", Empty), slot("slot3", Empty)}, res: []Reservation{pending("r1", 0), pending("r2", 0), pending("r3", 0)}},
 			want: []string{
-				`launch pool="x86" slot="slot1" reason="3 reservations need a builder, 2 builders wanted, 0 active"`,
-				`launch pool="x86" slot="slot2" reason="3 reservations need a builder, 2 builders wanted, 1 active"`,
+				`launch pool="x86" slot="slot1" reason="3 need a builder, 2 builders wanted, 0 active"`,
+				`launch pool="x86" slot="slot2" reason="3 need a builder, 2 builders wanted, 1 active"`,
 			},
+		},
+		{
+			name: "connections held by the load balancer are demand too",
+			w:    world{slots: []Slot{slot("slot1", Empty), slot("slot2", Empty), slot("slot3", Empty)}},
+			want: []string{`launch pool="x86" slot="slot1" reason="1 need a builder, 1 builders wanted, 0 active"`},
 		},
 		{
 			name: "min_builders launches without demand",
 			pol:  policy(pool(func(p *PoolPolicy) { p.MinBuilders = 1 })),
 			w:    world{slots: []Slot{slot("slot1", Empty), slot("slot2", Empty), slot("slot3", Empty)}},
-			want: []string{`launch pool="x86" slot="slot1" reason="0 reservations need a builder, 1 builders wanted, 0 active"`},
+			want: []string{`launch pool="x86" slot="slot1" reason="0 need a builder, 1 builders wanted, 0 active"`},
 		},
 		{
 			name: "warm_pool keeps a spare above demand",
@@ -198,7 +203,7 @@ func TestPlan(t *testing.T) {
 			w:    world{slots: []Slot{slot("slot1", Ready), slot("slot2", Empty), slot("slot3", Empty)}, res: []Reservation{pending("r1", 0)}},
 			want: []string{
 				`assign pool="x86" slot="slot1" reservation="r1" instance="i-slot1"`,
-				`launch pool="x86" slot="slot2" reason="1 reservations need a builder, 2 builders wanted, 1 active"`,
+				`launch pool="x86" slot="slot2" reason="1 need a builder, 2 builders wanted, 1 active"`,
 			},
 		},
 		{
@@ -277,7 +282,7 @@ func TestPlan(t *testing.T) {
 				instances: []Instance{inst("slot1", InstancePending)}, res: []Reservation{pending("r1", 0)}},
 			want: []string{
 				`terminate pool="x86" slot="slot1" instance="i-slot1" reason="launch timeout (5m0s)"`,
-				`launch pool="x86" slot="slot2" reason="1 reservations need a builder, 1 builders wanted, 0 active"`,
+				`launch pool="x86" slot="slot2" reason="1 need a builder, 1 builders wanted, 0 active"`,
 			},
 		},
 		{
@@ -286,7 +291,7 @@ func TestPlan(t *testing.T) {
 				instances: []Instance{inst("slot1", InstanceRunning, func(in *Instance) { in.Address = "" })}, res: []Reservation{pending("r1", 0)}},
 			want: []string{
 				`terminate pool="x86" slot="slot1" instance="i-slot1" reason="boot timeout (10m0s)"`,
-				`launch pool="x86" slot="slot2" reason="1 reservations need a builder, 1 builders wanted, 0 active"`,
+				`launch pool="x86" slot="slot2" reason="1 need a builder, 1 builders wanted, 0 active"`,
 			},
 		},
 		{
@@ -295,7 +300,7 @@ func TestPlan(t *testing.T) {
 				res: []Reservation{pending("r1", 0)}, servers: map[SlotKey]ServerStatus{key("slot1"): {Addr: "10.0.0.1:22", Up: false}}},
 			want: []string{
 				`terminate pool="x86" slot="slot1" instance="i-slot1" reason="bind timeout (5m0s)"`,
-				`launch pool="x86" slot="slot2" reason="1 reservations need a builder, 1 builders wanted, 0 active"`,
+				`launch pool="x86" slot="slot2" reason="1 need a builder, 1 builders wanted, 0 active"`,
 			},
 		},
 		{
@@ -340,7 +345,7 @@ func TestPlan(t *testing.T) {
 			want: []string{
 				`terminate pool="x86" slot="slot1" instance="i-slot1" reason="drain timeout (1h0m0s)"`,
 				`requeue pool="x86" slot="slot1" reservation="r1" reason="drain timeout (1h0m0s)"`,
-				`launch pool="x86" slot="slot2" reason="1 reservations need a builder, 1 builders wanted, 0 active"`,
+				`launch pool="x86" slot="slot2" reason="1 need a builder, 1 builders wanted, 0 active"`,
 			},
 		},
 		{
@@ -368,7 +373,7 @@ func TestPlan(t *testing.T) {
 			want: []string{
 				`requeue pool="x86" slot="slot1" reservation="r1" reason="instance i-slot1 is terminated: Server.SpotInstanceTermination"`,
 				`advance pool="x86" slot="slot1" instance="i-slot1" to="empty" reason="instance i-slot1 is terminated: Server.SpotInstanceTermination"`,
-				`launch pool="x86" slot="slot1" reason="1 reservations need a builder, 1 builders wanted, 0 active"`,
+				`launch pool="x86" slot="slot1" reason="1 need a builder, 1 builders wanted, 0 active"`,
 			},
 		},
 		{
@@ -422,6 +427,9 @@ func TestPlan(t *testing.T) {
 				pol = policy()
 			}
 			obs := tt.w.observed()
+			if strings.HasPrefix(tt.name, "connections held") {
+				obs.Held = map[string]int{"x86": 1}
+			}
 			if strings.HasPrefix(tt.name, "launch backoff") {
 				obs.LaunchBackoff = map[string]time.Time{"x86": t0.Add(time.Second)}
 			}
