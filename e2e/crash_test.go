@@ -14,6 +14,7 @@ import (
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/store"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/local"
 )
 
 // TestCrashWhileLaunching kills the daemon (SIGKILL) while a launch command
@@ -117,8 +118,8 @@ func TestCrashWhileReady(t *testing.T) {
 	if after.State != "ready" || after.Slot != before.Slot || after.InstanceID != before.InstanceID || after.Address != before.Address {
 		t.Fatalf("after restart reservation = %+v; want it unchanged from %+v", after, before)
 	}
-	if got := banner(t, after.Address); !strings.HasPrefix(got, "SSH-2.0-") {
-		t.Fatalf("builder banner after restart = %q", got)
+	if got, err := local.ReadBanner(ctx, after.Address, 5*time.Second); err != nil || !strings.HasPrefix(got, "SSH-2.0-") {
+		t.Fatalf("builder banner after restart = %q, %v", got, err)
 	}
 	evs, err := c.Events(ctx, api.EventQuery{Limit: 1000})
 	if err != nil {

@@ -1,6 +1,7 @@
 package scaler
 
 import (
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
@@ -478,5 +479,32 @@ func TestTarget(t *testing.T) {
 		if got := Target(tt.pp, tt.live); got != tt.want {
 			t.Errorf("Target(min=%d warm=%d rpb=%d, live=%d) = %d, want %d", tt.pp.MinBuilders, tt.pp.WarmPool, tt.pp.ReservationsPerBuilder, tt.live, got, tt.want)
 		}
+	}
+}
+
+func TestRetryOnConflict(t *testing.T) {
+	other := fmt.Errorf("disk full")
+	tests := []struct {
+		name      string
+		errs      []error // what successive attempts return
+		wantCalls int
+		wantErr   error
+	}{
+		{"success at once", []error{nil}, 1, nil},
+		{"conflict then success", []error{ErrConflict, fmt.Errorf("wrapped: %w", ErrConflict), nil}, 3, nil},
+		{"other error stops", []error{ErrConflict, other}, 2, other},
+		{"gives up at the limit", []error{ErrConflict, ErrConflict, ErrConflict, ErrConflict}, 3, ErrConflict},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			calls := 0
+			err := RetryOnConflict(3, func() error {
+				calls++
+				return tt.errs[calls-1]
+			})
+			if calls != tt.wantCalls || !errors.Is(err, tt.wantErr) && err != tt.wantErr {
+				t.Fatalf("calls %d err %v; want %d, %v", calls, err, tt.wantCalls, tt.wantErr)
+			}
+		})
 	}
 }

@@ -297,49 +297,52 @@ func (a *applier) event(kind string, act Action) Event {
 		ReservationID: act.Reservation, Actor: actor, Reason: act.Reason}
 }
 
+// conflictAttempts bounds how often the reconciler re-reads a row that a
+// concurrent writer changed; after that the round ends and is kicked again.
+const conflictAttempts = 5
+
 // updateSlot re-reads a slot and applies fn until the commit does not
 // conflict, so a concurrent operator change is merged, never overwritten.
 // fn returns false to skip (the slot no longer needs the change).
 func (a *applier) updateSlot(ctx context.Context, key SlotKey, fn func(*Slot) bool, evs ...Event) (Slot, error) {
-	for attempt := 0; ; attempt++ {
-		s, err := a.r.o.Store.Slot(ctx, key)
-		if err != nil {
-			return s, err
+	var s Slot
+	err := RetryOnConflict(conflictAttempts, func() error {
+		var err error
+		if s, err = a.r.o.Store.Slot(ctx, key); err != nil {
+			return err
 		}
 		if !fn(&s) {
-			return s, nil
+			return nil
 		}
-		err = a.r.o.Store.Commit(ctx, Change{Slots: []Slot{s}, Events: evs})
-		if err == nil {
-			a.changed = true
-			s.Version++
-			return s, nil
+		if err := a.r.o.Store.Commit(ctx, Change{Slots: []Slot{s}, Events: evs}); err != nil {
+			return err
 		}
-		if !errors.Is(err, ErrConflict) || attempt == 4 {
-			return s, err
-		}
-	}
+		a.changed = true
+		s.Version++
+		return nil
+	})
+	return s, err
 }
 
-// updateReservation is updateSlot for a reservation.
+// updateReservation is updateSlot for a reservation; it reports whether it
+// committed a change.
 func (a *applier) updateReservation(ctx context.Context, id string, fn func(*Reservation) bool, evs ...Event) (bool, error) {
-	for attempt := 0; ; attempt++ {
+	committed := false
+	err := RetryOnConflict(conflictAttempts, func() error {
 		res, err := a.r.o.Store.Reservation(ctx, id)
 		if err != nil {
-			return false, err
+			return err
 		}
 		if !fn(&res) {
-			return false, nil
+			return nil
 		}
-		err = a.r.o.Store.Commit(ctx, Change{Reservations: []Reservation{res}, Events: evs})
-		if err == nil {
-			a.changed = true
-			return true, nil
+		if err := a.r.o.Store.Commit(ctx, Change{Reservations: []Reservation{res}, Events: evs}); err != nil {
+			return err
 		}
-		if !errors.Is(err, ErrConflict) || attempt == 4 {
-			return false, err
-		}
-	}
+		a.changed, committed = true, true
+		return nil
+	})
+	return committed, err
 }
 
 func (a *applier) log() *slog.Logger { return a.r.o.Logger }

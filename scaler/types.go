@@ -252,5 +252,19 @@ type Change struct {
 // ErrConflict is returned by a Store when a row changed since it was read.
 var ErrConflict = errors.New("concurrent update")
 
+// RetryOnConflict calls attempt until it returns an error that does not wrap
+// ErrConflict (or nil), at most attempts times, and returns the last error.
+// Each attempt re-reads the rows it changes and decides afresh, so a
+// concurrent change is merged, never overwritten.
+func RetryOnConflict(attempts int, attempt func() error) error {
+	var err error
+	for range max(attempts, 1) {
+		if err = attempt(); !errors.Is(err, ErrConflict) {
+			return err
+		}
+	}
+	return err
+}
+
 // ErrNotFound is returned for an unknown reservation or slot.
 var ErrNotFound = errors.New("not found")

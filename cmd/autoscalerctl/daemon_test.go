@@ -2,69 +2,33 @@ package main
 
 // These tests run autoscalerctl against the real daemon, started in-process
 // with a manual clock and local stand-in builders (this test binary, run
-// again with envBuilder set).
+// again as one; see daemontest).
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
-	"fmt"
-	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
 	"reflect"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
-	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
-	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon"
-	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/local"
-	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/scalertest"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon/daemontest"
 )
-
-const envBuilder = "NBA_AUTOSCALERCTL_TEST_BUILDER"
 
 // TestMain lets the test binary double as the local stand-in builder.
 func TestMain(m *testing.M) {
-	if os.Getenv(envBuilder) == "1" {
-		os.Exit(local.BuilderMain(os.Args[1:]))
-	}
+	daemontest.MaybeRunBuilder()
 	os.Exit(m.Run())
 }
 
-// daemonT0 is where the daemon's manual clock starts.
-var daemonT0 = time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
-
-// lockedBuffer collects the daemon's log, shown when a test fails.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 type daemonHarness struct {
-	t     *testing.T
-	d     *daemon.Daemon
-	clock *scalertest.Clock
-	dir   string // short temporary directory holding the socket and state
-	sock  string
-	stop  func() // stops the daemon (idempotent); builders keep running
+	*daemontest.Harness
+	t *testing.T
 }
 
 // startDaemon starts the daemon with one local pool of two builders. The
@@ -72,86 +36,14 @@ type daemonHarness struct {
 // ends.
 func startDaemon(t *testing.T) *daemonHarness {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "nba") // short: unix socket paths are limited to 108 bytes
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	text := fmt.Sprintf(`
-[daemon]
-socket = "%[1]s/d.sock"
-state_dir = "%[1]s/state"
-metrics_listen = ""
-reconcile_interval = "10s"
-
-[[pool]]
-name = "x86"
-systems = ["x86_64-linux"]
-provider = "local"
-max_builders = 2
-`, dir)
-	cfg, err := config.Parse([]byte(text))
-	if err != nil {
-		t.Fatalf("config: %v", err)
-	}
-
-	logs := &lockedBuffer{}
-	clock := scalertest.NewClock(daemonT0)
-	ctx, cancel := context.WithCancel(context.Background())
-	d, err := daemon.New(ctx, cfg, daemon.Options{
-		Clock:          clock,
-		Logger:         slog.New(slog.NewTextHandler(logs, nil)),
-		BuilderCommand: []string{os.Args[0]},
-		BuilderEnv:     []string{envBuilder + "=1"},
-	})
-	if err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- d.Run(ctx) }()
-
-	var once sync.Once
-	stop := func() {
-		once.Do(func() {
-			cancel()
-			select {
-			case err := <-done:
-				if err != nil {
-					t.Errorf("daemon Run: %v", err)
-				}
-			case <-time.After(30 * time.Second):
-				t.Errorf("daemon Run did not return within 30s of its context ending")
-			}
-		})
-	}
-	t.Cleanup(func() {
-		stop()
-		tctx, tcancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer tcancel()
-		if err := d.TerminateAll(tctx); err != nil {
-			t.Errorf("terminate builders: %v", err)
-		}
-		if t.Failed() {
-			t.Logf("daemon log:\n%s", logs.String())
-		}
-	})
-
-	select {
-	case <-d.Ready():
-	case err := <-done:
-		t.Fatalf("daemon did not start: %v", err)
-	case <-time.After(30 * time.Second):
-		t.Fatalf("daemon not ready within 30s")
-	}
-	return &daemonHarness{t: t, d: d, clock: clock, dir: dir, sock: cfg.Daemon.Socket, stop: stop}
+	return &daemonHarness{Harness: daemontest.Start(t, daemontest.Config(t, "max_builders = 2")), t: t}
 }
 
 // ctl runs autoscalerctl in-process against the daemon's socket, with the
 // NBA_* environment cleared.
 func (h *daemonHarness) ctl(args ...string) (code int, stdout, stderr string) {
 	h.t.Helper()
-	return ctlAt(h.t, h.sock, args...)
+	return ctlAt(h.t, h.Socket, args...)
 }
 
 func ctlAt(t *testing.T, sock string, args ...string) (code int, stdout, stderr string) {
@@ -387,9 +279,9 @@ func TestDaemonEveryCommand(t *testing.T) {
 
 	// heartbeat extends the lease from the daemon's now.
 	h.ok([]string{"heartbeat", "cli-1"}, "reservation cli-1 (ready) now expires")
-	h.clock.Advance(time.Minute)
+	h.Clock.Advance(time.Minute)
 	h.okJSON(&res, "heartbeat", "cli-1")
-	if want := h.clock.Now().Add(10 * time.Minute); res.ID != "cli-1" || res.State != "ready" || !res.ExpiresAt.Equal(want) {
+	if want := h.Clock.Now().Add(10 * time.Minute); res.ID != "cli-1" || res.State != "ready" || !res.ExpiresAt.Equal(want) {
 		t.Errorf("heartbeat --json = %+v, want cli-1 ready expiring %v", res, want)
 	}
 
@@ -398,14 +290,14 @@ func TestDaemonEveryCommand(t *testing.T) {
 	var rs1, rs2 api.ReconcileStatus
 	h.okJSON(&rs1, "reconcile-now")
 	h.okJSON(&rs2, "reconcile-now")
-	if rs1.Rounds == 0 || rs2.Rounds <= rs1.Rounds || rs2.LastError != "" || !rs2.LastAt.Equal(h.clock.Now()) {
-		t.Errorf("reconcile-now --json twice = %+v then %+v, want a clean new round each time at %v", rs1, rs2, h.clock.Now())
+	if rs1.Rounds == 0 || rs2.Rounds <= rs1.Rounds || rs2.LastError != "" || !rs2.LastAt.Equal(h.Clock.Now()) {
+		t.Errorf("reconcile-now --json twice = %+v then %+v, want a clean new round each time at %v", rs1, rs2, h.Clock.Now())
 	}
 
 	// release, and release again (not an error)
 	h.ok([]string{"release", "cli-1"}, "released reservation cli-1")
-	releasedAt := h.clock.Now()
-	h.clock.Advance(time.Second)
+	releasedAt := h.Clock.Now()
+	h.Clock.Advance(time.Second)
 	h.ok([]string{"release", "cli-1"}, "released reservation cli-1")
 	h.okJSON(&res, "release", "cli-1")
 	if res.ID != "cli-1" || res.State != "released" || res.EndedAt == nil || !res.EndedAt.Equal(releasedAt) ||
@@ -473,7 +365,7 @@ func TestDaemonErrorAnswers(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
-			code, stdout, stderr := ctlAt(t, h.sock, tt.args...)
+			code, stdout, stderr := ctlAt(t, h.Socket, tt.args...)
 			if code != tt.wantCode {
 				t.Errorf("exit code = %d, want %d; stderr %q", code, tt.wantCode, stderr)
 			}
@@ -496,7 +388,7 @@ func TestDaemonErrorAnswers(t *testing.T) {
 	// The failed reservation is shown, and with --json the answer still
 	// parses (exit 4 all the same).
 	var out, errb bytes.Buffer
-	code := run([]string{"--socket", h.sock, "reserve", "--system", "riscv64-linux", "--id", "cli-rv2", "--wait", "--json"}, &out, &errb)
+	code := run([]string{"--socket", h.Socket, "reserve", "--system", "riscv64-linux", "--id", "cli-rv2", "--wait", "--json"}, &out, &errb)
 	if code != exitNotReady {
 		t.Errorf("reserve --wait --json for riscv64-linux: exit code %d, want %d; stderr %q", code, exitNotReady, errb.String())
 	}
@@ -538,10 +430,11 @@ func TestDaemonUnreachable(t *testing.T) {
 	if res.ID != "cli-2" || (res.State != "pending" && res.State != "ready") {
 		t.Fatalf("reserve --json = %+v, want cli-2 live", res)
 	}
-	h.stop()
+	h.Stop()
+	dir := filepath.Dir(h.Socket)
 
 	// A stale socket file: it exists, but nothing accepts on it.
-	stale := filepath.Join(h.dir, "stale.sock")
+	stale := filepath.Join(dir, "stale.sock")
 	ln, err := net.Listen("unix", stale)
 	if err != nil {
 		t.Fatal(err)
@@ -556,11 +449,11 @@ func TestDaemonUnreachable(t *testing.T) {
 		name, sock string
 		args       []string
 	}{
-		{"stopped daemon release", h.sock, []string{"release", "cli-2"}},
-		{"stopped daemon release --json", h.sock, []string{"release", "--json", "cli-2"}},
-		{"stopped daemon status", h.sock, []string{"status"}},
-		{"stopped daemon reserve --wait", h.sock, []string{"reserve", "--system", "x86_64-linux", "--wait", "--wait-timeout", "5s"}},
-		{"nothing at path", filepath.Join(h.dir, "none.sock"), []string{"release", "cli-2"}},
+		{"stopped daemon release", h.Socket, []string{"release", "cli-2"}},
+		{"stopped daemon release --json", h.Socket, []string{"release", "--json", "cli-2"}},
+		{"stopped daemon status", h.Socket, []string{"status"}},
+		{"stopped daemon reserve --wait", h.Socket, []string{"reserve", "--system", "x86_64-linux", "--wait", "--wait-timeout", "5s"}},
+		{"nothing at path", filepath.Join(dir, "none.sock"), []string{"release", "cli-2"}},
 		{"stale socket", stale, []string{"release", "cli-2"}},
 		{"stale socket health", stale, []string{"health"}},
 	} {

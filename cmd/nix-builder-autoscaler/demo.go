@@ -1,12 +1,10 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	_ "embed"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"strings"
 	"time"
@@ -16,6 +14,7 @@ import (
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon"
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/local"
 )
 
 // demoConfig is the embedded default the demo runs on; STATE is replaced by
@@ -129,9 +128,9 @@ func walkThrough(ctx context.Context, c *api.Client, cfg *config.Config, say fun
 		return fmt.Errorf("reservation ended %s: %s", r.State, r.Reason)
 	}
 	say("%s reservation ready on %s/%s at %s after %.1fs", elapsed(), r.Pool, r.Slot, r.Address, r.WaitSeconds)
-	banner, err := readBanner(ctx, r.Address)
+	banner, err := local.ReadBanner(ctx, r.Address, 5*time.Second)
 	if err != nil {
-		return err
+		return fmt.Errorf("builder banner: %w", err)
 	}
 	say("%s connected to the builder: %q", elapsed(), banner)
 	if _, err := c.Release(ctx, r.ID); err != nil {
@@ -162,23 +161,6 @@ func walkThrough(ctx context.Context, c *api.Client, cfg *config.Config, say fun
 		}
 	}
 	return fmt.Errorf("builder did not drain within idle_timeout + 1m")
-}
-
-func readBanner(ctx context.Context, addr string) (string, error) {
-	var d net.Dialer
-	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	conn, err := d.DialContext(cctx, "tcp", addr)
-	if err != nil {
-		return "", fmt.Errorf("connect to builder: %w", err)
-	}
-	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
-	line, err := bufio.NewReader(conn).ReadString('\n')
-	if err != nil {
-		return "", fmt.Errorf("read builder banner: %w", err)
-	}
-	return strings.TrimSpace(line), nil
 }
 
 // stopDemoBuilders terminates whatever builders the demo left running.

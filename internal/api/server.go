@@ -11,6 +11,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"regexp"
 	"slices"
 	"strconv"
@@ -420,28 +421,31 @@ func (s *Server) get(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// conflictAttempts bounds how often a request re-reads a row that the
+// reconciler (or another request) changed meanwhile.
+const conflictAttempts = 10
+
 // updateReservation applies fn to the stored reservation and commits,
 // retrying when the reconciler changed it meanwhile.
 func (s *Server) updateReservation(ctx context.Context, id string, fn func(*scaler.Reservation) (scaler.Change, bool)) (scaler.Reservation, error) {
-	for attempt := 0; ; attempt++ {
-		res, err := s.o.Store.Reservation(ctx, id)
-		if err != nil {
-			return res, err
+	var res scaler.Reservation
+	err := scaler.RetryOnConflict(conflictAttempts, func() error {
+		var err error
+		if res, err = s.o.Store.Reservation(ctx, id); err != nil {
+			return err
 		}
 		c, ok := fn(&res)
 		if !ok {
-			return res, nil
+			return nil
 		}
 		c.Reservations = append(c.Reservations, res)
-		err = s.o.Store.Commit(ctx, c)
-		if err == nil {
-			res.Version++
-			return res, nil
+		if err := s.o.Store.Commit(ctx, c); err != nil {
+			return err
 		}
-		if !errors.Is(err, scaler.ErrConflict) || attempt == 9 {
-			return res, err
-		}
-	}
+		res.Version++
+		return nil
+	})
+	return res, err
 }
 
 func (s *Server) heartbeat(w http.ResponseWriter, r *http.Request) {
@@ -531,13 +535,8 @@ func (s *Server) listReservations(w http.ResponseWriter, r *http.Request) {
 			f.States = append(f.States, rs)
 		}
 	}
-	if l := q.Get("limit"); l != "" {
-		n, err := strconv.Atoi(l)
-		if err != nil || n < 0 {
-			writeError(w, http.StatusBadRequest, CodeBadRequest, "limit: must be a non-negative integer")
-			return
-		}
-		f.Limit = n
+	if !queryLimit(w, q, &f.Limit) {
+		return
 	}
 	list, err := s.o.Store.Reservations(r.Context(), f)
 	if err != nil {
@@ -554,6 +553,22 @@ func (s *Server) listReservations(w http.ResponseWriter, r *http.Request) {
 		out.Reservations = append(out.Reservations, s.view(r.Context(), res, slots))
 	}
 	writeJSON(w, http.StatusOK, out)
+}
+
+// queryLimit sets *limit from the "limit" query parameter, if given. It
+// answers 400 and returns false when that is not a non-negative integer.
+func queryLimit(w http.ResponseWriter, q url.Values, limit *int) bool {
+	l := q.Get("limit")
+	if l == "" {
+		return true
+	}
+	n, err := strconv.Atoi(l)
+	if err != nil || n < 0 {
+		writeError(w, http.StatusBadRequest, CodeBadRequest, "limit: must be a non-negative integer")
+		return false
+	}
+	*limit = n
+	return true
 }
 
 func (s *Server) slotMap(ctx context.Context) (map[scaler.SlotKey]scaler.Slot, error) {
@@ -611,40 +626,44 @@ func (s *Server) assignedCount(ctx context.Context) (map[scaler.SlotKey]int, err
 func (s *Server) operate(w http.ResponseWriter, r *http.Request, kind, reason string, fn func(*scaler.Slot) string) {
 	key := scaler.SlotKey{Pool: r.PathValue("pool"), Slot: r.PathValue("slot")}
 	now := s.o.Clock.Now()
-	for attempt := 0; ; attempt++ {
-		sl, err := s.o.Store.Slot(r.Context(), key)
-		if errors.Is(err, scaler.ErrNotFound) {
-			writeError(w, http.StatusNotFound, CodeNotFound, fmt.Sprintf("no slot %s; `autoscalerctl slots` lists them", key))
-			return
+	var (
+		sl      scaler.Slot
+		readErr error  // the slot could not be read
+		refused string // why fn refused the change
+	)
+	err := scaler.RetryOnConflict(conflictAttempts, func() error {
+		if sl, readErr = s.o.Store.Slot(r.Context(), key); readErr != nil {
+			return readErr
 		}
-		if err != nil {
-			s.internal(w, "read slot", err)
-			return
-		}
-		if msg := fn(&sl); msg != "" {
-			writeError(w, http.StatusConflict, CodeConflict, msg)
-			return
+		if refused = fn(&sl); refused != "" {
+			return nil
 		}
 		ev := scaler.Event{At: now, Kind: kind, Pool: key.Pool, Slot: key.Slot, InstanceID: sl.InstanceID, Actor: "operator", Reason: reason}
-		err = s.o.Store.Commit(r.Context(), scaler.Change{Slots: []scaler.Slot{sl}, Events: []scaler.Event{ev}})
-		if errors.Is(err, scaler.ErrConflict) && attempt < 9 {
-			continue
-		}
-		if err != nil {
-			s.internal(w, kind, err)
-			return
-		}
-		sl.Version++
-		s.o.Logger.Info("operator: slot "+kind, "slot", key, "instance", sl.InstanceID, "reason", reason)
-		s.o.Scaler.Kick()
-		count, err := s.assignedCount(r.Context())
-		if err != nil {
-			s.internal(w, "list reservations", err)
-			return
-		}
-		writeJSON(w, http.StatusOK, slotView(sl, count[key]))
+		return s.o.Store.Commit(r.Context(), scaler.Change{Slots: []scaler.Slot{sl}, Events: []scaler.Event{ev}})
+	})
+	switch {
+	case errors.Is(readErr, scaler.ErrNotFound):
+		writeError(w, http.StatusNotFound, CodeNotFound, fmt.Sprintf("no slot %s; `autoscalerctl slots` lists them", key))
+		return
+	case readErr != nil:
+		s.internal(w, "read slot", readErr)
+		return
+	case refused != "":
+		writeError(w, http.StatusConflict, CodeConflict, refused)
+		return
+	case err != nil:
+		s.internal(w, kind, err)
 		return
 	}
+	sl.Version++
+	s.o.Logger.Info("operator: slot "+kind, "slot", key, "instance", sl.InstanceID, "reason", reason)
+	s.o.Scaler.Kick()
+	count, err := s.assignedCount(r.Context())
+	if err != nil {
+		s.internal(w, "list reservations", err)
+		return
+	}
+	writeJSON(w, http.StatusOK, slotView(sl, count[key]))
 }
 
 func (s *Server) drain(w http.ResponseWriter, r *http.Request) {
@@ -745,13 +764,8 @@ func (s *Server) reconcile(w http.ResponseWriter, r *http.Request) {
 func (s *Server) events(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	f := store.EventFilter{Pool: q.Get("pool"), Slot: q.Get("slot"), ReservationID: q.Get("reservation"), Limit: 100}
-	if l := q.Get("limit"); l != "" {
-		n, err := strconv.Atoi(l)
-		if err != nil || n < 0 {
-			writeError(w, http.StatusBadRequest, CodeBadRequest, "limit: must be a non-negative integer")
-			return
-		}
-		f.Limit = n
+	if !queryLimit(w, q, &f.Limit) {
+		return
 	}
 	if since := q.Get("since"); since != "" {
 		t, err := time.Parse(time.RFC3339Nano, since)

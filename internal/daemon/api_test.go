@@ -1,4 +1,4 @@
-package daemon
+package daemon_test
 
 import (
 	"context"
@@ -16,7 +16,10 @@ import (
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon/daemontest"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/local"
 )
 
 // pumpClock advances the fake clock a second at a time until the test ends,
@@ -33,7 +36,7 @@ func (h *harness) pumpClock() {
 			case <-stop:
 				return
 			case <-t.C:
-				h.clock.Advance(time.Second)
+				h.Clock.Advance(time.Second)
 			}
 		}
 	}()
@@ -47,12 +50,12 @@ func TestLongPollWakesWhenBuilderBecomesReady(t *testing.T) {
 	// The stand-in serves its banner only after boot_delay (real time), so
 	// the reservation is surely pending when the poll starts and becomes
 	// ready only while the poll waits.
-	h := start(t, testConfig(t, `max_builders = 1
+	h := start(t, `max_builders = 1
 [pool.local]
 address = "127.0.0.1"
-boot_delay = "300ms"`))
+boot_delay = "300ms"`)
 	ctx := context.Background()
-	r, created, err := h.c.CreateReservation(ctx, api.CreateReservationRequest{ID: "poll-1", System: "x86_64-linux", Lease: "1h"})
+	r, created, err := h.Client.CreateReservation(ctx, api.CreateReservationRequest{ID: "poll-1", System: "x86_64-linux", Lease: "1h"})
 	if err != nil || !created || r.State != "pending" {
 		t.Fatalf("create = %+v, %v, %v; want a new pending reservation (no builder runs yet)", r, created, err)
 	}
@@ -60,7 +63,7 @@ boot_delay = "300ms"`))
 
 	const wait = 60 * time.Second
 	begin := time.Now()
-	r, err = h.c.Reservation(ctx, "poll-1", wait)
+	r, err = h.Client.Reservation(ctx, "poll-1", wait)
 	elapsed := time.Since(begin)
 	t.Logf("long poll answered after %s", elapsed)
 	if err != nil {
@@ -74,8 +77,8 @@ boot_delay = "300ms"`))
 	if elapsed >= wait {
 		t.Errorf("long poll answered after %s, at the end of its %s wait; it must wake when the reservation becomes ready", elapsed, wait)
 	}
-	if got := banner(t, r.Address); !strings.HasPrefix(got, "SSH-2.0-") {
-		t.Errorf("builder banner = %q", got)
+	if got, err := local.ReadBanner(ctx, r.Address, 5*time.Second); err != nil || !strings.HasPrefix(got, "SSH-2.0-") {
+		t.Errorf("builder banner = %q, %v", got, err)
 	}
 }
 
@@ -91,31 +94,11 @@ func freePort(t *testing.T) string {
 	return addr
 }
 
-// tcpConfig is testConfig with the API also on TCP at listen, guarded by
-// the token in tokenFile.
+// tcpConfig is daemontest.Config with the API also on TCP at listen,
+// guarded by the token in tokenFile.
 func tcpConfig(t *testing.T, listen, tokenFile string) *config.Config {
 	t.Helper()
-	dir := shortDir(t)
-	text := fmt.Sprintf(`
-[daemon]
-socket = "%[1]s/d.sock"
-state_dir = "%[1]s/state"
-metrics_listen = ""
-reconcile_interval = "10s"
-listen = %[2]q
-token_file = %[3]q
-
-[[pool]]
-name = "x86"
-systems = ["x86_64-linux"]
-provider = "local"
-max_builders = 1
-`, dir, listen, tokenFile)
-	cfg, err := config.Parse([]byte(text))
-	if err != nil {
-		t.Fatalf("config: %v", err)
-	}
-	return cfg
+	return daemontest.ConfigWithDaemon(t, fmt.Sprintf("listen = %q\ntoken_file = %q", listen, tokenFile), "max_builders = 1")
 }
 
 func TestTCPListenerRequiresToken(t *testing.T) {
@@ -126,7 +109,7 @@ func TestTCPListenerRequiresToken(t *testing.T) {
 		t.Fatal(err)
 	}
 	addr := freePort(t)
-	h := start(t, tcpConfig(t, addr, tokenFile))
+	h := daemontest.Start(t, tcpConfig(t, addr, tokenFile))
 	base := "http://" + addr
 
 	tests := []struct {
@@ -188,7 +171,7 @@ func TestTCPListenerRequiresToken(t *testing.T) {
 		t.Errorf("client with a wrong token: err = %v; want APIError 401 unauthorized", err)
 	}
 	// The unix socket needs no token.
-	if _, err := h.c.Slots(ctx); err != nil {
+	if _, err := h.Client.Slots(ctx); err != nil {
 		t.Errorf("unix socket without token: %v", err)
 	}
 }
@@ -211,9 +194,9 @@ func TestNewRefusesUnusableTokenFile(t *testing.T) {
 				}
 			}
 			cfg := tcpConfig(t, "127.0.0.1:8080", tokenFile)
-			d, err := New(context.Background(), cfg, Options{Clock: scaler.RealClock{}, BuilderCommand: []string{os.Args[0]}, BuilderEnv: []string{envBuilder + "=1"}})
+			d, err := daemon.New(context.Background(), cfg, daemon.Options{Clock: scaler.RealClock{}, BuilderCommand: []string{os.Args[0]}, BuilderEnv: []string{daemontest.EnvBuilder + "=1"}})
 			if err == nil {
-				d.db.Close()
+				d.Store().Close()
 				t.Fatal("New succeeded; want an error naming token_file")
 			}
 			if !strings.Contains(err.Error(), "token_file") {

@@ -1,4 +1,4 @@
-package daemon
+package daemon_test
 
 import (
 	"context"
@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon/daemontest"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
@@ -38,28 +40,22 @@ func (p *launchRecorder) Terminate(ctx context.Context, id string) error { retur
 
 func (p *launchRecorder) List(ctx context.Context) ([]scaler.Instance, error) { return nil, nil }
 
-func benchDaemon(b *testing.B, pool string, prov scaler.Provider) (*Daemon, *api.Client) {
+func benchDaemon(b *testing.B, pool string, prov scaler.Provider) *daemontest.Harness {
 	b.Helper()
-	cfg := testConfig(&testing.T{}, pool)
-	ctx, cancel := context.WithCancel(context.Background())
-	// Logging every request would measure the terminal.
-	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
-	d, err := New(ctx, cfg, Options{Providers: map[string]scaler.Provider{"x86": prov}, Logger: quiet})
-	if err != nil {
-		b.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- d.Run(ctx) }()
-	b.Cleanup(func() { cancel(); <-done })
-	<-d.Ready()
-	return d, api.NewUnixClient(cfg.Daemon.Socket)
+	return daemontest.Start(b, daemontest.Config(b, pool), func(o *daemon.Options) {
+		o.Providers = map[string]scaler.Provider{"x86": prov}
+		o.Clock = scaler.RealClock{}
+		// Logging every request would measure the terminal.
+		o.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	})
 }
 
 // BenchmarkReservationToLaunch measures the time from POST /v1/reservations
 // (no capacity) to the provider's Launch call; it reports p50 and p99.
 func BenchmarkReservationToLaunch(b *testing.B) {
 	prov := &launchRecorder{called: make(chan time.Time, 1)}
-	d, c := benchDaemon(b, "max_builders = 1", prov)
+	h := benchDaemon(b, "max_builders = 1", prov)
+	d, c := h.Daemon, h.Client
 	ctx := context.Background()
 	key := scaler.SlotKey{Pool: "x86", Slot: "slot1"}
 	var lat []time.Duration
@@ -109,7 +105,7 @@ func BenchmarkReservationToLaunch(b *testing.B) {
 // BenchmarkCreateRelease measures reservation create + release over the
 // unix socket, each a durable SQLite commit, one client at a time.
 func BenchmarkCreateRelease(b *testing.B) {
-	_, c := benchDaemon(b, "max_builders = 1", &launchRecorder{called: make(chan time.Time, 1)})
+	c := benchDaemon(b, "max_builders = 1", &launchRecorder{called: make(chan time.Time, 1)}).Client
 	ctx := context.Background()
 	i := 0
 	start := time.Now()
@@ -129,7 +125,7 @@ func BenchmarkCreateRelease(b *testing.B) {
 // BenchmarkCreateReleaseParallel is BenchmarkCreateRelease with several
 // clients at once, as when many builds start together.
 func BenchmarkCreateReleaseParallel(b *testing.B) {
-	_, c := benchDaemon(b, "max_builders = 1", &launchRecorder{called: make(chan time.Time, 1)})
+	c := benchDaemon(b, "max_builders = 1", &launchRecorder{called: make(chan time.Time, 1)}).Client
 	ctx := context.Background()
 	var n atomic.Int64
 	b.SetParallelism(4)

@@ -200,6 +200,9 @@ func (d *Daemon) Ready() <-chan struct{} { return d.ready }
 // Store is the daemon's state (tests inspect it).
 func (d *Daemon) Store() *store.DB { return d.db }
 
+// Provider is the provider of pool (tests inspect it); nil for an unknown pool.
+func (d *Daemon) Provider(pool string) scaler.Provider { return d.provs[pool] }
+
 // Reconciler is the daemon's reconciler.
 func (d *Daemon) Reconciler() *scaler.Reconciler { return d.rec }
 

@@ -92,20 +92,38 @@ func (p *Prober) Servers(ctx context.Context) (map[scaler.SlotKey]scaler.ServerS
 }
 
 // probe reports whether addr answers with an SSH-2.0 banner within the
-// timeout.
+// timeout. A banner cut short (no line end before the peer closed, the
+// timeout or the length limit) counts by what arrived.
 func (p *Prober) probe(ctx context.Context, addr string) bool {
-	ctx, cancel := context.WithTimeout(ctx, p.timeout)
+	line, _ := ReadBanner(ctx, addr, p.timeout)
+	return strings.HasPrefix(line, "SSH-2.0-")
+}
+
+// maxBanner is the most bytes RFC 4253 allows for the identification line.
+const maxBanner = 255
+
+// ReadBanner connects to addr (host:port) and returns the first line the
+// server sends, the SSH identification line, without its line end. The dial
+// and the read together are bounded by timeout (and ctx), and at most 255
+// bytes are read (RFC 4253). When the read fails (the peer closed, the time
+// or the 255 bytes ran out before a line end), the error comes with what
+// arrived until then.
+func ReadBanner(ctx context.Context, addr string, timeout time.Duration) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
-		return false
+		return "", err
 	}
 	defer c.Close()
 	if dl, ok := ctx.Deadline(); ok {
 		_ = c.SetReadDeadline(dl)
 	}
-	// RFC 4253 allows at most 255 bytes for the identification line.
-	line, _ := bufio.NewReader(io.LimitReader(c, 255)).ReadString('\n')
-	return strings.HasPrefix(line, "SSH-2.0-")
+	line, err := bufio.NewReader(io.LimitReader(c, maxBanner)).ReadString('\n')
+	line = strings.TrimRight(line, "\r\n")
+	if err != nil {
+		return line, fmt.Errorf("read banner from %s: %w", addr, err)
+	}
+	return line, nil
 }

@@ -5,6 +5,7 @@ import (
 	"io"
 	"maps"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -140,5 +141,32 @@ func TestProberBootDelay(t *testing.T) {
 	}
 	if want := (scaler.ServerStatus{Addr: inst.Address}); got[key] != want {
 		t.Errorf("booting stand-in: got %+v, want %+v (down)", got[key], want)
+	}
+}
+
+func TestReadBanner(t *testing.T) {
+	t.Parallel()
+	long := "SSH-2.0-" + strings.Repeat("x", 300) + "\r\n"
+	tests := []struct {
+		name    string
+		addr    string
+		want    string
+		wantErr bool
+	}{
+		{"openssh", fakeServer(t, "SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n"), "SSH-2.0-OpenSSH_9.2p1 Debian-2", false},
+		{"bare newline", fakeServer(t, "SSH-2.0-x\nmore\n"), "SSH-2.0-x", false},
+		{"no line end yet", fakeServer(t, "SSH-2.0-slow"), "SSH-2.0-slow", true},
+		{"longer than RFC 4253 allows", fakeServer(t, long), long[:255], true},
+		{"silent server", fakeServer(t, ""), "", true},
+		{"closed port", closedPort(t), "", true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			got, err := ReadBanner(context.Background(), tt.addr, 300*time.Millisecond)
+			if got != tt.want || (err != nil) != tt.wantErr {
+				t.Errorf("ReadBanner = %q, %v; want %q, error %v", got, err, tt.want, tt.wantErr)
+			}
+		})
 	}
 }
