@@ -335,8 +335,8 @@ func (p *planner) slotTransitions() {
 			switch {
 			case srvKnown && srv.Addr != s.Address:
 				p.bind(s, s.Address)
-			case srvKnown && srv.Up:
-				p.advance(s, Ready, "server up")
+			case srvKnown && srv.Healthy:
+				p.advance(s, Ready, "server healthy")
 				s.LastActive = p.now
 			case configured && age >= pp.BindTimeout:
 				p.terminate(s, "bind timeout ("+pp.BindTimeout.String()+")")

@@ -90,7 +90,8 @@ func (w world) observed() Observed {
 			obs.Instances = append(obs.Instances, inst(s.Name, InstanceRunning, func(in *Instance) { in.Pool = s.Pool }))
 		}
 		if s.Address != "" {
-			obs.Servers[s.Key()] = ServerStatus{Addr: s.Address, Up: s.State == Ready || s.State == Draining}
+			up := s.State == Ready || s.State == Draining
+			obs.Servers[s.Key()] = ServerStatus{Addr: s.Address, Up: up, Healthy: up}
 		}
 	}
 	for k, v := range w.servers {
@@ -265,9 +266,9 @@ func TestPlan(t *testing.T) {
 			name: "binding slot becomes ready when the server is up and takes the reservation at once",
 			w: world{slots: []Slot{slot("slot1", Binding), slot("slot2", Empty), slot("slot3", Empty)},
 				res:     []Reservation{pending("r1", 0)},
-				servers: map[SlotKey]ServerStatus{key("slot1"): {Addr: "10.0.0.1:22", Up: true}}},
+				servers: map[SlotKey]ServerStatus{key("slot1"): {Addr: "10.0.0.1:22", Up: true, Healthy: true}}},
 			want: []string{
-				`advance pool="x86" slot="slot1" instance="i-slot1" to="ready" reason="server up"`,
+				`advance pool="x86" slot="slot1" instance="i-slot1" to="ready" reason="server healthy"`,
 				`assign pool="x86" slot="slot1" reservation="r1" instance="i-slot1"`,
 			},
 		},
@@ -448,7 +449,7 @@ func TestPlan(t *testing.T) {
 
 func TestPlanIsPure(t *testing.T) {
 	w := world{slots: []Slot{slot("slot1", Binding), slot("slot2", Empty), slot("slot3", Empty)}, res: []Reservation{pending("r1", 0), pending("r2", 0)},
-		servers: map[SlotKey]ServerStatus{key("slot1"): {Addr: "10.0.0.1:22", Up: true}}}
+		servers: map[SlotKey]ServerStatus{key("slot1"): {Addr: "10.0.0.1:22", Up: true, Healthy: true}}}
 	obs := w.observed()
 	before := fmt.Sprintf("%+v", obs)
 	a := render(Plan(t0, policy(), obs))

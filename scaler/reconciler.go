@@ -37,6 +37,12 @@ type Options struct {
 	Metrics   *Metrics // nil = unregistered metrics
 	// OnChange is called after a round that changed state (long polls wake).
 	OnChange func()
+	// OnObserved gets every round's observation (the SPOE agent's view of
+	// the fleet is refreshed from it).
+	OnObserved func(Observed)
+	// Held reports connections the load balancer holds for want of a
+	// builder, per pool (nil: none).
+	Held func() map[string]int
 	// CallTimeout bounds each provider and readiness call.
 	CallTimeout time.Duration
 }
@@ -205,6 +211,9 @@ func (r *Reconciler) ReconcileOnce(ctx context.Context) (changed bool, err error
 		r.settling = r.settling || s.State != Empty && s.State != Ready
 	}
 	r.o.Metrics.observe(r.o.Policy, obs)
+	if r.o.OnObserved != nil {
+		r.o.OnObserved(obs)
+	}
 	a := applier{r: r, now: now, owner: owner}
 	for _, act := range actions {
 		if err := a.apply(ctx, act); err != nil {
@@ -270,6 +279,9 @@ func (r *Reconciler) observe(ctx context.Context) (Observed, map[string]Provider
 	r.mu.Lock()
 	obs.LaunchBackoff = copyMap(r.backoff)
 	obs.LaunchError = copyMap(r.lastErr)
+	if r.o.Held != nil {
+		obs.Held = r.o.Held()
+	}
 	r.mu.Unlock()
 	return obs, owner, nil
 }

@@ -169,9 +169,14 @@ type Provider interface {
 
 // ServerStatus is what the load balancer knows of a slot's server.
 type ServerStatus struct {
-	Addr     string // address the server currently points at ("" if none)
-	Up       bool   // health check passes
-	Sessions int    // open connections
+	Addr string // address the server currently points at ("" if none)
+	// Healthy: the builder answers the load balancer's health check (its
+	// SSH banner). A binding slot becomes ready on this.
+	Healthy bool
+	// Up: the load balancer sends it new connections (healthy, and not
+	// held down or in maintenance by the agent).
+	Up       bool
+	Sessions int // open connections
 }
 
 // Readiness binds builder addresses into the load balancer and reports which

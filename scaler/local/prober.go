@@ -80,7 +80,7 @@ func (p *Prober) Servers(ctx context.Context) (map[scaler.SlotKey]scaler.ServerS
 		wg.Go(func() {
 			up := p.probe(ctx, addr)
 			mu.Lock()
-			out[key] = scaler.ServerStatus{Addr: addr, Up: up}
+			out[key] = scaler.ServerStatus{Addr: addr, Up: up, Healthy: up}
 			mu.Unlock()
 		})
 	}

@@ -83,7 +83,7 @@ func TestProber(t *testing.T) {
 		if err := pr.Bind(ctx, key, tt.addr); err != nil {
 			t.Fatalf("Bind(%s, %s): %v", key, tt.addr, err)
 		}
-		want[key] = scaler.ServerStatus{Addr: tt.addr, Up: tt.up, Sessions: 0}
+		want[key] = scaler.ServerStatus{Addr: tt.addr, Up: tt.up, Healthy: tt.up, Sessions: 0}
 	}
 	got, err := pr.Servers(ctx)
 	if err != nil {
