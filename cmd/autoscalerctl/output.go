@@ -140,19 +140,39 @@ func printStatus(w io.Writer, st api.Status, now time.Time) error {
 	if len(st.Pools) == 0 {
 		fmt.Fprintln(w, "no pools")
 	} else {
-		t := newTable(w, "POOL", "SYSTEMS", "FEATURES", "BUILDERS", "WARM", "RES/BUILDER", "SLOTS", "RESERVATIONS")
+		t := newTable(w, "POOL", "SYSTEMS", "FEATURES", "BUILDERS", "WARM", "RES/BUILDER", "SLOTS", "RESERVATIONS", "HELD")
 		for _, p := range st.Pools {
 			t.row(p.Name, list(p.Systems), list(p.Features),
 				fmt.Sprintf("%d..%d", p.MinBuilders, p.MaxBuilders),
 				strconv.Itoa(p.WarmPool), strconv.Itoa(p.ReservationsPerBuilder),
-				counts(p.Slots, slotStateOrder), counts(p.Reservations, reservationStates))
+				counts(p.Slots, slotStateOrder), counts(p.Reservations, reservationStates), strconv.Itoa(p.HeldConnections))
 		}
 		if err := t.flush(); err != nil {
 			return err
 		}
 	}
 	fmt.Fprintln(w)
+	printHAProxy(w, st.HAProxy)
 	return printReconcile(w, st.Reconcile, now)
+}
+
+func printHAProxy(w io.Writer, h api.HAProxyStatus) {
+	if !h.Enabled {
+		fmt.Fprintln(w, "haproxy: not configured (builders are probed directly)")
+		return
+	}
+	state := "up"
+	if !h.Up {
+		state = "UNREACHABLE"
+		if h.Error != "" {
+			state += " (" + cell(h.Error) + ")"
+		}
+	}
+	spoa := "unknown"
+	if h.SPOAUp != nil {
+		spoa = map[bool]string{true: "up", false: "DOWN (HAProxy balances without it)"}[*h.SPOAUp]
+	}
+	fmt.Fprintf(w, "haproxy: %s; spoe agent: %s\n", state, spoa)
 }
 
 func printReconcile(w io.Writer, rs api.ReconcileStatus, now time.Time) error {

@@ -54,6 +54,10 @@ type Options struct {
 	Reservations config.Reservations
 	Clock        scaler.Clock // nil = wall clock
 	Logger       *slog.Logger
+	// HAProxy reports HAProxy's state for /v1/status (nil: not in use).
+	HAProxy func() HAProxyStatus
+	// Held reports connections held for a builder, per pool (nil: none).
+	Held func() map[string]int
 }
 
 // Server serves the reservation and operator API.
@@ -722,9 +726,17 @@ func (s *Server) status(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	out := Status{Pools: []PoolStatus{}, Reconcile: reconcileView(s.o.Scaler.Status())}
+	if s.o.HAProxy != nil {
+		out.HAProxy = s.o.HAProxy()
+	}
+	var held map[string]int
+	if s.o.Held != nil {
+		held = s.o.Held()
+	}
 	for _, p := range s.o.Pools {
 		ps := PoolStatus{Name: p.Name, Systems: p.Systems, Features: p.Features, MinBuilders: p.MinBuilders, MaxBuilders: p.MaxBuilders,
-			WarmPool: p.WarmPool, ReservationsPerBuilder: p.ReservationsPerBuilder, Slots: map[string]int{}, Reservations: map[string]int{}}
+			WarmPool: p.WarmPool, ReservationsPerBuilder: p.ReservationsPerBuilder, Slots: map[string]int{}, Reservations: map[string]int{},
+			HeldConnections: held[p.Name]}
 		if ps.Features == nil {
 			ps.Features = []string{}
 		}

@@ -67,12 +67,27 @@ type PoolStatus struct {
 	ReservationsPerBuilder int            `json:"reservations_per_builder"`
 	Slots                  map[string]int `json:"slots"`        // by state
 	Reservations           map[string]int `json:"reservations"` // live, by state
+	// HeldConnections waits in HAProxy for a builder (demand without a
+	// reservation).
+	HeldConnections int `json:"held_connections"`
+}
+
+// HAProxyStatus tells whether HAProxy and the SPOE agent work.
+type HAProxyStatus struct {
+	Enabled bool `json:"enabled"`
+	// Up: the last runtime-API call succeeded.
+	Up bool `json:"up"`
+	// SPOAUp: HAProxy's health check of the SPOE agent passes; null when
+	// HAProxy does not say.
+	SPOAUp *bool  `json:"spoa_up"`
+	Error  string `json:"error,omitempty"`
 }
 
 // Status is the answer of GET /v1/status.
 type Status struct {
 	Pools     []PoolStatus    `json:"pools"`
 	Reconcile ReconcileStatus `json:"reconcile"`
+	HAProxy   HAProxyStatus   `json:"haproxy"`
 }
 
 // ReconcileStatus tells how the last reconcile went.
