@@ -24,6 +24,9 @@ const usage = `Usage: nix-builder-autoscaler <command> [flags]
 Commands:
   run --config FILE        run the daemon (the default command)
   check-config FILE        validate a config file; exit 1 listing every problem
+  haproxy-config --config FILE (--out DIR | --stdout) [--spoe-path PATH]
+                           render HAProxy's config and SPOE file from the same
+                           config file the daemon reads
   demo [--once]            run the daemon on a built-in config with local
                            stand-in builders and walk one reservation through
   local-builder ...        internal: a local stand-in builder process
@@ -45,6 +48,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return runDaemon(args, stderr)
 	case "check-config":
 		return checkConfig(args, stdout, stderr)
+	case "haproxy-config":
+		return haproxyConfigCmd(args, stdout, stderr)
 	case "demo":
 		return demo(args, stdout, stderr)
 	case "local-builder":

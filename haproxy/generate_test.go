@@ -1,0 +1,775 @@
+package haproxy
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/csv"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/negasus/haproxy-spoe-go/action"
+	"github.com/negasus/haproxy-spoe-go/agent"
+	"github.com/negasus/haproxy-spoe-go/logger"
+	"github.com/negasus/haproxy-spoe-go/request"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy/haproxytest"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
+)
+
+var updateGolden = flag.Bool("update", false, "rewrite testdata/golden/*.cfg and *.spoe.conf from the generator's output")
+
+// goldenCases are the config files under testdata/golden; each has a
+// <name>.cfg and <name>.spoe.conf rendered with goldenSPOEPath.
+var goldenCases = []string{"one-pool", "two-pools"}
+
+const goldenSPOEPath = "/etc/haproxy/nba-spoe.conf"
+
+func loadGoldenConfig(t *testing.T, name string) *config.Config {
+	t.Helper()
+	cfg, err := config.Load(filepath.Join("testdata", "golden", name+".toml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
+func TestGenerateGolden(t *testing.T) {
+	for _, name := range goldenCases {
+		t.Run(name, func(t *testing.T) {
+			files, err := Generate(loadGoldenConfig(t, name), Options{SPOEPath: goldenSPOEPath})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, f := range []struct {
+				path string
+				got  []byte
+			}{
+				{filepath.Join("testdata", "golden", name+".cfg"), files.HAProxyCfg},
+				{filepath.Join("testdata", "golden", name+".spoe.conf"), files.SPOEConf},
+			} {
+				if *updateGolden {
+					if err := os.WriteFile(f.path, f.got, 0o644); err != nil {
+						t.Fatal(err)
+					}
+					continue
+				}
+				want, err := os.ReadFile(f.path)
+				if err != nil {
+					t.Fatalf("%v (run go test ./haproxy -run TestGenerateGolden -update to create it)", err)
+				}
+				if !bytes.Equal(f.got, want) {
+					t.Errorf("%s differs from the generator's output (if the change is intended, rerun with -update):\n%s",
+						f.path, lineDiff(string(want), string(f.got)))
+				}
+			}
+		})
+	}
+}
+
+// lineDiff shows the first lines where want and got differ.
+func lineDiff(want, got string) string {
+	w, g := strings.Split(want, "\n"), strings.Split(got, "\n")
+	var b strings.Builder
+	shown := 0
+	for i := 0; i < max(len(w), len(g)) && shown < 10; i++ {
+		var wl, gl string
+		if i < len(w) {
+			wl = w[i]
+		}
+		if i < len(g) {
+			gl = g[i]
+		}
+		if wl != gl {
+			fmt.Fprintf(&b, "line %d:\n  want %q\n  got  %q\n", i+1, wl, gl)
+			shown++
+		}
+	}
+	return b.String()
+}
+
+// TestGenerateContract checks the pieces other parts of the project rely
+// on, independent of the golden files.
+func TestGenerateContract(t *testing.T) {
+	files, err := Generate(loadGoldenConfig(t, "two-pools"), Options{SPOEPath: goldenSPOEPath})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, spoe := string(files.HAProxyCfg), string(files.SPOEConf)
+	for _, want := range []string{
+		"log stdout format raw local0 info\n",
+		"stats socket /run/haproxy/nba.sock mode 660 level admin expose-fd listeners\n",
+		"server-state-file /var/lib/haproxy/nba.state\n",
+		"load-server-state-from-file global\n",
+		"frontend " + Backend("x86") + "\n",
+		"frontend " + Backend("arm") + "\n",
+		"    bind [::]:2223\n",
+		"filter spoe engine " + Engine("arm") + " config " + goldenSPOEPath + "\n",
+		// hold 5m: processing 310s, inspect-delay 320s.
+		"tcp-request inspect-delay 320s\n",
+		"tcp-request content send-spoe-group " + Engine("x86") + " " + SPOEGroup + " if { nbsrv(nba_spoa) gt 0 }\n",
+		"tcp-request content reject if { var(sess.nba.verdict) -m str reject }\n",
+		"use-server %[var(sess.nba.slot)] if { var(sess.nba.slot) -m found }\n",
+		"tcp-check expect rstring ^SSH-2\\.0-\n",
+		// 0.0.0.0 (listen everywhere) is reached on loopback.
+		"agent-addr 127.0.0.1 agent-port 5600 agent-inter 2s maxconn 4 weight 100\n",
+		`    server slot4 ` + PlaceholderHost + `:22 init-addr last,` + Placeholder + ` disabled agent-send "x86/slot4\n"` + "\n",
+		`    server slot2 ` + PlaceholderHost + `:22 init-addr last,` + Placeholder + ` disabled agent-send "arm/slot2\n"` + "\n",
+		"backend " + SPOABackend + "\n",
+		"    server spoa1 [::1]:12400 check",
+		"timeout server 330s\n",
+		"stats show-legends\n",
+		"    bind 127.0.0.1:8405\n",
+	} {
+		if !strings.Contains(cfg, want) {
+			t.Errorf("haproxy.cfg lacks %q", want)
+		}
+	}
+	if strings.Contains(cfg, "server slot5") || strings.Contains(cfg, `"arm/slot3`) {
+		t.Error("haproxy.cfg has more servers than max_builders")
+	}
+	for _, want := range []string{
+		"[" + Engine("x86") + "]\n",
+		"[" + Engine("arm") + "]\n",
+		"timeout processing 310s\n",
+		"option var-prefix " + VarPrefix + "\n",
+		"option set-on-error " + SPOEVarError + "\n",
+		"option continue-on-error\n",
+		"use-backend " + SPOABackend + "\n",
+		"spoe-message " + SPOEMessage + "\n",
+		"    args pool=str(arm) src=src sport=src_port be=str(nba_arm) q=queue(nba_arm) beconn=be_conn(nba_arm) nbsrv=nbsrv(nba_arm) id=uuid()\n",
+		"spoe-group " + SPOEGroup + "\n    messages " + SPOEMessage + "\n",
+	} {
+		if !strings.Contains(spoe, want) {
+			t.Errorf("SPOE file lacks %q", want)
+		}
+	}
+}
+
+func TestHoldTimeouts(t *testing.T) {
+	for _, hold := range []time.Duration{time.Millisecond, 2 * time.Second, 3 * time.Minute, 30 * time.Minute} {
+		got := HoldTimeouts(hold)
+		if !(got.Hold < got.Processing && got.Processing <= got.InspectDelay && got.InspectDelay < got.SPOAServer) {
+			t.Errorf("HoldTimeouts(%s) = %+v: want hold < processing <= inspect-delay < SPOA server timeout", hold, got)
+		}
+		if got.SPOAServer <= SPOEIdleTimeout {
+			t.Errorf("HoldTimeouts(%s).SPOAServer = %s, want above SPOE timeout idle %s", hold, got.SPOAServer, SPOEIdleTimeout)
+		}
+	}
+	got := HoldTimeouts(3 * time.Minute)
+	want := Timeouts{Hold: 3 * time.Minute, Processing: 190 * time.Second, InspectDelay: 200 * time.Second, SPOAServer: 210 * time.Second}
+	if got != want {
+		t.Errorf("HoldTimeouts(3m) = %+v, want %+v", got, want)
+	}
+}
+
+func TestFormatDuration(t *testing.T) {
+	for _, tc := range []struct {
+		d    time.Duration
+		want string
+	}{
+		{0, "0"},
+		{time.Microsecond, "1ms"},
+		{1500 * time.Millisecond, "1500ms"},
+		{time.Second, "1s"},
+		{190 * time.Second, "190s"},
+		{2 * time.Minute, "2m"},
+		{24 * time.Hour, "24h"},
+		{90 * time.Minute, "90m"},
+	} {
+		if got := formatDuration(tc.d); got != tc.want {
+			t.Errorf("formatDuration(%s) = %q, want %q", tc.d, got, tc.want)
+		}
+	}
+}
+
+func TestGenerateRejects(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		edit   func(*config.Config, *Options)
+		key    string
+		substr string
+	}{
+		{"no frontend", func(c *config.Config, _ *Options) { c.Pools[0].Frontend = "" }, `pool[0] (name "x86").frontend`, "is required"},
+		{"bad frontend", func(c *config.Config, _ *Options) { c.Pools[0].Frontend = "2222" }, `pool[0] (name "x86").frontend`, "not host:port"},
+		{"frontend port 0", func(c *config.Config, _ *Options) { c.Pools[0].Frontend = "0.0.0.0:0" }, `pool[0] (name "x86").frontend`, "1 to 65535"},
+		{"same frontend twice", func(c *config.Config, _ *Options) { c.Pools[1].Frontend = "127.0.0.1:2222" }, `pool[1] (name "arm").frontend`, "overlaps"},
+		{"frontend on the agent port", func(c *config.Config, _ *Options) { c.Pools[1].Frontend = "127.0.0.1:5600" }, `pool[1] (name "arm").frontend`, "haproxy.agent_listen"},
+		{"stats on the SPOA port", func(c *config.Config, _ *Options) { c.HAProxy.StatsListen = "[::1]:12400" }, "haproxy.stats_listen", "haproxy.spoa_listen"},
+		{"bad agent address", func(c *config.Config, _ *Options) { c.HAProxy.AgentListen = "localhost" }, "haproxy.agent_listen", "not host:port"},
+		{"bad SPOA address", func(c *config.Config, _ *Options) { c.HAProxy.SPOAListen = "127.0.0.1:x" }, "haproxy.spoa_listen", "not a number"},
+		{"bad stats address", func(c *config.Config, _ *Options) { c.HAProxy.StatsListen = ":::" }, "haproxy.stats_listen", "not host:port"},
+		{"zero hold", func(c *config.Config, _ *Options) { c.HAProxy.Hold = config.NewDuration(0) }, "haproxy.hold", "more than zero"},
+		{"hold beyond the session timeout", func(c *config.Config, _ *Options) { c.HAProxy.Hold = config.NewDuration(SessionTimeout) }, "haproxy.hold", "too long"},
+		{"zero check interval", func(c *config.Config, _ *Options) { c.HAProxy.CheckInterval = config.NewDuration(0) }, "haproxy.check_interval", "more than zero"},
+		{"no runtime socket", func(c *config.Config, _ *Options) { c.HAProxy.RuntimeSocket = "" }, "haproxy.runtime_socket", "is required"},
+		{"runtime socket with a space", func(c *config.Config, _ *Options) { c.HAProxy.RuntimeSocket = "/run/my haproxy.sock" }, "haproxy.runtime_socket", "without spaces"},
+		{"relative state file", func(c *config.Config, _ *Options) { c.HAProxy.StateFile = "nba.state" }, "haproxy.state_file", "absolute"},
+		{"no log", func(c *config.Config, _ *Options) { c.HAProxy.Log = "" }, "haproxy.log", "is required"},
+		{"log with a hash", func(c *config.Config, _ *Options) { c.HAProxy.Log = "/dev/log#x" }, "haproxy.log", "cannot be written"},
+		{"no slots", func(c *config.Config, _ *Options) { c.Pools[1].MaxBuilders = 0 }, `pool[1] (name "arm").max_builders`, "at least 1"},
+		{"no jobs", func(c *config.Config, _ *Options) { c.Pools[0].MaxJobs = 0 }, `pool[0] (name "x86").max_jobs`, "at least 1"},
+		{"pool name with a space", func(c *config.Config, _ *Options) { c.Pools[0].Name = "x 86" }, `pool[0] (name "x 86").name`, "proxy name"},
+		{"no pools", func(c *config.Config, _ *Options) { c.Pools = nil }, "pool", "at least one"},
+		{"no SPOE path", func(_ *config.Config, o *Options) { o.SPOEPath = "" }, "SPOE file path", "is required"},
+		{"relative SPOE path", func(_ *config.Config, o *Options) { o.SPOEPath = "nba-spoe.conf" }, "SPOE file path", "absolute"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := loadGoldenConfig(t, "two-pools")
+			opts := Options{SPOEPath: goldenSPOEPath}
+			tc.edit(cfg, &opts)
+			files, err := Generate(cfg, opts)
+			var ps config.Problems
+			if !errors.As(err, &ps) {
+				t.Fatalf("Generate = %d bytes, %v; want config.Problems", len(files.HAProxyCfg), err)
+			}
+			for _, p := range ps {
+				if p.Key == tc.key && strings.Contains(p.Message, tc.substr) {
+					return
+				}
+			}
+			t.Errorf("problems lack %s: ...%s...; got:\n%v", tc.key, tc.substr, err)
+		})
+	}
+}
+
+func TestGenerateWithoutStatsPage(t *testing.T) {
+	cfg := loadGoldenConfig(t, "one-pool")
+	cfg.HAProxy.StatsListen = ""
+	files, err := Generate(cfg, Options{SPOEPath: goldenSPOEPath})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(files.HAProxyCfg, []byte("stats enable")) || bytes.Contains(files.HAProxyCfg, []byte("nba_stats")) {
+		t.Errorf("stats_listen = \"\" still renders a stats page:\n%s", files.HAProxyCfg)
+	}
+}
+
+// writeGenerated generates cfg into dir: the SPOE file where haproxy.cfg
+// says, and a server-state file with no servers in it (a missing or empty
+// one draws a warning).
+func writeGenerated(t *testing.T, dir string, cfg *config.Config) Files {
+	t.Helper()
+	cfg.HAProxy.StateFile = filepath.Join(dir, "state")
+	if err := os.WriteFile(cfg.HAProxy.StateFile, []byte("1\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	files, err := Generate(cfg, Options{SPOEPath: filepath.Join(dir, "nba-spoe.conf")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "nba-spoe.conf"), files.SPOEConf, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "haproxy.cfg"), files.HAProxyCfg, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return files
+}
+
+// TestGeneratedConfigsPassHAProxyCheck runs `haproxy -c` on both golden
+// configs, with warnings treated as errors.
+func TestGeneratedConfigsPassHAProxyCheck(t *testing.T) {
+	bin := haproxytest.Binary(t)
+	for _, name := range goldenCases {
+		t.Run(name, func(t *testing.T) {
+			dir := haproxytest.Dir(t)
+			writeGenerated(t, dir, loadGoldenConfig(t, name))
+			out, err := exec.Command(bin, "-c", "-dW", "-f", filepath.Join(dir, "haproxy.cfg")).CombinedOutput()
+			if err != nil {
+				cfg, _ := os.ReadFile(filepath.Join(dir, "haproxy.cfg"))
+				spoe, _ := os.ReadFile(filepath.Join(dir, "nba-spoe.conf"))
+				t.Fatalf("haproxy -c -dW: %v\n%s\n--- haproxy.cfg:\n%s\n--- nba-spoe.conf:\n%s", err, out, cfg, spoe)
+			}
+		})
+	}
+}
+
+// liveConfig is a one-pool config (pool "x86", three slots) on free loopback
+// ports, its runtime socket in dir as haproxytest wants it.
+func liveConfig(t *testing.T, dir string, hold time.Duration) *config.Config {
+	t.Helper()
+	cfg := config.Default()
+	cfg.HAProxy.RuntimeSocket = filepath.Join(dir, "admin.sock")
+	cfg.HAProxy.Log = "stdout"
+	cfg.HAProxy.AgentListen = fmt.Sprintf("127.0.0.1:%d", haproxytest.FreePort(t))
+	cfg.HAProxy.SPOAListen = fmt.Sprintf("127.0.0.1:%d", haproxytest.FreePort(t))
+	cfg.HAProxy.StatsListen = fmt.Sprintf("127.0.0.1:%d", haproxytest.FreePort(t))
+	cfg.HAProxy.Hold = config.NewDuration(hold)
+	cfg.HAProxy.CheckInterval = config.NewDuration(200 * time.Millisecond)
+	p := config.DefaultPool()
+	p.Name = "x86"
+	p.Systems = []string{"x86_64-linux"}
+	p.MaxBuilders = 3
+	p.MaxJobs = 2
+	p.Provider = config.ProviderLocal
+	p.Frontend = fmt.Sprintf("127.0.0.1:%d", haproxytest.FreePort(t))
+	cfg.Pools = []config.Pool{p}
+	cfg.HAProxy.StateFile = filepath.Join(dir, "state")
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	return &cfg
+}
+
+// startGenerated generates cfg into dir and runs HAProxy on it.
+func startGenerated(t *testing.T, dir string, cfg *config.Config) *haproxytest.Instance {
+	t.Helper()
+	files := writeGenerated(t, dir, cfg)
+	return haproxytest.Start(t, dir, string(files.HAProxyCfg))
+}
+
+// stats is `show stat` read by column name, keyed "proxy/server".
+func stats(t *testing.T, h *haproxytest.Instance) map[string]map[string]string {
+	t.Helper()
+	out := strings.TrimPrefix(h.Cmd("show stat"), "# ")
+	r := csv.NewReader(strings.NewReader(out))
+	r.FieldsPerRecord = -1
+	rows, err := r.ReadAll()
+	if err != nil || len(rows) < 2 {
+		t.Fatalf("show stat: %v\n%s", err, out)
+	}
+	m := map[string]map[string]string{}
+	for _, row := range rows[1:] {
+		rec := map[string]string{}
+		for i, col := range rows[0] {
+			if i < len(row) {
+				rec[col] = row[i]
+			}
+		}
+		m[rec["pxname"]+"/"+rec["svname"]] = rec
+	}
+	return m
+}
+
+// waitStatus waits until the server's status starts with want.
+func waitStatus(t *testing.T, h *haproxytest.Instance, server, want string) {
+	t.Helper()
+	var got string
+	for i := 0; i < 100; i++ {
+		got = stats(t, h)[server]["status"]
+		if strings.HasPrefix(got, want) {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("%s status %q, want %s", server, got, want)
+}
+
+// fakeAgent is an agent-check responder: it records each line HAProxy sends
+// and answers from replies (default "maint").
+type fakeAgent struct {
+	mu      sync.Mutex
+	seen    map[string]bool
+	replies map[string]string
+}
+
+func startFakeAgent(t *testing.T, addr string) *fakeAgent {
+	t.Helper()
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	a := &fakeAgent{seen: map[string]bool{}, replies: map[string]string{}}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+				line, err := bufio.NewReader(c).ReadString('\n')
+				if err != nil {
+					return
+				}
+				a.mu.Lock()
+				a.seen[line] = true
+				reply, ok := a.replies[strings.TrimSuffix(line, "\n")]
+				a.mu.Unlock()
+				if !ok {
+					reply = "maint"
+				}
+				_, _ = io.WriteString(c, reply+"\n")
+			}()
+		}
+	}()
+	return a
+}
+
+func (a *fakeAgent) set(slot, reply string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.replies[slot] = reply
+}
+
+func (a *fakeAgent) saw(line string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.seen[line]
+}
+
+// startFakeBuilder listens like sshd: it sends an SSH banner and keeps the
+// connection open until the client closes it. It returns the port.
+func startFakeBuilder(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				_ = c.SetDeadline(time.Now().Add(time.Minute))
+				if _, err := io.WriteString(c, "SSH-2.0-fake-builder\r\n"); err != nil {
+					return
+				}
+				_, _ = io.Copy(io.Discard, c)
+			}()
+		}
+	}()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+func TestGeneratedConfigRuns(t *testing.T) {
+	dir := haproxytest.Dir(t)
+	cfg := liveConfig(t, dir, 3*time.Minute)
+	ag := startFakeAgent(t, cfg.HAProxy.AgentListen)
+	h := startGenerated(t, dir, cfg)
+
+	st := stats(t, h)
+	for _, key := range []string{"nba_x86/FRONTEND", "nba_x86/BACKEND", "nba_spoa/BACKEND", "nba_spoa/spoa1", "nba_stats/FRONTEND"} {
+		if st[key] == nil {
+			t.Errorf("show stat lacks %s", key)
+		}
+	}
+	if got := st["nba_x86/FRONTEND"]["status"]; got != "OPEN" {
+		t.Errorf("frontend status %q, want OPEN", got)
+	}
+	for n := 1; n <= 3; n++ {
+		key := fmt.Sprintf("nba_x86/slot%d", n)
+		if got := st[key]["status"]; got != "MAINT" {
+			t.Errorf("%s status %q, want MAINT", key, got)
+		}
+		if got, want := st[key]["addr"], Placeholder+":22"; got != want {
+			t.Errorf("%s addr %q, want %q", key, got, want)
+		}
+	}
+	if st["nba_x86/slot4"] != nil {
+		t.Error("a fourth slot exists; max_builders is 3")
+	}
+
+	// Each server's agent check identifies its slot with one line.
+	for i := 0; i < 100 && !(ag.saw("x86/slot1\n") && ag.saw("x86/slot3\n")); i++ {
+		time.Sleep(20 * time.Millisecond)
+	}
+	for n := 1; n <= 3; n++ {
+		if line := fmt.Sprintf("x86/slot%d\n", n); !ag.saw(line) {
+			t.Errorf("the agent never got %q", line)
+		}
+	}
+
+	resp, err := http.Get("http://" + cfg.HAProxy.StatsListen + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !bytes.Contains(body, []byte("nba_x86")) {
+		t.Errorf("stats page: %s, %d bytes; want 200 listing nba_x86", resp.Status, len(body))
+	}
+	resp, err = http.Get("http://" + cfg.HAProxy.StatsListen + "/;csv")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !bytes.Contains(body, []byte("last_agt")) {
+		t.Errorf("stats CSV: %s; want 200 with a last_agt column", resp.Status)
+	}
+
+	// A slot's address survives a restart through the server-state file
+	// (init-addr last); with an IP address on the server line instead of
+	// PlaceholderHost, HAProxy 2.6 would restore only the port.
+	if out := h.Cmd("set server nba_x86/slot2 addr 127.0.0.9 port 2022"); !strings.Contains(out, "changed") {
+		t.Fatalf("set server addr: %s", out)
+	}
+	state := h.Cmd("show servers state")
+	if err := os.WriteFile(cfg.HAProxy.StateFile, []byte(state), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	h.Restart()
+	st = stats(t, h)
+	if got := st["nba_x86/slot2"]["addr"]; got != "127.0.0.9:2022" {
+		t.Errorf("after a restart slot2 addr %q, want 127.0.0.9:2022 from the state file", got)
+	}
+	if got, want := st["nba_x86/slot1"]["addr"], Placeholder+":22"; got != want {
+		t.Errorf("after a restart slot1 addr %q, want %q", got, want)
+	}
+}
+
+// fakeSPOA answers the SPOE messages of the generated config with whatever
+// answer returns; it records each message's arguments.
+type fakeSPOA struct {
+	ln     net.Listener
+	answer func(args map[string]string) (name, value string)
+	msgs   chan map[string]string
+
+	mu    sync.Mutex
+	conns []net.Conn
+}
+
+func startFakeSPOA(t *testing.T, addr string) *fakeSPOA {
+	t.Helper()
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &fakeSPOA{msgs: make(chan map[string]string, 16)}
+	s.ln = &trackingListener{Listener: ln, s: s}
+	t.Cleanup(s.kill)
+	go func() { _ = agent.New(s.handle, logger.NewNop()).Serve(s.ln) }()
+	return s
+}
+
+func (s *fakeSPOA) handle(req *request.Request) {
+	msg, err := req.Messages.GetByName(SPOEMessage)
+	if err != nil {
+		return
+	}
+	args := map[string]string{}
+	for _, item := range msg.KV.Data() {
+		args[item.Name] = fmt.Sprint(item.Value) // copies: the frame buffer is reused
+	}
+	s.msgs <- args
+	s.mu.Lock()
+	answer := s.answer
+	s.mu.Unlock()
+	if answer == nil {
+		return
+	}
+	if name, value := answer(args); name != "" {
+		req.Actions.SetVar(action.ScopeSession, name, value)
+	}
+}
+
+func (s *fakeSPOA) setAnswer(f func(args map[string]string) (name, value string)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.answer = f
+}
+
+// kill closes the listener and every connection HAProxy opened: the agent
+// is gone.
+func (s *fakeSPOA) kill() {
+	s.ln.Close()
+	s.closeConns()
+}
+
+func (s *fakeSPOA) closeConns() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, c := range s.conns {
+		c.Close()
+	}
+}
+
+type trackingListener struct {
+	net.Listener
+	s *fakeSPOA
+}
+
+func (l *trackingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		l.s.mu.Lock()
+		l.s.conns = append(l.s.conns, c)
+		l.s.mu.Unlock()
+	}
+	return c, err
+}
+
+// dialBanner connects to addr and reads the first line, giving up after
+// wait. It returns the line ("" if the connection was closed first) and the
+// local port.
+func dialBanner(t *testing.T, addr string, wait time.Duration) (line string, port int, err error) {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(wait))
+	line, err = bufio.NewReader(c).ReadString('\n')
+	return line, c.LocalAddr().(*net.TCPAddr).Port, err
+}
+
+// waitLog waits for a traffic log line matching re.
+func waitLog(t *testing.T, h *haproxytest.Instance, re *regexp.Regexp) string {
+	t.Helper()
+	for i := 0; i < 100; i++ {
+		if m := re.FindString(h.Log()); m != "" {
+			return m
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("no log line matches %s; log:\n%s", re, h.Log())
+	return ""
+}
+
+// TestGeneratedSPOE drives the generated frontend with a fake SPOE agent: a
+// connection held while its builder comes up gets through, a "reject"
+// verdict closes the connection, a failing agent costs timeout processing
+// and then balance leastconn decides, and a dead agent (health check down)
+// is not asked at all.
+func TestGeneratedSPOE(t *testing.T) {
+	dir := haproxytest.Dir(t)
+	const hold = 5 * time.Second // processing 15s, inspect-delay 25s
+	cfg := liveConfig(t, dir, hold)
+	ag := startFakeAgent(t, cfg.HAProxy.AgentListen)
+	spoa := startFakeSPOA(t, cfg.HAProxy.SPOAListen)
+	builder := startFakeBuilder(t)
+	h := startGenerated(t, dir, cfg)
+	frontend := cfg.Pools[0].Frontend
+	waitStatus(t, h, "nba_spoa/spoa1", "UP")
+
+	t.Run("held until a slot is ready", func(t *testing.T) {
+		release := make(chan string)
+		spoa.setAnswer(func(map[string]string) (string, string) { return SPOEVarSlot, <-release })
+		type result struct {
+			line string
+			port int
+			err  error
+		}
+		done := make(chan result, 1)
+		start := time.Now()
+		go func() {
+			line, port, err := dialBanner(t, frontend, 20*time.Second)
+			done <- result{line, port, err}
+		}()
+		var args map[string]string
+		select {
+		case args = <-spoa.msgs:
+		case <-time.After(5 * time.Second):
+			t.Fatal("the SPOA got no message")
+		}
+		want := map[string]string{SPOEArgPool: "x86", SPOEArgSrc: "127.0.0.1", SPOEArgBackend: "nba_x86",
+			SPOEArgQueue: "0", SPOEArgBeConn: "0", SPOEArgNbSrv: "0"}
+		for k, v := range want {
+			if args[k] != v {
+				t.Errorf("message arg %s = %q, want %q (all: %v)", k, args[k], v, args)
+			}
+		}
+		if len(args[SPOEArgID]) != 36 || args[SPOEArgSport] == "" {
+			t.Errorf("message args %s/%s = %q/%q, want a UUID and a port", SPOEArgID, SPOEArgSport, args[SPOEArgID], args[SPOEArgSport])
+		}
+
+		// While the agent holds its answer, the builder boots: its address
+		// is set and the agent says ready.
+		time.Sleep(3 * time.Second)
+		if out := h.Cmd(fmt.Sprintf("set server nba_x86/slot2 addr 127.0.0.1 port %d", builder)); !strings.Contains(out, "changed") {
+			t.Fatalf("set server addr: %s", out)
+		}
+		ag.set("x86/slot2", "up ready 100% maxconn:2")
+		waitStatus(t, h, "nba_x86/slot2", "UP")
+		release <- "slot2"
+
+		r := <-done
+		if !strings.HasPrefix(r.line, "SSH-2.0-") {
+			t.Fatalf("held connection got %q, %v; want the builder's SSH banner", r.line, r.err)
+		}
+		if waited := time.Since(start); waited < 3*time.Second {
+			t.Errorf("banner after %s; the hold should have taken 3s", waited)
+		}
+		if args[SPOEArgSport] != strconv.Itoa(r.port) {
+			t.Errorf("message sport %q, want the client's port %d", args[SPOEArgSport], r.port)
+		}
+		line := waitLog(t, h, regexp.MustCompile(fmt.Sprintf(`127\.0\.0\.1:%d .* nba_x86 nba_x86/slot2 .*`, r.port)))
+		for _, want := range []string{" slot=slot2 ", " verdict=- ", " spoe_err=-"} {
+			if !strings.Contains(line, want) {
+				t.Errorf("log line lacks %q: %s", want, line)
+			}
+		}
+		if m := regexp.MustCompile(`spoe_ms=(\d+)`).FindStringSubmatch(line); m == nil {
+			t.Errorf("log line lacks spoe_ms: %s", line)
+		} else if ms, _ := strconv.Atoi(m[1]); ms < 3000 {
+			t.Errorf("spoe_ms=%d, want the hold (>= 3000): %s", ms, line)
+		}
+	})
+
+	t.Run("reject", func(t *testing.T) {
+		spoa.setAnswer(func(map[string]string) (string, string) { return SPOEVarVerdict, SPOEVerdictReject })
+		line, port, err := dialBanner(t, frontend, 5*time.Second)
+		<-spoa.msgs
+		if line != "" || !errors.Is(err, io.EOF) {
+			t.Errorf("rejected connection got %q, %v; want it closed without data", line, err)
+		}
+		got := waitLog(t, h, regexp.MustCompile(fmt.Sprintf(`127\.0\.0\.1:%d .*`, port)))
+		if !strings.Contains(got, " verdict=reject ") {
+			t.Errorf("log line lacks verdict=reject: %s", got)
+		}
+	})
+
+	t.Run("agent fails: timeout processing, then balance leastconn", func(t *testing.T) {
+		// The agent's connection drops mid-answer: HAProxy 2.6 waits out
+		// timeout processing, sets txn.nba.err = 1 (timeout), and goes on.
+		spoa.setAnswer(func(map[string]string) (string, string) {
+			spoa.closeConns()
+			return "", ""
+		})
+		start := time.Now()
+		line, port, err := dialBanner(t, frontend, 20*time.Second)
+		if !strings.HasPrefix(line, "SSH-2.0-") {
+			t.Fatalf("with a failing agent the connection got %q, %v; want the up builder's banner", line, err)
+		}
+		processing := HoldTimeouts(hold).Processing
+		if waited := time.Since(start); waited < processing-time.Second || waited > processing+3*time.Second {
+			t.Errorf("banner after %s, want about timeout processing (%s)", waited, processing)
+		}
+		got := waitLog(t, h, regexp.MustCompile(fmt.Sprintf(`127\.0\.0\.1:%d .*`, port)))
+		for _, want := range []string{" nba_x86/slot2 ", " slot=- ", " verdict=- ", " spoe_err=1"} {
+			if !strings.Contains(got, want) {
+				t.Errorf("log line lacks %q: %s", want, got)
+			}
+		}
+	})
+
+	t.Run("no agent: balance leastconn", func(t *testing.T) {
+		spoa.kill()
+		// The frontend asks the agent only while its health check passes
+		// (1s interval, 2 failures).
+		waitStatus(t, h, "nba_spoa/spoa1", "DOWN")
+		start := time.Now()
+		line, port, err := dialBanner(t, frontend, 10*time.Second)
+		if !strings.HasPrefix(line, "SSH-2.0-") {
+			t.Fatalf("without an agent the connection got %q, %v; want the up builder's banner", line, err)
+		}
+		if waited := time.Since(start); waited > time.Second {
+			t.Errorf("without an agent the banner came after %s; want no wait", waited)
+		}
+		got := waitLog(t, h, regexp.MustCompile(fmt.Sprintf(`127\.0\.0\.1:%d .*`, port)))
+		if !strings.Contains(got, " nba_x86/slot2 ") || !strings.Contains(got, " slot=- ") {
+			t.Errorf("log line: %s; want nba_x86/slot2 without a slot from the agent", got)
+		}
+	})
+}
