@@ -133,15 +133,69 @@ func (a *Agent) Held() map[string]int {
 	return out
 }
 
-// Serve answers HAProxy on ln until ctx ends.
+// Serve answers HAProxy on ln until ctx ends; then it closes the listener
+// and every connection HAProxy opened, so HAProxy sees the agent gone.
 func (a *Agent) Serve(ctx context.Context, ln net.Listener) error {
-	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	tl := &trackingListener{Listener: ln, conns: map[net.Conn]struct{}{}}
+	stop := context.AfterFunc(ctx, tl.closeAll)
 	defer stop()
-	err := agent.New(a.handle, spoeLogger{a.o.Logger}).Serve(ln)
+	err := agent.New(a.handle, spoeLogger{a.o.Logger}).Serve(tl)
 	if ctx.Err() != nil {
 		return nil
 	}
 	return err
+}
+
+// trackingListener remembers accepted connections so that they can be
+// closed with the listener (the SPOE library does not track them).
+type trackingListener struct {
+	net.Listener
+	mu     sync.Mutex
+	conns  map[net.Conn]struct{}
+	closed bool
+}
+
+func (l *trackingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		c.Close()
+		return nil, net.ErrClosed
+	}
+	tc := &trackedConn{Conn: c, l: l}
+	l.conns[tc] = struct{}{}
+	return tc, nil
+}
+
+func (l *trackingListener) closeAll() {
+	l.mu.Lock()
+	l.closed = true
+	conns := l.conns
+	l.conns = map[net.Conn]struct{}{}
+	l.mu.Unlock()
+	l.Listener.Close()
+	for c := range conns {
+		c.Close()
+	}
+}
+
+type trackedConn struct {
+	net.Conn
+	l    *trackingListener
+	once sync.Once
+}
+
+func (c *trackedConn) Close() error {
+	c.once.Do(func() {
+		c.l.mu.Lock()
+		delete(c.l.conns, c)
+		c.l.mu.Unlock()
+	})
+	return c.Conn.Close()
 }
 
 // handle answers one NOTIFY. It never panics: a panic would kill the daemon.

@@ -22,11 +22,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/agentcheck"
+	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/store"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/local"
+	"guardianproject.dev/ops/nix-builder-autoscaler/spoa"
 )
 
 // OrphanGrace is how long an untracked instance of this cluster lives before
@@ -60,6 +63,16 @@ type Daemon struct {
 	ready chan struct{}
 	token string
 	provs map[string]scaler.Provider
+
+	// With HAProxy: its runtime-API readiness, the SPOE agent and the
+	// agent-check responder (nil without).
+	hap       *haproxy.Readiness
+	spoa      *spoa.Agent
+	agent     *agentcheck.Server
+	stopSPOA  context.CancelFunc
+	spoaMu    sync.Mutex
+	spoaAddr  net.Addr
+	agentAddr net.Addr
 }
 
 // New opens the state and builds every part; nothing listens until Run.
@@ -108,16 +121,47 @@ func New(ctx context.Context, cfg *config.Config, o Options) (*Daemon, error) {
 	}
 	d.provs = providers
 	readiness := o.Readiness
+	sopts := scaler.Options{
+		Store: db, Providers: providers, Policy: Policy(cfg), Clock: o.Clock,
+		Interval: cfg.Daemon.ReconcileInterval.D(), Logger: o.Logger, Metrics: scaler.NewMetrics(o.Registry),
+		OnChange: func() { d.api.Notify() },
+	}
+	aopts := api.Options{Store: db, Pools: cfg.Pools, Reservations: cfg.Reservations, Clock: o.Clock, Logger: o.Logger}
+	if cfg.HAProxy.Enabled() {
+		var names []string
+		maxJobs := map[string]int{}
+		for _, p := range cfg.Pools {
+			names = append(names, p.Name)
+			maxJobs[p.Name] = p.MaxJobs
+		}
+		d.hap = haproxy.NewReadiness(haproxy.NewClient(cfg.HAProxy.RuntimeSocket, cfg.HAProxy.Timeout.D()), names, o.Registry)
+		if readiness == nil {
+			readiness = d.hap
+		}
+		d.spoa = spoa.New(spoa.Options{MaxJobs: maxJobs, Hold: cfg.HAProxy.Hold.D(), Kick: func() { d.rec.Kick() },
+			Logger: o.Logger, Registerer: o.Registry})
+		d.agent = agentcheck.New(db, maxJobs, o.Logger, o.Registry)
+		sopts.OnObserved, sopts.Held = d.spoa.Update, d.spoa.Held
+		aopts.Held = d.spoa.Held
+		aopts.HAProxy = d.haproxyStatus
+	}
 	if readiness == nil {
 		readiness = local.NewProber(2 * time.Second)
 	}
-	d.rec = scaler.New(scaler.Options{
-		Store: db, Providers: providers, Readiness: readiness, Policy: Policy(cfg), Clock: o.Clock,
-		Interval: cfg.Daemon.ReconcileInterval.D(), Logger: o.Logger, Metrics: scaler.NewMetrics(o.Registry),
-		OnChange: func() { d.api.Notify() },
-	})
-	d.api = api.NewServer(api.Options{Store: db, Scaler: d.rec, Pools: cfg.Pools, Reservations: cfg.Reservations, Clock: o.Clock, Logger: o.Logger})
+	sopts.Readiness = readiness
+	d.rec = scaler.New(sopts)
+	aopts.Scaler = d.rec
+	d.api = api.NewServer(aopts)
 	return d, nil
+}
+
+func (d *Daemon) haproxyStatus() api.HAProxyStatus {
+	st := api.HAProxyStatus{Enabled: true}
+	st.Up, st.Error = d.hap.Up()
+	if up, known := d.hap.SPOAUp(); known {
+		st.SPOAUp = &up
+	}
+	return st
 }
 
 // Policy turns the configuration into the scaling policy's terms.
@@ -249,6 +293,39 @@ func (d *Daemon) Run(ctx context.Context) error {
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var wg sync.WaitGroup
+	if d.agent != nil {
+		al, err := listenLoopback("haproxy.agent_listen", d.cfg.HAProxy.AgentListen, d.log)
+		if err != nil {
+			closeAll()
+			return err
+		}
+		sl, err := listenLoopback("haproxy.spoa_listen", d.cfg.HAProxy.SPOAListen, d.log)
+		if err != nil {
+			al.Close()
+			closeAll()
+			return err
+		}
+		d.agentAddr, d.spoaAddr = al.Addr(), sl.Addr()
+		spoaCtx, stopSPOA := context.WithCancel(runCtx)
+		d.spoaMu.Lock()
+		d.stopSPOA = stopSPOA
+		d.spoaMu.Unlock()
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			if err := d.agent.Serve(runCtx, al); err != nil {
+				d.log.Error("agent-check responder stopped", "err", err)
+			}
+		}()
+		go func() {
+			defer wg.Done()
+			if err := d.spoa.Serve(spoaCtx, sl); err != nil {
+				d.log.Error("SPOE agent stopped; HAProxy balances without it", "err", err)
+			}
+		}()
+		addrs := []string{al.Addr().String(), sl.Addr().String()}
+		d.log.Info("haproxy integration", "runtime_socket", d.cfg.HAProxy.RuntimeSocket, "agent_check", addrs[0], "spoa", addrs[1])
+	}
 	errc := make(chan error, len(servers)+1)
 	for i, srv := range servers {
 		wg.Add(1)
@@ -311,6 +388,34 @@ func (d *Daemon) pruneEvents(ctx context.Context) {
 		case <-t.C():
 		}
 	}
+}
+
+// StopSPOA stops the SPOE agent and closes HAProxy's connections to it, as
+// if it had crashed; HAProxy goes on without it. For fault tests.
+func (d *Daemon) StopSPOA() {
+	d.spoaMu.Lock()
+	defer d.spoaMu.Unlock()
+	if d.stopSPOA != nil {
+		d.stopSPOA()
+	}
+}
+
+// AgentAddr and SPOAAddr are where the agent-check responder and the SPOE
+// agent listen once Run started them (nil without HAProxy).
+func (d *Daemon) AgentAddr() net.Addr { return d.agentAddr }
+func (d *Daemon) SPOAAddr() net.Addr  { return d.spoaAddr }
+
+// listenLoopback listens on addr, warning when it is not a loopback address:
+// the agent-check and SPOE protocols trust their peer.
+func listenLoopback(key, addr string, log *slog.Logger) (net.Listener, error) {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s %s: %w", key, addr, err)
+	}
+	if ta, ok := l.Addr().(*net.TCPAddr); ok && !ta.IP.IsLoopback() {
+		log.Warn(key+" is not a loopback address; anyone who can reach it can steer or stop builders", "addr", l.Addr())
+	}
+	return l, nil
 }
 
 // ListenUnix listens on a unix socket with mode 0660, owned by group (if

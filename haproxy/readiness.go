@@ -1,0 +1,280 @@
+package haproxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+)
+
+// statServersCmd asks for server lines only (all proxies, type 4 = servers,
+// all server ids): one call per round gives state, sessions and address.
+const statServersCmd = "show stat -1 4 -1"
+
+// Readiness is scaler.Readiness on HAProxy's runtime API: Bind writes a
+// slot's builder address into its server (`set server ... addr`), Servers
+// reads every pool server's address, state and sessions from one `show stat`.
+//
+// What counts as Up (HAProxy 2.6.12, measured):
+//   - status "UP" and "DRAIN"/"DRAIN (agent)" are up: HAProxy routes to the
+//     server (a draining one keeps its sessions and `use-server` traffic) and
+//     its check passes (a failing check shows "DOWN", not "DRAIN").
+//   - "UP n/m" is up: the server is still UP and in the rotation while its
+//     last checks failed and it counts down towards DOWN.
+//   - "DOWN n/m" (checks passing, counting up to rise), "DOWN",
+//     "DOWN (agent)", "NOLB", "MAINT", "MAINT (resolution)",
+//     "MAINT (via ...)" are not up.
+//   - A server leaving maintenance (agent `ready`, CLI `state ready`) is
+//     shown "UP n/m" at once, before its first check ran (check_status
+//     "INI"), even while it points at the placeholder. It is not reported up
+//     until that first check completed, so a slot is never called ready on
+//     a check that did not happen.
+//   - "no check" (health checks disabled) is up: HAProxy routes to it.
+//
+// Readiness registers these gauges (namespace nix_builder_autoscaler):
+//   - haproxy_up: 1 when the last runtime-API exchange (Servers, or Bind
+//     getting an answer) succeeded, else 0; 0 before the first call.
+//   - spoa_up: 1 when at least one server of backend SPOABackend is UP
+//     ("UP", "UP n/m", or "no check") in the last Servers call, 0 when it
+//     has servers and none is; absent when the backend does not exist or the
+//     last Servers call failed (unknown is not down).
+//   - haproxy_server_sessions{pool,slot}: current sessions (scur) of each
+//     pool server; absent after a failed Servers call (stale numbers would
+//     mislead).
+type Readiness struct {
+	c     *Client
+	pools map[string]string // backend name → pool
+
+	mu        sync.Mutex
+	haproxyUp bool
+	lastErr   string
+	spoaUp    bool
+	spoaKnown bool
+	sessions  map[scaler.SlotKey]int
+}
+
+var _ scaler.Readiness = (*Readiness)(nil)
+
+// NewReadiness returns a Readiness for the given pools (their backends are
+// Backend(pool)); reg, when not nil, receives its metrics.
+func NewReadiness(c *Client, pools []string, reg prometheus.Registerer) *Readiness {
+	r := &Readiness{c: c, pools: make(map[string]string, len(pools))}
+	for _, p := range pools {
+		r.pools[Backend(p)] = p
+	}
+	if reg != nil {
+		reg.MustRegister(readinessCollector{r})
+	}
+	return r
+}
+
+// Bind points a slot's server at addr ("ip:port"), or back at the
+// placeholder Placeholder:PlaceholderPort when addr is "". Hostnames are
+// refused: HAProxy's `set server addr` takes IP addresses, and providers
+// report builder IPs.
+func (r *Readiness) Bind(ctx context.Context, key scaler.SlotKey, addr string) error {
+	ip, port := Placeholder, PlaceholderPort
+	if addr != "" {
+		host, p, err := net.SplitHostPort(addr)
+		if err != nil {
+			return fmt.Errorf("bind %s: address %q is not ip:port: %w", key, addr, err)
+		}
+		if _, err := parseLiteralIP(host); err != nil {
+			return fmt.Errorf("bind %s: %q is not an IP address: HAProxy servers are bound by IP (the provider reports IPs); hostnames are not accepted", key, host)
+		}
+		port, err = strconv.Atoi(p)
+		if err != nil || port < 1 || port > 65535 {
+			return fmt.Errorf("bind %s: port %q of %q is not a number in 1..65535", key, p, addr)
+		}
+		ip = host
+	}
+	err := r.c.SetServerAddr(ctx, Backend(key.Pool), key.Slot, ip, port)
+	var cmdErr *CommandError
+	switch {
+	case err == nil, errors.As(err, &cmdErr):
+		r.setHAProxyUp(true)
+	case errors.Is(err, ErrUnreachable):
+		r.setHAProxyUp(false)
+	}
+	if err != nil {
+		return fmt.Errorf("bind %s to %s: %w", key, net.JoinHostPort(ip, strconv.Itoa(port)), err)
+	}
+	return nil
+}
+
+func (r *Readiness) setHAProxyUp(up bool) {
+	r.mu.Lock()
+	r.haproxyUp = up
+	r.mu.Unlock()
+}
+
+// Servers reports every server of every pool backend: the address it points
+// at ("ip:port", "[ip]:port" for IPv6, "" without one), whether it is up
+// (see Readiness) and its current sessions. It costs one `show stat`; only
+// a HAProxy whose `show stat` lacks the addr column (older than 2.6.12
+// measured here) costs a second call, `show servers state`. A pool whose
+// backend HAProxy does not have contributes no entries. It also records the
+// SPOE agent backend's state for SPOAUp and the metrics.
+func (r *Readiness) Servers(ctx context.Context) (map[scaler.SlotKey]scaler.ServerStatus, error) {
+	out, spoaUp, spoaKnown, err := r.servers(ctx)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err != nil {
+		r.haproxyUp, r.spoaUp, r.spoaKnown, r.sessions = false, false, false, nil
+		r.lastErr = err.Error()
+		return nil, fmt.Errorf("haproxy servers: %w", err)
+	}
+	r.haproxyUp, r.spoaUp, r.spoaKnown, r.lastErr = true, spoaUp, spoaKnown, ""
+	r.sessions = make(map[scaler.SlotKey]int, len(out))
+	for k, s := range out {
+		r.sessions[k] = s.Sessions
+	}
+	return out, nil
+}
+
+func (r *Readiness) servers(ctx context.Context) (out map[scaler.SlotKey]scaler.ServerStatus, spoaUp, spoaKnown bool, err error) {
+	stats, err := r.c.showStat(ctx, statServersCmd)
+	if err != nil {
+		return nil, false, false, err
+	}
+	out = map[scaler.SlotKey]scaler.ServerStatus{}
+	needAddr := false
+	for _, s := range stats {
+		if !s.IsServer() {
+			continue
+		}
+		if s.Proxy() == SPOABackend {
+			spoaKnown = true
+			spoaUp = spoaUp || spoaServerUp(s.Status())
+		}
+		pool, ok := r.pools[s.Proxy()]
+		if !ok || s.Server() == "" {
+			continue
+		}
+		if !s.Has("addr") {
+			needAddr = true
+		}
+		out[scaler.SlotKey{Pool: pool, Slot: s.Server()}] = scaler.ServerStatus{
+			Addr:     s.Addr(),
+			Up:       serverUp(s.Status(), s.Str("check_status")),
+			Healthy:  checkPassed(s.Str("check_status")),
+			Sessions: int(max(s.Int("scur"), 0)),
+		}
+	}
+	if needAddr && len(out) > 0 {
+		states, err := r.c.ShowServersState(ctx, "")
+		if err != nil {
+			return nil, false, false, fmt.Errorf("show stat has no addr column, and: %w", err)
+		}
+		for _, st := range states {
+			pool, ok := r.pools[st.Backend()]
+			if !ok {
+				continue
+			}
+			k := scaler.SlotKey{Pool: pool, Slot: st.Server()}
+			if v, ok := out[k]; ok {
+				v.Addr = st.Addr()
+				out[k] = v
+			}
+		}
+	}
+	return out, spoaUp, spoaKnown, nil
+}
+
+// serverUp decides ServerStatus.Up from show stat's status and check_status
+// columns (see Readiness for the reasons).
+func serverUp(status, checkStatus string) bool {
+	if status == "no check" {
+		return true
+	}
+	word, _, _ := strings.Cut(status, " ")
+	if word != "UP" && word != "DRAIN" {
+		return false
+	}
+	// "* L7OK" while a check runs; "INI" until the first check completed.
+	checkStatus = strings.TrimPrefix(checkStatus, "* ")
+	return !strings.HasPrefix(checkStatus, "INI")
+}
+
+// checkPassed reports whether the server's last health check (the SSH
+// banner) passed, whatever the agent says: a binding slot is held DOWN by
+// the agent ("ready down") while HAProxy checks it, and becomes ready when
+// this turns true.
+func checkPassed(checkStatus string) bool {
+	switch strings.TrimPrefix(checkStatus, "* ") {
+	case "L4OK", "L6OK", "L7OK":
+		return true
+	}
+	return false
+}
+
+// Up reports whether the last call to HAProxy succeeded, with the error
+// that made it fail otherwise.
+func (r *Readiness) Up() (bool, string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.haproxyUp, r.lastErr
+}
+
+// spoaServerUp reports whether a SPOE agent server takes connections.
+func spoaServerUp(status string) bool {
+	word, _, _ := strings.Cut(status, " ")
+	return word == "UP" || status == "no check"
+}
+
+// SPOAUp reports, from the last Servers call, whether a server of the SPOE
+// agent backend (SPOABackend) is UP; known is false when that call failed,
+// no call was made yet, or HAProxy has no such backend.
+func (r *Readiness) SPOAUp() (up, known bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.spoaUp, r.spoaKnown
+}
+
+const readinessNamespace = "nix_builder_autoscaler"
+
+var (
+	rdHAProxyUpDesc = prometheus.NewDesc(prometheus.BuildFQName(readinessNamespace, "", "haproxy_up"),
+		"1 when the last call to HAProxy's runtime API succeeded.", nil, nil)
+	rdSPOAUpDesc = prometheus.NewDesc(prometheus.BuildFQName(readinessNamespace, "", "spoa_up"),
+		"1 when HAProxy reports a server of the SPOE agent backend UP, 0 when none is; absent when unknown.", nil, nil)
+	rdServerSessionsDesc = prometheus.NewDesc(prometheus.BuildFQName(readinessNamespace, "", "haproxy_server_sessions"),
+		"Current sessions of each pool server, as HAProxy reported them in the last successful read.", []string{"pool", "slot"}, nil)
+)
+
+// readinessCollector exports a consistent snapshot of the last calls, so a
+// scrape never sees a half-updated set of per-server gauges.
+type readinessCollector struct{ r *Readiness }
+
+func (c readinessCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- rdHAProxyUpDesc
+	ch <- rdSPOAUpDesc
+	ch <- rdServerSessionsDesc
+}
+
+func (c readinessCollector) Collect(ch chan<- prometheus.Metric) {
+	r := c.r
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ch <- prometheus.MustNewConstMetric(rdHAProxyUpDesc, prometheus.GaugeValue, gaugeBool(r.haproxyUp))
+	if r.spoaKnown {
+		ch <- prometheus.MustNewConstMetric(rdSPOAUpDesc, prometheus.GaugeValue, gaugeBool(r.spoaUp))
+	}
+	for k, n := range r.sessions {
+		ch <- prometheus.MustNewConstMetric(rdServerSessionsDesc, prometheus.GaugeValue, float64(n), k.Pool, k.Slot)
+	}
+}
+
+func gaugeBool(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}

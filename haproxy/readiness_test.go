@@ -1,0 +1,457 @@
+package haproxy
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"net"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy/haproxytest"
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+)
+
+var placeholderAddr = fmt.Sprintf("%s:%d", Placeholder, PlaceholderPort)
+
+// waitServer polls Servers until cond holds for key (at most ~5s).
+func waitServer(t *testing.T, r *Readiness, key scaler.SlotKey, what string, cond func(scaler.ServerStatus) bool) scaler.ServerStatus {
+	t.Helper()
+	var last scaler.ServerStatus
+	for range 100 {
+		servers, err := r.Servers(t.Context())
+		if err != nil {
+			t.Fatalf("Servers: %v", err)
+		}
+		last = servers[key]
+		if cond(last) {
+			return last
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("%s: %s not reached within 5s; last %+v", key, what, last)
+	return last
+}
+
+func TestReadinessAgainstHAProxy(t *testing.T) {
+	b := startBanner(t)
+	fe := haproxytest.FreePort(t)
+	closed := haproxytest.FreePort(t)
+	h := haproxytest.Start(t, haproxytest.Dir(t),
+		testGlobal+poolBackend("x86", fe, 2)+poolBackend("arm", 0, 1)+spoaBackend(b.Addr))
+	reg := prometheus.NewPedanticRegistry()
+	c := NewClient(h.Socket, 2*time.Second)
+	r := NewReadiness(c, []string{"x86", "arm"}, reg)
+	ctx := t.Context()
+	slot1 := scaler.SlotKey{Pool: "x86", Slot: "slot1"}
+	slot2 := scaler.SlotKey{Pool: "x86", Slot: "slot2"}
+
+	// At start every slot is in maintenance at the placeholder.
+	servers, err := r.Servers(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[scaler.SlotKey]scaler.ServerStatus{
+		slot1:                        {Addr: placeholderAddr},
+		slot2:                        {Addr: placeholderAddr},
+		{Pool: "arm", Slot: "slot1"}: {Addr: placeholderAddr},
+	}
+	if fmt.Sprint(servers) != fmt.Sprint(want) {
+		t.Errorf("Servers at start = %v, want %v", servers, want)
+	}
+	if up, known := r.SPOAUp(); !up || !known {
+		t.Errorf("SPOAUp = %v, %v; want up (its check passes against the banner)", up, known)
+	}
+
+	// Bind writes the address; the server stays in maintenance.
+	if err := r.Bind(ctx, slot1, b.Addr); err != nil {
+		t.Fatal(err)
+	}
+	if got := waitServer(t, r, slot1, "bound", func(s scaler.ServerStatus) bool { return s.Addr == b.Addr }); got.Up {
+		t.Errorf("a server in maintenance is Up: %+v", got)
+	}
+
+	// Out of maintenance, its SSH check passes: Up.
+	if out, err := c.Exec(ctx, "set server nba_x86/slot1 state ready"); err != nil || strings.TrimSpace(out) != "" {
+		t.Fatalf("state ready: %q, %v", out, err)
+	}
+	waitServer(t, r, slot1, "Up", func(s scaler.ServerStatus) bool { return s.Up })
+
+	// A server leaving maintenance is shown "UP" by HAProxy before its
+	// first check; Readiness waits for that check. slot2 points at a closed
+	// port, so it must never be reported Up.
+	if err := r.Bind(ctx, slot2, fmt.Sprintf("127.0.0.1:%d", closed)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Exec(ctx, "set server nba_x86/slot2 state ready"); err != nil {
+		t.Fatal(err)
+	}
+	for range 5 {
+		servers, err := r.Servers(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if servers[slot2].Up {
+			t.Fatalf("slot2 (nothing listens) reported Up: %+v", servers[slot2])
+		}
+		time.Sleep(30 * time.Millisecond)
+	}
+
+	// A session held through the frontend shows in Sessions and the gauge.
+	conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", fe), 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(2 * time.Second))
+	line, err := bufio.NewReader(conn).ReadString('\n')
+	if err != nil || !strings.HasPrefix(line, "SSH-2.0-test") {
+		t.Fatalf("banner through the frontend: %q, %v", line, err)
+	}
+	waitServer(t, r, slot1, "one session", func(s scaler.ServerStatus) bool { return s.Sessions == 1 })
+	checkMetrics(t, reg, `
+nix_builder_autoscaler_haproxy_server_sessions{pool="arm",slot="slot1"} 0
+nix_builder_autoscaler_haproxy_server_sessions{pool="x86",slot="slot1"} 1
+nix_builder_autoscaler_haproxy_server_sessions{pool="x86",slot="slot2"} 0
+nix_builder_autoscaler_haproxy_up 1
+nix_builder_autoscaler_spoa_up 1
+`)
+	conn.Close()
+	waitServer(t, r, slot1, "no session", func(s scaler.ServerStatus) bool { return s.Sessions == 0 })
+
+	// Bind("") restores the placeholder.
+	if err := r.Bind(ctx, slot1, ""); err != nil {
+		t.Fatal(err)
+	}
+	waitServer(t, r, slot1, "placeholder", func(s scaler.ServerStatus) bool { return s.Addr == placeholderAddr })
+
+	// Bind refuses what is not ip:port before asking HAProxy.
+	for _, addr := range []string{"builder.example:22", "100.64.0.1", "100.64.0.1:ssh", "100.64.0.1:70000"} {
+		err := r.Bind(ctx, slot2, addr)
+		if err == nil {
+			t.Errorf("Bind(%q) succeeded", addr)
+		} else if addr == "builder.example:22" && !strings.Contains(err.Error(), "hostnames are not accepted") {
+			t.Errorf("Bind(%q) = %v, want it to say hostnames are not accepted", addr, err)
+		}
+	}
+	// An unknown slot: HAProxy's answer, quoted.
+	err = r.Bind(ctx, scaler.SlotKey{Pool: "x86", Slot: "slot9"}, b.Addr)
+	if !errors.Is(err, ErrNotFound) || !strings.Contains(err.Error(), "No such server.") {
+		t.Errorf("Bind(unknown slot) = %v, want ErrNotFound quoting HAProxy", err)
+	}
+	if v, ok := gaugeValue(t, reg, "nix_builder_autoscaler_haproxy_up"); !ok || v != 1 {
+		t.Error("haproxy_up dropped after HAProxy refused a command")
+	}
+
+	// HAProxy stopped: Servers fails, and the metrics say so.
+	if err := r.Bind(ctx, slot2, b.Addr); err != nil {
+		t.Fatal(err)
+	}
+	h.Stop()
+	if _, err := r.Servers(ctx); !errors.Is(err, ErrUnreachable) {
+		t.Errorf("Servers with HAProxy stopped = %v, want ErrUnreachable", err)
+	}
+	if up, known := r.SPOAUp(); up || known {
+		t.Errorf("SPOAUp with HAProxy stopped = %v, %v; want unknown", up, known)
+	}
+	checkMetrics(t, reg, `
+nix_builder_autoscaler_haproxy_up 0
+`)
+
+	// After a restart (no state file) every server is back at the
+	// placeholder: this is how the daemon notices it must bind again.
+	h.Restart()
+	servers, err = r.Servers(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, s := range servers {
+		if s.Addr != placeholderAddr || s.Up {
+			t.Errorf("after restart %s = %+v, want down at %s", k, s, placeholderAddr)
+		}
+	}
+	if len(servers) != 3 {
+		t.Errorf("after restart %d servers, want 3", len(servers))
+	}
+}
+
+// metrics gathers reg and writes the named families (all when none is
+// named) one sample per line, `name{label="value",...} value`, sorted.
+func metrics(t *testing.T, reg prometheus.Gatherer, names ...string) string {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lines []string
+	for _, mf := range mfs {
+		if len(names) > 0 && !slices.Contains(names, mf.GetName()) {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			var labels []string
+			for _, l := range m.GetLabel() {
+				labels = append(labels, fmt.Sprintf("%s=%q", l.GetName(), l.GetValue()))
+			}
+			name := mf.GetName()
+			if len(labels) > 0 {
+				name += "{" + strings.Join(labels, ",") + "}"
+			}
+			lines = append(lines, fmt.Sprintf("%s %g", name, m.GetGauge().GetValue()))
+		}
+	}
+	slices.Sort(lines)
+	return strings.Join(lines, "\n")
+}
+
+func checkMetrics(t *testing.T, reg prometheus.Gatherer, want string, names ...string) {
+	t.Helper()
+	if got := metrics(t, reg, names...); got != strings.TrimSpace(want) {
+		t.Errorf("metrics:\n%s\nwant:\n%s", got, strings.TrimSpace(want))
+	}
+}
+
+// gaugeValue gathers reg and returns the value of the named unlabelled gauge.
+func gaugeValue(t *testing.T, reg prometheus.Gatherer, name string) (float64, bool) {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name && len(mf.GetMetric()) == 1 {
+			return mf.GetMetric()[0].GetGauge().GetValue(), true
+		}
+	}
+	return 0, false
+}
+
+// TestReadinessWithAgent shows how agent-check replies (DESIGN.md §3.2) and
+// the SSH check combine into Up on HAProxy 2.6.12, for servers declared
+// `disabled` like the generated ones.
+func TestReadinessWithAgent(t *testing.T) {
+	b := startBanner(t)
+	agent := startAgent(t, map[string]string{
+		"x86/slot1": "down #binding i-1",            // stays MAINT: no check runs
+		"x86/slot2": "drain",                        // leaves MAINT; DRAIN once the check passes
+		"x86/slot3": "up ready 100% maxconn:2 #i-3", // UP once the check passes
+		"x86/slot4": "ready down #binding i-4",      // check runs and passes, but DOWN (agent)
+		"x86/slot5": "maint",                        // MAINT
+	})
+	cfg := testGlobal + fmt.Sprintf(`backend nba_x86
+    balance leastconn
+    option tcp-check
+    tcp-check expect rstring ^SSH-2\.0-
+    default-server check inter 100ms fall 2 rise 1 agent-check agent-addr 127.0.0.1 agent-port %d agent-inter 100ms maxconn 2 weight 100
+`, agent)
+	for i := 1; i <= 5; i++ {
+		cfg += fmt.Sprintf("    server slot%d slot.nba.invalid:22 init-addr last,%s disabled agent-send \"x86/slot%d\\n\"\n", i, Placeholder, i)
+	}
+	h := haproxytest.Start(t, haproxytest.Dir(t), cfg)
+	r := NewReadiness(NewClient(h.Socket, 2*time.Second), []string{"x86"}, nil)
+	for i := 1; i <= 5; i++ {
+		if err := r.Bind(t.Context(), scaler.SlotKey{Pool: "x86", Slot: fmt.Sprintf("slot%d", i)}, b.Addr); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := map[string]bool{"slot1": false, "slot2": true, "slot3": true, "slot4": false, "slot5": false}
+	var servers map[scaler.SlotKey]scaler.ServerStatus
+	for range 100 {
+		var err error
+		if servers, err = r.Servers(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		if servers[scaler.SlotKey{Pool: "x86", Slot: "slot2"}].Up && servers[scaler.SlotKey{Pool: "x86", Slot: "slot3"}].Up {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond) // a few more check rounds for the others
+	servers, err := r.Servers(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for slot, up := range want {
+		if got := servers[scaler.SlotKey{Pool: "x86", Slot: slot}]; got.Up != up || got.Addr != b.Addr {
+			t.Errorf("%s = %+v, want Up %v at %s\n%s", slot, got, up, b.Addr, h.Cmd("show stat -1 4 -1"))
+		}
+	}
+}
+
+func TestReadinessSPOA(t *testing.T) {
+	b := startBanner(t)
+	closed := haproxytest.FreePort(t)
+	for _, tc := range []struct {
+		name        string
+		spoa        string
+		up, known   bool
+		wantMetrics string
+	}{
+		{"agent up", spoaBackend(b.Addr), true, true, "nix_builder_autoscaler_spoa_up 1\n"},
+		{"agent down", spoaBackend(fmt.Sprintf("127.0.0.1:%d", closed)), false, true, "nix_builder_autoscaler_spoa_up 0\n"},
+		{"no agent backend", "", false, false, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := haproxytest.Start(t, haproxytest.Dir(t), testGlobal+poolBackend("x86", 0, 1)+tc.spoa)
+			reg := prometheus.NewPedanticRegistry()
+			r := NewReadiness(NewClient(h.Socket, 2*time.Second), []string{"x86"}, reg)
+			var up, known bool
+			for range 100 { // the check needs a round (inter 100ms) to see the agent down
+				if _, err := r.Servers(t.Context()); err != nil {
+					t.Fatal(err)
+				}
+				if up, known = r.SPOAUp(); up == tc.up && known == tc.known {
+					break
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			if up != tc.up || known != tc.known {
+				t.Errorf("SPOAUp = %v, %v; want %v, %v", up, known, tc.up, tc.known)
+			}
+			checkMetrics(t, reg, tc.wantMetrics, "nix_builder_autoscaler_spoa_up")
+		})
+	}
+}
+
+func TestReadinessOneCallPerRound(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		stat  string
+		calls []string
+	}{
+		{"addr column (2.6.12)",
+			"# pxname,svname,status,scur,check_status,addr,type\n" +
+				"nba_x86,slot1,UP,2,L7OK,100.64.0.7:22,2\n" +
+				"nba_x86,slot2,DOWN 1/2,0,L7OK,[fd7a::1]:22,2\n" +
+				"nba_spoa,spoa1,UP,0,L4OK,127.0.0.1:9000,2\n" +
+				"other,web1,UP,9,L7OK,10.0.0.1:80,2\n",
+			[]string{statServersCmd}},
+		{"no addr column: one more call",
+			"# pxname,svname,status,scur,check_status,type\n" +
+				"nba_x86,slot1,UP,2,L7OK,2\n" +
+				"nba_x86,slot2,DOWN 1/2,0,L7OK,2\n" +
+				"nba_spoa,spoa1,UP,0,L4OK,2\n" +
+				"other,web1,UP,9,L7OK,2\n",
+			[]string{statServersCmd, "show servers state"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := startFakeSocket(t, func(cmd string) string {
+				switch cmd {
+				case statServersCmd:
+					return tc.stat + "\n"
+				case "show servers state":
+					return "1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port\n" +
+						"3 nba_x86 1 slot1 100.64.0.7 2 0 100 100 5 15 3 2 6 0 0 0 slot.nba.invalid 22\n" +
+						"3 nba_x86 2 slot2 fd7a::1 0 0 100 100 5 15 3 2 6 0 0 0 slot.nba.invalid 22\n\n"
+				}
+				return "Unknown command\n\n"
+			})
+			reg := prometheus.NewPedanticRegistry()
+			r := NewReadiness(NewClient(f.Path, time.Second), []string{"x86"}, reg)
+			servers, err := r.Servers(t.Context())
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := map[scaler.SlotKey]scaler.ServerStatus{
+				{Pool: "x86", Slot: "slot1"}: {Addr: "100.64.0.7:22", Up: true, Healthy: true, Sessions: 2},
+				// DOWN 1/2 with a passing check: healthy, not yet up.
+				{Pool: "x86", Slot: "slot2"}: {Addr: "[fd7a::1]:22", Up: false, Healthy: true, Sessions: 0},
+			}
+			if fmt.Sprint(servers) != fmt.Sprint(want) {
+				t.Errorf("Servers = %v, want %v", servers, want)
+			}
+			if got := f.Commands(); strings.Join(got, "|") != strings.Join(tc.calls, "|") {
+				t.Errorf("commands sent = %q, want %q", got, tc.calls)
+			}
+		})
+	}
+}
+
+func TestReadinessBindCommands(t *testing.T) {
+	f := startFakeSocket(t, func(cmd string) string {
+		if strings.Contains(cmd, "slot9") {
+			return "No such server.\n\n"
+		}
+		return "IP changed from '192.0.2.1' to 'x', port changed from '22' to 'y' by 'stats socket command'\n\n"
+	})
+	r := NewReadiness(NewClient(f.Path, time.Second), []string{"x86"}, nil)
+	for _, tc := range []struct {
+		slot, addr, cmd string
+	}{
+		{"slot1", "100.64.0.7:22", "set server nba_x86/slot1 addr 100.64.0.7 port 22"},
+		{"slot2", "[fd7a:115c:a1e0::1]:2222", "set server nba_x86/slot2 addr fd7a:115c:a1e0::1 port 2222"},
+		{"slot1", "", "set server nba_x86/slot1 addr 192.0.2.1 port 22"},
+	} {
+		if err := r.Bind(t.Context(), scaler.SlotKey{Pool: "x86", Slot: tc.slot}, tc.addr); err != nil {
+			t.Errorf("Bind(%s, %q): %v", tc.slot, tc.addr, err)
+		}
+		if got := f.Commands(); got[len(got)-1] != tc.cmd {
+			t.Errorf("Bind(%s, %q) sent %q, want %q", tc.slot, tc.addr, got[len(got)-1], tc.cmd)
+		}
+	}
+	err := r.Bind(t.Context(), scaler.SlotKey{Pool: "x86", Slot: "slot9"}, "100.64.0.7:22")
+	var ce *CommandError
+	if !errors.As(err, &ce) || !errors.Is(err, ErrNotFound) || !strings.Contains(err.Error(), "x86/slot9") {
+		t.Errorf("Bind(unknown) = %v, want a CommandError naming the slot", err)
+	}
+}
+
+func TestReadinessHAProxyRefuses(t *testing.T) {
+	// A socket at level user answers "Permission denied" to set server, but
+	// show stat works; an answer that is no table fails Servers with a quote.
+	f := startFakeSocket(t, func(cmd string) string { return "Permission denied\n\n" })
+	reg := prometheus.NewPedanticRegistry()
+	r := NewReadiness(NewClient(f.Path, time.Second), []string{"x86"}, reg)
+	_, err := r.Servers(t.Context())
+	var ce *CommandError
+	if !errors.As(err, &ce) || !strings.Contains(err.Error(), "Permission denied") {
+		t.Errorf("Servers = %v, want a CommandError quoting HAProxy", err)
+	}
+	checkMetrics(t, reg, `
+nix_builder_autoscaler_haproxy_up 0
+`)
+	if err := r.Bind(t.Context(), scaler.SlotKey{Pool: "x86", Slot: "slot1"}, "100.64.0.7:22"); !errors.As(err, &ce) || !strings.Contains(err.Error(), "Permission denied") {
+		t.Errorf("Bind = %v, want a CommandError quoting HAProxy", err)
+	}
+}
+
+func TestServerUp(t *testing.T) {
+	for _, tc := range []struct {
+		status, check string
+		up            bool
+	}{
+		{"UP", "L7OK", true},
+		{"UP", "* L7OK", true},
+		{"UP 1/3", "L4CON", true}, // still in rotation, counting down
+		{"UP 1/3", "INI", false},  // just left maintenance, no check yet
+		{"UP 1/3", "* INI", false},
+		{"DRAIN", "L7OK", true},
+		{"DRAIN (agent)", "L7OK", true},
+		{"DOWN", "L4CON", false},
+		{"DOWN 1/2", "L7OK", false}, // counting up to rise
+		{"DOWN (agent)", "L7OK", false},
+		{"NOLB", "L7OK", false},
+		{"NOLB 1/2", "L7OK", false},
+		{"MAINT", "", false},
+		{"MAINT (resolution)", "", false},
+		{"MAINT (via nba_x86/slot1)", "", false},
+		{"no check", "", true},
+		{"", "", false},
+	} {
+		if got := serverUp(tc.status, tc.check); got != tc.up {
+			t.Errorf("serverUp(%q, %q) = %v, want %v", tc.status, tc.check, got, tc.up)
+		}
+	}
+}
+
+func TestCheckPassed(t *testing.T) {
+	for status, want := range map[string]bool{"L7OK": true, "* L7OK": true, "L4OK": true, "L6OK": true,
+		"INI": false, "L4CON": false, "L7RSP": false, "L4TOUT": false, "": false, "* INI": false} {
+		if got := checkPassed(status); got != want {
+			t.Errorf("checkPassed(%q) = %v, want %v", status, got, want)
+		}
+	}
+}
