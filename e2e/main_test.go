@@ -13,12 +13,14 @@ import (
 	"time"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon/daemontest"
 )
 
 // binary is the daemon, built once for the package.
 var binary string
 
 func TestMain(m *testing.M) {
+	daemontest.MaybeRunBuilder()
 	dir, err := os.MkdirTemp("", "nba-e2e-bin")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

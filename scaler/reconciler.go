@@ -33,6 +33,10 @@ type Options struct {
 	Policy    Policy
 	Clock     Clock         // nil = RealClock
 	Interval  time.Duration // time between rounds without events
+	// FastInterval is the time between rounds while builders change state
+	// (0: DefaultFastInterval); match it to the load balancer's check
+	// interval.
+	FastInterval time.Duration
 	Logger    *slog.Logger
 	Metrics   *Metrics // nil = unregistered metrics
 	// OnChange is called after a round that changed state (long polls wake).
@@ -86,6 +90,9 @@ func New(o Options) *Reconciler {
 	if o.Interval <= 0 {
 		o.Interval = 10 * time.Second
 	}
+	if o.FastInterval <= 0 {
+		o.FastInterval = DefaultFastInterval
+	}
 	if o.CallTimeout <= 0 {
 		o.CallTimeout = 2 * time.Minute
 	}
@@ -130,10 +137,11 @@ func (r *Reconciler) Status() RoundStatus {
 	return r.status
 }
 
-// FastInterval is the round rate while any builder is changing state
-// (starting, draining, terminating): there is no event for "the builder's
-// sshd answers", so it is polled, but only while it matters.
-const FastInterval = time.Second
+// DefaultFastInterval is the round rate while any builder is changing state
+// (starting, draining, terminating, held connections waiting): there is no
+// event for "the builder's sshd answers", so it is polled, but only while
+// it matters.
+const DefaultFastInterval = time.Second
 
 // KickBatch is how long a round waits after the first event that asked for
 // it, so that events arriving together are planned together (like
@@ -144,7 +152,7 @@ const KickBatch = 2 * time.Millisecond
 // something is followed at once by another, so chained transitions
 // (launched → booting → binding) do not wait for a tick.
 func (r *Reconciler) Run(ctx context.Context) error {
-	t := r.o.Clock.NewTicker(min(FastInterval, r.o.Interval))
+	t := r.o.Clock.NewTicker(min(r.o.FastInterval, r.o.Interval))
 	defer t.Stop()
 	r.round(ctx)
 	last := r.o.Clock.Now()
@@ -206,9 +214,12 @@ func (r *Reconciler) ReconcileOnce(ctx context.Context) (changed bool, err error
 	}
 	now := r.o.Clock.Now()
 	actions := Plan(now, r.o.Policy, obs)
-	r.settling = len(actions) > 0
+	r.settling = len(actions) > 0 || len(obs.Held) > 0
 	for _, s := range obs.Slots {
-		r.settling = r.settling || s.State != Empty && s.State != Ready
+		srv := obs.Servers[s.Key()]
+		// A ready slot the load balancer does not route to yet (the agent's
+		// next check brings it up) is still settling too.
+		r.settling = r.settling || s.State != Empty && s.State != Ready || s.State == Ready && obs.ServersKnown && !srv.Up
 	}
 	r.o.Metrics.observe(r.o.Policy, obs)
 	if r.o.OnObserved != nil {

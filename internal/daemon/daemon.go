@@ -142,6 +142,8 @@ func New(ctx context.Context, cfg *config.Config, o Options) (*Daemon, error) {
 			Logger: o.Logger, Registerer: o.Registry})
 		d.agent = agentcheck.New(db, maxJobs, o.Logger, o.Registry)
 		sopts.OnObserved, sopts.Held = d.spoa.Update, d.spoa.Held
+		// Poll HAProxy as often as it checks builders while they settle.
+		sopts.FastInterval = min(cfg.HAProxy.CheckInterval.D(), scaler.DefaultFastInterval)
 		aopts.Held = d.spoa.Held
 		aopts.HAProxy = d.haproxyStatus
 	}

@@ -1,0 +1,260 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy"
+	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy/haproxytest"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon/daemontest"
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+)
+
+// stack is the daemon (in-process, real clock, local stand-in builders) and
+// a real HAProxy running the configuration generated from the same file.
+type stack struct {
+	t        *testing.T
+	h        *daemontest.Harness
+	hp       *haproxytest.Instance
+	cfg      *config.Config
+	frontend string
+}
+
+// startStack starts HAProxy, then the daemon. pool is extra TOML for pool
+// x86, hold the SPOE hold.
+func startStack(t *testing.T, pool, hold string) *stack {
+	t.Helper()
+	dir := haproxytest.Dir(t)
+	port := func() int { return haproxytest.FreePort(t) }
+	frontend := fmt.Sprintf("127.0.0.1:%d", port())
+	cfg := daemontest.ConfigWithDaemon(t, fmt.Sprintf(`
+[haproxy]
+runtime_socket = "%[1]s/admin.sock"
+agent_listen = "127.0.0.1:%[2]d"
+spoa_listen = "127.0.0.1:%[3]d"
+stats_listen = "127.0.0.1:%[4]d"
+state_file = "%[1]s/state"
+log = "stdout"
+hold = "%[5]s"
+check_interval = "200ms"`, dir, port(), port(), port(), hold), fmt.Sprintf("frontend = %q\n%s", frontend, pool))
+	spoePath := filepath.Join(dir, "nba-spoe.conf")
+	files, err := haproxy.Generate(cfg, haproxy.Options{SPOEPath: spoePath})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(spoePath, files.SPOEConf, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	hp := haproxytest.Start(t, dir, string(files.HAProxyCfg))
+	h := daemontest.Start(t, cfg, func(o *daemon.Options) { o.Clock = scaler.RealClock{} })
+	return &stack{t: t, h: h, hp: hp, cfg: cfg, frontend: frontend}
+}
+
+// stat returns show stat's fields for server x86/slot.
+func (s *stack) stat(slot string) map[string]string {
+	s.t.Helper()
+	out := s.hp.Cmd("show stat")
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) == 0 || !strings.HasPrefix(lines[0], "# ") {
+		s.t.Fatalf("show stat: %q", out)
+	}
+	header := strings.Split(strings.TrimPrefix(lines[0], "# "), ",")
+	for _, l := range lines[1:] {
+		f := strings.Split(l, ",")
+		if len(f) >= 2 && f[0] == haproxy.Backend("x86") && f[1] == slot {
+			m := map[string]string{}
+			for i, h := range header {
+				if i < len(f) {
+					m[h] = f[i]
+				}
+			}
+			return m
+		}
+	}
+	s.t.Fatalf("show stat has no server %s/%s", haproxy.Backend("x86"), slot)
+	return nil
+}
+
+// waitStat waits until show stat's field of x86/slot satisfies ok.
+func (s *stack) waitStat(slot, field string, ok func(string) bool) {
+	s.t.Helper()
+	var last string
+	for i := 0; i < 1500; i++ {
+		last = s.stat(slot)[field]
+		if ok(last) {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	s.t.Fatalf("show stat %s %s = %q; never became what the test waits for", slot, field, last)
+}
+
+func is(want string) func(string) bool { return func(got string) bool { return got == want } }
+
+func hasPrefix(p string) func(string) bool {
+	return func(got string) bool { return strings.HasPrefix(got, p) }
+}
+
+// dial connects through the HAProxy frontend and reads the builder's
+// banner; the connection stays open until the test ends or it is closed.
+func (s *stack) dial(timeout time.Duration) (net.Conn, string, error) {
+	c, err := net.DialTimeout("tcp", s.frontend, 5*time.Second)
+	if err != nil {
+		return nil, "", err
+	}
+	s.t.Cleanup(func() { c.Close() })
+	_ = c.SetReadDeadline(time.Now().Add(timeout))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	return c, strings.TrimSpace(line), err
+}
+
+func (s *stack) reserve(id string) api.Reservation {
+	s.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if _, _, err := s.h.Client.CreateReservation(ctx, api.CreateReservationRequest{ID: id, System: "x86_64-linux"}); err != nil {
+		s.t.Fatal(err)
+	}
+	r, err := s.h.Client.WaitReady(ctx, id, 10*time.Second)
+	if err != nil || r.State != "ready" {
+		s.t.Fatalf("reservation %s = %+v, %v; want ready", id, r, err)
+	}
+	return r
+}
+
+// TestAgentCheckAndOperatorThroughHAProxy: the agent-check responder owns
+// each server's state and weight in HAProxy, and operator commands reach
+// HAProxy through it.
+func TestAgentCheckAndOperatorThroughHAProxy(t *testing.T) {
+	s := startStack(t, "max_builders = 2\nmax_jobs = 3", "10s")
+	s.waitStat("slot1", "status", is("MAINT"))
+	r := s.reserve("agent-1")
+	if r.Slot != "slot1" {
+		t.Fatalf("reservation on %s, want slot1", r.Slot)
+	}
+	s.waitStat("slot1", "status", is("UP"))
+	st := s.stat("slot1")
+	if st["weight"] != "100" || st["slim"] != "3" || st["addr"] != r.Address {
+		t.Fatalf("slot1 weight %s slim %s addr %s; want 100, 3 (max_jobs), %s", st["weight"], st["slim"], st["addr"], r.Address)
+	}
+	if !strings.Contains(st["last_agt"], r.InstanceID) {
+		t.Errorf("last_agt %q does not name instance %s", st["last_agt"], r.InstanceID)
+	}
+	if got := s.stat("slot2")["status"]; got != "MAINT" {
+		t.Errorf("empty slot2 is %s, want MAINT", got)
+	}
+	ctx := context.Background()
+	if _, err := s.h.Client.SetWeight(ctx, "x86", "slot1", 50); err != nil {
+		t.Fatal(err)
+	}
+	s.waitStat("slot1", "weight", is("50"))
+	// An operator's runtime-API change does not stick: the agent owns weight.
+	s.hp.Cmd("set weight nba_x86/slot1 7")
+	s.waitStat("slot1", "weight", is("50"))
+	if _, err := s.h.Client.Drain(ctx, "x86", "slot1"); err != nil {
+		t.Fatal(err)
+	}
+	s.waitStat("slot1", "status", hasPrefix("DRAIN"))
+	if _, err := s.h.Client.Undrain(ctx, "x86", "slot1"); err != nil {
+		t.Fatal(err)
+	}
+	s.waitStat("slot1", "status", is("UP"))
+}
+
+// TestSteeringAndSPOAFailure: a reserved build's connections go to its slot;
+// with the SPOE agent gone, connections still flow and the daemon says the
+// agent is down.
+func TestSteeringAndSPOAFailure(t *testing.T) {
+	s := startStack(t, "max_builders = 2\nmax_jobs = 4\nmin_builders = 2", "10s")
+	s.waitStat("slot1", "status", is("UP"))
+	s.waitStat("slot2", "status", is("UP"))
+	r := s.reserve("steer-1")
+	// Let the SPOA see the assignment (its view refreshes every round).
+	if _, err := s.h.Client.Reconcile(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		if _, banner, err := s.dial(10 * time.Second); err != nil || !strings.HasPrefix(banner, "SSH-2.0-") {
+			t.Fatalf("connection %d: %q, %v", i, banner, err)
+		}
+	}
+	s.waitStat(r.Slot, "scur", is("3"))
+	want := "nba_x86/" + r.Slot
+	for _, l := range strings.Split(s.hp.Log(), "\n") {
+		if strings.Contains(l, "nba_x86 nba_x86/") && !strings.Contains(l, want) {
+			t.Errorf("a connection went elsewhere than the reserved slot %s: %s", r.Slot, l)
+		}
+	}
+
+	s.h.Daemon.StopSPOA()
+	waitFor(t, "daemon reports the SPOE agent down", func() bool {
+		st, err := s.h.Client.Status(context.Background())
+		return err == nil && st.HAProxy.SPOAUp != nil && !*st.HAProxy.SPOAUp
+	})
+	if _, banner, err := s.dial(10 * time.Second); err != nil || !strings.HasPrefix(banner, "SSH-2.0-") {
+		t.Fatalf("with the SPOE agent down: %q, %v; want HAProxy to balance by itself", banner, err)
+	}
+}
+
+// TestScaleFromZeroThroughHAProxy: with no builder and no reservation, a
+// connection is held while a builder is launched and is then served by it.
+func TestScaleFromZeroThroughHAProxy(t *testing.T) {
+	s := startStack(t, "max_builders = 2\n[pool.local]\nboot_delay = \"1s\"", "60s")
+	_, banner, err := s.dial(60 * time.Second)
+	if err != nil || !strings.HasPrefix(banner, "SSH-2.0-") {
+		t.Fatalf("held connection: %q, %v; want the new builder's banner", banner, err)
+	}
+	slots, err := s.h.Client.Slots(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if slots.Slots[0].State != "ready" {
+		t.Fatalf("slot1 = %s; the held connection should have launched it", slots.Slots[0].State)
+	}
+}
+
+// TestHoldLimitRejects: when no builder comes up within the hold, the
+// connection is closed and HAProxy's log says why.
+func TestHoldLimitRejects(t *testing.T) {
+	s := startStack(t, "max_builders = 1\n[pool.local]\nboot_delay = \"1h\"", "2s")
+	c, banner, err := s.dial(30 * time.Second)
+	if err == nil {
+		t.Fatalf("connection got %q; want it closed after the hold", banner)
+	}
+	c.Close()
+	waitFor(t, "HAProxy's log line for the rejected connection", func() bool {
+		return strings.Contains(s.hp.Log(), "verdict=reject")
+	})
+}
+
+// TestHAProxyRestartRebinds: after HAProxy restarts and forgets the builder
+// addresses, one reconcile round writes them again and connections work.
+func TestHAProxyRestartRebinds(t *testing.T) {
+	s := startStack(t, "max_builders = 2\nmin_builders = 1", "10s")
+	s.waitStat("slot1", "status", is("UP"))
+	addr := s.stat("slot1")["addr"]
+	s.hp.Restart()
+	if got := s.stat("slot1")["addr"]; got == addr {
+		t.Fatalf("after restart slot1 still points at %s; the test needs HAProxy to forget it", got)
+	}
+	if _, err := s.h.Client.Reconcile(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.stat("slot1")["addr"]; got != addr {
+		t.Fatalf("after one reconcile slot1 points at %s, want %s", got, addr)
+	}
+	s.waitStat("slot1", "status", is("UP"))
+	if _, banner, err := s.dial(10 * time.Second); err != nil || !strings.HasPrefix(banner, "SSH-2.0-") {
+		t.Fatalf("connection after restart: %q, %v", banner, err)
+	}
+}
