@@ -37,8 +37,8 @@ type Options struct {
 	// (0: DefaultFastInterval); match it to the load balancer's check
 	// interval.
 	FastInterval time.Duration
-	Logger    *slog.Logger
-	Metrics   *Metrics // nil = unregistered metrics
+	Logger       *slog.Logger
+	Metrics      *Metrics // nil = unregistered metrics
 	// OnChange is called after a round that changed state (long polls wake).
 	OnChange func()
 	// OnObserved gets every round's observation (the SPOE agent's view of
