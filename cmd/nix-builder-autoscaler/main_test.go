@@ -89,15 +89,23 @@ func TestUsage(t *testing.T) {
 	}
 }
 
-// TestDemo runs the README's first command end to end: a reservation
-// becomes a ready builder, the builder answers, and it drains away.
+// TestDemo runs the README's first command end to end with a real HAProxy:
+// a connection scales a builder up from zero, a reservation is served,
+// connections are steered, and the idle builder drains away.
 func TestDemo(t *testing.T) {
 	var stdout, stderr bytes.Buffer
 	code := run([]string{"demo", "--once"}, &stdout, &stderr)
 	if code != 0 {
 		t.Fatalf("demo exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout.String(), stderr.String())
 	}
-	for _, want := range []string{"reservation ready on demo/slot1", `connected to the builder: "SSH-2.0-`, "every slot is empty again"} {
+	for _, want := range []string{
+		`HAProxy held it until a builder was up; it answered "SSH-2.0-`,
+		"reservation ready on demo/slot1",
+		"haproxy slot1  UP",
+		"sessions 4",
+		"event drained",
+		"every slot is empty again",
+	} {
 		if !strings.Contains(stdout.String(), want) {
 			t.Errorf("demo output lacks %q:\n%s", want, stdout.String())
 		}
