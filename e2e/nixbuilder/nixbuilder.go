@@ -122,9 +122,13 @@ func Setup(t testing.TB) *Env {
 		nonce:           randomHex(4),
 		dirs:            map[string]bool{},
 	}
+	routeUser := holdRouteUser()
 	t.Cleanup(func() {
 		if err := removeAll(dir); err != nil {
 			t.Errorf("nixbuilder: remove %s: %v", dir, err)
+		}
+		if err := releaseRoute(routeUser); err != nil {
+			t.Errorf("nixbuilder: %v", err)
 		}
 	})
 	e.User = "root"
@@ -233,6 +237,87 @@ func Check() error {
 		if _, err := os.Stat("/usr/sbin/sshd"); err != nil {
 			return errors.New("nixbuilder: sshd not found (Debian: apt-get install openssh-server)")
 		}
+	}
+	return nil
+}
+
+// The host route launch-builder.sh adds so that addresses of terminated
+// builders are unreachable rather than routed off the machine; the lock
+// under which launch adds it and creates veth pairs; and the lock every live
+// Env holds shared, so the last one to end (in any process) removes the
+// route.
+const (
+	builderNet     = "100.64.0.0/16"
+	netLockFile    = "/run/lock/nba-nixbuilder-net.lock"
+	usersLockFile  = "/run/lock/nba-nixbuilder-users.lock"
+	lockWaitBudget = 30 * time.Second
+)
+
+// holdRouteUser takes the users lock shared, or returns nil (not root, or
+// no /run/lock).
+func holdRouteUser() *os.File {
+	if os.Geteuid() != 0 {
+		return nil
+	}
+	f, err := os.OpenFile(usersLockFile, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil
+	}
+	if flockWait(f, syscall.LOCK_SH) != nil {
+		f.Close()
+		return nil
+	}
+	return f
+}
+
+// releaseRoute drops this Env's share of the users lock, and if no other
+// Env is alive and no builder's veth (nbabN) exists, removes the host route
+// `unreachable 100.64.0.0/16` that launch-builder.sh added.
+func releaseRoute(user *os.File) error {
+	if user == nil {
+		return nil
+	}
+	user.Close()
+	f, err := os.OpenFile(usersLockFile, os.O_RDWR, 0)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	if syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB) != nil {
+		return nil // another Env is alive; the last one cleans up
+	}
+	net, err := os.OpenFile(netLockFile, os.O_RDWR, 0)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil // no launch ever took the lock: no route
+	}
+	if err != nil {
+		return err
+	}
+	defer net.Close()
+	if err := flockWait(net, syscall.LOCK_EX); err != nil {
+		return err
+	}
+	if m, _ := filepath.Glob("/sys/class/net/nbab[0-9]*"); len(m) > 0 {
+		return nil
+	}
+	out, err := exec.Command("ip", "route", "show", "exact", builderNet).Output()
+	if err != nil || !strings.HasPrefix(strings.TrimSpace(string(out)), "unreachable") {
+		return nil
+	}
+	if out, err := exec.Command("ip", "route", "del", "unreachable", builderNet).CombinedOutput(); err != nil {
+		return fmt.Errorf("ip route del unreachable %s: %v: %s", builderNet, err, out)
+	}
+	return nil
+}
+
+// flockWait takes a lock on f, waiting a bounded time.
+func flockWait(f *os.File, how int) error {
+	deadline := time.Now().Add(lockWaitBudget)
+	for syscall.Flock(int(f.Fd()), how|syscall.LOCK_NB) != nil {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("cannot lock %s", f.Name())
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 	return nil
 }

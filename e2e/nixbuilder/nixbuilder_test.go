@@ -137,8 +137,13 @@ func TestLaunchBuildTerminate(t *testing.T) {
 	if err := e.Terminate(ctx, b.ID); err != nil {
 		t.Errorf("second terminate: %v", err)
 	}
+	// The address fails at once (connection refused, or for a namespace
+	// the host's unreachable route), not after a timeout.
+	start = time.Now()
 	if _, err := e.Build(ctx, b.Address); err == nil {
 		t.Errorf("build on a terminated builder succeeded")
+	} else if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("build on a terminated builder took %v to fail", d)
 	}
 }
 
@@ -215,13 +220,16 @@ func TestParallelAndLegacy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r, err := e.BuildWith(ctx, b.Address, BuildOptions{Derivations: 4, Sleep: time.Second})
+	// Nix 2.8 hands derivations to the build hook one at a time (each
+	// waits for its SSH session, about 0.4 s), so they overlap, not start
+	// together: 4 × 2 s take about 4 s in parallel, 9.5 s one by one.
+	r, err := e.BuildWith(ctx, b.Address, BuildOptions{Derivations: 4, Sleep: 2 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("4 derivations sleeping 1s each, 4 jobs: %v", r.Duration.Round(time.Millisecond))
-	if r.Duration > 3500*time.Millisecond {
-		t.Errorf("4 one-second builds with 4 jobs took %v: not in parallel", r.Duration)
+	t.Logf("4 derivations sleeping 2s each, 4 jobs: %v", r.Duration.Round(time.Millisecond))
+	if r.Duration > 7*time.Second {
+		t.Errorf("4 two-second builds with 4 jobs took %v: not in parallel", r.Duration)
 	}
 	for _, p := range r.OutPaths {
 		if !b.HasPath(p) {
@@ -435,5 +443,101 @@ func TestLaunchRefusals(t *testing.T) {
 	}
 	if !alive(b.SSHDPID) {
 		t.Error("the refused second launch stopped the running builder")
+	}
+}
+
+// TestNamespaceFailure: when the veth cannot be made, auto mode falls back
+// to loopback and leaves no namespace behind; NBA_BUILDER_NETNS=1 fails.
+func TestNamespaceFailure(t *testing.T) {
+	t.Parallel()
+	if os.Geteuid() != 0 || exec.Command("unshare", "--net", "--mount", "true").Run() != nil {
+		t.Skip("needs root and a working unshare: no namespace to fail")
+	}
+	e := Setup(t)
+	ctx := testContext(t, 2*time.Minute)
+	shim := filepath.Join(e.Dir, "shim")
+	if err := os.MkdirAll(shim, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ip, err := exec.LookPath("ip")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fake := "#!/bin/sh\ncase \"$*\" in \"link add\"*) echo 'RTNETLINK answers: Operation not permitted (fake)' >&2; exit 2 ;; esac\nexec " + ip + " \"$@\"\n"
+	if err := os.WriteFile(filepath.Join(shim, "ip"), []byte(fake), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	path := "PATH=" + shim + ":" + os.Getenv("PATH")
+
+	b, err := e.Launch(ctx, "fallback", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b.Mode != "loopback" || b.HolderPID != 0 {
+		t.Fatalf("auto mode without veth gave %+v", b)
+	}
+	if _, err := e.Build(ctx, b.Address); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Terminate(ctx, b.ID); err != nil {
+		t.Fatal(err)
+	}
+	expectGone(t, b)
+
+	_, err = e.Launch(ctx, "strict", path, "NBA_BUILDER_NETNS=1", "NBA_BUILDER_KEEP_DIR=1")
+	if err == nil {
+		t.Fatal("NBA_BUILDER_NETNS=1 without veth succeeded")
+	}
+	b, rerr := ReadBuilder(e.StateDir, "strict")
+	if rerr != nil {
+		t.Fatal(rerr)
+	}
+	if b.HolderPID == 0 {
+		t.Fatalf("no namespace holder on record: %+v; launch said %v", b, err)
+	}
+	b.Dir = filepath.Join(e.Dir, "no-such-dir") // kept on purpose
+	expectGone(t, b)
+}
+
+// BenchmarkBuild: one trivial derivation built remotely, end to end (eval,
+// SSH session, copy to the builder, sandboxed build, copy back).
+func BenchmarkBuild(b *testing.B) {
+	for _, mode := range []string{"auto", "0"} {
+		b.Run("netns="+mode, func(b *testing.B) {
+			e := Setup(b)
+			ctx := context.Background()
+			bl, err := e.Launch(ctx, "bench", "NBA_BUILDER_NETNS="+mode)
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.Logf("builder at %s (%s)", bl.Address, bl.Mode)
+			for b.Loop() {
+				if _, err := e.Build(ctx, bl.Address); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkLaunchTerminate: one builder's launch (until sshd answers) and
+// terminate.
+func BenchmarkLaunchTerminate(b *testing.B) {
+	for _, mode := range []string{"auto", "0"} {
+		b.Run("netns="+mode, func(b *testing.B) {
+			e := Setup(b)
+			ctx := context.Background()
+			i := 0
+			for b.Loop() {
+				i++
+				id := fmt.Sprintf("b%d", i)
+				if _, err := e.Launch(ctx, id, "NBA_BUILDER_NETNS="+mode); err != nil {
+					b.Fatal(err)
+				}
+				if err := e.Terminate(ctx, id); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }

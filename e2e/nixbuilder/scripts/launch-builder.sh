@@ -25,7 +25,12 @@
 #                      --mount, nothing under /run/netns) joined to the host by
 #                      a veth pair nbabN; the builder gets 100.64.x.y port 22,
 #                      the host side the address before it (a /30 per
-#                      builder). Otherwise, or if that fails, listen on
+#                      builder). The host also gets the route
+#                      `unreachable 100.64.0.0/16` (if it has no route for
+#                      exactly that), so connections to a terminated builder
+#                      fail at once and never leave the machine; terminate
+#                      leaves it (the Go harness removes it at the end of a
+#                      test). Otherwise, or if that fails, listen on
 #                      127.0.0.x and a free port. "1" demands a namespace
 #                      (failure is an error); "0" never uses one.
 #   NBA_BUILDER_WAIT   seconds to wait for sshd to answer with the host key
@@ -46,6 +51,7 @@
 # builders use /bin/sh). Needs: sshd, ssh-keygen, ssh-keyscan, nix-daemon;
 # for namespaces also unshare, nsenter, ip.
 set -eu
+PATH=$PATH:/usr/sbin:/sbin # sshd, ip
 umask 022
 
 prog=launch-builder
@@ -207,14 +213,14 @@ EOF
 # rand N: a random number in [0, N).
 rand() { echo $(($(od -An -N4 -tu4 /dev/urandom | tr -d ' ') % $1)); }
 
-# wait_sshd HOST PORT: until sshd answers with our host key, bounded.
+# wait_sshd HOST PORT: until sshd answers with our host key, bounded by
+# NBA_BUILDER_WAIT seconds (0: do not even try).
 wait_sshd() {
-	n=$((wait_s * 10))
-	while [ "$n" -gt 0 ]; do
+	deadline=$(($(date +%s) + wait_s))
+	while [ "$(date +%s)" -lt "$deadline" ]; do
 		if ssh-keyscan -T 2 -p "$2" ${keytype:+-t "$keytype"} "$1" 2>/dev/null | cut -d' ' -f2,3 | grep -qxF -- "$hostpub"; then
 			return 0
 		fi
-		n=$((n - 1))
 		sleep 0.1
 	done
 	return 1
@@ -275,8 +281,19 @@ try_netns() {
 	record holder_pid "$holder"
 	record netns "$ns"
 	# The veth name is the reservation: `ip link add` fails if it exists.
+	# Under the lock, also make sure 100.64.0.0/16 is unreachable from the
+	# host except through a builder's veth: a connection to a terminated
+	# builder fails at once instead of leaving by the default route.
+	mkdir -p "$(dirname "$netlock")"
+	exec 9>"$netlock"
+	flock -w 30 9 || say "cannot lock $netlock; going on without"
+	if [ -z "$(ip route show exact "$netrange" 2>/dev/null)" ]; then
+		ip route add unreachable "$netrange" 2>"$dir/ip.err" ||
+			say "cannot add route unreachable $netrange: $(cat "$dir/ip.err")"
+	fi
 	i=1
 	veth=
+	err=
 	while [ "$i" -le 16383 ]; do
 		if [ ! -e "/sys/class/net/nbab$i" ]; then
 			if ip link add "nbab$i" type veth peer name eth0 netns "$holder" 2>"$dir/ip.err"; then
@@ -284,17 +301,18 @@ try_netns() {
 				break
 			fi
 			if [ ! -e "/sys/class/net/nbab$i" ]; then
-				say "ip link add failed: $(cat "$dir/ip.err")"
-				return 1
+				err="ip link add failed: $(cat "$dir/ip.err")"
+				break
 			fi
 		fi
 		i=$((i + 1))
 	done
+	[ -n "$veth" ] && record veth "$veth"
+	exec 9>&-
 	[ -n "$veth" ] || {
-		say "no free veth name nbab1..nbab16383"
+		say "${err:-no free veth name nbab1..nbab16383}"
 		return 1
 	}
-	record veth "$veth"
 	record veth_ifindex "$(cat "/sys/class/net/$veth/ifindex")"
 	# A /30 per builder in 100.64.0.0/16: .1 the host, .2 the builder.
 	b=$((i * 4))
@@ -338,6 +356,8 @@ try_loopback() {
 }
 
 mkdir -p /run/sshd 2>/dev/null || true # sshd's privilege separation directory
+netrange=100.64.0.0/16
+netlock=/run/lock/nba-nixbuilder-net.lock
 host=
 port=
 case $netns_mode in

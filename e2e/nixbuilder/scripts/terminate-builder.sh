@@ -23,8 +23,12 @@
 # process in that namespace (while the holder still pins the namespace: a
 # dead namespace's number can be reused). SIGTERM, then SIGKILL after 5 s. The veth pair
 # disappears with the namespace; if its host end is still there (the same
-# interface index as recorded), it is deleted. Exit 1 if something survives.
+# interface index as recorded), it is deleted. The host's
+# `unreachable 100.64.0.0/16` route that launch adds stays, so connections
+# to terminated builders keep failing at once (nixbuilder.Setup removes it
+# when its test ends and no builder is left). Exit 1 if something survives.
 set -eu
+PATH=$PATH:/usr/sbin:/sbin # sshd, ip
 
 prog=terminate-builder
 say() { printf '%s: %s\n' "$prog" "$*" >&2; }
@@ -86,12 +90,12 @@ ours() {
 		lst=$listener
 	fi
 	# Marked by environment, and (while pinned) in the namespace.
-	marked=$(grep -lzxF -- "$marker" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3 || true)
+	marked=$(grep -lzxF -- "$marker" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3 | tr "\n" " " || true)
 	inns=
 	if [ -n "$ns" ]; then
 		ino=${ns#net:\[}
 		ino=${ino%]}
-		inns=$(stat -L -c '%i %n' /proc/[0-9]*/ns/net 2>/dev/null | awk -v i="$ino" '$1 == i { split($2, a, "/"); print a[3] }' || true)
+		inns=$(stat -L -c '%i %n' /proc/[0-9]*/ns/net 2>/dev/null | awk -v i="$ino" '$1 == i { split($2, a, "/"); print a[3] }' | tr "\n" " " || true)
 	fi
 	# Those, the listener, and the listener's descendants (its sessions and
 	# their builds), living and not zombies; never this script.
