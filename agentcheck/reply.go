@@ -12,13 +12,17 @@ import (
 // implements DESIGN.md §3.2:
 //
 //	empty, launching, terminating  maint
-//	booting, binding               ready down #<phase> <instance-id>
+//	booting                        down #booting <instance-id>
+//	binding                        ready down #binding <instance-id>
 //	ready                          up ready <weight>% maxconn:<max_jobs> #<instance-id> <type> <market>
 //	draining                       drain
 //	any other state                maint
 //
-// booting and binding say "ready" as well as "down" (DESIGN says only
-// "down"): without "ready" the server stays in the MAINT it got from the
+// booting says only "down": the server stays in the MAINT it entered with
+// "maint" while launching, so HAProxy runs no health check toward the
+// placeholder address (the builder's is not known yet). binding says
+// "ready" as well as "down" (DESIGN says only "down"): without "ready" the
+// server would stay in the MAINT it got from the
 // config's `disabled` or from the slot's earlier "maint", and HAProxy runs no
 // health check on a server in MAINT, so the SSH check that moves the slot
 // from binding to ready would never run. "ready" clears MAINT; "down" keeps
@@ -39,7 +43,9 @@ import (
 // drains before it was ever ready. See the package documentation.
 func Reply(s scaler.Slot, maxJobs int) string {
 	switch s.State {
-	case scaler.Booting, scaler.Binding:
+	case scaler.Booting:
+		return "down #" + describe(string(s.State), s.InstanceID)
+	case scaler.Binding:
 		return "ready down #" + describe(string(s.State), s.InstanceID)
 	case scaler.Ready:
 		w := min(max(s.Weight, 0), scaler.MaxWeight)

@@ -19,9 +19,9 @@ func TestReply(t *testing.T) {
 	}{
 		{"empty", slot(scaler.Empty, 100), 4, "maint"},
 		{"launching", slot(scaler.Launching, 100), 4, "maint"},
-		{"booting", slot(scaler.Booting, 100), 4, "ready down #booting i-0abc"},
+		{"booting", slot(scaler.Booting, 100), 4, "down #booting i-0abc"},
 		{"binding", slot(scaler.Binding, 100), 4, "ready down #binding i-0abc"},
-		{"booting without instance id", scaler.Slot{State: scaler.Booting}, 4, "ready down #booting"},
+		{"booting without instance id", scaler.Slot{State: scaler.Booting}, 4, "down #booting"},
 		{"ready", slot(scaler.Ready, 100), 4, "up ready 100% maxconn:4 #i-0abc c7i.large spot"},
 		{"ready weight 50", slot(scaler.Ready, 50), 2, "up ready 50% maxconn:2 #i-0abc c7i.large spot"},
 		{"ready weight 200", slot(scaler.Ready, 200), 4, "up ready 200% maxconn:4 #i-0abc c7i.large spot"},

@@ -244,7 +244,7 @@ func TestServe(t *testing.T) {
 
 	want := map[string]string{
 		"x86/slot1\n": "up ready 100% maxconn:4 #i-1 c7i.large spot\n",
-		"x86/slot2\n": "ready down #booting i-2\n",
+		"x86/slot2\n": "down #booting i-2\n",
 		"x86/slot3\n": "drain\n",
 		"x86/slot4\n": "maint\n",
 		"nope\n":      "maint\n",

@@ -45,6 +45,7 @@ spoa_listen = "127.0.0.1:%[3]d"
 stats_listen = "127.0.0.1:%[4]d"
 state_file = "%[1]s/state"
 log = "stdout"
+placeholder = "127.0.0.254:9"
 hold = "%[5]s"
 check_interval = "200ms"`, dir, port(), port(), port(), hold), fmt.Sprintf("frontend = %q\n%s", frontend, pool))
 	spoePath := filepath.Join(dir, "nba-spoe.conf")

@@ -230,6 +230,12 @@ func newTemplateData(cfg *config.Config, opts Options) (*templateData, error) {
 		ps = append(ps, config.Problem{Key: key, Message: fmt.Sprintf(format, args...)})
 	}
 	h := cfg.HAProxy
+	phHost, phPortText, phErr := net.SplitHostPort(h.Placeholder)
+	phPort, perr := strconv.Atoi(phPortText)
+	if phErr != nil || perr != nil {
+		add("haproxy.placeholder", "%q is not ip:port; write it like \"192.0.2.1:22\"", h.Placeholder)
+	}
+	phIP := phHost
 	d := &templateData{
 		Cluster:          cfg.Daemon.Cluster,
 		RuntimeSocket:    h.RuntimeSocket,
@@ -366,9 +372,9 @@ func newTemplateData(cfg *config.Config, opts Options) (*templateData, error) {
 			MaxJobs:     p.MaxJobs,
 			Weight:      scaler.DefaultWeight,
 			Host:        PlaceholderHost,
-			Placeholder: Placeholder,
-			Port:        PlaceholderPort,
-			InitAddr:    "last," + Placeholder,
+			Placeholder: phIP,
+			Port:        phPort,
+			InitAddr:    "last," + phIP,
 		}
 		for n := 1; n <= p.MaxBuilders; n++ {
 			pd.Slots = append(pd.Slots, "slot"+strconv.Itoa(n))

@@ -14,12 +14,6 @@ const (
 	SPOEEngine = "nba"
 	// VarPrefix is the SPOE variable prefix: sess.nba.slot, sess.nba.verdict.
 	VarPrefix = "nba"
-	// Placeholder is the address a server without a builder points at
-	// (TEST-NET-1: never routed). It gives the server an IPv4 family, which
-	// `set server addr` needs.
-	Placeholder = "192.0.2.1"
-	// PlaceholderPort is the port a server without a builder points at.
-	PlaceholderPort = 22
 )
 
 // Backend is the backend (and frontend) name of a pool.

@@ -58,14 +58,18 @@ type Readiness struct {
 	spoaUp    bool
 	spoaKnown bool
 	sessions  map[scaler.SlotKey]int
+
+	placeholder string
 }
 
 var _ scaler.Readiness = (*Readiness)(nil)
 
 // NewReadiness returns a Readiness for the given pools (their backends are
 // Backend(pool)); reg, when not nil, receives its metrics.
-func NewReadiness(c *Client, pools []string, reg prometheus.Registerer) *Readiness {
-	r := &Readiness{c: c, pools: make(map[string]string, len(pools))}
+// placeholder ("ip:port", haproxy.placeholder) is where Bind points a
+// server that has no builder.
+func NewReadiness(c *Client, pools []string, placeholder string, reg prometheus.Registerer) *Readiness {
+	r := &Readiness{c: c, pools: make(map[string]string, len(pools)), placeholder: placeholder}
 	for _, p := range pools {
 		r.pools[Backend(p)] = p
 	}
@@ -76,12 +80,16 @@ func NewReadiness(c *Client, pools []string, reg prometheus.Registerer) *Readine
 }
 
 // Bind points a slot's server at addr ("ip:port"), or back at the
-// placeholder Placeholder:PlaceholderPort when addr is "". Hostnames are
+// placeholder when addr is "". Hostnames are
 // refused: HAProxy's `set server addr` takes IP addresses, and providers
 // report builder IPs.
 func (r *Readiness) Bind(ctx context.Context, key scaler.SlotKey, addr string) error {
-	ip, port := Placeholder, PlaceholderPort
-	if addr != "" {
+	if addr == "" {
+		addr = r.placeholder
+	}
+	var ip string
+	var port int
+	{
 		host, p, err := net.SplitHostPort(addr)
 		if err != nil {
 			return fmt.Errorf("bind %s: address %q is not ip:port: %w", key, addr, err)

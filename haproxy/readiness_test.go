@@ -45,7 +45,7 @@ func TestReadinessAgainstHAProxy(t *testing.T) {
 		testGlobal+poolBackend("x86", fe, 2)+poolBackend("arm", 0, 1)+spoaBackend(b.Addr))
 	reg := prometheus.NewPedanticRegistry()
 	c := NewClient(h.Socket, 2*time.Second)
-	r := NewReadiness(c, []string{"x86", "arm"}, reg)
+	r := NewReadiness(c, []string{"x86", "arm"}, "192.0.2.1:22", reg)
 	ctx := t.Context()
 	slot1 := scaler.SlotKey{Pool: "x86", Slot: "slot1"}
 	slot2 := scaler.SlotKey{Pool: "x86", Slot: "slot2"}
@@ -251,7 +251,7 @@ func TestReadinessWithAgent(t *testing.T) {
 		cfg += fmt.Sprintf("    server slot%d slot.nba.invalid:22 init-addr last,%s disabled agent-send \"x86/slot%d\\n\"\n", i, Placeholder, i)
 	}
 	h := haproxytest.Start(t, haproxytest.Dir(t), cfg)
-	r := NewReadiness(NewClient(h.Socket, 2*time.Second), []string{"x86"}, nil)
+	r := NewReadiness(NewClient(h.Socket, 2*time.Second), []string{"x86"}, "192.0.2.1:22", nil)
 	for i := 1; i <= 5; i++ {
 		if err := r.Bind(t.Context(), scaler.SlotKey{Pool: "x86", Slot: fmt.Sprintf("slot%d", i)}, b.Addr); err != nil {
 			t.Fatal(err)
@@ -297,7 +297,7 @@ func TestReadinessSPOA(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			h := haproxytest.Start(t, haproxytest.Dir(t), testGlobal+poolBackend("x86", 0, 1)+tc.spoa)
 			reg := prometheus.NewPedanticRegistry()
-			r := NewReadiness(NewClient(h.Socket, 2*time.Second), []string{"x86"}, reg)
+			r := NewReadiness(NewClient(h.Socket, 2*time.Second), []string{"x86"}, "192.0.2.1:22", reg)
 			var up, known bool
 			for range 100 { // the check needs a round (inter 100ms) to see the agent down
 				if _, err := r.Servers(t.Context()); err != nil {
@@ -350,7 +350,7 @@ func TestReadinessOneCallPerRound(t *testing.T) {
 				return "Unknown command\n\n"
 			})
 			reg := prometheus.NewPedanticRegistry()
-			r := NewReadiness(NewClient(f.Path, time.Second), []string{"x86"}, reg)
+			r := NewReadiness(NewClient(f.Path, time.Second), []string{"x86"}, "192.0.2.1:22", reg)
 			servers, err := r.Servers(t.Context())
 			if err != nil {
 				t.Fatal(err)
@@ -377,7 +377,7 @@ func TestReadinessBindCommands(t *testing.T) {
 		}
 		return "IP changed from '192.0.2.1' to 'x', port changed from '22' to 'y' by 'stats socket command'\n\n"
 	})
-	r := NewReadiness(NewClient(f.Path, time.Second), []string{"x86"}, nil)
+	r := NewReadiness(NewClient(f.Path, time.Second), []string{"x86"}, "192.0.2.1:22", nil)
 	for _, tc := range []struct {
 		slot, addr, cmd string
 	}{
@@ -404,7 +404,7 @@ func TestReadinessHAProxyRefuses(t *testing.T) {
 	// show stat works; an answer that is no table fails Servers with a quote.
 	f := startFakeSocket(t, func(cmd string) string { return "Permission denied\n\n" })
 	reg := prometheus.NewPedanticRegistry()
-	r := NewReadiness(NewClient(f.Path, time.Second), []string{"x86"}, reg)
+	r := NewReadiness(NewClient(f.Path, time.Second), []string{"x86"}, "192.0.2.1:22", reg)
 	_, err := r.Servers(t.Context())
 	var ce *CommandError
 	if !errors.As(err, &ce) || !strings.Contains(err.Error(), "Permission denied") {

@@ -118,6 +118,8 @@ type HAProxy struct {
 	StateFile     string   `toml:"state_file"`
 	Timeout       Duration `toml:"timeout"`
 	Log           string   `toml:"log"`
+	// Placeholder is the ip:port a server without a builder points at.
+	Placeholder string `toml:"placeholder"`
 }
 
 // Enabled reports whether the daemon works with HAProxy.
@@ -154,6 +156,7 @@ func Default() Config {
 			StateFile:     "/var/lib/haproxy/nix-builder-autoscaler.state",
 			Timeout:       NewDuration(5 * time.Second),
 			Log:           "/dev/log",
+			Placeholder:   "192.0.2.1:22",
 		},
 		Reservations: Reservations{
 			Lease:          NewDuration(10 * time.Minute),

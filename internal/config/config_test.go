@@ -185,6 +185,7 @@ func fullWant() Config {
 			StateFile:     "/var/lib/haproxy/nba.state",
 			Timeout:       d("3s"),
 			Log:           "stdout",
+			Placeholder:   "192.0.2.7:2222",
 		},
 		Pools: []Pool{{
 			Name:                   "x86",

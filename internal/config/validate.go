@@ -142,6 +142,13 @@ func (v *validator) haproxy(h HAProxy) {
 	}
 	v.duration(p+"timeout", h.Timeout, "5s")
 	v.absPath(p+"state_file", h.StateFile, `like "/var/lib/haproxy/nix-builder-autoscaler.state"`)
+	if host, port, err := net.SplitHostPort(h.Placeholder); err != nil {
+		v.add(p+"placeholder", "%q is not ip:port; write it like \"192.0.2.1:22\"", h.Placeholder)
+	} else if a, err := netip.ParseAddr(host); err != nil || !a.Is4() {
+		v.add(p+"placeholder", "%q is not an IPv4 address; HAProxy needs an address family to accept `set server addr` later; use an unrouted address like \"192.0.2.1\"", host)
+	} else if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+		v.add(p+"placeholder", "port %q is not a number in 1..65535", port)
+	}
 	if h.Log == "" {
 		v.add(p+"log", `is required; "/dev/log" for syslog, or "stdout" when HAProxy runs in the foreground`)
 	}
