@@ -146,7 +146,12 @@ type Instance struct {
 	LaunchedAt  time.Time
 	Type        string
 	Market      string
+	Zone        string // availability zone, where the provider has them
 	StateReason string // why the provider stopped it, e.g. Server.SpotInstanceTermination
+	// PrivateIP and PublicIP are the provider's addresses of the machine;
+	// discovery may choose one of them as Address.
+	PrivateIP string
+	PublicIP  string
 }
 
 // LaunchRequest asks a provider for one builder in a pool's slot.

@@ -23,14 +23,18 @@ import (
 // commands) on this machine.
 const ProviderLocal = "local"
 
+// ProviderEC2 launches builders on AWS EC2.
+const ProviderEC2 = "ec2"
+
 // Providers lists the accepted values of a pool's provider key.
-var Providers = []string{ProviderLocal}
+var Providers = []string{ProviderLocal, ProviderEC2}
 
 // Config is the whole config file.
 type Config struct {
 	Daemon       Daemon       `toml:"daemon"`
 	Reservations Reservations `toml:"reservations"`
 	HAProxy      HAProxy      `toml:"haproxy"`
+	Tailscale    Tailscale    `toml:"tailscale"`
 	Pools        []Pool       `toml:"pool"` // [[pool]]
 }
 
@@ -86,8 +90,62 @@ type Pool struct {
 	// Frontend is where HAProxy accepts this pool's SSH connections
 	// (host:port); Nix's machines file points there.
 	Frontend string `toml:"frontend"`
-	Provider string `toml:"provider"`
-	Local    Local  `toml:"local"`
+	// MaxLifetime drains and replaces builders older than this (0: never).
+	MaxLifetime Duration `toml:"max_lifetime"`
+	Provider    string   `toml:"provider"`
+	Local       Local    `toml:"local"`
+	EC2         EC2      `toml:"ec2"`
+}
+
+// EC2 is a pool's [pool.ec2] table, used with provider = "ec2".
+type EC2 struct {
+	Region                string   `toml:"region"`
+	Endpoint              string   `toml:"endpoint"`
+	LaunchTemplateID      string   `toml:"launch_template_id"`
+	LaunchTemplateName    string   `toml:"launch_template_name"`
+	LaunchTemplateVersion string   `toml:"launch_template_version"`
+	AMI                   string   `toml:"ami"`
+	InstanceTypes         []string `toml:"instance_types"`
+	Subnets               []string `toml:"subnets"`
+	SecurityGroups        []string `toml:"security_groups"`
+	InstanceProfile       string   `toml:"instance_profile"`
+	KeyName               string   `toml:"key_name"`
+	RootVolumeGB          int      `toml:"root_volume_gb"`
+	UserData              string   `toml:"user_data"`
+	// Market is "spot" or "on-demand"; empty means spot, or on-demand for
+	// a nested-virtualization pool.
+	Market               string   `toml:"market"`
+	OnDemandFallback     bool     `toml:"on_demand_fallback"`
+	NestedVirtualization bool     `toml:"nested_virtualization"`
+	UnavailableFor       Duration `toml:"unavailable_for"`
+	// Discovery is how a booted builder's address is found: "tailscale",
+	// "ec2-private-ip" or "ec2-public-ip".
+	Discovery string `toml:"discovery"`
+	SSHPort   int    `toml:"ssh_port"`
+}
+
+// EffectiveMarket is the market launches start in.
+func (e EC2) EffectiveMarket() string {
+	switch {
+	case e.Market != "":
+		return e.Market
+	case e.NestedVirtualization:
+		return "on-demand"
+	}
+	return "spot"
+}
+
+// Tailscale is the [tailscale] table: how builders are found on the tailnet.
+type Tailscale struct {
+	Socket string `toml:"socket"`
+	// Hostname is a text/template of a builder's tailnet host name, from
+	// .InstanceID .Pool .Slot .Cluster.
+	Hostname string `toml:"hostname"`
+	// APIKeyFile, when set, lets the daemon delete a terminated builder's
+	// device from the tailnet through Tailscale's API.
+	APIKeyFile string `toml:"api_key_file"`
+	Tailnet    string `toml:"tailnet"`
+	APIURL     string `toml:"api_url"`
 }
 
 // Serves reports whether the pool builds for system and offers every one of
@@ -158,6 +216,12 @@ func Default() Config {
 			Log:           "/dev/log",
 			Placeholder:   "192.0.2.1:22",
 		},
+		Tailscale: Tailscale{
+			Socket:   "/var/run/tailscale/tailscaled.sock",
+			Hostname: "nix-builder-{{.InstanceID}}",
+			Tailnet:  "-",
+			APIURL:   "https://api.tailscale.com",
+		},
 		Reservations: Reservations{
 			Lease:          NewDuration(10 * time.Minute),
 			MaxLease:       NewDuration(24 * time.Hour),
@@ -178,9 +242,16 @@ func DefaultPool() Pool {
 		LaunchTimeout:          NewDuration(5 * time.Minute),
 		BootTimeout:            NewDuration(10 * time.Minute),
 		BindTimeout:            NewDuration(5 * time.Minute),
+		MaxLifetime:            NewDuration(0),
 		Local: Local{
 			Address:   "127.0.0.1",
 			BootDelay: NewDuration(0),
+		},
+		EC2: EC2{
+			LaunchTemplateVersion: "$Default",
+			UnavailableFor:        NewDuration(5 * time.Minute),
+			Discovery:             "tailscale",
+			SSHPort:               22,
 		},
 	}
 }
@@ -268,6 +339,7 @@ type document struct {
 	Daemon       Daemon           `toml:"daemon"`
 	Reservations Reservations     `toml:"reservations"`
 	HAProxy      HAProxy          `toml:"haproxy"`
+	Tailscale    Tailscale        `toml:"tailscale"`
 	Pools        []toml.Primitive `toml:"pool"`
 }
 
@@ -276,12 +348,12 @@ type document struct {
 // key belongs to.
 func decode(data []byte, raw map[string]any) (*Config, Problems, error) {
 	def := Default()
-	doc := document{Daemon: def.Daemon, Reservations: def.Reservations, HAProxy: def.HAProxy}
+	doc := document{Daemon: def.Daemon, Reservations: def.Reservations, HAProxy: def.HAProxy, Tailscale: def.Tailscale}
 	md, err := toml.Decode(string(data), &doc)
 	if err != nil {
 		return nil, nil, err
 	}
-	cfg := &Config{Daemon: doc.Daemon, Reservations: doc.Reservations, HAProxy: doc.HAProxy}
+	cfg := &Config{Daemon: doc.Daemon, Reservations: doc.Reservations, HAProxy: doc.HAProxy, Tailscale: doc.Tailscale}
 	for i, prim := range doc.Pools {
 		p := DefaultPool()
 		if err := md.PrimitiveDecode(prim, &p); err != nil {

@@ -187,6 +187,7 @@ func fullWant() Config {
 			Log:           "stdout",
 			Placeholder:   "192.0.2.7:2222",
 		},
+		Tailscale: Default().Tailscale,
 		Pools: []Pool{{
 			Name:                   "x86",
 			Systems:                []string{"x86_64-linux", "i686-linux"},
@@ -202,7 +203,9 @@ func fullWant() Config {
 			BootTimeout:            d("15m"),
 			BindTimeout:            d("3m"),
 			Frontend:               "0.0.0.0:2222",
+			MaxLifetime:            d("0s"),
 			Provider:               "local",
+			EC2:                    DefaultPool().EC2,
 			Local: Local{
 				Address:          "127.0.0.2",
 				BootDelay:        d("20s"),
@@ -222,7 +225,9 @@ func fullWant() Config {
 			BootTimeout:            d("5m"),
 			BindTimeout:            d("1m"),
 			Frontend:               "0.0.0.0:2223",
+			MaxLifetime:            d("0s"),
 			Provider:               "local",
+			EC2:                    DefaultPool().EC2,
 			Local:                  Local{Address: "127.0.0.3", BootDelay: d("0s")},
 		}},
 	}
@@ -453,7 +458,7 @@ bootdelay = "1s"
 		{
 			name: "unknown provider",
 			toml: "[[pool]]\nname = \"x86\"\nsystems = [\"x86_64-linux\"]\nmax_builders = 1\nprovider = \"docker\"\n",
-			want: []string{`pool[0] (name "x86").provider: "docker" is not a known provider; use one of: local`},
+			want: []string{`pool[0] (name "x86").provider: "docker" is not a known provider; use one of: local, ec2`},
 		},
 		{
 			name: "local address not loopback",
@@ -675,13 +680,14 @@ func TestDocs(t *testing.T) {
 
 	for _, typ := range []reflect.Type{
 		reflect.TypeFor[Daemon](), reflect.TypeFor[Reservations](), reflect.TypeFor[HAProxy](),
+		reflect.TypeFor[Tailscale](), reflect.TypeFor[EC2](),
 		reflect.TypeFor[Pool](), reflect.TypeFor[Local](),
 	} {
 		for i := range typ.NumField() {
 			f := typ.Field(i)
 			key, _, _ := strings.Cut(f.Tag.Get("toml"), ",")
 			heading := "### `" + key + "`"
-			if f.Type == reflect.TypeFor[Local]() {
+			if f.Type == reflect.TypeFor[Local]() || f.Type == reflect.TypeFor[EC2]() {
 				heading = "### `[pool." + key + "]`"
 			}
 			if !strings.Contains(doc, heading) {
