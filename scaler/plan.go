@@ -20,6 +20,8 @@ type PoolPolicy struct {
 	LaunchTimeout          time.Duration
 	BootTimeout            time.Duration
 	BindTimeout            time.Duration
+	// MaxLifetime drains ready builders older than this (0: no limit).
+	MaxLifetime time.Duration
 }
 
 // Policy is the configuration Plan works from.
@@ -352,9 +354,13 @@ func (p *planner) slotTransitions() {
 					p.emit(Action{Kind: ActTouch, Pool: s.Pool, Slot: s.Name})
 					s.LastActive = p.now
 				}
-				if !configured || SlotNumber(s.Name) > pp.MaxBuilders {
+				switch {
+				case !configured || SlotNumber(s.Name) > pp.MaxBuilders:
 					// The pool, or this slot, left the configuration.
 					p.drain(s, "slot no longer configured")
+				case pp.MaxLifetime > 0 && found && !in.LaunchedAt.IsZero() && p.now.Sub(in.LaunchedAt) >= pp.MaxLifetime:
+					// Old builders go; demand brings a fresh one.
+					p.drain(s, "max lifetime ("+pp.MaxLifetime.String()+")")
 				}
 				continue
 			}
@@ -407,11 +413,39 @@ func (p *planner) orphans() {
 			p.emit(Action{Kind: ActTerminate, Pool: in.Pool, Instance: id, Reason: "orphan: stopped outside the daemon"})
 			continue
 		}
+		if s := p.freeSlot(in); s != nil {
+			// A healthy builder of ours whose slot is free (its record was
+			// lost): take it back rather than pay for a new one.
+			p.claimed[id] = true
+			s.InstanceID, s.LaunchID = in.ID, in.LaunchID
+			p.emit(Action{Kind: ActAdopt, Pool: s.Pool, Slot: s.Name, Instance: id, To: Booting, Reason: "untracked instance tagged for this free slot"})
+			p.setState(s, Booting)
+			continue
+		}
 		if p.now.Sub(in.LaunchedAt) < p.pol.OrphanGrace {
 			continue
 		}
 		p.emit(Action{Kind: ActTerminate, Pool: in.Pool, Instance: id, Reason: "orphan: no slot tracks it"})
 	}
+}
+
+// freeSlot returns the empty, configured slot an untracked running instance
+// is tagged for, or nil.
+func (p *planner) freeSlot(in Instance) *Slot {
+	if in.State != InstanceRunning || in.Slot == "" {
+		return nil
+	}
+	pp, ok := p.poolIndex[in.Pool]
+	if !ok || SlotNumber(in.Slot) < 1 || SlotNumber(in.Slot) > pp.MaxBuilders {
+		return nil
+	}
+	for i := range p.slots {
+		s := &p.slots[i]
+		if s.Pool == in.Pool && s.Name == in.Slot && s.State == Empty {
+			return s
+		}
+	}
+	return nil
 }
 
 func (p *planner) reservationDeadlines() {

@@ -395,9 +395,38 @@ func TestPlan(t *testing.T) {
 		},
 		{
 			name: "orphan instance terminated after the grace period",
+			w: world{slots: []Slot{slot("slot1", Ready), slot("slot2", Empty), slot("slot3", Empty)},
+				res: []Reservation{assigned("r1", "slot1")},
+				instances: []Instance{
+					inst("slot1", InstanceRunning, func(in *Instance) { in.ID = "i-stray" }),
+					inst("slot1", InstanceRunning, func(in *Instance) { in.ID = "i-young"; in.LaunchedAt = t0.Add(-time.Minute) }),
+					inst("slot9", InstanceRunning, func(in *Instance) { in.ID = "i-noslot" }),
+				}},
+			want: []string{
+				`touch pool="x86" slot="slot1"`,
+				`terminate pool="x86" instance="i-noslot" reason="orphan: no slot tracks it"`,
+				`terminate pool="x86" instance="i-stray" reason="orphan: no slot tracks it"`,
+			},
+		},
+		{
+			name: "untracked healthy instance is adopted into its free tagged slot",
 			w: world{slots: []Slot{slot("slot1", Empty), slot("slot2", Empty), slot("slot3", Empty)},
-				instances: []Instance{inst("slot1", InstanceRunning), inst("slot2", InstanceRunning, func(in *Instance) { in.LaunchedAt = t0.Add(-time.Minute) })}},
-			want: []string{`terminate pool="x86" instance="i-slot1" reason="orphan: no slot tracks it"`},
+				instances: []Instance{inst("slot2", InstanceRunning), inst("slot3", InstanceStopped)}},
+			want: []string{
+				`adopt pool="x86" slot="slot2" instance="i-slot2" to="booting" reason="untracked instance tagged for this free slot"`,
+				`terminate pool="x86" instance="i-slot3" reason="orphan: stopped outside the daemon"`,
+			},
+		},
+		{
+			name: "builder past max_lifetime drains; demand brings a fresh one",
+			pol:  policy(pool(func(p *PoolPolicy) { p.MaxLifetime = 24 * time.Hour })),
+			w: world{slots: []Slot{slot("slot1", Ready), slot("slot2", Empty), slot("slot3", Empty)},
+				instances: []Instance{inst("slot1", InstanceRunning, func(in *Instance) { in.LaunchedAt = t0.Add(-25 * time.Hour) })},
+				res:       []Reservation{pending("r1", 0)}},
+			want: []string{
+				`drain pool="x86" slot="slot1" instance="i-slot1" reason="max lifetime (24h0m0s)"`,
+				`launch pool="x86" slot="slot2" reason="1 need a builder, 1 builders wanted, 0 active"`,
+			},
 		},
 		// Reservation deadlines.
 		{

@@ -378,11 +378,17 @@ func (a *applier) apply(ctx context.Context, act Action) error {
 		return a.launch(ctx, act)
 	case ActAdopt:
 		_, err := a.updateSlot(ctx, key, func(s *Slot) bool {
-			if s.State != Launching || s.InstanceID != "" {
-				return false
+			switch {
+			case act.To == Booting && s.State == Empty:
+				// An untracked builder taken back into its free slot.
+				*s = Slot{Pool: s.Pool, Name: s.Name, State: Booting, InstanceID: act.Instance, StateSince: a.now,
+					LastActive: a.now, Weight: s.Weight, Version: s.Version}
+				return true
+			case act.To == "" && s.State == Launching && s.InstanceID == "":
+				s.InstanceID = act.Instance
+				return true
 			}
-			s.InstanceID = act.Instance
-			return true
+			return false
 		}, a.event(EvAdopted, act))
 		a.log().Info("instance adopted", "slot", key, "instance", act.Instance, "reason", act.Reason)
 		return err
@@ -570,10 +576,10 @@ func (a *applier) launch(ctx context.Context, act Action) error {
 		if s.LaunchID != launchID {
 			return false
 		}
-		s.InstanceID, s.InstanceType, s.Market = in.ID, in.Type, in.Market
+		s.InstanceID, s.InstanceType, s.Market, s.Zone = in.ID, in.Type, in.Market, in.Zone
 		return true
-	}, a.event(EvLaunched, act))
-	a.log().Info("builder launched", "slot", key, "instance", in.ID, "type", in.Type, "market", in.Market, "reason", act.Reason)
+	}, launchedEvent(a.event(EvLaunched, act), in))
+	a.log().Info("builder launched", "slot", key, "instance", in.ID, "type", in.Type, "market", in.Market, "zone", in.Zone, "reason", act.Reason)
 	return err
 }
 
@@ -626,6 +632,21 @@ func (a *applier) terminate(ctx context.Context, act Action) error {
 	}
 	a.log().Info("builder terminated", "slot", key, "instance", act.Instance, "reason", act.Reason)
 	return nil
+}
+
+// launchedEvent records what was bought (market, type, zone) with the
+// reason it was launched, so costs can be traced from the event log.
+func launchedEvent(ev Event, in Instance) Event {
+	var what []string
+	for _, w := range []string{in.Market, in.Type, in.Zone} {
+		if w != "" {
+			what = append(what, w)
+		}
+	}
+	if len(what) > 0 {
+		ev.Reason = strings.Join(what, " ") + ": " + ev.Reason
+	}
+	return ev
 }
 
 // launchFailed backs the pool off exponentially: 5s, 10s, ... up to 5m.

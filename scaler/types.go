@@ -68,6 +68,7 @@ type Slot struct {
 	Address      string // host:port HAProxy connects to
 	InstanceType string
 	Market       string
+	Zone         string
 	StateSince   time.Time
 	// LastActive is when the slot last held a reservation or a session; idle
 	// time counts from here.

@@ -44,6 +44,7 @@ type Slot struct {
 	Address      string    `json:"address,omitempty"`
 	InstanceType string    `json:"instance_type,omitempty"`
 	Market       string    `json:"market,omitempty"`
+	Zone         string    `json:"zone,omitempty"`
 	Weight       int       `json:"weight"`
 	Since        time.Time `json:"since"`
 	LastActive   time.Time `json:"last_active,omitzero"`

@@ -215,10 +215,10 @@ func (db *DB) Commit(ctx context.Context, c scaler.Change) error {
 
 	for _, s := range c.Slots {
 		res, err := tx.ExecContext(ctx, `UPDATE slots SET state = ?, instance_id = ?, launch_id = ?,
-			address = ?, instance_type = ?, market = ?, state_since = ?, last_active = ?, weight = ?,
+			address = ?, instance_type = ?, market = ?, zone = ?, state_since = ?, last_active = ?, weight = ?,
 			drain_reason = ?, version = version + 1
 			WHERE pool = ? AND name = ? AND version = ?`,
-			string(s.State), s.InstanceID, s.LaunchID, s.Address, s.InstanceType, s.Market,
+			string(s.State), s.InstanceID, s.LaunchID, s.Address, s.InstanceType, s.Market, s.Zone,
 			nanos(s.StateSince), nanos(s.LastActive), s.Weight, s.DrainReason,
 			s.Pool, s.Name, s.Version)
 		if err := checkUpdated(res, err); err != nil {

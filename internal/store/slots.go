@@ -15,14 +15,14 @@ import (
 )
 
 const slotColumns = `pool, name, state, instance_id, launch_id, address, instance_type,
-	market, state_since, last_active, weight, drain_reason, version`
+	market, zone, state_since, last_active, weight, drain_reason, version`
 
 func scanSlot(sc scanner) (scaler.Slot, error) {
 	var s scaler.Slot
 	var state string
 	var since, active int64
 	err := sc.Scan(&s.Pool, &s.Name, &state, &s.InstanceID, &s.LaunchID, &s.Address,
-		&s.InstanceType, &s.Market, &since, &active, &s.Weight, &s.DrainReason, &s.Version)
+		&s.InstanceType, &s.Market, &s.Zone, &since, &active, &s.Weight, &s.DrainReason, &s.Version)
 	if err != nil {
 		return scaler.Slot{}, err
 	}

@@ -713,12 +713,14 @@ func TestReopenKeepsDataAndSchema(t *testing.T) {
 func TestMigrateAppliesOnlyNew(t *testing.T) {
 	ctx := context.Background()
 	db, _ := openTest(t)
-	m2 := migration{version: 2, name: "002_test.sql", sql: "CREATE TABLE extra (x INTEGER NOT NULL);"}
-	m3 := migration{version: 3, name: "003_test.sql", sql: "INSERT INTO extra VALUES (3);"}
 	ms, err := migrations()
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Two made-up migrations after the embedded ones.
+	n := len(ms)
+	m2 := migration{version: n + 1, name: "900_test.sql", sql: "CREATE TABLE extra (x INTEGER NOT NULL);"}
+	m3 := migration{version: n + 2, name: "901_test.sql", sql: "INSERT INTO extra VALUES (3);"}
 	// 001 was applied by Open; running it again would fail (tables exist),
 	// so success shows it was skipped.
 	if err := db.migrate(ctx, append(ms, m2)); err != nil {
@@ -734,12 +736,12 @@ func TestMigrateAppliesOnlyNew(t *testing.T) {
 	if err := db.w.QueryRowContext(ctx, "SELECT COUNT(*) FROM schema_migrations").Scan(&versions); err != nil {
 		t.Fatal(err)
 	}
-	if rows != 1 || versions != 3 {
-		t.Errorf("extra rows = %d, schema versions = %d; want 1, 3", rows, versions)
+	if rows != 1 || versions != n+2 {
+		t.Errorf("extra rows = %d, schema versions = %d; want 1, %d", rows, versions, n+2)
 	}
 
 	// A failing migration leaves no trace.
-	bad := migration{version: 4, name: "004_bad.sql", sql: "CREATE TABLE half (x INTEGER); SELECT nonsense FROM nowhere;"}
+	bad := migration{version: n + 3, name: "902_bad.sql", sql: "CREATE TABLE half (x INTEGER); SELECT nonsense FROM nowhere;"}
 	if err := db.migrate(ctx, append(ms, m2, m3, bad)); err == nil {
 		t.Fatal("bad migration succeeded")
 	}
@@ -748,8 +750,8 @@ func TestMigrateAppliesOnlyNew(t *testing.T) {
 	if err := db.w.QueryRowContext(ctx, "SELECT COUNT(*) FROM schema_migrations").Scan(&versions); err != nil {
 		t.Fatal(err)
 	}
-	if half != 0 || versions != 3 {
-		t.Errorf("after failed migration: table half exists=%d, versions=%d; want 0, 3", half, versions)
+	if half != 0 || versions != n+2 {
+		t.Errorf("after failed migration: table half exists=%d, versions=%d; want 0, %d", half, versions, n+2)
 	}
 }
 
@@ -905,5 +907,25 @@ func BenchmarkCreateRelease(b *testing.B) {
 		}); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+func TestSlotZoneRoundTrip(t *testing.T) {
+	ctx := context.Background()
+	db, _ := openTest(t)
+	if err := db.EnsureSlots(ctx, map[string]int{"x86": 1}, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	s, err := db.Slot(ctx, scaler.SlotKey{Pool: "x86", Slot: "slot1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.State, s.InstanceID, s.InstanceType, s.Market, s.Zone = scaler.Launching, "i-1", "c7i.large", "spot", "eu-central-1a"
+	if err := db.Commit(ctx, scaler.Change{Slots: []scaler.Slot{s}}); err != nil {
+		t.Fatal(err)
+	}
+	got, err := db.Slot(ctx, s.Key())
+	if err != nil || got.Zone != "eu-central-1a" || got.Market != "spot" || got.InstanceType != "c7i.large" {
+		t.Fatalf("slot after commit = %+v, %v; want zone, market and type kept", got, err)
 	}
 }
