@@ -1,0 +1,219 @@
+package ec2
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/aws/ratelimit"
+	"github.com/aws/aws-sdk-go-v2/aws/retry"
+	"github.com/aws/aws-sdk-go-v2/config"
+	"github.com/aws/aws-sdk-go-v2/credentials"
+	"github.com/aws/aws-sdk-go-v2/service/ec2"
+	"github.com/aws/smithy-go"
+	"github.com/aws/smithy-go/middleware"
+)
+
+// API is the part of the EC2 API the provider calls. *ec2.Client
+// implements it (see NewClient); tests pass ec2test.Fake.
+type API = ec2API
+
+type ec2API interface {
+	RunInstances(ctx context.Context, in *ec2.RunInstancesInput, optFns ...func(*ec2.Options)) (*ec2.RunInstancesOutput, error)
+	TerminateInstances(ctx context.Context, in *ec2.TerminateInstancesInput, optFns ...func(*ec2.Options)) (*ec2.TerminateInstancesOutput, error)
+	// DescribeInstances is also driven through ec2.NewDescribeInstancesPaginator.
+	DescribeInstances(ctx context.Context, in *ec2.DescribeInstancesInput, optFns ...func(*ec2.Options)) (*ec2.DescribeInstancesOutput, error)
+}
+
+var _ ec2API = (*ec2.Client)(nil)
+
+// Operation names, as EC2 spells them (the op label of the throttle metric).
+const (
+	opRun       = "RunInstances"
+	opDescribe  = "DescribeInstances"
+	opTerminate = "TerminateInstances"
+)
+
+// Client-side request rates, per operation and per Provider: below EC2's
+// per-account token buckets (RunInstances 5 burst / 2 per s, Describe* 100 /
+// 20, TerminateInstances 100 / 5), so the daemon leaves headroom for other
+// tools in the account. Every HTTP attempt takes a token, retries included.
+var defaultLimits = map[string]struct {
+	burst int
+	rate  float64 // tokens per second
+}{
+	opRun:       {burst: 4, rate: 1.5},
+	opDescribe:  {burst: 50, rate: 10},
+	opTerminate: {burst: 50, rate: 4},
+}
+
+// Retry settings of NewClient's SDK retryer. Throttling errors
+// (RequestLimitExceeded and the SDK's other throttle codes) back off
+// exponentially from 1 s with jitter, up to maxBackoff per wait.
+const (
+	maxAttempts = 8
+	maxBackoff  = 20 * time.Second
+)
+
+// NewClient returns an EC2 client for region. The SDK's default credential
+// chain applies (environment, shared files, instance role). endpoint, when
+// set, replaces the service endpoint (BaseEndpoint), e.g. a moto_server on
+// loopback; with an endpoint and no AWS_ACCESS_KEY_ID in the environment the
+// client signs with static dummy credentials. The client retries throttling
+// and transient errors up to 8 attempts with exponential backoff and jitter
+// (the SDK standard retryer without its retry quota: the provider's own
+// rate limit keeps the request rate down instead).
+func NewClient(ctx context.Context, region, endpoint string) (*ec2.Client, error) {
+	return newClient(ctx, region, endpoint, nil)
+}
+
+func newClient(ctx context.Context, region, endpoint string, tune func(*retry.StandardOptions)) (*ec2.Client, error) {
+	opts := []func(*config.LoadOptions) error{
+		config.WithRetryer(func() aws.Retryer {
+			return retry.NewStandard(func(o *retry.StandardOptions) {
+				o.MaxAttempts = maxAttempts
+				o.MaxBackoff = maxBackoff
+				o.RateLimiter = ratelimit.None
+				if tune != nil {
+					tune(o)
+				}
+			})
+		}),
+	}
+	if region != "" {
+		opts = append(opts, config.WithRegion(region))
+	}
+	if endpoint != "" && os.Getenv("AWS_ACCESS_KEY_ID") == "" {
+		opts = append(opts, config.WithCredentialsProvider(credentials.NewStaticCredentialsProvider("testing", "testing", "")))
+	}
+	cfg, err := config.LoadDefaultConfig(ctx, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("ec2 client: load AWS config: %w", err)
+	}
+	if cfg.Region == "" {
+		return nil, errors.New("ec2 client: no region (set the pool's region or AWS_REGION)")
+	}
+	return ec2.NewFromConfig(cfg, func(o *ec2.Options) {
+		if endpoint != "" {
+			o.BaseEndpoint = aws.String(endpoint)
+		}
+	}), nil
+}
+
+// callOpts are the per-call options the provider passes with every request
+// of operation op: a middleware right after the SDK's retry middleware, so
+// it runs once per HTTP attempt, which waits for op's rate-limit token and
+// counts throttled attempts. Clients that are not an *ec2.Client (the test
+// fake) ignore them.
+func (p *Provider) callOpts(op string) []func(*ec2.Options) {
+	lim := p.limits[op]
+	mw := middleware.FinalizeMiddlewareFunc("NixBuilderAutoscalerAttempt", func(ctx context.Context, in middleware.FinalizeInput, next middleware.FinalizeHandler) (middleware.FinalizeOutput, middleware.Metadata, error) {
+		if lim != nil {
+			if err := lim.wait(ctx); err != nil {
+				return middleware.FinalizeOutput{}, middleware.Metadata{}, err
+			}
+		}
+		out, md, err := next.HandleFinalize(ctx, in)
+		if code := errorCode(err); isThrottle(code) {
+			p.m.throttles.WithLabelValues(op).Inc()
+			p.log.Warn("ec2 request throttled; the SDK retries with backoff", "op", op, "code", code)
+		}
+		return out, md, err
+	})
+	return []func(*ec2.Options){ec2.WithAPIOptions(func(s *middleware.Stack) error {
+		if err := s.Finalize.Insert(mw, "Retry", middleware.After); err == nil {
+			return nil
+		}
+		return s.Finalize.Add(mw, middleware.After)
+	})}
+}
+
+// errorCode is the EC2 error code in err ("" if err carries none).
+func errorCode(err error) string {
+	var ae smithy.APIError
+	if errors.As(err, &ae) {
+		return ae.ErrorCode()
+	}
+	return ""
+}
+
+// errorMessage is the EC2 error message in err.
+func errorMessage(err error) string {
+	var ae smithy.APIError
+	if errors.As(err, &ae) {
+		return ae.ErrorMessage()
+	}
+	return err.Error()
+}
+
+func isThrottle(code string) bool {
+	_, ok := retry.DefaultThrottleErrorCodes[code]
+	return ok
+}
+
+// bucket is a token bucket: burst tokens, refilled at rate per second. A
+// waiter reserves a token at once (the balance may go negative) and sleeps
+// until it is paid for, so waiters are served in order.
+type bucket struct {
+	mu     sync.Mutex
+	burst  float64
+	rate   float64
+	tokens float64
+	last   time.Time
+	now    func() time.Time
+	sleep  func(ctx context.Context, d time.Duration) error
+}
+
+func newBucket(burst int, rate float64) *bucket {
+	return &bucket{burst: float64(burst), rate: rate, tokens: float64(burst), now: time.Now, sleep: sleepCtx}
+}
+
+// reserve takes a token and says how long the caller must wait for it.
+func (b *bucket) reserve() time.Duration {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	now := b.now()
+	if !b.last.IsZero() {
+		b.tokens = min(b.burst, b.tokens+now.Sub(b.last).Seconds()*b.rate)
+	}
+	b.last = now
+	b.tokens--
+	if b.tokens >= 0 {
+		return 0
+	}
+	return time.Duration(-b.tokens / b.rate * float64(time.Second))
+}
+
+// cancel returns a reserved token that was not used.
+func (b *bucket) cancel() {
+	b.mu.Lock()
+	b.tokens = min(b.burst, b.tokens+1)
+	b.mu.Unlock()
+}
+
+func (b *bucket) wait(ctx context.Context) error {
+	d := b.reserve()
+	if d <= 0 {
+		return nil
+	}
+	if err := b.sleep(ctx, d); err != nil {
+		b.cancel()
+		return err
+	}
+	return nil
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
