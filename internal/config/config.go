@@ -111,6 +111,7 @@ type EC2 struct {
 	InstanceProfile       string   `toml:"instance_profile"`
 	KeyName               string   `toml:"key_name"`
 	RootVolumeGB          int      `toml:"root_volume_gb"`
+	RootDeviceName        string   `toml:"root_device_name"`
 	UserData              string   `toml:"user_data"`
 	// Market is "spot" or "on-demand"; empty means spot, or on-demand for
 	// a nested-virtualization pool.
@@ -249,6 +250,7 @@ func DefaultPool() Pool {
 		},
 		EC2: EC2{
 			LaunchTemplateVersion: "$Default",
+			RootDeviceName:        "/dev/xvda",
 			UnavailableFor:        NewDuration(5 * time.Minute),
 			Discovery:             "tailscale",
 			SSHPort:               22,

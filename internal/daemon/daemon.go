@@ -16,6 +16,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"text/template"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -26,8 +27,10 @@ import (
 	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/discovery"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/store"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+	ec2prov "guardianproject.dev/ops/nix-builder-autoscaler/scaler/ec2"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/local"
 	"guardianproject.dev/ops/nix-builder-autoscaler/spoa"
 )
@@ -49,6 +52,9 @@ type Options struct {
 	// with the "local-builder" subcommand.
 	BuilderCommand []string
 	BuilderEnv     []string
+	// EC2 builds the EC2 provider of a region instead of the AWS SDK (tests
+	// pass one over a fake).
+	EC2 func(region, endpoint string, pools map[string]ec2prov.PoolOptions) scaler.Provider
 }
 
 // Daemon is a running (or ready to run) autoscaler.
@@ -183,6 +189,7 @@ func Policy(cfg *config.Config) scaler.Policy {
 func (d *Daemon) providers() (map[string]scaler.Provider, error) {
 	out := map[string]scaler.Provider{}
 	localPools := map[string]local.PoolOptions{}
+	var ec2Pools []config.Pool
 	for _, p := range d.cfg.Pools {
 		if prov, ok := d.o.Providers[p.Name]; ok {
 			out[p.Name] = prov
@@ -192,6 +199,8 @@ func (d *Daemon) providers() (map[string]scaler.Provider, error) {
 		case config.ProviderLocal:
 			localPools[p.Name] = local.PoolOptions{Address: p.Local.Address, BootDelay: p.Local.BootDelay.D(),
 				LaunchCommand: p.Local.LaunchCommand, TerminateCommand: p.Local.TerminateCommand}
+		case config.ProviderEC2:
+			ec2Pools = append(ec2Pools, p)
 		default:
 			return nil, fmt.Errorf("pool %s: provider %q is not available in this build", p.Name, p.Provider)
 		}
@@ -214,7 +223,87 @@ func (d *Daemon) providers() (map[string]scaler.Provider, error) {
 			out[name] = lp
 		}
 	}
+	if len(ec2Pools) > 0 {
+		if err := d.ec2Providers(ec2Pools, out); err != nil {
+			return nil, err
+		}
+	}
 	return out, nil
+}
+
+// ec2Providers builds one EC2 provider per region (and endpoint): each
+// lists every instance of the cluster in its region in one call. Builder
+// addresses come from discovery (Tailscale or the instance's IPs).
+func (d *Daemon) ec2Providers(pools []config.Pool, out map[string]scaler.Provider) error {
+	type regionKey struct{ region, endpoint string }
+	groups := map[regionKey][]config.Pool{}
+	var order []regionKey
+	for _, p := range pools {
+		k := regionKey{p.EC2.Region, p.EC2.Endpoint}
+		if _, ok := groups[k]; !ok {
+			order = append(order, k)
+		}
+		groups[k] = append(groups[k], p)
+	}
+	dopts := discovery.Options{Pools: map[string]discovery.PoolSource{}, Cluster: d.cfg.Daemon.Cluster, Logger: d.log, Registerer: d.reg}
+	for _, k := range order {
+		var prov scaler.Provider
+		popts := map[string]ec2prov.PoolOptions{}
+		for _, p := range groups[k] {
+			e := p.EC2
+			popts[p.Name] = ec2prov.PoolOptions{LaunchTemplateID: e.LaunchTemplateID, LaunchTemplateName: e.LaunchTemplateName,
+				LaunchTemplateVersion: e.LaunchTemplateVersion, AMI: e.AMI, InstanceTypes: e.InstanceTypes, Subnets: e.Subnets,
+				SecurityGroups: e.SecurityGroups, InstanceProfile: e.InstanceProfile, KeyName: e.KeyName,
+				RootVolumeGB: e.RootVolumeGB, RootDeviceName: e.RootDeviceName, UserData: e.UserData, Market: e.Market,
+				OnDemandFallback: e.OnDemandFallback, NestedVirtualization: e.NestedVirtualization, UnavailableFor: e.UnavailableFor.D()}
+			dopts.Pools[p.Name] = discovery.PoolSource{Source: e.Discovery, Port: e.SSHPort}
+		}
+		if d.o.EC2 != nil {
+			prov = d.o.EC2(k.region, k.endpoint, popts)
+		} else {
+			client, err := ec2prov.NewClient(context.Background(), k.region, k.endpoint)
+			if err != nil {
+				return fmt.Errorf("ec2 region %s: %w", k.region, err)
+			}
+			p, err := ec2prov.New(client, ec2prov.Options{Cluster: d.cfg.Daemon.Cluster, Pools: popts, Logger: d.log,
+				Registerer: d.reg, Now: d.o.Clock.Now})
+			if err != nil {
+				return err
+			}
+			prov = p
+		}
+		for _, p := range groups[k] {
+			out[p.Name] = prov
+		}
+	}
+	ts := d.cfg.Tailscale
+	dopts.LocalAPI = discovery.NewLocalAPI(ts.Socket)
+	tmpl, err := template.New("tailscale.hostname").Parse(ts.Hostname)
+	if err != nil {
+		return fmt.Errorf("tailscale.hostname: %w", err)
+	}
+	dopts.Hostname = tmpl
+	if ts.APIKeyFile != "" {
+		key, err := os.ReadFile(ts.APIKeyFile)
+		if err != nil {
+			return fmt.Errorf("tailscale.api_key_file: %w", err)
+		}
+		dopts.DeleteDevice = discovery.NewTailscaleAPI(ts.APIURL, ts.Tailnet, strings.TrimSpace(string(key))).DeleteDevice
+	}
+	// One decorator per distinct provider, so that each is still listed
+	// once per round.
+	wrapped := map[scaler.Provider]scaler.Provider{}
+	for _, p := range pools {
+		inner := out[p.Name]
+		if w, ok := wrapped[inner]; ok {
+			out[p.Name] = w
+			continue
+		}
+		w := discovery.Wrap(inner, dopts)
+		wrapped[inner] = w
+		out[p.Name] = w
+	}
+	return nil
 }
 
 // TerminateAll terminates every instance the providers list. Only for
