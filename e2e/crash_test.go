@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -30,7 +29,10 @@ setsid %[2]s local-builder --listen 127.0.0.1:0 --addr-file %[1]s/{{.InstanceID}
 echo $! > %[1]s/{{.InstanceID}}.pid
 i=0; while [ ! -s %[1]s/{{.InstanceID}}.addr ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done
 cat %[1]s/{{.InstanceID}}.addr`, hook, binary)
-	terminate := fmt.Sprintf(`kill $(cat %[1]s/{{.InstanceID}}.pid) 2>/dev/null; true`, hook)
+	// Find the builder by its command line, not only by the pid file: a
+	// launch cut off between starting the builder and writing the file
+	// must not leak it.
+	terminate := fmt.Sprintf(`kill $(cat %[1]s/{{.InstanceID}}.pid) 2>/dev/null; pkill -f -- '--marker {{.InstanceID}}'; true`, hook)
 	cfg := writeConfig(t, dir, fmt.Sprintf(`max_builders = 2
 boot_timeout = "3s"
 [pool.local]
@@ -166,21 +168,19 @@ func assertConsistent(t *testing.T, slots api.SlotList, r api.Reservation) {
 	}
 }
 
-// aliveBuilders returns the pids of hook-started builders still running.
+// aliveBuilders returns the pids of hook-started builders still running,
+// found by their command line (their addr file is under hook).
 func aliveBuilders(t *testing.T, hook string) []int {
 	t.Helper()
-	files, _ := filepath.Glob(filepath.Join(hook, "*.pid"))
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
 	var alive []int
-	for _, f := range files {
+	for _, f := range procs {
 		b, err := os.ReadFile(f)
-		if err != nil {
+		if err != nil || !strings.Contains(string(b), "local-builder") || !strings.Contains(string(b), hook+"/") {
 			continue
 		}
-		pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-		if err != nil {
-			continue
-		}
-		if syscall.Kill(pid, 0) == nil && !zombie(pid) {
+		pid, err := strconv.Atoi(filepath.Base(filepath.Dir(f)))
+		if err == nil && !zombie(pid) {
 			alive = append(alive, pid)
 		}
 	}
