@@ -251,8 +251,12 @@ func (d *Daemon) ec2Providers(pools []config.Pool, out map[string]scaler.Provide
 		popts := map[string]ec2prov.PoolOptions{}
 		for _, p := range groups[k] {
 			e := p.EC2
+			version := e.LaunchTemplateVersion
+			if e.LaunchTemplateID == "" && e.LaunchTemplateName == "" {
+				version = "" // the default "$Default" means nothing without a template
+			}
 			popts[p.Name] = ec2prov.PoolOptions{LaunchTemplateID: e.LaunchTemplateID, LaunchTemplateName: e.LaunchTemplateName,
-				LaunchTemplateVersion: e.LaunchTemplateVersion, AMI: e.AMI, InstanceTypes: e.InstanceTypes, Subnets: e.Subnets,
+				LaunchTemplateVersion: version, AMI: e.AMI, InstanceTypes: e.InstanceTypes, Subnets: e.Subnets,
 				SecurityGroups: e.SecurityGroups, InstanceProfile: e.InstanceProfile, KeyName: e.KeyName,
 				RootVolumeGB: e.RootVolumeGB, RootDeviceName: e.RootDeviceName, UserData: e.UserData, Market: e.Market,
 				OnDemandFallback: e.OnDemandFallback, NestedVirtualization: e.NestedVirtualization, UnavailableFor: e.UnavailableFor.D()}

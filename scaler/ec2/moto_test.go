@@ -1,25 +1,18 @@
 package ec2
 
 // Integration tests against moto_server on loopback, through the real SDK
-// client. moto_server is started once for the package (on a free loopback
-// port), reset before each test, and stopped by its process group id when
-// the tests end. Without moto_server on PATH these tests fail.
+// client. ec2test.StartMoto starts moto_server once for the package (on a
+// free loopback port) and resets it before each test; TestMain stops it.
+// Without moto_server on PATH these tests fail.
 
 import (
 	"context"
 	"errors"
 	"fmt"
 	"maps"
-	"net"
-	"net/http"
 	"os"
-	"os/exec"
 	"slices"
-	"sort"
-	"sync"
-	"syscall"
 	"testing"
-	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/ec2"
@@ -27,146 +20,37 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/ec2/ec2test"
 )
 
-// motoAMI is one of the images moto ships (moto accepts any id, but this
-// one exists).
-const motoAMI = "ami-03cf127a"
+// motoAMI is one of the images moto ships.
+const motoAMI = ec2test.MotoAMI
 
-var moto struct {
-	once   sync.Once
-	url    string
-	cmd    *exec.Cmd
-	exited chan error // cmd.Wait's result
-	log    string
-	err    error
-}
-
+// TestMain stops the moto_server that ec2test.StartMoto started.
 func TestMain(m *testing.M) {
 	code := m.Run()
-	stopMoto()
+	ec2test.StopMoto()
 	os.Exit(code)
 }
 
-// motoServer returns the URL of a freshly reset moto_server.
-func motoServer(t *testing.T) string {
-	t.Helper()
-	moto.once.Do(startMoto)
-	if moto.err != nil {
-		t.Fatalf("these EC2 integration tests need moto_server (5.x) on PATH, started here on loopback: %v", moto.err)
-	}
-	resp, err := http.Post(moto.url+"/moto-api/reset", "application/json", nil)
-	if err != nil {
-		t.Fatalf("reset moto_server: %v", err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("reset moto_server: %s", resp.Status)
-	}
-	return moto.url
-}
-
-func startMoto() {
-	bin, err := exec.LookPath("moto_server")
-	if err != nil {
-		moto.err = err
-		return
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		moto.err = err
-		return
-	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	logf, err := os.CreateTemp("", "moto-*.log")
-	if err != nil {
-		moto.err = err
-		return
-	}
-	defer logf.Close()
-	moto.log = logf.Name()
-	cmd := exec.Command(bin, "-H", "127.0.0.1", "-p", fmt.Sprint(port))
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		moto.err = fmt.Errorf("start %s: %w", bin, err)
-		return
-	}
-	moto.cmd = cmd
-	exited := make(chan error, 1)
-	moto.exited = exited
-	go func() { exited <- cmd.Wait() }()
-	moto.url = fmt.Sprintf("http://127.0.0.1:%d", port)
-	deadline := time.Now().Add(60 * time.Second)
-	for time.Now().Before(deadline) {
-		select {
-		case err := <-exited:
-			out, _ := os.ReadFile(moto.log)
-			moto.err = fmt.Errorf("moto_server exited (%v): %s", err, out)
-			moto.cmd = nil
-			os.Remove(moto.log)
-			return
-		case <-time.After(100 * time.Millisecond):
-		}
-		resp, err := http.Get(moto.url + "/moto-api/")
-		if err == nil {
-			resp.Body.Close()
-			return
-		}
-	}
-	moto.err = fmt.Errorf("moto_server did not answer on %s within 60s (log %s)", moto.url, moto.log)
-}
-
-// stopMoto ends the moto_server this package started: SIGTERM to its
-// process group, SIGKILL if it is still there after 5 s.
-func stopMoto() {
-	if moto.cmd == nil || moto.cmd.Process == nil {
-		return
-	}
-	pgid := moto.cmd.Process.Pid // its own process group (Setpgid)
-	_ = syscall.Kill(-pgid, syscall.SIGTERM)
-	select {
-	case <-moto.exited:
-	case <-time.After(5 * time.Second):
-		_ = syscall.Kill(-pgid, syscall.SIGKILL)
-		<-moto.exited
-	}
-	if moto.log != "" {
-		os.Remove(moto.log)
-	}
-}
-
 type motoEnv struct {
-	client  *ec2.Client
-	subnets []string // default subnets, by zone
+	moto    *ec2test.Moto
+	client  *ec2.Client // the provider's client (NewClient's settings)
+	subnets []string    // default subnets, by zone
 	zones   map[string]string
 }
 
 func newMotoEnv(t *testing.T) *motoEnv {
 	t.Helper()
-	url := motoServer(t)
-	ctx := context.Background()
-	c, err := newClient(ctx, "us-east-1", url, fastRetry)
+	m := ec2test.StartMoto(t)
+	c, err := newClient(context.Background(), ec2test.MotoRegion, m.Endpoint, fastRetry)
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, err := c.DescribeSubnets(ctx, &ec2.DescribeSubnetsInput{
-		Filters: []types.Filter{{Name: aws.String("default-for-az"), Values: []string{"true"}}},
-	})
-	if err != nil {
-		t.Fatalf("describe moto's default subnets: %v", err)
-	}
-	e := &motoEnv{client: c, zones: map[string]string{}}
-	sort.Slice(out.Subnets, func(i, j int) bool {
-		return aws.ToString(out.Subnets[i].AvailabilityZone) < aws.ToString(out.Subnets[j].AvailabilityZone)
-	})
-	for _, s := range out.Subnets {
-		e.subnets = append(e.subnets, aws.ToString(s.SubnetId))
-		e.zones[aws.ToString(s.SubnetId)] = aws.ToString(s.AvailabilityZone)
-	}
-	if len(e.subnets) < 2 {
-		t.Fatalf("moto has %d default subnets, want at least 2", len(e.subnets))
+	e := &motoEnv{moto: m, client: c, zones: map[string]string{}}
+	for _, s := range m.DefaultSubnets(t) {
+		e.subnets = append(e.subnets, s.ID)
+		e.zones[s.ID] = s.Zone
 	}
 	return e
 }
@@ -195,32 +79,13 @@ func (e *motoEnv) provider(t *testing.T) *Provider {
 // describe reads one instance directly.
 func (e *motoEnv) describe(t *testing.T, id string) types.Instance {
 	t.Helper()
-	out, err := e.client.DescribeInstances(context.Background(), &ec2.DescribeInstancesInput{InstanceIds: []string{id}})
-	if err != nil || len(out.Reservations) != 1 || len(out.Reservations[0].Instances) != 1 {
-		t.Fatalf("describe %s: %v %+v", id, err, out)
-	}
-	return out.Reservations[0].Instances[0]
+	return e.moto.Describe(t, id)
 }
 
 // runDirect launches an instance around the provider, with the tags given.
 func (e *motoEnv) runDirect(t *testing.T, tags map[string]string) string {
 	t.Helper()
-	in := &ec2.RunInstancesInput{
-		MinCount: aws.Int32(1), MaxCount: aws.Int32(1), ImageId: aws.String(motoAMI),
-		InstanceType: "t3.micro", SubnetId: aws.String(e.subnets[0]),
-	}
-	if len(tags) > 0 {
-		spec := types.TagSpecification{ResourceType: types.ResourceTypeInstance}
-		for k, v := range tags {
-			spec.Tags = append(spec.Tags, types.Tag{Key: aws.String(k), Value: aws.String(v)})
-		}
-		in.TagSpecifications = []types.TagSpecification{spec}
-	}
-	out, err := e.client.RunInstances(context.Background(), in)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return aws.ToString(out.Instances[0].InstanceId)
+	return e.moto.RunInstance(t, e.subnets[0], tags)
 }
 
 func listIDs(t *testing.T, p *Provider) map[string]scaler.Instance {

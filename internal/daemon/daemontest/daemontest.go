@@ -12,7 +12,6 @@ package daemontest
 import (
 	"bytes"
 	"context"
-	"fmt"
 	"log/slog"
 	"os"
 	"sync"
@@ -65,26 +64,7 @@ func Config(tb testing.TB, pool string) *config.Config {
 // ConfigWithDaemon is Config with daemon as more TOML keys for [daemon].
 func ConfigWithDaemon(tb testing.TB, daemon, pool string) *config.Config {
 	tb.Helper()
-	dir := ShortDir(tb)
-	text := fmt.Sprintf(`
-[daemon]
-socket = "%[1]s/d.sock"
-state_dir = "%[1]s/state"
-metrics_listen = ""
-reconcile_interval = "10s"
-%[2]s
-
-[[pool]]
-name = "x86"
-systems = ["x86_64-linux"]
-provider = "local"
-%[3]s
-`, dir, daemon, pool)
-	cfg, err := config.Parse([]byte(text))
-	if err != nil {
-		tb.Fatalf("config: %v", err)
-	}
-	return cfg
+	return ConfigProvider(tb, "local", daemon, pool)
 }
 
 // Option changes the daemon.Options Start would use: by default a manual
