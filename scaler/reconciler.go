@@ -677,6 +677,26 @@ func ReasonClass(reason string) string {
 	return "other"
 }
 
+// RegisterShared registers c on reg, or returns the collector already
+// registered under the same name: several providers (one per region) may
+// share one registry and so one set of counters. A conflicting
+// registration still panics, as MustRegister would.
+func RegisterShared[T prometheus.Collector](reg prometheus.Registerer, c T) T {
+	if reg == nil {
+		return c
+	}
+	if err := reg.Register(c); err != nil {
+		var are prometheus.AlreadyRegisteredError
+		if errors.As(err, &are) {
+			if existing, ok := are.ExistingCollector.(T); ok {
+				return existing
+			}
+		}
+		panic(err)
+	}
+	return c
+}
+
 // Metrics are the reconciler's Prometheus metrics.
 type Metrics struct {
 	slots            *prometheus.GaugeVec

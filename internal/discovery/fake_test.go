@@ -1,18 +1,14 @@
 package discovery
 
+// Test helpers of the package: an inner provider, a log buffer, metric
+// readers and a clock. The fake tailscaled is discoverytest.LocalAPI.
+
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"io"
 	"log/slog"
-	"net"
-	"net/http"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -23,162 +19,6 @@ import (
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
-
-// shortDir is a temporary directory with a path short enough for a unix
-// socket (t.TempDir() paths can pass the 108-byte limit).
-func shortDir(t *testing.T) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "nbat")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	return dir
-}
-
-// referenceDoc is testdata/status.json, a LocalAPI status document of the
-// real shape, decoded generically so tests can change it.
-func referenceDoc(t *testing.T) map[string]any {
-	t.Helper()
-	b, err := os.ReadFile(filepath.Join("testdata", "status.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var doc map[string]any
-	if err := json.Unmarshal(b, &doc); err != nil {
-		t.Fatal(err)
-	}
-	return doc
-}
-
-// statusDoc is the reference document with its peers replaced by peers.
-func statusDoc(t *testing.T, peers ...map[string]any) map[string]any {
-	t.Helper()
-	doc := referenceDoc(t)
-	m := map[string]any{}
-	for _, p := range peers {
-		m[p["PublicKey"].(string)] = p
-	}
-	doc["Peer"] = m
-	return doc
-}
-
-// peer is the reference document's peer, changed to node id with host name
-// host, Tailscale IPv4 address ip (none if empty) and online.
-func peer(t *testing.T, id, host, ip string, online bool) map[string]any {
-	t.Helper()
-	var tmpl map[string]any
-	for _, p := range referenceDoc(t)["Peer"].(map[string]any) {
-		tmpl = p.(map[string]any)
-	}
-	if tmpl == nil {
-		t.Fatal("testdata/status.json has no peer")
-	}
-	sum := sha256.Sum256([]byte(id))
-	tmpl["ID"] = id
-	tmpl["PublicKey"] = "nodekey:" + hex.EncodeToString(sum[:])
-	tmpl["HostName"] = host
-	tmpl["DNSName"] = strings.ToLower(host) + ".tail1234.ts.net."
-	ips := []any{}
-	if ip != "" {
-		ips = append(ips, ip)
-	}
-	tmpl["TailscaleIPs"] = append(ips, "fd7a:115c:a1e0::"+hex.EncodeToString(sum[:2]))
-	tmpl["Online"] = online
-	return tmpl
-}
-
-// fakeTailscaled serves a LocalAPI on a unix socket, like tailscaled: it
-// answers 403 to a Host other than local-tailscaled.sock.
-type fakeTailscaled struct {
-	socket string
-	srv    *http.Server
-
-	mu     sync.Mutex
-	doc    any    // served as JSON
-	raw    []byte // served as is, when set
-	code   int    // response status (200 if 0)
-	delay  time.Duration
-	hosts  []string
-	paths  []string
-	calls  int
-	closed bool
-}
-
-func startTailscaled(t *testing.T, socket string, doc any) *fakeTailscaled {
-	t.Helper()
-	f := &fakeTailscaled{socket: socket, doc: doc}
-	ln, err := net.Listen("unix", socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.srv = &http.Server{Handler: http.HandlerFunc(f.serve), ReadHeaderTimeout: 5 * time.Second}
-	go f.srv.Serve(ln)
-	t.Cleanup(f.stop)
-	return f
-}
-
-func (f *fakeTailscaled) stop() {
-	f.mu.Lock()
-	if f.closed {
-		f.mu.Unlock()
-		return
-	}
-	f.closed = true
-	f.mu.Unlock()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	f.srv.Shutdown(ctx)
-}
-
-func (f *fakeTailscaled) serve(w http.ResponseWriter, r *http.Request) {
-	f.mu.Lock()
-	f.calls++
-	f.hosts = append(f.hosts, r.Host)
-	f.paths = append(f.paths, r.Method+" "+r.URL.Path)
-	doc, raw, code, delay := f.doc, f.raw, f.code, f.delay
-	f.mu.Unlock()
-
-	if r.Host != "" && r.Host != localAPIHost {
-		http.Error(w, "invalid localapi request", http.StatusForbidden)
-		return
-	}
-	if r.Method != http.MethodGet || r.URL.Path != statusPath {
-		http.NotFound(w, r)
-		return
-	}
-	if delay > 0 {
-		select {
-		case <-time.After(delay):
-		case <-r.Context().Done():
-			return
-		}
-	}
-	if raw == nil {
-		var err error
-		if raw, err = json.Marshal(doc); err != nil {
-			http.Error(w, err.Error(), http.StatusInternalServerError)
-			return
-		}
-	}
-	w.Header().Set("Content-Type", "application/json")
-	if code != 0 {
-		w.WriteHeader(code)
-	}
-	w.Write(raw)
-}
-
-func (f *fakeTailscaled) set(doc any) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.doc, f.raw, f.code = doc, nil, 0
-}
-
-func (f *fakeTailscaled) callCount() int {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.calls
-}
 
 // fakeProvider is a stateful inner provider with error hooks and call
 // records.

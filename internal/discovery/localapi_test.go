@@ -14,11 +14,13 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/discovery/discoverytest"
 )
 
 func TestStatusDecodesReferenceDocument(t *testing.T) {
-	sock := filepath.Join(shortDir(t), "ts.sock")
-	ts := startTailscaled(t, sock, referenceDoc(t))
+	ts := discoverytest.StartAt(t, filepath.Join(discoverytest.ShortDir(t), "ts.sock"), discoverytest.ReferenceDoc())
+	sock := ts.Socket
 
 	st, err := NewLocalAPI(sock).Status(context.Background())
 	if err != nil {
@@ -58,18 +60,16 @@ func TestStatusDecodesReferenceDocument(t *testing.T) {
 		t.Errorf("HasTag wrong for %v", p.Tags)
 	}
 
-	ts.mu.Lock()
-	defer ts.mu.Unlock()
-	if !slices.Equal(ts.hosts, []string{"local-tailscaled.sock"}) {
-		t.Errorf("Host headers = %q, want [local-tailscaled.sock]", ts.hosts)
+	if hosts := ts.Hosts(); !slices.Equal(hosts, []string{"local-tailscaled.sock"}) {
+		t.Errorf("Host headers = %q, want [local-tailscaled.sock]", hosts)
 	}
-	if !slices.Equal(ts.paths, []string{"GET /localapi/v0/status"}) {
-		t.Errorf("requests = %q", ts.paths)
+	if paths := ts.Paths(); !slices.Equal(paths, []string{"GET /localapi/v0/status"}) {
+		t.Errorf("requests = %q", paths)
 	}
 }
 
 func TestStatusErrors(t *testing.T) {
-	needsLogin := referenceDoc(t)
+	needsLogin := discoverytest.ReferenceDoc()
 	needsLogin["BackendState"] = "NeedsLogin"
 
 	tests := []struct {
@@ -100,34 +100,28 @@ func TestStatusErrors(t *testing.T) {
 		{
 			name: "not logged in",
 			setup: func(t *testing.T, sock string, _ *LocalAPI) {
-				startTailscaled(t, sock, needsLogin)
+				discoverytest.StartAt(t, sock, needsLogin)
 			},
 			want: []string{"tailscale is NeedsLogin; run `tailscale up`"},
 		},
 		{
 			name: "bad JSON",
 			setup: func(t *testing.T, sock string, _ *LocalAPI) {
-				f := startTailscaled(t, sock, nil)
-				f.mu.Lock()
-				f.raw = []byte(`{"BackendState": "Running", "Peer": [`)
-				f.mu.Unlock()
+				discoverytest.StartAt(t, sock, nil).SetRaw(0, []byte(`{"BackendState": "Running", "Peer": [`))
 			},
 			want: []string{"decoding the status"},
 		},
 		{
 			name: "HTTP error",
 			setup: func(t *testing.T, sock string, _ *LocalAPI) {
-				f := startTailscaled(t, sock, nil)
-				f.mu.Lock()
-				f.code, f.raw = 500, []byte("Nope\nsomething broke\n")
-				f.mu.Unlock()
+				discoverytest.StartAt(t, sock, nil).SetRaw(500, []byte("Nope\nsomething broke\n"))
 			},
 			want: []string{"500 Internal Server Error", "Nope something broke"},
 		},
 		{
 			name: "document too large",
 			setup: func(t *testing.T, sock string, c *LocalAPI) {
-				startTailscaled(t, sock, referenceDoc(t))
+				discoverytest.StartAt(t, sock, discoverytest.ReferenceDoc())
 				c.maxBytes = 100
 			},
 			want: []string{"larger than 100 bytes"},
@@ -135,10 +129,7 @@ func TestStatusErrors(t *testing.T) {
 		{
 			name: "no answer in time",
 			setup: func(t *testing.T, sock string, c *LocalAPI) {
-				f := startTailscaled(t, sock, referenceDoc(t))
-				f.mu.Lock()
-				f.delay = time.Minute
-				f.mu.Unlock()
+				discoverytest.StartAt(t, sock, discoverytest.ReferenceDoc()).SetDelay(time.Minute)
 				c.Timeout = 100 * time.Millisecond
 			},
 			is:   context.DeadlineExceeded,
@@ -147,7 +138,7 @@ func TestStatusErrors(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			sock := filepath.Join(shortDir(t), "ts.sock")
+			sock := filepath.Join(discoverytest.ShortDir(t), "ts.sock")
 			c := NewLocalAPI(sock)
 			tt.setup(t, sock, c)
 			start := time.Now()
@@ -180,9 +171,7 @@ func TestStatusPermissionDenied(t *testing.T) {
 	if os.Geteuid() == 0 {
 		t.Skip("root opens any socket; see TestRequestErrorPermission")
 	}
-	dir := shortDir(t)
-	sock := filepath.Join(dir, "ts.sock")
-	startTailscaled(t, sock, referenceDoc(t))
+	sock := discoverytest.Start(t).Socket
 	if err := os.Chmod(sock, 0); err != nil {
 		t.Fatal(err)
 	}
@@ -210,11 +199,9 @@ func TestRequestErrorPermission(t *testing.T) {
 }
 
 func TestStatusHonoursCallerContext(t *testing.T) {
-	sock := filepath.Join(shortDir(t), "ts.sock")
-	f := startTailscaled(t, sock, referenceDoc(t))
-	f.mu.Lock()
-	f.delay = time.Minute
-	f.mu.Unlock()
+	f := discoverytest.StartAt(t, filepath.Join(discoverytest.ShortDir(t), "ts.sock"), discoverytest.ReferenceDoc())
+	f.SetDelay(time.Minute)
+	sock := f.Socket
 	ctx, cancel := context.WithCancel(context.Background())
 	time.AfterFunc(50*time.Millisecond, cancel)
 	if _, err := NewLocalAPI(sock).Status(ctx); !errors.Is(err, context.Canceled) {

@@ -141,12 +141,13 @@ func Wrap(inner scaler.Provider, o Options) *Provider {
 		p.hostname = template.Must(template.New("hostname").Parse(DefaultHostname))
 	}
 	const ns = "nix_builder_autoscaler"
-	p.lookups = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "discovery_lookups_total",
+	// One decorator per EC2 region may share the registry.
+	p.lookups = scaler.RegisterShared(o.Registerer, prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "discovery_lookups_total",
 		Help: "Address lookups of running builders, by source and result (found, offline, absent, ambiguous, error)."},
-		[]string{"source", "result"})
-	p.deletions = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "discovery_device_deletions_total",
+		[]string{"source", "result"}))
+	p.deletions = scaler.RegisterShared(o.Registerer, prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "discovery_device_deletions_total",
 		Help: "Tailnet devices of terminated builders deleted through Tailscale's API, by result (ok, error)."},
-		[]string{"result"})
+		[]string{"result"}))
 
 	usesTailscale := false
 	for name, ps := range o.Pools {
@@ -181,9 +182,6 @@ func Wrap(inner scaler.Provider, o Options) *Provider {
 	if p.deleteDevice != nil {
 		p.deletions.WithLabelValues("ok")
 		p.deletions.WithLabelValues("error")
-	}
-	if o.Registerer != nil {
-		o.Registerer.MustRegister(p.lookups, p.deletions)
 	}
 	return p
 }

@@ -17,6 +17,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/discovery/discoverytest"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
@@ -30,7 +31,7 @@ func booting(id, pool, slot string) scaler.Instance {
 type harness struct {
 	p     *Provider
 	inner *fakeProvider
-	ts    *fakeTailscaled
+	ts    *discoverytest.LocalAPI
 	sock  string
 	reg   *prometheus.Registry
 	logs  *logBuffer
@@ -44,9 +45,9 @@ func newHarness(t *testing.T, o Options, doc any, instances ...scaler.Instance) 
 	t.Helper()
 	h := &harness{inner: &fakeProvider{instances: instances}, reg: prometheus.NewRegistry(),
 		clock: &fakeClock{now: time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)}}
-	h.sock = filepath.Join(shortDir(t), "ts.sock")
+	h.sock = filepath.Join(discoverytest.ShortDir(t), "ts.sock")
 	if doc != nil {
-		h.ts = startTailscaled(t, h.sock, doc)
+		h.ts = discoverytest.StartAt(t, h.sock, doc)
 	}
 	var log *slog.Logger
 	log, h.logs = newLog(t)
@@ -79,7 +80,7 @@ func TestListTailscale(t *testing.T) {
 	tests := []struct {
 		name      string
 		o         Options
-		peers     func(t *testing.T) []map[string]any
+		peers     func() []discoverytest.Peer
 		instances []scaler.Instance
 		want      map[string]string
 		lookups   map[string]float64
@@ -87,8 +88,8 @@ func TestListTailscale(t *testing.T) {
 	}{
 		{
 			name: "online peer with the builder's host name",
-			peers: func(t *testing.T) []map[string]any {
-				return []map[string]any{peer(t, "nA", "nix-builder-i-1", "100.101.0.1", true)}
+			peers: func() []discoverytest.Peer {
+				return []discoverytest.Peer{discoverytest.NewPeer("nA", "nix-builder-i-1", "100.101.0.1", true)}
 			},
 			instances: []scaler.Instance{booting("i-1", "x86", "slot1")},
 			want:      map[string]string{"i-1": "100.101.0.1:22"},
@@ -96,8 +97,8 @@ func TestListTailscale(t *testing.T) {
 		},
 		{
 			name: "host name compared without case",
-			peers: func(t *testing.T) []map[string]any {
-				return []map[string]any{peer(t, "nA", "Nix-Builder-I-1", "100.101.0.1", true)}
+			peers: func() []discoverytest.Peer {
+				return []discoverytest.Peer{discoverytest.NewPeer("nA", "Nix-Builder-I-1", "100.101.0.1", true)}
 			},
 			instances: []scaler.Instance{booting("i-1", "x86", "slot1")},
 			want:      map[string]string{"i-1": "100.101.0.1:22"},
@@ -105,10 +106,10 @@ func TestListTailscale(t *testing.T) {
 		},
 		{
 			name: "MagicDNS name's first label",
-			peers: func(t *testing.T) []map[string]any {
-				p := peer(t, "nA", "ip-10-0-1-5", "100.101.0.1", true)
+			peers: func() []discoverytest.Peer {
+				p := discoverytest.NewPeer("nA", "ip-10-0-1-5", "100.101.0.1", true)
 				p["DNSName"] = "nix-builder-i-1.tail1234.ts.net."
-				return []map[string]any{p}
+				return []discoverytest.Peer{p}
 			},
 			instances: []scaler.Instance{booting("i-1", "x86", "slot1")},
 			want:      map[string]string{"i-1": "100.101.0.1:22"},
@@ -116,8 +117,8 @@ func TestListTailscale(t *testing.T) {
 		},
 		{
 			name: "offline peer",
-			peers: func(t *testing.T) []map[string]any {
-				return []map[string]any{peer(t, "nA", "nix-builder-i-1", "100.101.0.1", false)}
+			peers: func() []discoverytest.Peer {
+				return []discoverytest.Peer{discoverytest.NewPeer("nA", "nix-builder-i-1", "100.101.0.1", false)}
 			},
 			instances: []scaler.Instance{booting("i-1", "x86", "slot1")},
 			want:      map[string]string{"i-1": ""},
@@ -125,10 +126,10 @@ func TestListTailscale(t *testing.T) {
 		},
 		{
 			name: "collision: a dead node and the new one",
-			peers: func(t *testing.T) []map[string]any {
-				return []map[string]any{
-					peer(t, "nOLD", "nix-builder-i-1", "100.101.0.1", false),
-					peer(t, "nNEW", "nix-builder-i-1", "100.101.0.2", true),
+			peers: func() []discoverytest.Peer {
+				return []discoverytest.Peer{
+					discoverytest.NewPeer("nOLD", "nix-builder-i-1", "100.101.0.1", false),
+					discoverytest.NewPeer("nNEW", "nix-builder-i-1", "100.101.0.2", true),
 				}
 			},
 			instances: []scaler.Instance{booting("i-1", "x86", "slot1")},
@@ -137,10 +138,10 @@ func TestListTailscale(t *testing.T) {
 		},
 		{
 			name: "collision: two online nodes",
-			peers: func(t *testing.T) []map[string]any {
-				return []map[string]any{
-					peer(t, "nONE", "nix-builder-i-1", "100.101.0.1", true),
-					peer(t, "nTWO", "nix-builder-i-1", "100.101.0.2", true),
+			peers: func() []discoverytest.Peer {
+				return []discoverytest.Peer{
+					discoverytest.NewPeer("nONE", "nix-builder-i-1", "100.101.0.1", true),
+					discoverytest.NewPeer("nTWO", "nix-builder-i-1", "100.101.0.2", true),
 				}
 			},
 			instances: []scaler.Instance{booting("i-1", "x86", "slot1")},
@@ -150,10 +151,10 @@ func TestListTailscale(t *testing.T) {
 		},
 		{
 			name: "collision between host name and MagicDNS label",
-			peers: func(t *testing.T) []map[string]any {
-				p := peer(t, "nTWO", "laptop", "100.101.0.2", true)
+			peers: func() []discoverytest.Peer {
+				p := discoverytest.NewPeer("nTWO", "laptop", "100.101.0.2", true)
 				p["DNSName"] = "nix-builder-i-1.tail1234.ts.net."
-				return []map[string]any{peer(t, "nONE", "nix-builder-i-1", "100.101.0.1", true), p}
+				return []discoverytest.Peer{discoverytest.NewPeer("nONE", "nix-builder-i-1", "100.101.0.1", true), p}
 			},
 			instances: []scaler.Instance{booting("i-1", "x86", "slot1")},
 			want:      map[string]string{"i-1": ""},
@@ -162,8 +163,8 @@ func TestListTailscale(t *testing.T) {
 		},
 		{
 			name: "only another builder on the tailnet",
-			peers: func(t *testing.T) []map[string]any {
-				return []map[string]any{peer(t, "nB", "nix-builder-i-2", "100.101.0.2", true)}
+			peers: func() []discoverytest.Peer {
+				return []discoverytest.Peer{discoverytest.NewPeer("nB", "nix-builder-i-2", "100.101.0.2", true)}
 			},
 			instances: []scaler.Instance{booting("i-1", "x86", "slot1"), booting("i-2", "arm", "slot1")},
 			want:      map[string]string{"i-1": "", "i-2": "100.101.0.2:22"},
@@ -171,10 +172,10 @@ func TestListTailscale(t *testing.T) {
 		},
 		{
 			name: "IPv6 listed first",
-			peers: func(t *testing.T) []map[string]any {
-				p := peer(t, "nA", "nix-builder-i-1", "", true)
+			peers: func() []discoverytest.Peer {
+				p := discoverytest.NewPeer("nA", "nix-builder-i-1", "", true)
 				p["TailscaleIPs"] = []any{"fd7a:115c:a1e0::1", "100.101.0.9"}
-				return []map[string]any{p}
+				return []discoverytest.Peer{p}
 			},
 			instances: []scaler.Instance{booting("i-1", "x86", "slot1")},
 			want:      map[string]string{"i-1": "100.101.0.9:22"},
@@ -182,8 +183,8 @@ func TestListTailscale(t *testing.T) {
 		},
 		{
 			name: "no IPv4 address",
-			peers: func(t *testing.T) []map[string]any {
-				return []map[string]any{peer(t, "nA", "nix-builder-i-1", "", true)}
+			peers: func() []discoverytest.Peer {
+				return []discoverytest.Peer{discoverytest.NewPeer("nA", "nix-builder-i-1", "", true)}
 			},
 			instances: []scaler.Instance{booting("i-1", "x86", "slot1")},
 			want:      map[string]string{"i-1": ""},
@@ -193,10 +194,10 @@ func TestListTailscale(t *testing.T) {
 		{
 			name: "required tag missing",
 			o:    Options{Tag: "tag:nix-builder"},
-			peers: func(t *testing.T) []map[string]any {
-				p := peer(t, "nA", "nix-builder-i-1", "100.101.0.1", true)
+			peers: func() []discoverytest.Peer {
+				p := discoverytest.NewPeer("nA", "nix-builder-i-1", "100.101.0.1", true)
 				p["Tags"] = nil
-				return []map[string]any{p, peer(t, "nB", "nix-builder-i-2", "100.101.0.2", true)}
+				return []discoverytest.Peer{p, discoverytest.NewPeer("nB", "nix-builder-i-2", "100.101.0.2", true)}
 			},
 			instances: []scaler.Instance{booting("i-1", "x86", "slot1"), booting("i-2", "x86", "slot2")},
 			want:      map[string]string{"i-1": "", "i-2": "100.101.0.2:22"},
@@ -209,8 +210,8 @@ func TestListTailscale(t *testing.T) {
 				Hostname: template.Must(template.New("h").Parse("{{.Cluster}}-{{.Pool}}-{{.Slot}}")),
 				Cluster:  "ci",
 			},
-			peers: func(t *testing.T) []map[string]any {
-				return []map[string]any{peer(t, "nA", "ci-x86-slot3", "100.101.0.3", true)}
+			peers: func() []discoverytest.Peer {
+				return []discoverytest.Peer{discoverytest.NewPeer("nA", "ci-x86-slot3", "100.101.0.3", true)}
 			},
 			instances: []scaler.Instance{booting("i-1", "x86", "slot3")},
 			want:      map[string]string{"i-1": "100.101.0.3:2222"},
@@ -218,8 +219,8 @@ func TestListTailscale(t *testing.T) {
 		},
 		{
 			name: "instances not running or already addressed are left alone",
-			peers: func(t *testing.T) []map[string]any {
-				return []map[string]any{peer(t, "nA", "nix-builder-i-1", "100.101.0.1", true)}
+			peers: func() []discoverytest.Peer {
+				return []discoverytest.Peer{discoverytest.NewPeer("nA", "nix-builder-i-1", "100.101.0.1", true)}
 			},
 			instances: []scaler.Instance{
 				{ID: "i-1", Pool: "x86", Slot: "slot1", State: scaler.InstancePending},
@@ -232,7 +233,7 @@ func TestListTailscale(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			h := newHarness(t, tt.o, statusDoc(t, tt.peers(t)...), tt.instances...)
+			h := newHarness(t, tt.o, discoverytest.Status(tt.peers()...), tt.instances...)
 			if got := h.list(t); !maps.Equal(got, tt.want) {
 				t.Errorf("addresses = %v, want %v", got, tt.want)
 			}
@@ -252,15 +253,15 @@ func TestListTailscale(t *testing.T) {
 // TestBootingToBinding drives a builder through its boot as the reconciler
 // sees it: not on the tailnet, then offline, then online.
 func TestBootingToBinding(t *testing.T) {
-	h := newHarness(t, Options{}, statusDoc(t), booting("i-0abc", "x86", "slot1"))
+	h := newHarness(t, Options{}, discoverytest.Status(), booting("i-0abc", "x86", "slot1"))
 	if got := h.list(t)["i-0abc"]; got != "" {
 		t.Fatalf("before joining: address %q", got)
 	}
-	h.ts.set(statusDoc(t, peer(t, "nA", "nix-builder-i-0abc", "100.101.0.1", false)))
+	h.ts.SetDoc(discoverytest.Status(discoverytest.NewPeer("nA", "nix-builder-i-0abc", "100.101.0.1", false)))
 	if got := h.list(t)["i-0abc"]; got != "" {
 		t.Fatalf("offline: address %q", got)
 	}
-	h.ts.set(statusDoc(t, peer(t, "nA", "nix-builder-i-0abc", "100.101.0.1", true)))
+	h.ts.SetDoc(discoverytest.Status(discoverytest.NewPeer("nA", "nix-builder-i-0abc", "100.101.0.1", true)))
 	if got := h.list(t)["i-0abc"]; got != "100.101.0.1:22" {
 		t.Fatalf("online: address %q, want 100.101.0.1:22", got)
 	}
@@ -274,7 +275,7 @@ func TestBootingToBinding(t *testing.T) {
 }
 
 func TestBuilderNeverAppears(t *testing.T) {
-	h := newHarness(t, Options{}, statusDoc(t, peer(t, "nB", "nix-builder-i-other", "100.101.0.2", true)),
+	h := newHarness(t, Options{}, discoverytest.Status(discoverytest.NewPeer("nB", "nix-builder-i-other", "100.101.0.2", true)),
 		booting("i-1", "x86", "slot1"))
 	for range 5 {
 		if got := h.list(t)["i-1"]; got != "" {
@@ -284,16 +285,16 @@ func TestBuilderNeverAppears(t *testing.T) {
 	if got := lookups(t, h.reg); !maps.Equal(got, map[string]float64{"tailscale/absent": 5}) {
 		t.Errorf("lookups = %v", got)
 	}
-	if n := h.ts.callCount(); n != 5 {
+	if n := h.ts.Requests(); n != 5 {
 		t.Errorf("%d status calls for 5 Lists", n)
 	}
 }
 
 func TestOneStatusCallPerList(t *testing.T) {
-	doc := statusDoc(t,
-		peer(t, "nA", "nix-builder-i-1", "100.101.0.1", true),
-		peer(t, "nB", "nix-builder-i-2", "100.101.0.2", true),
-		peer(t, "nC", "nix-builder-i-3", "100.101.0.3", true))
+	doc := discoverytest.Status(
+		discoverytest.NewPeer("nA", "nix-builder-i-1", "100.101.0.1", true),
+		discoverytest.NewPeer("nB", "nix-builder-i-2", "100.101.0.2", true),
+		discoverytest.NewPeer("nC", "nix-builder-i-3", "100.101.0.3", true))
 	o := Options{Pools: map[string]PoolSource{"x86": {Source: SourceTailscale}, "vpc": {Source: SourceEC2PrivateIP}}}
 	h := newHarness(t, o, doc,
 		booting("i-1", "x86", "slot1"), booting("i-2", "x86", "slot2"), booting("i-3", "x86", "slot3"),
@@ -303,7 +304,7 @@ func TestOneStatusCallPerList(t *testing.T) {
 	if !maps.Equal(got, want) {
 		t.Errorf("addresses = %v, want %v", got, want)
 	}
-	if n := h.ts.callCount(); n != 1 {
+	if n := h.ts.Requests(); n != 1 {
 		t.Errorf("%d status calls, want 1", n)
 	}
 
@@ -311,7 +312,7 @@ func TestOneStatusCallPerList(t *testing.T) {
 	h2 := newHarness(t, o, doc, booting("i-4", "vpc", "slot1"),
 		scaler.Instance{ID: "i-5", Pool: "x86", Slot: "slot1", State: scaler.InstancePending})
 	h2.list(t)
-	if n := h2.ts.callCount(); n != 0 {
+	if n := h2.ts.Requests(); n != 0 {
 		t.Errorf("%d status calls with nothing to look up, want 0", n)
 	}
 }
@@ -352,7 +353,7 @@ func TestLocalAPIDown(t *testing.T) {
 	}
 
 	// tailscaled comes back.
-	h.ts = startTailscaled(t, h.sock, statusDoc(t, peer(t, "nA", "nix-builder-i-1", "100.101.0.1", true)))
+	h.ts = discoverytest.StartAt(t, h.sock, discoverytest.Status(discoverytest.NewPeer("nA", "nix-builder-i-1", "100.101.0.1", true)))
 	if got := h.list(t)["i-1"]; got != "100.101.0.1:22" {
 		t.Errorf("after recovery: address %q", got)
 	}
@@ -362,7 +363,7 @@ func TestLocalAPIDown(t *testing.T) {
 }
 
 func TestLocalAPINotLoggedIn(t *testing.T) {
-	doc := statusDoc(t, peer(t, "nA", "nix-builder-i-1", "100.101.0.1", true))
+	doc := discoverytest.Status(discoverytest.NewPeer("nA", "nix-builder-i-1", "100.101.0.1", true))
 	doc["BackendState"] = "Stopped"
 	h := newHarness(t, Options{}, doc, booting("i-1", "x86", "slot1"))
 	if got := h.list(t)["i-1"]; got != "" {
@@ -405,7 +406,7 @@ func TestListEC2Sources(t *testing.T) {
 }
 
 func TestListPassesInnerErrorAndKeepsInnerUnchanged(t *testing.T) {
-	h := newHarness(t, Options{}, statusDoc(t, peer(t, "nA", "nix-builder-i-1", "100.101.0.1", true)),
+	h := newHarness(t, Options{}, discoverytest.Status(discoverytest.NewPeer("nA", "nix-builder-i-1", "100.101.0.1", true)),
 		booting("i-1", "x86", "slot1"))
 	h.list(t)
 	if a := h.inner.instances[0].Address; a != "" {
@@ -456,10 +457,10 @@ func TestTerminateDeletesSeenDevice(t *testing.T) {
 		mu.Unlock()
 	}))
 	defer api.Close()
-	doc := statusDoc(t,
-		peer(t, "nOLD", "nix-builder-i-1", "100.101.0.1", false),
-		peer(t, "nNEW", "nix-builder-i-1", "100.101.0.2", true),
-		peer(t, "nB", "nix-builder-i-2", "100.101.0.3", true))
+	doc := discoverytest.Status(
+		discoverytest.NewPeer("nOLD", "nix-builder-i-1", "100.101.0.1", false),
+		discoverytest.NewPeer("nNEW", "nix-builder-i-1", "100.101.0.2", true),
+		discoverytest.NewPeer("nB", "nix-builder-i-2", "100.101.0.3", true))
 	o := Options{DeleteDevice: NewTailscaleAPI(api.URL, "-", "tskey-api-test\n").DeleteDevice}
 	h := newHarness(t, o, doc, booting("i-1", "x86", "slot1"), booting("i-2", "x86", "slot2"), booting("i-3", "x86", "slot3"))
 	h.list(t)
@@ -489,7 +490,7 @@ func TestTerminateDeletesSeenDevice(t *testing.T) {
 func TestTerminateToleratesDeleteFailure(t *testing.T) {
 	del := &deleteRecorder{err: errBoom}
 	h := newHarness(t, Options{DeleteDevice: del.DeleteDevice},
-		statusDoc(t, peer(t, "nA", "nix-builder-i-1", "100.101.0.1", true)), booting("i-1", "x86", "slot1"))
+		discoverytest.Status(discoverytest.NewPeer("nA", "nix-builder-i-1", "100.101.0.1", true)), booting("i-1", "x86", "slot1"))
 	h.list(t)
 	if err := h.p.Terminate(context.Background(), "i-1"); err != nil {
 		t.Fatalf("Terminate failed because the device deletion did: %v", err)
@@ -516,7 +517,7 @@ func TestTerminateToleratesDeleteFailure(t *testing.T) {
 func TestTerminateInnerFailure(t *testing.T) {
 	del := &deleteRecorder{}
 	h := newHarness(t, Options{DeleteDevice: del.DeleteDevice},
-		statusDoc(t, peer(t, "nA", "nix-builder-i-1", "100.101.0.1", true)), booting("i-1", "x86", "slot1"))
+		discoverytest.Status(discoverytest.NewPeer("nA", "nix-builder-i-1", "100.101.0.1", true)), booting("i-1", "x86", "slot1"))
 	h.list(t)
 	h.inner.terminateErr = errBoom
 	if err := h.p.Terminate(context.Background(), "i-1"); !errors.Is(err, errBoom) {
@@ -530,7 +531,7 @@ func TestTerminateInnerFailure(t *testing.T) {
 func TestForgetsInstancesNoLongerListed(t *testing.T) {
 	del := &deleteRecorder{}
 	h := newHarness(t, Options{DeleteDevice: del.DeleteDevice},
-		statusDoc(t, peer(t, "nA", "nix-builder-i-1", "100.101.0.1", true)), booting("i-1", "x86", "slot1"))
+		discoverytest.Status(discoverytest.NewPeer("nA", "nix-builder-i-1", "100.101.0.1", true)), booting("i-1", "x86", "slot1"))
 	h.list(t)
 	h.inner.instances = nil
 	h.list(t)
@@ -543,9 +544,9 @@ func TestForgetsInstancesNoLongerListed(t *testing.T) {
 }
 
 func TestAmbiguityWarningIsThrottled(t *testing.T) {
-	doc := statusDoc(t,
-		peer(t, "nONE", "nix-builder-i-1", "100.101.0.1", true),
-		peer(t, "nTWO", "nix-builder-i-1", "100.101.0.2", true))
+	doc := discoverytest.Status(
+		discoverytest.NewPeer("nONE", "nix-builder-i-1", "100.101.0.1", true),
+		discoverytest.NewPeer("nTWO", "nix-builder-i-1", "100.101.0.2", true))
 	h := newHarness(t, Options{}, doc, booting("i-1", "x86", "slot1"))
 	for range 4 {
 		h.list(t)
@@ -567,7 +568,7 @@ func TestHostname(t *testing.T) {
 	}
 
 	bad := template.Must(template.New("h").Parse("{{.Nope}}"))
-	h = newHarness(t, Options{Hostname: bad}, statusDoc(t), booting("i-1", "x86", "slot1"))
+	h = newHarness(t, Options{Hostname: bad}, discoverytest.Status(), booting("i-1", "x86", "slot1"))
 	if got := h.list(t)["i-1"]; got != "" {
 		t.Errorf("address %q", got)
 	}

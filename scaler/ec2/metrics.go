@@ -1,9 +1,9 @@
 package ec2
 
 import (
-	"errors"
-
 	"github.com/prometheus/client_golang/prometheus"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
 // metrics are the provider's Prometheus counters. Several Providers (one
@@ -34,20 +34,7 @@ const (
 func newMetrics(reg prometheus.Registerer) *metrics {
 	const ns = "nix_builder_autoscaler"
 	counter := func(name, help string, labels ...string) *prometheus.CounterVec {
-		c := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: name, Help: help}, labels)
-		if reg == nil {
-			return c
-		}
-		if err := reg.Register(c); err != nil {
-			var are prometheus.AlreadyRegisteredError
-			if errors.As(err, &are) {
-				if existing, ok := are.ExistingCollector.(*prometheus.CounterVec); ok {
-					return existing
-				}
-			}
-			panic(err)
-		}
-		return c
+		return scaler.RegisterShared(reg, prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: name, Help: help}, labels))
 	}
 	return &metrics{
 		attempts: counter("ec2_launch_attempts_total",
