@@ -26,6 +26,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/syncbuf"
 	"io"
 	"net"
 	"os"
@@ -568,7 +569,7 @@ func (e *Env) BuildWith(ctx context.Context, hostport string, opts BuildOptions)
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	cmd.WaitDelay = 2 * time.Second
 	var stdout bytes.Buffer
-	var both lockedBuffer
+	var both syncbuf.Buffer
 	cmd.Stdout = io.MultiWriter(&stdout, &both)
 	cmd.Stderr = &both
 	r := &Result{Command: "NIX_SSHOPTS=" + shellQuote(e.SSHOpts(port)) + " nix-build " + shellJoin(args)}
@@ -696,21 +697,4 @@ func removeAll(dir string) error {
 		return nil
 	})
 	return os.RemoveAll(dir)
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }

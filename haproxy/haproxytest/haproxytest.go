@@ -6,12 +6,12 @@ package haproxytest
 import (
 	"bytes"
 	"fmt"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/syncbuf"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -36,24 +36,7 @@ type Instance struct {
 	Config string // path of haproxy.cfg
 	cmd    *exec.Cmd
 	done   chan struct{}
-	log    *lockedBuffer
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
+	log    *syncbuf.Buffer
 }
 
 // Dir makes a short temporary directory (unix socket paths are limited to
@@ -77,7 +60,7 @@ func Start(t testing.TB, dir, cfg string) *Instance {
 	t.Helper()
 	bin := Binary(t)
 	cfg = strings.ReplaceAll(cfg, "DIR", dir)
-	h := &Instance{t: t, Dir: dir, Socket: filepath.Join(dir, "admin.sock"), Config: filepath.Join(dir, "haproxy.cfg"), log: &lockedBuffer{}}
+	h := &Instance{t: t, Dir: dir, Socket: filepath.Join(dir, "admin.sock"), Config: filepath.Join(dir, "haproxy.cfg"), log: &syncbuf.Buffer{}}
 	if err := os.WriteFile(h.Config, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -10,8 +10,8 @@
 package daemontest
 
 import (
-	"bytes"
 	"context"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/syncbuf"
 	"log/slog"
 	"os"
 	"sync"
@@ -91,7 +91,7 @@ type Harness struct {
 // shown.
 func Start(tb testing.TB, cfg *config.Config, opts ...Option) *Harness {
 	tb.Helper()
-	logs := &lockedBuffer{}
+	logs := &syncbuf.Buffer{}
 	logger := slog.New(slog.NewTextHandler(logs, nil))
 	clock := scalertest.NewClock(T0)
 	o := daemon.Options{
@@ -170,22 +170,4 @@ func (h *Harness) WaitFor(what string, cond func() bool) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	h.tb.Fatalf("timed out waiting for %s", what)
-}
-
-// lockedBuffer collects the daemon's log.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
