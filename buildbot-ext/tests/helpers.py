@@ -1,0 +1,42 @@
+"""Shared test helpers (real reactor, short timings)."""
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+
+from twisted.internet import defer, reactor, task
+
+
+def sleep(seconds):
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+@defer.inlineCallbacks
+def wait_until(pred, timeout=5.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        yield sleep(0.01)
+
+
+def short_dir(testcase):
+    """A temporary directory with a path short enough for a unix socket."""
+    d = tempfile.mkdtemp(prefix="nba")
+    testcase.addCleanup(shutil.rmtree, d, True)
+    return d
+
+
+def free_port():
+    """A loopback TCP port nothing listens on (right now)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def sock_path(testcase):
+    return os.path.join(short_dir(testcase), "d.sock")
