@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -60,6 +61,20 @@ type Readiness struct {
 	sessions  map[scaler.SlotKey]int
 
 	placeholder string
+	// bound: per slot, the address last bound and whether a check that did
+	// not pass was seen since (only then is a passing check this builder's).
+	bound map[scaler.SlotKey]*boundAddr
+	// checkInterval is HAProxy's check inter (haproxy.check_interval): a
+	// passing check older than a few intervals after a bind cannot be the
+	// previous builder's.
+	checkInterval time.Duration
+}
+
+type boundAddr struct {
+	addr     string
+	at       time.Time
+	seen     bool
+	verified bool
 }
 
 var _ scaler.Readiness = (*Readiness)(nil)
@@ -68,8 +83,17 @@ var _ scaler.Readiness = (*Readiness)(nil)
 // Backend(pool)); reg, when not nil, receives its metrics.
 // placeholder ("ip:port", haproxy.placeholder) is where Bind points a
 // server that has no builder.
-func NewReadiness(c *Client, pools []string, placeholder string, reg prometheus.Registerer) *Readiness {
-	r := &Readiness{c: c, pools: make(map[string]string, len(pools)), placeholder: placeholder}
+//
+// HAProxy keeps a server's last check result through maintenance and shows
+// it again after `set server addr`, so a slot reused for a new builder would
+// look healthy before the new builder answers. A passing check counts for a
+// newly bound address only after a check of it failed or ran, or after
+// 3 × checkInterval.
+func NewReadiness(c *Client, pools []string, placeholder string, checkInterval time.Duration, reg prometheus.Registerer) *Readiness {
+	if checkInterval <= 0 {
+		checkInterval = time.Second
+	}
+	r := &Readiness{c: c, pools: make(map[string]string, len(pools)), placeholder: placeholder, checkInterval: checkInterval}
 	for _, p := range pools {
 		r.pools[Backend(p)] = p
 	}
@@ -104,6 +128,16 @@ func (r *Readiness) Bind(ctx context.Context, key scaler.SlotKey, addr string) e
 		ip = host
 	}
 	err := r.c.SetServerAddr(ctx, Backend(key.Pool), key.Slot, ip, port)
+	if err == nil {
+		r.mu.Lock()
+		if r.bound == nil {
+			r.bound = map[scaler.SlotKey]*boundAddr{}
+		}
+		if b := r.bound[key]; b == nil || b.addr != addr {
+			r.bound[key] = &boundAddr{addr: addr, at: time.Now()}
+		}
+		r.mu.Unlock()
+	}
 	var cmdErr *CommandError
 	switch {
 	case err == nil, errors.As(err, &cmdErr):
@@ -169,10 +203,27 @@ func (r *Readiness) servers(ctx context.Context) (out map[scaler.SlotKey]scaler.
 		if !s.Has("addr") {
 			needAddr = true
 		}
-		out[scaler.SlotKey{Pool: pool, Slot: s.Server()}] = scaler.ServerStatus{
+		key := scaler.SlotKey{Pool: pool, Slot: s.Server()}
+		healthy := checkPassed(s.Str("check_status"))
+		r.mu.Lock()
+		if b := r.bound[key]; b != nil && !b.verified {
+			running := strings.HasPrefix(s.Str("check_status"), "* ")
+			outOfMaint := !strings.HasPrefix(s.Status(), "MAINT")
+			switch {
+			case time.Since(b.at) >= 3*r.checkInterval:
+				b.verified = true
+			case outOfMaint && (!healthy || running):
+				b.seen = true // a check of the new address failed or is running
+			case outOfMaint && b.seen && healthy:
+				b.verified = true
+			}
+			healthy = healthy && b.verified
+		}
+		r.mu.Unlock()
+		out[key] = scaler.ServerStatus{
 			Addr:     s.Addr(),
-			Up:       serverUp(s.Status(), s.Str("check_status")),
-			Healthy:  checkPassed(s.Str("check_status")),
+			Up:       serverUp(s.Status(), s.Str("check_status")) && healthy,
+			Healthy:  healthy,
 			Sessions: int(max(s.Int("scur"), 0)),
 		}
 	}

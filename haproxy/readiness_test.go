@@ -7,6 +7,7 @@ import (
 	"net"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -45,7 +46,7 @@ func TestReadinessAgainstHAProxy(t *testing.T) {
 		testGlobal+poolBackend("x86", fe, 2)+poolBackend("arm", 0, 1)+spoaBackend(b.Addr))
 	reg := prometheus.NewPedanticRegistry()
 	c := NewClient(h.Socket, 2*time.Second)
-	r := NewReadiness(c, []string{"x86", "arm"}, "192.0.2.1:22", reg)
+	r := NewReadiness(c, []string{"x86", "arm"}, "192.0.2.1:22", time.Second, reg)
 	ctx := t.Context()
 	slot1 := scaler.SlotKey{Pool: "x86", Slot: "slot1"}
 	slot2 := scaler.SlotKey{Pool: "x86", Slot: "slot2"}
@@ -251,7 +252,7 @@ func TestReadinessWithAgent(t *testing.T) {
 		cfg += fmt.Sprintf("    server slot%d slot.nba.invalid:22 init-addr last,%s disabled agent-send \"x86/slot%d\\n\"\n", i, Placeholder, i)
 	}
 	h := haproxytest.Start(t, haproxytest.Dir(t), cfg)
-	r := NewReadiness(NewClient(h.Socket, 2*time.Second), []string{"x86"}, "192.0.2.1:22", nil)
+	r := NewReadiness(NewClient(h.Socket, 2*time.Second), []string{"x86"}, "192.0.2.1:22", time.Second, nil)
 	for i := 1; i <= 5; i++ {
 		if err := r.Bind(t.Context(), scaler.SlotKey{Pool: "x86", Slot: fmt.Sprintf("slot%d", i)}, b.Addr); err != nil {
 			t.Fatal(err)
@@ -297,7 +298,7 @@ func TestReadinessSPOA(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			h := haproxytest.Start(t, haproxytest.Dir(t), testGlobal+poolBackend("x86", 0, 1)+tc.spoa)
 			reg := prometheus.NewPedanticRegistry()
-			r := NewReadiness(NewClient(h.Socket, 2*time.Second), []string{"x86"}, "192.0.2.1:22", reg)
+			r := NewReadiness(NewClient(h.Socket, 2*time.Second), []string{"x86"}, "192.0.2.1:22", time.Second, reg)
 			var up, known bool
 			for range 100 { // the check needs a round (inter 100ms) to see the agent down
 				if _, err := r.Servers(t.Context()); err != nil {
@@ -350,7 +351,7 @@ func TestReadinessOneCallPerRound(t *testing.T) {
 				return "Unknown command\n\n"
 			})
 			reg := prometheus.NewPedanticRegistry()
-			r := NewReadiness(NewClient(f.Path, time.Second), []string{"x86"}, "192.0.2.1:22", reg)
+			r := NewReadiness(NewClient(f.Path, time.Second), []string{"x86"}, "192.0.2.1:22", time.Second, reg)
 			servers, err := r.Servers(t.Context())
 			if err != nil {
 				t.Fatal(err)
@@ -377,7 +378,7 @@ func TestReadinessBindCommands(t *testing.T) {
 		}
 		return "IP changed from '192.0.2.1' to 'x', port changed from '22' to 'y' by 'stats socket command'\n\n"
 	})
-	r := NewReadiness(NewClient(f.Path, time.Second), []string{"x86"}, "192.0.2.1:22", nil)
+	r := NewReadiness(NewClient(f.Path, time.Second), []string{"x86"}, "192.0.2.1:22", time.Second, nil)
 	for _, tc := range []struct {
 		slot, addr, cmd string
 	}{
@@ -404,7 +405,7 @@ func TestReadinessHAProxyRefuses(t *testing.T) {
 	// show stat works; an answer that is no table fails Servers with a quote.
 	f := startFakeSocket(t, func(cmd string) string { return "Permission denied\n\n" })
 	reg := prometheus.NewPedanticRegistry()
-	r := NewReadiness(NewClient(f.Path, time.Second), []string{"x86"}, "192.0.2.1:22", reg)
+	r := NewReadiness(NewClient(f.Path, time.Second), []string{"x86"}, "192.0.2.1:22", time.Second, reg)
 	_, err := r.Servers(t.Context())
 	var ce *CommandError
 	if !errors.As(err, &ce) || !strings.Contains(err.Error(), "Permission denied") {
@@ -453,5 +454,56 @@ func TestCheckPassed(t *testing.T) {
 		if got := checkPassed(status); got != want {
 			t.Errorf("checkPassed(%q) = %v, want %v", status, got, want)
 		}
+	}
+}
+
+// TestReusedSlotNotHealthyFromStaleCheck: HAProxy shows a server's last
+// check result (the previous builder's L7OK) right after `set server addr`;
+// the new builder counts as healthy only once a check of it failed or ran,
+// or after 3 check intervals.
+func TestReusedSlotNotHealthyFromStaleCheck(t *testing.T) {
+	var mu sync.Mutex
+	row := "DOWN (agent),L7OK"
+	f := startFakeSocket(t, func(cmd string) string {
+		mu.Lock()
+		defer mu.Unlock()
+		if cmd == statServersCmd {
+			st, chk, _ := strings.Cut(row, ",")
+			return "# pxname,svname,status,scur,check_status,addr,type\n" +
+				"nba_x86,slot1," + st + ",0," + chk + ",10.0.0.9:22,2\n\n"
+		}
+		return "\n" // set server addr: accepted
+	})
+	set := func(status, check string) {
+		mu.Lock()
+		row = status + "," + check
+		mu.Unlock()
+	}
+	r := NewReadiness(NewClient(f.Path, time.Second), []string{"x86"}, "192.0.2.1:22", time.Hour, nil)
+	key := scaler.SlotKey{Pool: "x86", Slot: "slot1"}
+	healthy := func() bool {
+		t.Helper()
+		m, err := r.Servers(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m[key].Healthy
+	}
+	if !healthy() {
+		t.Fatal("a slot this daemon never bound reports HAProxy's check as is")
+	}
+	if err := r.Bind(t.Context(), key, "10.0.0.9:22"); err != nil {
+		t.Fatal(err)
+	}
+	if healthy() {
+		t.Fatal("right after a bind, the previous builder's L7OK counted as the new builder's")
+	}
+	set("DOWN (agent)", "L4CON") // the new builder's first check fails
+	if healthy() {
+		t.Fatal("failing check reported healthy")
+	}
+	set("DOWN (agent)", "L7OK") // and then passes
+	if !healthy() {
+		t.Fatal("a passing check after a failing one is the new builder's; want healthy")
 	}
 }

@@ -221,6 +221,7 @@ func (a *Agent) handle(req *request.Request) {
 	}
 	if c, ok := argInt(msg.KV.Get(ArgBeConn)); ok {
 		a.m.beConn.WithLabelValues(pool).Set(float64(c))
+		a.forgetClosed(pool, int(c))
 	}
 	if n, ok := argInt(msg.KV.Get(ArgNbSrv)); ok {
 		a.m.nbSrv.WithLabelValues(pool).Set(float64(n))
@@ -241,6 +242,25 @@ func (a *Agent) handle(req *request.Request) {
 		a.o.Logger.Info("spoa: held connection routed", "pool", pool, "slot", slot, "waited", time.Since(start).Round(time.Millisecond))
 	}
 	req.Actions.SetVar(action.ScopeSession, VarSlot, slot)
+}
+
+// forgetClosed drops the pool's picks when HAProxy's count of the backend's
+// connections (be_conn, sent with each NOTIFY) is below what the agent
+// assumes (sessions at the last round plus picks since): connections it
+// routed have closed, and counting them would make slots look full.
+func (a *Agent) forgetClosed(pool string, beConn int) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	assumed := 0
+	for _, v := range a.pools[pool] {
+		assumed += v.sessions + a.picks[scaler.SlotKey{Pool: pool, Slot: v.name}]
+	}
+	if beConn >= assumed {
+		return
+	}
+	for _, v := range a.pools[pool] {
+		delete(a.picks, scaler.SlotKey{Pool: pool, Slot: v.name})
+	}
 }
 
 // Decide picks the slot for a new connection to pool, holding it while the

@@ -211,3 +211,27 @@ func TestHandleRecoversPanics(t *testing.T) {
 		t.Fatalf("Held after a panic = %d, want 0", n)
 	}
 }
+
+// TestClosedConnectionsFreeRoom: the agent counts connections it routed
+// since the last round; when HAProxy's be_conn says they closed, they no
+// longer make slots look full (the next connection is routed, not held).
+func TestClosedConnectionsFreeRoom(t *testing.T) {
+	a := newAgent(20*time.Millisecond, nil) // max_jobs 2
+	a.Update(observed([]scaler.Slot{readySlot("slot1", 100)}, nil))
+	args := map[string]any{ArgPool: "x86", ArgBeConn: int32(0)}
+	for i := 0; i < 2; i++ {
+		req := notify(args)
+		a.handle(req)
+		if got := setVars(req)[VarSlot]; got != "slot1" {
+			t.Fatalf("connection %d: vars %v, want slot1", i, setVars(req))
+		}
+		args[ArgBeConn] = int32(i + 1)
+	}
+	// Both connections closed: HAProxy reports 0 on the backend.
+	args[ArgBeConn] = int32(0)
+	req := notify(args)
+	a.handle(req)
+	if got := setVars(req); got[VarSlot] != "slot1" {
+		t.Fatalf("after both closed: vars %v, want slot1 (not held or rejected)", got)
+	}
+}

@@ -140,7 +140,7 @@ func New(ctx context.Context, cfg *config.Config, o Options) (*Daemon, error) {
 			names = append(names, p.Name)
 			maxJobs[p.Name] = p.MaxJobs
 		}
-		d.hap = haproxy.NewReadiness(haproxy.NewClient(cfg.HAProxy.RuntimeSocket, cfg.HAProxy.Timeout.D()), names, cfg.HAProxy.Placeholder, o.Registry)
+		d.hap = haproxy.NewReadiness(haproxy.NewClient(cfg.HAProxy.RuntimeSocket, cfg.HAProxy.Timeout.D()), names, cfg.HAProxy.Placeholder, cfg.HAProxy.CheckInterval.D(), o.Registry)
 		if readiness == nil {
 			readiness = d.hap
 		}
