@@ -27,6 +27,9 @@ Commands:
   haproxy-config --config FILE (--out DIR | --stdout) [--spoe-path PATH]
                            render HAProxy's config and SPOE file from the same
                            config file the daemon reads
+  simulate --config FILE --trace FILE [--seed N] [--json] [--sweep KEY=V1,V2,... --svg OUT]
+                           replay a build trace against the scaling policy and
+                           baselines (simulate --generate ... writes a trace)
   demo [--once]            run the daemon on a built-in config with local
                            stand-in builders and walk one reservation through
   local-builder ...        internal: a local stand-in builder process
@@ -50,6 +53,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return checkConfig(args, stdout, stderr)
 	case "haproxy-config":
 		return haproxyConfigCmd(args, stdout, stderr)
+	case "simulate":
+		return simulateCmd(args, stdout, stderr)
 	case "demo":
 		return demo(args, stdout, stderr)
 	case "local-builder":

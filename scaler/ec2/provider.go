@@ -31,6 +31,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -290,7 +291,17 @@ type userDataVars struct {
 	Cluster, Pool, Slot, LaunchID string
 }
 
+// safeName is what a pool or slot name may be before it is put into
+// user data, which a shell runs: config validation and the store allow no
+// more, and this keeps it so whatever the caller passes.
+var safeName = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,63}$`)
+
 func (p *Provider) renderUserData(pl *pool, req scaler.LaunchRequest) (string, error) {
+	for _, v := range []string{req.Pool, req.Slot} {
+		if !safeName.MatchString(v) {
+			return "", fmt.Errorf("refusing to render user data for name %q: only lower-case letters, digits, '_' and '-' may reach a shell", v)
+		}
+	}
 	if pl.userData == nil {
 		return "", nil
 	}

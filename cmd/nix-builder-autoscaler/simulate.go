@@ -1,0 +1,228 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon"
+	"guardianproject.dev/ops/nix-builder-autoscaler/sim"
+)
+
+const simulateUsage = `usage: nix-builder-autoscaler simulate --config FILE --trace FILE [--seed N] [--json]
+           [--sweep KEY=V1,V2,... [--svg OUT.svg]] [cloud flags]
+       nix-builder-autoscaler simulate --generate [--days N] [--seed N] [--pushes-per-hour F]
+           [--builds-per-push F] [--median-build D] [--system S] > trace.csv
+
+Replays a trace of builds against the daemon's own scaling policy on a
+simulated clock and cloud, and against baseline policies. KEY is one of
+idle_timeout, warm_pool, min_builders, max_builders, reservations_per_builder,
+reconcile_interval. See docs/simulation.md.
+`
+
+func simulateCmd(args []string, stdout, stderr io.Writer) int {
+	fs := pflag.NewFlagSet("simulate", pflag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { fmt.Fprint(stderr, simulateUsage); fs.PrintDefaults() }
+	cfgPath := fs.String("config", "", "the daemon's config file (its pools and timeouts are simulated)")
+	tracePath := fs.String("trace", "", "trace CSV: "+sim.TraceHeader)
+	seed := fs.Uint64("seed", 1, "random seed (same trace and seed: byte-identical output)")
+	asJSON := fs.Bool("json", false, "print the report as JSON")
+	sweep := fs.String("sweep", "", "KEY=V1,V2,... run the policy once per value")
+	svg := fs.String("svg", "", "write a chart of cost against p95 wait to this SVG file")
+	noBaselines := fs.Bool("no-baselines", false, "skip the baseline policies")
+	env := sim.DefaultEnv
+	market := fs.String("market", "", "spot or on-demand (default: the first pool's ec2.market, else spot)")
+	spot := fs.Float64("price-spot", env.PricePerHour["spot"], "hourly price of a spot builder")
+	od := fs.Float64("price-on-demand", env.PricePerHour["on-demand"], "hourly price of an on-demand builder")
+	fs.Float64Var(&env.InterruptionsPerHour, "interruptions-per-hour", env.InterruptionsPerHour, "spot interruption rate per builder-hour")
+	fs.Float64Var(&env.CapacityErrorRate, "capacity-error-rate", env.CapacityErrorRate, "fraction of launches failing for capacity")
+	fs.DurationVar(&env.LaunchToRunning.Min, "running-min", env.LaunchToRunning.Min, "launch to running: minimum")
+	fs.DurationVar(&env.LaunchToRunning.Mean, "running-mean", env.LaunchToRunning.Mean, "launch to running: mean")
+	fs.DurationVar(&env.RunningToReachable.Min, "ssh-min", env.RunningToReachable.Min, "running to sshd answering: minimum")
+	fs.DurationVar(&env.RunningToReachable.Mean, "ssh-mean", env.RunningToReachable.Mean, "running to sshd answering: mean (NixOS AMIs: ~60s)")
+	gen := fs.Bool("generate", false, "write a generated trace to stdout instead of simulating")
+	g := sim.DefaultGen
+	fs.IntVar(&g.Days, "days", g.Days, "generate: days of trace (day 0 is a Monday)")
+	fs.Float64Var(&g.PushesPerHour, "pushes-per-hour", g.PushesPerHour, "generate: pushes per working hour")
+	fs.Float64Var(&g.BuildsPerPush, "builds-per-push", g.BuildsPerPush, "generate: mean builds per push")
+	fs.DurationVar(&g.MedianBuild, "median-build", g.MedianBuild, "generate: median build duration")
+	fs.DurationVar(&g.Spread, "spread", g.Spread, "generate: a push's builds are submitted within this time")
+	fs.Float64Var(&g.NightFactor, "night-factor", g.NightFactor, "generate: night push rate, relative")
+	fs.Float64Var(&g.WeekendFactor, "weekend-factor", g.WeekendFactor, "generate: weekend push rate, relative")
+	fs.StringVar(&g.System, "system", g.System, "generate: system of every build")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if *gen {
+		g.Seed = *seed
+		if err := sim.WriteTrace(stdout, sim.Generate(g)); err != nil {
+			fmt.Fprintln(stderr, "simulate:", err)
+			return 1
+		}
+		return 0
+	}
+	if *cfgPath == "" || *tracePath == "" || fs.NArg() != 0 {
+		fs.Usage()
+		return 2
+	}
+	cfg, err := config.Load(*cfgPath)
+	if err != nil {
+		fmt.Fprintf(stderr, "simulate: %s: %v\n", *cfgPath, err)
+		return 1
+	}
+	f, err := os.Open(*tracePath)
+	if err != nil {
+		fmt.Fprintln(stderr, "simulate:", err)
+		return 1
+	}
+	trace, err := sim.ReadTrace(f)
+	f.Close()
+	if err != nil {
+		fmt.Fprintf(stderr, "simulate: %s: %v\n", *tracePath, err)
+		return 1
+	}
+	env.PricePerHour = map[string]float64{"spot": *spot, "on-demand": *od}
+	env.Market = *market
+	if env.Market == "" {
+		env.Market = "spot"
+		if len(cfg.Pools) > 0 && cfg.Pools[0].EC2.Market != "" {
+			env.Market = cfg.Pools[0].EC2.Market
+		}
+	}
+	if _, ok := env.PricePerHour[env.Market]; !ok {
+		fmt.Fprintf(stderr, "simulate: --market must be spot or on-demand, not %q\n", env.Market)
+		return 2
+	}
+	base := simConfig(cfg, env, *seed)
+	rep := sim.Report{Trace: filepath.Base(*tracePath), Seed: *seed, Env: env}
+	runs := []sim.Config{base}
+	labels := []string{"policy (config)"}
+	if *sweep != "" {
+		key, vals, ok := strings.Cut(*sweep, "=")
+		if !ok || vals == "" {
+			fmt.Fprintln(stderr, "simulate: --sweep wants KEY=V1,V2,...")
+			return 2
+		}
+		rep.Sweep = *sweep
+		runs, labels = nil, nil
+		for _, v := range strings.Split(vals, ",") {
+			c, err := applySweep(base, key, strings.TrimSpace(v))
+			if err != nil {
+				fmt.Fprintln(stderr, "simulate:", err)
+				return 2
+			}
+			runs = append(runs, c)
+			labels = append(labels, "policy "+key+"="+strings.TrimSpace(v))
+		}
+	}
+	for i, c := range runs {
+		r, err := sim.Run(c, trace)
+		if err != nil {
+			fmt.Fprintln(stderr, "simulate:", err)
+			return 1
+		}
+		r.Policy = labels[i]
+		rep.Policy = append(rep.Policy, r)
+	}
+	if !*noBaselines {
+		maxB := 1
+		if len(base.Pools) > 0 {
+			maxB = base.Pools[0].Policy.MaxBuilders
+		}
+		for _, bl := range sim.DefaultBaselines(maxB) {
+			rep.Baselines = append(rep.Baselines, sim.RunBaseline(base, bl, trace))
+		}
+	}
+	rep.LowerBound = sim.LowerBound(base, trace)
+	if *svg != "" {
+		var b strings.Builder
+		if err := rep.WriteSVG(&b); err == nil {
+			err = os.WriteFile(*svg, []byte(b.String()), 0o644)
+		}
+		if err != nil {
+			fmt.Fprintln(stderr, "simulate:", err)
+			return 1
+		}
+	}
+	if *asJSON {
+		err = rep.WriteJSON(stdout)
+	} else {
+		err = rep.WriteText(stdout)
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "simulate:", err)
+		return 1
+	}
+	return 0
+}
+
+// simConfig is the daemon's policy as daemon.Policy builds it, with the
+// pools' routing and the reconcile interval.
+func simConfig(cfg *config.Config, env sim.Env, seed uint64) sim.Config {
+	pol := daemon.Policy(cfg)
+	c := sim.Config{Policy: pol, Interval: cfg.Daemon.ReconcileInterval.D(), Env: env, Seed: seed}
+	for i, p := range cfg.Pools {
+		c.Pools = append(c.Pools, sim.Pool{Policy: pol.Pools[i], Systems: p.Systems, Features: p.Features})
+	}
+	return c
+}
+
+// applySweep returns a copy of c with key set to v in every pool.
+func applySweep(c sim.Config, key, v string) (sim.Config, error) {
+	out := c
+	out.Pools = append([]sim.Pool(nil), c.Pools...)
+	dur := func() (time.Duration, error) {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			return 0, fmt.Errorf("--sweep %s: %q is not a duration (e.g. 5m)", key, v)
+		}
+		return d, nil
+	}
+	num := func() (int, error) {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 {
+			return 0, fmt.Errorf("--sweep %s: %q is not a non-negative integer", key, v)
+		}
+		return n, nil
+	}
+	if key == "reconcile_interval" {
+		d, err := dur()
+		out.Interval = d
+		return out, err
+	}
+	for i := range out.Pools {
+		pp := &out.Pools[i].Policy
+		var err error
+		switch key {
+		case "idle_timeout":
+			pp.IdleTimeout, err = dur()
+		case "warm_pool":
+			pp.WarmPool, err = num()
+		case "min_builders":
+			pp.MinBuilders, err = num()
+		case "max_builders":
+			pp.MaxBuilders, err = num()
+		case "reservations_per_builder":
+			pp.ReservationsPerBuilder, err = num()
+			pp.ReservationsPerBuilder = max(pp.ReservationsPerBuilder, 1)
+		default:
+			return out, fmt.Errorf("--sweep: unknown key %q", key)
+		}
+		if err != nil {
+			return out, err
+		}
+	}
+	out.Policy.Pools = nil
+	for _, p := range out.Pools {
+		out.Policy.Pools = append(out.Policy.Pools, p.Policy)
+	}
+	return out, nil
+}
