@@ -46,8 +46,9 @@ type benchStack struct {
 	frontend string
 }
 
-// startBenchStack is startStack with check_interval and an optional edit of
-// the generated haproxy.cfg.
+// startBenchStack starts HAProxy on the configuration generated for pool x86
+// (pool is extra TOML for it) with the given hold and check_interval, after
+// an optional edit of haproxy.cfg, then the daemon in-process.
 func startBenchStack(tb testing.TB, pool, hold, checkInterval string, edit func(string) string) *benchStack {
 	tb.Helper()
 	dir := haproxytest.Dir(tb)
@@ -61,6 +62,7 @@ spoa_listen = "127.0.0.1:%[3]d"
 stats_listen = "127.0.0.1:%[4]d"
 state_file = "%[1]s/state"
 log = "stdout"
+placeholder = "127.0.0.254:9"
 hold = "%[5]s"
 check_interval = "%[6]s"`, dir, port(), port(), port(), hold, checkInterval), fmt.Sprintf("frontend = %q\n%s", frontend, pool))
 	spoePath := filepath.Join(dir, "nba-spoe.conf")

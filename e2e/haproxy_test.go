@@ -3,10 +3,7 @@ package e2e
 import (
 	"bufio"
 	"context"
-	"fmt"
 	"net"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -15,9 +12,7 @@ import (
 	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy/haproxytest"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
-	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon/daemontest"
-	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
 // stack is the daemon (in-process, real clock, local stand-in builders) and
@@ -30,35 +25,12 @@ type stack struct {
 	frontend string
 }
 
-// startStack starts HAProxy, then the daemon. pool is extra TOML for pool
-// x86, hold the SPOE hold.
+// startStack starts HAProxy, then the daemon, with 200ms checks. pool is
+// extra TOML for pool x86, hold the SPOE hold.
 func startStack(t *testing.T, pool, hold string) *stack {
 	t.Helper()
-	dir := haproxytest.Dir(t)
-	port := func() int { return haproxytest.FreePort(t) }
-	frontend := fmt.Sprintf("127.0.0.1:%d", port())
-	cfg := daemontest.ConfigWithDaemon(t, fmt.Sprintf(`
-[haproxy]
-runtime_socket = "%[1]s/admin.sock"
-agent_listen = "127.0.0.1:%[2]d"
-spoa_listen = "127.0.0.1:%[3]d"
-stats_listen = "127.0.0.1:%[4]d"
-state_file = "%[1]s/state"
-log = "stdout"
-placeholder = "127.0.0.254:9"
-hold = "%[5]s"
-check_interval = "200ms"`, dir, port(), port(), port(), hold), fmt.Sprintf("frontend = %q\n%s", frontend, pool))
-	spoePath := filepath.Join(dir, "nba-spoe.conf")
-	files, err := haproxy.Generate(cfg, haproxy.Options{SPOEPath: spoePath})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(spoePath, files.SPOEConf, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	hp := haproxytest.Start(t, dir, string(files.HAProxyCfg))
-	h := daemontest.Start(t, cfg, func(o *daemon.Options) { o.Clock = scaler.RealClock{} })
-	return &stack{t: t, h: h, hp: hp, cfg: cfg, frontend: frontend}
+	b := startBenchStack(t, pool, hold, "200ms", nil)
+	return &stack{t: t, h: b.h, hp: b.hp, cfg: b.cfg, frontend: b.frontend}
 }
 
 // stat returns show stat's fields for server x86/slot.
