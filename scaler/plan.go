@@ -22,6 +22,9 @@ type PoolPolicy struct {
 	BindTimeout            time.Duration
 	// MaxLifetime drains ready builders older than this (0: no limit).
 	MaxLifetime time.Duration
+	// WarmFor keeps the warm pool only while the pool saw activity (a
+	// reservation, a busy builder) within this long (0: always).
+	WarmFor time.Duration
 }
 
 // Policy is the configuration Plan works from.
@@ -552,6 +555,23 @@ func (p *planner) better(a, b *Slot) bool {
 	return sa.Sessions < sb.Sessions
 }
 
+// lastActivity is when the pool last had work: the latest LastActive of its
+// slots (kept while a slot is empty) or creation of a live reservation.
+func (p *planner) lastActivity(pool string) time.Time {
+	var last time.Time
+	for _, s := range p.slots {
+		if s.Pool == pool && s.LastActive.After(last) {
+			last = s.LastActive
+		}
+	}
+	for _, r := range p.res {
+		if r.Pool == pool && !p.ended[r.ID] && r.CreatedAt.After(last) {
+			last = r.CreatedAt
+		}
+	}
+	return last
+}
+
 // Target is how many builders a pool should have for live reservations:
 // enough for the demand (at least min_builders) plus the warm pool, capped
 // at max_builders.
@@ -563,6 +583,11 @@ func Target(pp PoolPolicy, live int) int {
 
 // scale launches builders up to the target and drains idle ones above it.
 func (p *planner) scale(pp PoolPolicy) {
+	if pp.WarmPool > 0 && pp.WarmFor > 0 && p.now.Sub(p.lastActivity(pp.Name)) >= pp.WarmFor {
+		// A quiet pool pays for no spare builder: the warm pool follows
+		// recent demand.
+		pp.WarmPool = 0
+	}
 	target := Target(pp, p.demand(pp.Name))
 	active := p.active(pp.Name)
 	if active < target && !p.now.Before(p.obs.LaunchBackoff[pp.Name]) {

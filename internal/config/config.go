@@ -92,9 +92,12 @@ type Pool struct {
 	Frontend string `toml:"frontend"`
 	// MaxLifetime drains and replaces builders older than this (0: never).
 	MaxLifetime Duration `toml:"max_lifetime"`
-	Provider    string   `toml:"provider"`
-	Local       Local    `toml:"local"`
-	EC2         EC2      `toml:"ec2"`
+	// WarmFor keeps the warm pool only within this long of the pool's last
+	// activity (0: always).
+	WarmFor  Duration `toml:"warm_for"`
+	Provider string   `toml:"provider"`
+	Local    Local    `toml:"local"`
+	EC2      EC2      `toml:"ec2"`
 }
 
 // EC2 is a pool's [pool.ec2] table, used with provider = "ec2".
@@ -244,6 +247,7 @@ func DefaultPool() Pool {
 		BootTimeout:            NewDuration(10 * time.Minute),
 		BindTimeout:            NewDuration(5 * time.Minute),
 		MaxLifetime:            NewDuration(0),
+		WarmFor:                NewDuration(0),
 		Local: Local{
 			Address:   "127.0.0.1",
 			BootDelay: NewDuration(0),

@@ -238,6 +238,11 @@ func (v *validator) pool(p string, pool Pool) {
 		v.hostPort(p+"frontend", pool.Frontend, "0.0.0.0:2222")
 	}
 
+	if pool.WarmFor.err != nil {
+		v.add(p+"warm_for", "%q is not a duration; write it like \"30m\", or \"0s\" to keep the warm pool always", pool.WarmFor.raw)
+	} else if pool.WarmFor.D() < 0 {
+		v.add(p+"warm_for", "%q is negative; write \"0s\" to keep the warm pool always, or a duration like \"30m\"", pool.WarmFor)
+	}
 	if pool.MaxLifetime.err != nil {
 		v.add(p+"max_lifetime", "%q is not a duration; write it like \"24h\", or \"0s\" for no limit", pool.MaxLifetime.raw)
 	} else if pool.MaxLifetime.D() < 0 {
