@@ -472,11 +472,19 @@ func (d *Daemon) pruneEvents(ctx context.Context) {
 	t := d.o.Clock.NewTicker(time.Hour)
 	defer t.Stop()
 	for {
-		n, err := d.db.PruneEvents(ctx, d.o.Clock.Now().Add(-d.cfg.Daemon.EventRetention.D()))
+		before := d.o.Clock.Now().Add(-d.cfg.Daemon.EventRetention.D())
+		n, err := d.db.PruneEvents(ctx, before)
 		if err != nil && ctx.Err() == nil {
 			d.log.Error("prune event log", "err", err)
 		} else if n > 0 {
 			d.log.Info("pruned event log", "events", n)
+		}
+		// Ended reservations go with their events, so the database does not
+		// grow with every build ever run.
+		if n, err := d.db.PruneReservations(ctx, before); err != nil && ctx.Err() == nil {
+			d.log.Error("prune ended reservations", "err", err)
+		} else if n > 0 {
+			d.log.Info("pruned ended reservations", "reservations", n)
 		}
 		select {
 		case <-ctx.Done():

@@ -109,3 +109,18 @@ func (db *DB) PruneEvents(ctx context.Context, before time.Time) (int64, error) 
 	}
 	return n, nil
 }
+
+// PruneReservations deletes reservations that ended (released, failed or
+// expired) before before. Live reservations are never pruned; a release
+// tombstone goes with the others, long after its build.
+func (db *DB) PruneReservations(ctx context.Context, before time.Time) (int64, error) {
+	res, err := db.w.ExecContext(ctx, "DELETE FROM reservations WHERE state NOT IN ('pending', 'ready') AND ended_at < ?", nanos(before))
+	if err != nil {
+		return 0, fmt.Errorf("prune reservations: %w", err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return 0, fmt.Errorf("prune reservations: %w", err)
+	}
+	return n, nil
+}

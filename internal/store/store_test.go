@@ -929,3 +929,30 @@ func TestSlotZoneRoundTrip(t *testing.T) {
 		t.Fatalf("slot after commit = %+v, %v; want zone, market and type kept", got, err)
 	}
 }
+
+func TestPruneReservations(t *testing.T) {
+	ctx := context.Background()
+	db, _ := openTest(t)
+	now := time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
+	mk := func(id string, st scaler.ReservationState, ended time.Time) {
+		t.Helper()
+		r := scaler.Reservation{ID: id, Pool: "x86", System: "x86_64-linux", State: st, CreatedAt: now.Add(-48 * time.Hour), EndedAt: ended}
+		if _, _, err := db.CreateReservation(ctx, r, scaler.Event{Kind: scaler.EvCreated}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mk("old-released", scaler.Released, now.Add(-40*time.Hour))
+	mk("old-failed", scaler.Failed, now.Add(-40*time.Hour))
+	mk("new-released", scaler.Released, now.Add(-time.Hour))
+	mk("old-pending", scaler.Pending, time.Time{})
+	n, err := db.PruneReservations(ctx, now.Add(-24*time.Hour))
+	if err != nil || n != 2 {
+		t.Fatalf("pruned %d, %v; want 2", n, err)
+	}
+	for id, want := range map[string]bool{"old-released": false, "old-failed": false, "new-released": true, "old-pending": true} {
+		_, err := db.Reservation(ctx, id)
+		if got := err == nil; got != want {
+			t.Errorf("%s kept = %v, want %v", id, got, want)
+		}
+	}
+}
