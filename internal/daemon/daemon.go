@@ -530,6 +530,10 @@ func ListenUnix(path, group string) (net.Listener, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("create socket directory %s: %w", dir, err)
 	}
+	if fi, err := os.Stat(dir); err == nil && fi.Mode().Perm()&0o002 != 0 {
+		// Anyone could remove the socket and put their own in its place.
+		return nil, fmt.Errorf("socket directory %s is writable by everyone (mode %v); put daemon.socket in a directory only the daemon's user can write, like /run/nix-builder-autoscaler", dir, fi.Mode().Perm())
+	}
 	if _, err := os.Lstat(path); err == nil {
 		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
 			c.Close()

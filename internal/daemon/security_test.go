@@ -350,3 +350,24 @@ func TestHeaderSizeBounded(t *testing.T) {
 		t.Errorf("unix socket with a %d-byte header: %q, want 431", len(big), got)
 	}
 }
+
+// TestUnixSocketRefusesWorldWritableDirectory: in a directory anyone can
+// write, anyone could replace the socket with their own.
+func TestUnixSocketRefusesWorldWritableDirectory(t *testing.T) {
+	dir := daemontest.ShortDir(t)
+	open := filepath.Join(dir, "open")
+	if err := os.Mkdir(open, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(open, 0o777); err != nil { // past the umask
+		t.Fatal(err)
+	}
+	l, err := daemon.ListenUnix(filepath.Join(open, "d.sock"), "")
+	if err == nil {
+		l.Close()
+		t.Fatal("listened in a world-writable directory")
+	}
+	if !strings.Contains(err.Error(), "writable by everyone") {
+		t.Errorf("error %q does not say why", err)
+	}
+}
