@@ -73,6 +73,21 @@ func startAgent(t *testing.T, replies map[string]string) int {
 	if err != nil {
 		t.Fatal(err)
 	}
+	serveLines(t, l, time.Second, func(line string) (string, bool) {
+		reply, ok := replies[strings.TrimSpace(line)]
+		if !ok {
+			reply = "maint"
+		}
+		return reply + "\n", true
+	})
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// serveLines answers every connection to l: it reads one line (within
+// deadline; a short read gives what arrived) and writes what answer returns
+// for it, if answer says to answer.
+// The listener is closed, and its handlers waited for, when the test ends.
+func serveLines(t *testing.T, l net.Listener, deadline time.Duration, answer func(line string) (string, bool)) {
 	var wg sync.WaitGroup
 	wg.Go(func() {
 		for {
@@ -82,18 +97,15 @@ func startAgent(t *testing.T, replies map[string]string) int {
 			}
 			wg.Go(func() {
 				defer c.Close()
-				_ = c.SetDeadline(time.Now().Add(time.Second))
+				_ = c.SetDeadline(time.Now().Add(deadline))
 				line, _ := bufio.NewReader(c).ReadString('\n')
-				reply, ok := replies[strings.TrimSpace(line)]
-				if !ok {
-					reply = "maint"
+				if reply, ok := answer(line); ok {
+					_, _ = io.WriteString(c, reply)
 				}
-				_, _ = io.WriteString(c, reply+"\n")
 			})
 		}
 	})
 	t.Cleanup(func() { l.Close(); wg.Wait() })
-	return l.Addr().(*net.TCPAddr).Port
 }
 
 // fakeSocket is a runtime socket that answers canned text and records the
@@ -111,29 +123,16 @@ func startFakeSocket(t *testing.T, answer func(cmd string) string) *fakeSocket {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			wg.Go(func() {
-				defer c.Close()
-				_ = c.SetDeadline(time.Now().Add(2 * time.Second))
-				line, err := bufio.NewReader(c).ReadString('\n')
-				if err != nil {
-					return
-				}
-				cmd := strings.TrimSuffix(line, "\n")
-				f.mu.Lock()
-				f.cmds = append(f.cmds, cmd)
-				f.mu.Unlock()
-				_, _ = io.WriteString(c, answer(cmd))
-			})
+	serveLines(t, l, 2*time.Second, func(line string) (string, bool) {
+		if !strings.HasSuffix(line, "\n") {
+			return "", false
 		}
+		cmd := strings.TrimSuffix(line, "\n")
+		f.mu.Lock()
+		f.cmds = append(f.cmds, cmd)
+		f.mu.Unlock()
+		return answer(cmd), true
 	})
-	t.Cleanup(func() { l.Close(); wg.Wait() })
 	return f
 }
 
