@@ -14,6 +14,7 @@ import (
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon/daemontest"
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/ec2/ec2test"
 )
 
 // binary is the daemon, built once for the package.
@@ -34,6 +35,7 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	code := m.Run()
+	ec2test.StopMoto()
 	os.RemoveAll(dir)
 	os.Exit(code)
 }

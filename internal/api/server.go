@@ -588,7 +588,7 @@ func (s *Server) slotMap(ctx context.Context) (map[scaler.SlotKey]scaler.Slot, e
 }
 
 func slotView(sl scaler.Slot, reservations int) Slot {
-	return Slot{Pool: sl.Pool, Slot: sl.Name, State: string(sl.State), InstanceID: sl.InstanceID, Address: sl.Address,
+	return Slot{Pool: sl.Pool, Slot: sl.Name, State: string(sl.State), InstanceID: sl.InstanceID, LaunchID: sl.LaunchID, Address: sl.Address,
 		InstanceType: sl.InstanceType, Market: sl.Market, Zone: sl.Zone, Weight: sl.Weight, Since: sl.StateSince, LastActive: sl.LastActive,
 		DrainReason: sl.DrainReason, Reservations: reservations}
 }

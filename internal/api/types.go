@@ -37,10 +37,14 @@ type Reservation struct {
 
 // Slot is a slot as the API shows it.
 type Slot struct {
-	Pool         string    `json:"pool"`
-	Slot         string    `json:"slot"`
-	State        string    `json:"state"`
-	InstanceID   string    `json:"instance_id,omitempty"`
+	Pool       string `json:"pool"`
+	Slot       string `json:"slot"`
+	State      string `json:"state"`
+	InstanceID string `json:"instance_id,omitempty"`
+	// LaunchID is tagged onto the instance at launch: while a launch is in
+	// flight (or was cut off by a crash) it finds the instance before its id
+	// is known.
+	LaunchID     string    `json:"launch_id,omitempty"`
 	Address      string    `json:"address,omitempty"`
 	InstanceType string    `json:"instance_type,omitempty"`
 	Market       string    `json:"market,omitempty"`
