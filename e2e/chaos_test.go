@@ -382,12 +382,16 @@ func (c *chaos) worker(ctx context.Context, w int, rng *rand.Rand) {
 		c.mu.Unlock()
 
 		if c.awaitReady(ctx, cl, id) {
-			sessionFirst := rng.IntN(2) == 0
-			hold := time.Duration(rng.IntN(800)) * time.Millisecond
-			if rng.IntN(3) > 0 {
-				c.session(cl, id, hold, sessionFirst)
-			} else {
-				time.Sleep(hold)
+			ms := func(lo, n int) time.Duration { return time.Duration(lo+rng.IntN(n)) * time.Millisecond }
+			switch rng.IntN(4) {
+			case 0: // no connection
+				time.Sleep(ms(0, 1500))
+			case 1:
+				// A connection that outlives its reservation, past
+				// idle_timeout (1s): only the session keeps the builder.
+				c.session(cl, id, ms(1500, 2500), true)
+			default:
+				c.session(cl, id, ms(0, 1500), false)
 			}
 		}
 		c.release(finish, cl, id)
@@ -399,7 +403,7 @@ func (c *chaos) worker(ctx context.Context, w int, rng *rand.Rand) {
 // between them and the next wave launches new ones: clients start cycles
 // only in the first waveActive of every wavePeriod.
 const (
-	wavePeriod = 9 * time.Second
+	wavePeriod = 10 * time.Second
 	waveActive = 6 * time.Second
 )
 

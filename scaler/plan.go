@@ -119,6 +119,17 @@ func (a Action) String() string {
 // touchEvery bounds how often a busy slot's LastActive is rewritten.
 const touchEvery = time.Second
 
+// LostLaunchAfter is how long a launching slot with no instance may wait for
+// an instance carrying its launch id to show up in the provider's list.
+// Launch calls finish inside the reconcile round that starts them, so such a
+// slot is never being launched by this process: its launch died with an
+// earlier one (kill -9 before RunInstances answered, or before the answer
+// was stored). EC2's list can lag a launch by seconds; past this grace the
+// slot is freed at once instead of after launch_timeout, and an instance
+// that still shows up later is an orphan (adopted into its free slot, or
+// terminated after the orphan grace).
+const LostLaunchAfter = 30 * time.Second
+
 // Plan is the scaling policy: a pure function from the time, the policy and
 // what is observed to the actions that move the fleet toward what is wanted.
 // It is level-based: running it twice on the same input gives the same
@@ -326,6 +337,8 @@ func (p *planner) slotTransitions() {
 				if in.Address != "" {
 					p.bind(s, in.Address)
 				}
+			case !found && s.InstanceID == "" && age >= LostLaunchAfter:
+				p.terminate(s, "launch lost: no instance has launch id "+s.LaunchID+" (the daemon stopped during the launch)")
 			case configured && age >= pp.LaunchTimeout:
 				p.terminate(s, "launch timeout ("+pp.LaunchTimeout.String()+")")
 			}

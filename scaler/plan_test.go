@@ -345,10 +345,19 @@ func TestPlan(t *testing.T) {
 			},
 		},
 		{
-			name: "launch without a recorded instance times out straight to empty",
-			w: world{slots: []Slot{slot("slot1", Launching, func(s *Slot) { s.InstanceID = ""; s.StateSince = t0.Add(-time.Hour) }), slot("slot2", Empty), slot("slot3", Empty)},
-				instances: []Instance{}},
-			want: []string{`terminate pool="x86" slot="slot1" reason="launch timeout (5m0s)"`},
+			name: "launch cut off by a crash, no instance has its launch id: freed after the list-lag grace, not launch_timeout",
+			w: world{slots: []Slot{slot("slot1", Launching, func(s *Slot) { s.InstanceID = ""; s.StateSince = t0.Add(-LostLaunchAfter) }), slot("slot2", Empty), slot("slot3", Empty)},
+				instances: []Instance{}, res: []Reservation{pending("r1", time.Minute)}},
+			want: []string{
+				`terminate pool="x86" slot="slot1" reason="launch lost: no instance has launch id l-slot1 (the daemon stopped during the launch)"`,
+				`launch pool="x86" slot="slot1" reason="1 need a builder, 1 builders wanted, 0 active"`,
+			},
+		},
+		{
+			name: "launch without an instance yet, within the list-lag grace: wait",
+			w: world{slots: []Slot{slot("slot1", Launching, func(s *Slot) { s.InstanceID = ""; s.StateSince = t0.Add(-LostLaunchAfter + time.Second) }), slot("slot2", Empty), slot("slot3", Empty)},
+				instances: []Instance{}, res: []Reservation{pending("r1", time.Minute)}},
+			want: nil,
 		},
 		{
 			name: "instance found by launch id after a crash is adopted",
