@@ -633,23 +633,25 @@ func (c *chaos) killAndRestart(tr *trap) {
 	if tr != nil {
 		c.proxy.disarm(tr)
 	}
-	c.checkStateFile(false)
+	cutOff := c.checkStateFile(false)
 	time.Sleep(time.Duration(c.rng.IntN(500)) * time.Millisecond)
 	c.d = startDaemon(c.t, c.cfgPath, c.dir)
 	c.count(func(r *chaosReportData) { r.DaemonIncarnation++ })
-	c.checkTracked()
+	c.checkTracked(cutOff)
 }
 
 // checkStateFile opens the dead daemon's state file: it must pass SQLite's
 // integrity check, hold every reservation the API acknowledged (and every
 // acknowledged release), and assign reservations only to ready slots. With
-// final, every reservation must be released.
-func (c *chaos) checkStateFile(final bool) {
+// final, every reservation must be released. It returns the launch ids of
+// the launches the kill cut off (launching slots without an instance).
+func (c *chaos) checkStateFile(final bool) (cutOff map[string]bool) {
+	cutOff = map[string]bool{}
 	ctx := context.Background()
 	db, err := store.Open(ctx, filepath.Join(c.dir, "state", "state.db"))
 	if err != nil {
 		c.violate("open the state file after kill -9: %v", err)
-		return
+		return cutOff
 	}
 	defer db.Close()
 	c.count(func(r *chaosReportData) { r.Checks++ })
@@ -659,16 +661,19 @@ func (c *chaos) checkStateFile(final bool) {
 	slots, err := db.Slots(ctx)
 	if err != nil {
 		c.violate("read slots: %v", err)
-		return
+		return cutOff
 	}
 	bySlot := map[scaler.SlotKey]scaler.Slot{}
 	for _, s := range slots {
 		bySlot[s.Key()] = s
+		if s.State == scaler.Launching && s.InstanceID == "" {
+			cutOff[s.LaunchID] = true
+		}
 	}
 	live, err := db.LiveReservations(ctx)
 	if err != nil {
 		c.violate("read reservations: %v", err)
-		return
+		return cutOff
 	}
 	for _, r := range live {
 		if r.State != scaler.Assigned {
@@ -706,11 +711,15 @@ func (c *chaos) checkStateFile(final bool) {
 			c.violate("reservation %s is %s at the end, want released", id, r.State)
 		}
 	}
+	return cutOff
 }
 
 // checkTracked runs one reconcile round and then requires every instance
-// tagged for the cluster that is not terminated to be tracked by a slot.
-func (c *chaos) checkTracked() {
+// tagged for the cluster that is not terminated to be tracked by a slot: by
+// its instance id, or by its launch id while the new daemon launches it.
+// An instance of a launch the kill cut off (cutOff) must have been adopted
+// by that one round.
+func (c *chaos) checkTracked(cutOff map[string]bool) {
 	ctx := context.Background()
 	cl := api.NewUnixClient(c.sock)
 	if err := retry(ctx, func(ctx context.Context) error { _, err := cl.Reconcile(ctx); return err }); err != nil {
@@ -733,7 +742,8 @@ func (c *chaos) checkTracked() {
 	}
 	for _, in := range alive {
 		id := aws.ToString(in.InstanceId)
-		if tracked[id] || tracked["launch:"+ec2test.Tags(in.Tags)[ec2prov.TagLaunchID]] {
+		launch := ec2test.Tags(in.Tags)[ec2prov.TagLaunchID]
+		if tracked[id] || tracked["launch:"+launch] && !cutOff[launch] {
 			continue
 		}
 		// Terminated since the read above?
