@@ -23,14 +23,15 @@ export CGO_ENABLED=1
 
 echo "== chaos: $DURATION with kills + $SOAK soak, $WORKERS clients; figures go to $REPORT" >&2
 LOG=${REPORT%.json}.log
-# The test bounds its own waits; -timeout only guards against a hang.
-if go test ./e2e/ -run '^TestChaos$' -count=1 -timeout 0 -v -args \
+# The test bounds its own waits, so no -timeout. Progress (once a minute)
+# and any violation are shown as they come.
+go test ./e2e/ -run '^TestChaos$' -count=1 -timeout 0 -v -args \
 	-chaos.duration="$DURATION" -chaos.soak="$SOAK" -chaos.workers="$WORKERS" \
-	-chaos.seed="$SEED" -chaos.report="$REPORT" >"$LOG" 2>&1; then
-	status=0
-else
-	status=$?
-fi
+	-chaos.seed="$SEED" -chaos.report="$REPORT" >"$LOG" 2>&1 &
+pid=$!
+tail -n +1 -f --pid=$pid "$LOG" | grep --line-buffered -E 'chaos [0-9]|INVARIANT' >&2 &
+if wait $pid; then status=0; else status=$?; fi
+wait
 grep -E '^(--- |PASS|FAIL|ok )|INVARIANT|chaos seed' "$LOG" >&2 || true
 if [ ! -s "$REPORT" ]; then
 	echo "no report; the test's output is in $LOG" >&2

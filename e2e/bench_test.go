@@ -65,6 +65,19 @@ log = "stdout"
 placeholder = "127.0.0.254:9"
 hold = "%[5]s"
 check_interval = "%[6]s"`, dir, port(), port(), port(), hold, checkInterval), fmt.Sprintf("frontend = %q\n%s", frontend, pool))
+	hp := startHAProxy(tb, dir, cfg, edit)
+	reg := prometheus.NewRegistry()
+	h := daemontest.Start(tb, cfg, func(o *daemon.Options) {
+		o.Clock = scaler.RealClock{}
+		o.Registry = reg
+	})
+	return &benchStack{tb: tb, h: h, hp: hp, cfg: cfg, reg: reg, frontend: frontend}
+}
+
+// startHAProxy runs a real HAProxy in dir on the configuration generated
+// from cfg, changed by edit (as text) if edit is not nil.
+func startHAProxy(tb testing.TB, dir string, cfg *config.Config, edit func(string) string) *haproxytest.Instance {
+	tb.Helper()
 	spoePath := filepath.Join(dir, "nba-spoe.conf")
 	files, err := haproxy.Generate(cfg, haproxy.Options{SPOEPath: spoePath})
 	if err != nil {
@@ -77,13 +90,7 @@ check_interval = "%[6]s"`, dir, port(), port(), port(), hold, checkInterval), fm
 	if edit != nil {
 		hcfg = edit(hcfg)
 	}
-	hp := haproxytest.Start(tb, dir, hcfg)
-	reg := prometheus.NewRegistry()
-	h := daemontest.Start(tb, cfg, func(o *daemon.Options) {
-		o.Clock = scaler.RealClock{}
-		o.Registry = reg
-	})
-	return &benchStack{tb: tb, h: h, hp: hp, cfg: cfg, reg: reg, frontend: frontend}
+	return haproxytest.Start(tb, dir, hcfg)
 }
 
 // benchWithoutSPOE removes, as text, the lines of the generated haproxy.cfg that

@@ -53,7 +53,6 @@ import (
 	awsec2 "github.com/aws/aws-sdk-go-v2/service/ec2"
 	"github.com/aws/aws-sdk-go-v2/service/ec2/types"
 
-	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy"
 	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy/haproxytest"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
@@ -319,15 +318,7 @@ ssh_port = %[15]d
 	if err != nil {
 		t.Fatalf("chaos config: %v", err)
 	}
-	spoePath := filepath.Join(hdir, "nba-spoe.conf")
-	files, err := haproxy.Generate(hcfg, haproxy.Options{SPOEPath: spoePath})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(spoePath, files.SPOEConf, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	c.hp = haproxytest.Start(t, hdir, string(files.HAProxyCfg))
+	c.hp = startHAProxy(t, hdir, hcfg, nil)
 	c.d = startDaemon(t, c.cfgPath, dir)
 	c.report.DaemonIncarnation = 1
 	return c
@@ -555,8 +546,16 @@ func (c *chaos) inject(chaosEnd, soakEnd time.Time) {
 			}
 		}
 	}
+	start, lastProgress := time.Now(), time.Now()
 	for time.Now().Before(soakEnd) {
 		soak := !time.Now().Before(chaosEnd)
+		if time.Since(lastProgress) >= time.Minute {
+			lastProgress = time.Now()
+			c.mu.Lock()
+			c.t.Logf("chaos %s: %d cycles, %d faults, %d daemon starts, %d violations, soak %v",
+				time.Since(start).Round(time.Second), c.report.Cycles, sum(c.report.Faults), c.report.DaemonIncarnation, len(c.violations), soak)
+			c.mu.Unlock()
+		}
 		f := c.fault(next(soak))
 		c.count(func(r *chaosReportData) { r.Faults[f]++ })
 		pause := time.Duration(500+c.rng.IntN(2000)) * time.Millisecond
@@ -570,6 +569,14 @@ func (c *chaos) inject(chaosEnd, soakEnd time.Time) {
 
 // fault injects f and returns what it did: a targeted kill whose moment
 // did not come within 15 s became a kill at a random moment.
+func sum(m map[string]int) int {
+	n := 0
+	for _, v := range m {
+		n += v
+	}
+	return n
+}
+
 func (c *chaos) fault(f string) string {
 	switch f {
 	case faultKill:
