@@ -295,7 +295,6 @@ drain_timeout = "10m"
 region = "us-east-1"
 endpoint = %[11]q
 ami = %[12]q
-launch_template_version = ""
 instance_types = ["m7i.xlarge", "m6i.xlarge"]
 subnets = [%[13]q, %[14]q]
 on_demand_fallback = true

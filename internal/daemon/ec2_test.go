@@ -74,8 +74,6 @@ idle_timeout = "5m"
 [pool.ec2]
 region = "us-east-1"
 ami = %q
-# Works around the bug TestEC2PoolWithAMIAndNoLaunchTemplateStarts shows.
-launch_template_version = ""
 instance_types = ["m7i.xlarge", "m6i.xlarge"]
 subnets = [%s]
 discovery = "ec2-private-ip"
@@ -87,13 +85,10 @@ discovery = "ec2-private-ip"
 // TestEC2PoolWithAMIAndNoLaunchTemplateStarts: a pool with an AMI and no
 // launch template, as docs/configuration.md describes it, must start.
 //
-// BUG (open): config.DefaultPool sets [pool.ec2] launch_template_version to
-// "$Default"; daemon.ec2Providers passes it to the provider whether or not
-// a launch template is set, and scaler/ec2's newPool rejects a version
-// without a template, so daemon.New fails with `ec2 provider: pool "x86":
-// launch template version without a launch template` for every AMI-only
-// pool. The other tests here set launch_template_version = "" to get past
-// it.
+// Regression: config.DefaultPool sets [pool.ec2] launch_template_version to
+// "$Default", and the daemon used to pass it to the provider even without a
+// launch template, which scaler/ec2 rejects; every AMI-only pool failed to
+// start. The daemon now passes a version only with a template.
 func TestEC2PoolWithAMIAndNoLaunchTemplateStarts(t *testing.T) {
 	isolateAWS(t)
 	pool := `max_builders = 1

@@ -64,8 +64,6 @@ boot_timeout = %q
 [pool.ec2]
 region = "us-east-1"
 ami = "ami-0123456789abcdef0"
-# Works around the bug TestEC2PoolWithAMIAndNoLaunchTemplateStarts shows.
-launch_template_version = ""
 instance_types = ["m7i.xlarge"]
 subnets = [%q]
 
@@ -442,15 +440,11 @@ func (l *tsLogBuffer) has(level string, subs ...string) bool {
 // regions, both found on the tailnet, must start, with one EC2 provider
 // (and one discovery wrapper) per region.
 //
-// BUG (open): daemon.ec2Providers calls discovery.Wrap once per distinct
-// provider, each time with the same Options.Registerer (the daemon's
-// registry), and Wrap registers its collectors with MustRegister
-// (internal/discovery/provider.go, end of Wrap). The second region's Wrap
-// panics with "duplicate metrics collector registration attempted", so
-// daemon.New panics for any configuration with EC2 pools in two regions (or
-// two endpoints), whatever their discovery source. (scaler/ec2's metrics
-// tolerate a shared registry: they reuse an AlreadyRegisteredError's
-// collector.)
+// Regression: daemon.ec2Providers wraps each region's provider with
+// discovery.Wrap, with the daemon's one registry; Wrap used to register its
+// collectors with MustRegister, so the second region panicked with
+// "duplicate metrics collector registration attempted". It now shares them
+// (scaler.RegisterShared).
 func TestTailscaleEC2PoolsInTwoRegions(t *testing.T) {
 	ts := discoverytest.Start(t)
 	pool := fmt.Sprintf(`max_builders = 1
@@ -458,7 +452,6 @@ func TestTailscaleEC2PoolsInTwoRegions(t *testing.T) {
 [pool.ec2]
 region = "us-east-1"
 ami = "ami-0123456789abcdef0"
-launch_template_version = ""
 instance_types = ["m7i.xlarge"]
 subnets = [%[1]q]
 
@@ -471,7 +464,6 @@ max_builders = 1
 [pool.ec2]
 region = "eu-west-1"
 ami = "ami-0123456789abcdef1"
-launch_template_version = ""
 instance_types = ["m7g.xlarge"]
 subnets = [%[2]q]
 
