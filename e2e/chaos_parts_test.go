@@ -21,6 +21,7 @@ package e2e
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -32,6 +33,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -71,6 +73,9 @@ type ec2Proxy struct {
 	// Counters: injected faults by code, calls by action.
 	injected map[string]int
 	calls    map[string]int
+	// inflight counts requests being handled: after a kill the test waits
+	// for moto to finish what the dead daemon asked.
+	inflight atomic.Int64
 }
 
 // trap holds one answer of action that moto already carried out: fired is
@@ -186,6 +191,8 @@ func (p *ec2Proxy) fault(action string) (code string, status int) {
 }
 
 func (p *ec2Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	p.inflight.Add(1)
+	defer p.inflight.Add(-1)
 	body, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusBadRequest)
@@ -217,7 +224,10 @@ func (p *ec2Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 
-	req, err := http.NewRequestWithContext(r.Context(), r.Method, p.target+r.URL.RequestURI(), bytes.NewReader(body))
+	// Not the caller's context: a daemon killed mid-call must not stop
+	// moto's answer from reaching the farm (moto carries the call out
+	// anyway).
+	req, err := http.NewRequestWithContext(context.WithoutCancel(r.Context()), r.Method, p.target+r.URL.RequestURI(), bytes.NewReader(body))
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusInternalServerError)
 		return
@@ -446,55 +456,48 @@ func (f *builderFarm) publishLocked() {
 }
 
 // flakyPort forwards a loopback TCP port to target and can refuse
-// connections for a while, as a daemon listener that is down would.
+// connections for a while, as a daemon listener that is down would: while
+// refusing, it resets every connection at once. It keeps its listener open
+// throughout, so nothing else can take the port meanwhile.
 type flakyPort struct {
 	addr, target string
+	ln           net.Listener
 
-	mu     sync.Mutex
-	ln     net.Listener
-	conns  map[net.Conn]bool
-	closed bool
+	mu       sync.Mutex
+	refusing bool
+	conns    map[net.Conn]bool
 }
 
 func newFlakyPort(t testing.TB, addr, target string) *flakyPort {
-	f := &flakyPort{addr: addr, target: target, conns: map[net.Conn]bool{}}
-	if err := f.open(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		f.mu.Lock()
-		f.closed = true
-		f.mu.Unlock()
-		f.refuse()
-	})
-	return f
-}
-
-func (f *flakyPort) open() error {
-	var ln net.Listener
-	var err error
-	for range 100 { // the port of a closed listener can take a moment to free
-		if ln, err = net.Listen("tcp", f.addr); err == nil {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		return fmt.Errorf("flaky port %s: %w", f.addr, err)
+		t.Fatalf("flaky port %s: %v", addr, err)
 	}
-	f.mu.Lock()
-	f.ln = ln
-	f.mu.Unlock()
+	f := &flakyPort{addr: addr, target: target, ln: ln, conns: map[net.Conn]bool{}}
 	go func() {
 		for {
 			c, err := ln.Accept()
 			if err != nil {
 				return
 			}
+			f.mu.Lock()
+			refusing := f.refusing
+			f.mu.Unlock()
+			if refusing {
+				if tc, ok := c.(*net.TCPConn); ok {
+					_ = tc.SetLinger(0) // RST, as a closed port answers
+				}
+				c.Close()
+				continue
+			}
 			go f.forward(c)
 		}
 	}()
-	return nil
+	t.Cleanup(func() {
+		ln.Close()
+		f.refuse()
+	})
+	return f
 }
 
 func (f *flakyPort) forward(c net.Conn) {
@@ -504,7 +507,7 @@ func (f *flakyPort) forward(c net.Conn) {
 		return
 	}
 	f.mu.Lock()
-	if f.ln == nil {
+	if f.refusing {
 		f.mu.Unlock()
 		c.Close()
 		up.Close()
@@ -525,28 +528,20 @@ func (f *flakyPort) forward(c net.Conn) {
 	f.mu.Unlock()
 }
 
-// refuse closes the listener and every forwarded connection: connects are
-// refused until reopen.
+// refuse resets new connections and closes every forwarded one until
+// reopen.
 func (f *flakyPort) refuse() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.ln == nil {
-		return
-	}
-	f.ln.Close()
-	f.ln = nil
+	f.refusing = true
 	for c := range f.conns {
 		c.Close()
 	}
 }
 
-// reopen accepts connections again.
-func (f *flakyPort) reopen() error {
+// reopen forwards connections again.
+func (f *flakyPort) reopen() {
 	f.mu.Lock()
-	if f.ln != nil || f.closed {
-		f.mu.Unlock()
-		return nil
-	}
+	f.refusing = false
 	f.mu.Unlock()
-	return f.open()
 }

@@ -46,6 +46,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -147,6 +148,18 @@ type chaos struct {
 	d        *daemonProc
 	rng      *rand.Rand
 
+	// calls counts client calls that can be acknowledged (create,
+	// release) from just before they are sent until their answer is
+	// recorded: after a kill the state file is read once it is zero, so no
+	// acknowledgement is in the air.
+	calls atomic.Int64
+	// finishCtx bounds what clients do after the chaos (releases); over
+	// when the test ends.
+	finishCtx context.Context
+	// over is set when the test function returns: clients still running
+	// then (after a failure) must not report to it.
+	over atomic.Bool
+
 	mu         sync.Mutex
 	res        map[string]*chaosRes
 	sessions   map[string]*chaosSession
@@ -160,7 +173,9 @@ func (c *chaos) violate(format string, args ...any) {
 	c.mu.Lock()
 	c.violations = append(c.violations, msg)
 	c.mu.Unlock()
-	c.t.Errorf("INVARIANT VIOLATED: %s", msg)
+	if !c.over.Load() {
+		c.t.Errorf("INVARIANT VIOLATED: %s", msg)
+	}
 }
 
 func (c *chaos) count(f func(r *chaosReportData)) {
@@ -177,6 +192,7 @@ func TestChaos(t *testing.T) {
 	t.Logf("chaos seed %d (rerun with -chaos.seed=%d), %s of faults with kills, %s soak, %d clients",
 		seed, seed, *chaosDuration, *chaosSoak, *chaosWorkers)
 	c := startChaos(t, seed)
+	defer c.over.Store(true)
 	start := time.Now()
 
 	workCtx, stopWork := context.WithCancel(context.Background())
@@ -202,12 +218,16 @@ func TestChaos(t *testing.T) {
 	c.finish()
 	c.report.ElapsedSeconds = time.Since(start).Seconds()
 	c.writeReport()
-	if c.report.Cycles == 0 {
-		t.Error("no reservation cycle completed")
+	// The invariants must have had something to bite on.
+	if c.report.Cycles == 0 || c.report.Sessions == 0 || c.report.Terminations == 0 {
+		t.Errorf("cycles %d, sessions %d, checked terminations %d: the run exercised too little",
+			c.report.Cycles, c.report.Sessions, c.report.Terminations)
 	}
 	for _, f := range chaosFaults {
-		if c.report.Faults[f] == 0 && *chaosDuration >= 30*time.Second {
-			t.Errorf("fault %s was never injected", f)
+		if c.report.Faults[f] == 0 {
+			// Timing decides whether a targeted kill finds its moment in a
+			// short run; that says nothing about the daemon.
+			t.Logf("fault %s did not happen in this run", f)
 		}
 	}
 }
@@ -234,8 +254,10 @@ func startChaos(t *testing.T, seed uint64) *chaos {
 		t.Setenv(k, v)
 	}
 	subnets := m.DefaultSubnets(t)
-	port := func() int { return haproxytest.FreePort(t) }
-	c := &chaos{t: t, dir: dir, moto: m, rng: rand.New(rand.NewPCG(seed, 0xc4a05)),
+	port := func() int { return lowPort(t) }
+	finishCtx, cancelFinish := context.WithCancel(context.Background())
+	t.Cleanup(cancelFinish)
+	c := &chaos{finishCtx: finishCtx, t: t, dir: dir, moto: m, rng: rand.New(rand.NewPCG(seed, 0xc4a05)),
 		res: map[string]*chaosRes{}, sessions: map[string]*chaosSession{}, reclaimed: map[string]bool{},
 		report: chaosReportData{Seed: seed, Duration: chaosDuration.String(), Soak: chaosSoak.String(), Workers: *chaosWorkers,
 			Faults: map[string]int{}}}
@@ -323,6 +345,24 @@ ssh_port = %[15]d
 	return c
 }
 
+// lowPort returns a loopback port, free a moment ago, below Linux's
+// ephemeral range (32768 and up by default): ports this test closes and
+// binds again (daemon restarts, HAProxy restarts) must not be taken by an
+// outgoing connection meanwhile.
+func lowPort(t testing.TB) int {
+	t.Helper()
+	for range 1000 {
+		p := 20000 + rand.IntN(12000)
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
+		if err == nil {
+			l.Close()
+			return p
+		}
+	}
+	t.Fatal("no free loopback port in 20000..31999")
+	return 0
+}
+
 // retry calls f until it succeeds, the daemon says no (a 4xx answer: a
 // bug, returned), or ctx ends. Failures to reach the daemon are expected
 // while it is dead.
@@ -338,8 +378,11 @@ func retry(ctx context.Context, f func(ctx context.Context) error) error {
 		if errors.As(err, &ae) && ae.Status < 500 {
 			return err
 		}
-		if ctx.Err() != nil || i >= 5000 {
+		if ctx.Err() != nil {
 			return fmt.Errorf("%w (last error: %v)", ctx.Err(), err)
+		}
+		if i >= 5000 {
+			return fmt.Errorf("gave up after %d attempts: %w", i+1, err)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -351,12 +394,19 @@ func (c *chaos) worker(ctx context.Context, w int, rng *rand.Rand) {
 	cl := api.NewUnixClient(c.sock)
 	// The release of a reservation the worker holds must happen even
 	// after ctx ends.
-	finish := context.Background()
+	finish := c.finishCtx
 	for n := 1; ctx.Err() == nil; n++ {
 		waitActive(ctx)
 		id := fmt.Sprintf("w%d-%d", w, n)
 		err := retry(ctx, func(ctx context.Context) error {
+			c.calls.Add(1)
+			defer c.calls.Add(-1)
 			_, _, err := cl.CreateReservation(ctx, api.CreateReservationRequest{ID: id, System: "x86_64-linux", Owner: "chaos", Lease: "30m"})
+			if err == nil {
+				c.mu.Lock()
+				c.res[id] = &chaosRes{state: resAcked}
+				c.mu.Unlock()
+			}
 			return err
 		})
 		if err != nil {
@@ -367,9 +417,6 @@ func (c *chaos) worker(ctx context.Context, w int, rng *rand.Rand) {
 			c.release(finish, cl, id)
 			return
 		}
-		c.mu.Lock()
-		c.res[id] = &chaosRes{state: resAcked}
-		c.mu.Unlock()
 
 		if c.awaitReady(ctx, cl, id) {
 			ms := func(lo, n int) time.Duration { return time.Duration(lo+rng.IntN(n)) * time.Millisecond }
@@ -415,6 +462,9 @@ func (c *chaos) awaitReady(ctx context.Context, cl *api.Client, id string) bool 
 		return err
 	})
 	if err != nil {
+		if ctx.Err() == nil {
+			c.violate("wait for reservation %s: %v", id, err)
+		}
 		return false
 	}
 	if r.State != "ready" {
@@ -425,6 +475,35 @@ func (c *chaos) awaitReady(ctx context.Context, cl *api.Client, id string) bool 
 	c.res[id].instance, c.res[id].stale = r.InstanceID, false
 	c.mu.Unlock()
 	return true
+}
+
+// relearn follows a reservation whose builder was reclaimed until the
+// daemon has it ready on another builder, which its client then holds.
+func (c *chaos) relearn(id string) {
+	cl := api.NewUnixClient(c.sock)
+	ctx, cancel := context.WithTimeout(c.finishCtx, 2*time.Minute)
+	defer cancel()
+	for ctx.Err() == nil {
+		var r api.Reservation
+		if err := retry(ctx, func(ctx context.Context) error {
+			var err error
+			r, err = cl.WaitReady(ctx, id, 5*time.Second)
+			return err
+		}); err != nil {
+			return
+		}
+		c.mu.Lock()
+		res := c.res[id]
+		done := res.state != resAcked || r.State != "ready"
+		if !done && !c.reclaimed[r.InstanceID] {
+			res.instance, res.stale, done = r.InstanceID, false, true
+		}
+		c.mu.Unlock()
+		if done {
+			return
+		}
+		time.Sleep(100 * time.Millisecond) // the daemon has not seen the reclaim yet
+	}
 }
 
 // session connects through HAProxy's frontend, identifies itself to the
@@ -455,7 +534,7 @@ func (c *chaos) session(cl *api.Client, id string, hold time.Duration, releaseFi
 		return
 	}
 	if releaseFirst {
-		c.release(context.Background(), cl, id)
+		c.release(c.finishCtx, cl, id)
 	}
 	time.Sleep(hold)
 	c.closeSession(sid)
@@ -481,19 +560,20 @@ func (c *chaos) release(ctx context.Context, cl *api.Client, id string) {
 	}
 	c.mu.Unlock()
 	err := retry(ctx, func(ctx context.Context) error {
+		c.calls.Add(1)
+		defer c.calls.Add(-1)
 		_, err := cl.Release(ctx, id)
+		if err == nil && r != nil {
+			c.mu.Lock()
+			r.state = resReleased
+			c.report.Cycles++
+			c.mu.Unlock()
+		}
 		return err
 	})
-	if err != nil {
+	if err != nil && ctx.Err() == nil {
 		c.violate("release %s: %v", id, err)
-		return
 	}
-	c.mu.Lock()
-	if r != nil {
-		r.state = resReleased
-		c.report.Cycles++
-	}
-	c.mu.Unlock()
 }
 
 // checkTerminate runs before moto terminates ids: none may hold an open
@@ -555,8 +635,14 @@ func (c *chaos) inject(chaosEnd, soakEnd time.Time) {
 				time.Since(start).Round(time.Second), c.report.Cycles, sum(c.report.Faults), c.report.DaemonIncarnation, len(c.violations), soak)
 			c.mu.Unlock()
 		}
-		f := c.fault(next(soak))
+		want := next(soak)
+		f := c.fault(want)
 		c.count(func(r *chaosReportData) { r.Faults[f]++ })
+		if f != want {
+			// Its moment did not come (no launch, no termination, no
+			// running builder): try that kind again later.
+			bag = append(bag, want)
+		}
 		pause := time.Duration(500+c.rng.IntN(2000)) * time.Millisecond
 		if soak {
 			c.sample()
@@ -601,9 +687,7 @@ func (c *chaos) fault(f string) string {
 		}
 		time.Sleep(time.Duration(500+c.rng.IntN(2500)) * time.Millisecond)
 		for _, p := range ports {
-			if err := p.reopen(); err != nil {
-				c.t.Fatal(err)
-			}
+			p.reopen()
 		}
 	case faultCapacity:
 		c.proxy.outageFor(time.Duration(1000+c.rng.IntN(3000)) * time.Millisecond)
@@ -617,12 +701,17 @@ func (c *chaos) fault(f string) string {
 		id := running[c.rng.IntN(len(running))]
 		c.mu.Lock()
 		c.reclaimed[id] = true
-		for _, r := range c.res {
-			if r.instance == id {
+		var stale []string
+		for rid, r := range c.res {
+			if r.instance == id && r.state == resAcked {
 				r.stale = true
+				stale = append(stale, rid)
 			}
 		}
 		c.mu.Unlock()
+		for _, rid := range stale {
+			go c.relearn(rid)
+		}
 		if _, err := c.moto.Client.TerminateInstances(context.Background(), &awsec2.TerminateInstancesInput{InstanceIds: []string{id}}); err != nil {
 			c.t.Fatalf("reclaim %s in moto: %v", id, err)
 		}
@@ -638,6 +727,11 @@ func (c *chaos) killAndRestart(tr *trap) {
 	c.d.kill()
 	if tr != nil {
 		c.proxy.disarm(tr)
+	}
+	// Let what the dead daemon started settle: EC2 calls moto is still
+	// carrying out, and client calls whose answers are being recorded.
+	for i := 0; i < 500 && (c.proxy.inflight.Load() > 0 || c.calls.Load() > 0); i++ {
+		time.Sleep(20 * time.Millisecond)
 	}
 	cutOff := c.checkStateFile(false)
 	time.Sleep(time.Duration(c.rng.IntN(500)) * time.Millisecond)
@@ -744,7 +838,12 @@ func (c *chaos) checkTracked(cutOff map[string]bool) {
 	}
 	tracked := map[string]bool{}
 	for _, s := range slots.Slots {
-		tracked[s.InstanceID], tracked["launch:"+s.LaunchID] = true, true
+		if s.InstanceID != "" {
+			tracked[s.InstanceID] = true
+		} else if s.LaunchID != "" {
+			// Launching: its instance is known by launch id only.
+			tracked["launch:"+s.LaunchID] = true
+		}
 	}
 	for _, in := range alive {
 		id := aws.ToString(in.InstanceId)
@@ -778,7 +877,8 @@ func (c *chaos) clusterInstances(all bool) []types.Instance {
 
 // sample reads the daemon's goroutines and RSS (soak phase).
 func (c *chaos) sample() {
-	resp, err := http.Get("http://" + c.metrics + "/metrics")
+	hc := http.Client{Timeout: 5 * time.Second}
+	resp, err := hc.Get("http://" + c.metrics + "/metrics")
 	if err != nil {
 		return
 	}
@@ -819,9 +919,7 @@ func (c *chaos) sample() {
 func (c *chaos) finish() {
 	c.proxy.setRates(0, 0)
 	for _, p := range []*flakyPort{c.agent, c.spoa} {
-		if err := p.reopen(); err != nil {
-			c.t.Fatal(err)
-		}
+		p.reopen()
 	}
 	cl := api.NewUnixClient(c.sock)
 	idle := func() bool {

@@ -8,6 +8,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -101,9 +103,15 @@ func startDaemon(t *testing.T, cfg, dir string) *daemonProc {
 			_ = d.cmd.Process.Kill()
 			<-d.done
 		}
-		if t.Failed() {
+		// Each restart registers this; the log (appended by every run)
+		// is shown once, its end only.
+		if _, shown := shownLogs.LoadOrStore(dir, true); t.Failed() && !shown {
 			b, _ := os.ReadFile(filepath.Join(dir, "daemon.log"))
-			t.Logf("daemon log:\n%s", b)
+			lines := strings.SplitAfter(string(b), "\n")
+			if len(lines) > 400 {
+				lines = append([]string{fmt.Sprintf("[... %d earlier lines]\n", len(lines)-400)}, lines[len(lines)-400:]...)
+			}
+			t.Logf("daemon log (%s):\n%s", dir, strings.Join(lines, ""))
 		}
 	})
 	c := api.NewUnixClient(filepath.Join(dir, "d.sock"))
@@ -118,6 +126,9 @@ func startDaemon(t *testing.T, cfg, dir string) *daemonProc {
 	})
 	return d
 }
+
+// shownLogs holds the directories whose daemon log a failed test printed.
+var shownLogs sync.Map
 
 // kill sends SIGKILL: no shutdown code runs.
 func (d *daemonProc) kill() {

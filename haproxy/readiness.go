@@ -77,7 +77,10 @@ type boundAddr struct {
 	verified bool
 }
 
-var _ scaler.Readiness = (*Readiness)(nil)
+var (
+	_ scaler.Readiness = (*Readiness)(nil)
+	_ scaler.Quiescer  = (*Readiness)(nil)
+)
 
 // NewReadiness returns a Readiness for the given pools (their backends are
 // Backend(pool)); reg, when not nil, receives its metrics.
@@ -272,6 +275,31 @@ func checkPassed(checkStatus string) bool {
 		return true
 	}
 	return false
+}
+
+// Quiesce puts the slot's server in maintenance, so that neither balancing
+// nor a use-server rule can send it a new connection (open ones go on), and
+// then returns the sessions open on it (scur). Until the agent check has
+// told HAProxy "drain", a drained slot's server is still up at full weight;
+// maintenance closes that gap. HAProxy 2.6 lifts forced maintenance at the
+// agent's next state answer: for a slot the daemon then terminates that
+// answer is "maint"; for one it keeps draining (a session was open) it is
+// "drain", weight 0, which balancing skips and the SPOE agent never picks.
+func (r *Readiness) Quiesce(ctx context.Context, key scaler.SlotKey) (int, error) {
+	be := Backend(key.Pool)
+	if err := r.c.SetServerState(ctx, be, key.Slot, "maint"); err != nil {
+		return 0, fmt.Errorf("quiesce %s: %w", key, err)
+	}
+	stats, err := r.c.showStat(ctx, statServersCmd)
+	if err != nil {
+		return 0, fmt.Errorf("quiesce %s: %w", key, err)
+	}
+	for _, s := range stats {
+		if s.IsServer() && s.Proxy() == be && s.Server() == key.Slot {
+			return int(max(s.Int("scur"), 0)), nil
+		}
+	}
+	return 0, fmt.Errorf("quiesce %s: show stat has no server %s/%s", key, be, key.Slot)
 }
 
 // Up reports whether the last call to HAProxy succeeded, with the error

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -506,4 +507,107 @@ func TestReusedSlotNotHealthyFromStaleCheck(t *testing.T) {
 	if !healthy() {
 		t.Fatal("a passing check after a failing one is the new builder's; want healthy")
 	}
+}
+
+// TestQuiesce: on a real HAProxy, Quiesce puts a draining slot's server in
+// maintenance and counts the session still open on it; the agent's "drain"
+// answers turn that into drain, not up; the count drops to 0 once the
+// session ends; an agent "ready" (an operator's undrain) brings it back up.
+func TestQuiesce(t *testing.T) {
+	b := startBanner(t)
+	var reply atomic.Value
+	reply.Store("up ready 100% maxconn:2 #i-1")
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var answered atomic.Int64
+	serveLines(t, l, time.Second, func(string) (string, bool) {
+		defer answered.Add(1)
+		return reply.Load().(string) + "\n", true
+	})
+	fe := haproxytest.FreePort(t)
+	cfg := testGlobal + fmt.Sprintf(`frontend fe
+    bind 127.0.0.1:%d
+    default_backend nba_x86
+
+backend nba_x86
+    balance leastconn
+    option tcp-check
+    tcp-check expect rstring ^SSH-2\.0-
+    default-server check inter 100ms fall 2 rise 1 agent-check agent-addr 127.0.0.1 agent-port %d agent-inter 100ms maxconn 2 weight 100
+    server slot1 slot.nba.invalid:22 init-addr last,%s disabled agent-send "x86/slot1\n"
+`, fe, l.Addr().(*net.TCPAddr).Port, Placeholder)
+	h := haproxytest.Start(t, haproxytest.Dir(t), cfg)
+	r := NewReadiness(NewClient(h.Socket, 2*time.Second), []string{"x86"}, placeholderAddr, time.Second, nil)
+	key := scaler.SlotKey{Pool: "x86", Slot: "slot1"}
+	if err := r.Bind(t.Context(), key, b.Addr); err != nil {
+		t.Fatal(err)
+	}
+	waitServer(t, r, key, "up", func(s scaler.ServerStatus) bool { return s.Up })
+
+	session, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", fe))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer session.Close()
+	if line, err := bufio.NewReader(session).ReadString('\n'); err != nil || !strings.HasPrefix(line, "SSH-2.0-") {
+		t.Fatalf("session through HAProxy: %q, %v", line, err)
+	}
+	reply.Store("drain") // the slot is draining, as the daemon's agent says then
+	waitServer(t, r, key, "draining with the session", func(s scaler.ServerStatus) bool { return s.Sessions == 1 })
+
+	n, err := r.Quiesce(t.Context(), key)
+	if err != nil || n != 1 {
+		t.Fatalf("Quiesce with a session open = %d, %v; want 1", n, err)
+	}
+	status := func() string {
+		for _, s := range mustStats(t, h) {
+			if s.Proxy() == "nba_x86" && s.Server() == "slot1" {
+				return s.Status()
+			}
+		}
+		t.Fatal("no server slot1 in show stat")
+		return ""
+	}
+	// Let a few agent checks answer "drain" meanwhile.
+	for seen := answered.Load(); answered.Load() < seen+3; {
+		time.Sleep(20 * time.Millisecond)
+	}
+	// HAProxy 2.6 lifts forced maintenance on the agent's next state
+	// answer; "drain" still keeps balancing away (weight 0).
+	if st := status(); !strings.HasPrefix(st, "MAINT") && !strings.HasPrefix(st, "DRAIN") {
+		t.Fatalf("after Quiesce and the agent's drain answers, status %q; want MAINT or DRAIN", st)
+	}
+
+	session.Close()
+	for i := 0; ; i++ {
+		n, err := r.Quiesce(t.Context(), key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n == 0 {
+			break
+		}
+		if i == 100 {
+			t.Fatalf("Quiesce after the session closed = %d; want 0", n)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	reply.Store("up ready 100% maxconn:2 #i-1")
+	waitServer(t, r, key, "up again after an agent ready", func(s scaler.ServerStatus) bool { return s.Up })
+
+	if _, err := r.Quiesce(t.Context(), scaler.SlotKey{Pool: "x86", Slot: "slot9"}); err == nil {
+		t.Error("Quiesce of a server HAProxy does not have succeeded")
+	}
+}
+
+func mustStats(t *testing.T, h *haproxytest.Instance) []Stat {
+	t.Helper()
+	stats, err := ParseStat(h.Cmd("show stat"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return stats
 }

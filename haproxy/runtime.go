@@ -329,6 +329,29 @@ func checkSetAddrAnswer(cmd, out string) error {
 	return nil
 }
 
+// SetServerState runs `set server <backend>/<server> state <state>` with
+// state ready, drain or maint. HAProxy answers nothing on success; any
+// answer is an error (*CommandError), e.g. "No such server.".
+func (c *Client) SetServerState(ctx context.Context, backend, server, state string) error {
+	if !isProxyName(backend) || !isProxyName(server) {
+		return fmt.Errorf("set server state: invalid backend/server name %q/%q", backend, server)
+	}
+	switch state {
+	case "ready", "drain", "maint":
+	default:
+		return fmt.Errorf("set server %s/%s state: %q is not ready, drain or maint", backend, server, state)
+	}
+	cmd := fmt.Sprintf("set server %s/%s state %s", backend, server, state)
+	out, err := c.Exec(ctx, cmd)
+	if err != nil {
+		return err
+	}
+	if strings.TrimSpace(out) != "" {
+		return &CommandError{Command: cmd, Answer: out}
+	}
+	return nil
+}
+
 // ShowStat runs `show stat` and parses it (see ParseStat).
 func (c *Client) ShowStat(ctx context.Context) ([]Stat, error) {
 	return c.showStat(ctx, "show stat")

@@ -102,13 +102,17 @@ type Action struct {
 	Addr        string
 	To          SlotState
 	Reason      string
+	// IfIdle, on a terminate, asks the reconciler to close the builder to
+	// new connections and terminate it only if no session is open then
+	// (see Quiescer).
+	IfIdle bool
 }
 
 func (a Action) String() string {
 	var b strings.Builder
 	b.WriteString(string(a.Kind))
 	for _, kv := range [][2]string{{"pool", a.Pool}, {"slot", a.Slot}, {"reservation", a.Reservation},
-		{"instance", a.Instance}, {"addr", a.Addr}, {"to", string(a.To)}, {"reason", a.Reason}} {
+		{"instance", a.Instance}, {"addr", a.Addr}, {"to", string(a.To)}, {"reason", a.Reason}, {"if_idle", map[bool]string{true: "true"}[a.IfIdle]}} {
 		if kv[1] != "" {
 			fmt.Fprintf(&b, " %s=%q", kv[0], kv[1])
 		}
@@ -260,8 +264,12 @@ func (p *planner) advance(s *Slot, to SlotState, reason string) {
 	p.setState(s, to)
 }
 
-func (p *planner) terminate(s *Slot, reason string) {
-	p.emit(Action{Kind: ActTerminate, Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, Reason: reason})
+func (p *planner) terminate(s *Slot, reason string) { p.stop(s, reason, false) }
+
+// stop terminates s's builder; with ifIdle only if it has no session once
+// closed to new ones (Action.IfIdle).
+func (p *planner) stop(s *Slot, reason string, ifIdle bool) {
+	p.emit(Action{Kind: ActTerminate, Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, Reason: reason, IfIdle: ifIdle})
 	p.requeueSlot(s, reason)
 	if s.InstanceID == "" {
 		// Nothing was ever launched that we can name: the slot is free now.
@@ -385,7 +393,7 @@ func (p *planner) slotTransitions() {
 			}
 			switch {
 			case p.perSlot[s.Key()] == 0 && srv.Sessions == 0:
-				p.terminate(s, "drained ("+s.DrainReason+")")
+				p.stop(s, "drained ("+s.DrainReason+")", true)
 			case configured && age >= pp.DrainTimeout:
 				p.terminate(s, "drain timeout ("+pp.DrainTimeout.String()+")")
 			}

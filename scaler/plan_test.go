@@ -373,7 +373,7 @@ func TestPlan(t *testing.T) {
 		{
 			name: "draining slot terminates when empty",
 			w:    world{slots: []Slot{slot("slot1", Draining, func(s *Slot) { s.DrainReason = "idle" }), slot("slot2", Empty), slot("slot3", Empty)}},
-			want: []string{`terminate pool="x86" slot="slot1" instance="i-slot1" reason="drained (idle)"`},
+			want: []string{`terminate pool="x86" slot="slot1" instance="i-slot1" reason="drained (idle)" if_idle="true"`},
 		},
 		{
 			name: "draining slot with sessions waits",

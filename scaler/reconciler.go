@@ -583,9 +583,37 @@ func (a *applier) launch(ctx context.Context, act Action) error {
 	return err
 }
 
+// quiet closes a drained builder to new connections and reports whether
+// no session is open on it, so it may be terminated (Quiescer). Without a
+// Quiescer, Plan's observation is all there is.
+func (a *applier) quiet(ctx context.Context, key SlotKey, act Action) bool {
+	q, ok := a.r.o.Readiness.(Quiescer)
+	if !ok {
+		return true
+	}
+	cctx, cancel := context.WithTimeout(ctx, a.r.o.CallTimeout)
+	n, err := q.Quiesce(cctx, key)
+	cancel()
+	switch {
+	case err != nil:
+		a.log().Warn("not terminating a drained builder yet: cannot close it to new connections first (retried next round)",
+			"slot", key, "instance", act.Instance, "err", err)
+		a.r.o.Metrics.providerErrors.WithLabelValues("quiesce").Inc()
+		return false
+	case n > 0:
+		a.log().Info("a session reached the drained builder after it was seen idle; terminating it once the session ends",
+			"slot", key, "instance", act.Instance, "sessions", n)
+		return false
+	}
+	return true
+}
+
 func (a *applier) terminate(ctx context.Context, act Action) error {
 	key := SlotKey{act.Pool, act.Slot}
 	retry := strings.HasPrefix(act.Reason, "retry: ")
+	if act.IfIdle && !a.quiet(ctx, key, act) {
+		return nil // the slot stays draining; a later round decides again
+	}
 	if act.Slot != "" && !retry {
 		_, err := a.updateSlot(ctx, key, func(s *Slot) bool {
 			if s.InstanceID != act.Instance || s.State == Terminating || s.State == Empty {

@@ -193,6 +193,17 @@ type Readiness interface {
 	Servers(ctx context.Context) (map[SlotKey]ServerStatus, error)
 }
 
+// Quiescer is a Readiness that can close a slot's server to new
+// connections, leaving open ones alone, and count the sessions still open.
+// The reconciler calls it before terminating a builder Plan found drained:
+// Plan saw no session, but one may have been routed there after that
+// observation (the agent check says "drain" only at its next check, and the
+// SPOE agent routes on the view of the round before). Closed first and
+// counted after, nothing can slip in between.
+type Quiescer interface {
+	Quiesce(ctx context.Context, key SlotKey) (sessions int, err error)
+}
+
 // Clock is the reconciler's time source, injected so tests run on fake time.
 type Clock interface {
 	Now() time.Time

@@ -632,3 +632,56 @@ func TestEC2MotoLeakedInstancesTerminatedAfterGrace(t *testing.T) {
 	}
 	m.checkOthersUntouched(t, d)
 }
+
+// TestDrainedBuilderWithLateSessionIsNotTerminated: a builder is drained
+// for idleness, and a connection reaches it after the round that decides
+// to terminate it observed no session (HAProxy still routed to it: the agent
+// says "drain" only at its next check). The reconciler closes the server to
+// new connections and counts again before terminating: it finds the
+// session and keeps the builder draining; it terminates it once the
+// session ended.
+func TestDrainedBuilderWithLateSessionIsNotTerminated(t *testing.T) {
+	fake := ec2test.New()
+	fake.Zones = map[string]string{ec2SubnetA: "us-east-1a"}
+	clock := scalertest.NewClock(daemontest.T0)
+	fake.Now = clock.Now
+	reach := daemontest.NewReachable()
+	d := startEC2(t, ec2Config(t, []string{ec2SubnetA}, "ami-0123456789abcdef0", "", ""), clock, reach, fake)
+
+	d.create("build-1")
+	id := d.waitReady("build-1").InstanceID
+	if _, err := d.Client.Release(d.ctx(), "build-1"); err != nil {
+		t.Fatal(err)
+	}
+	// The session arrives while the round that drained the slot and found
+	// it empty is about to terminate it.
+	reach.OnQuiesce(func(key scaler.SlotKey) { reach.SetSessions(key, 1) })
+	clock.Advance(5 * time.Minute)
+	d.reconcile()
+	d.reconcile()
+	if s := d.slot(ec2Slot1); s.State != scaler.Draining || s.InstanceID != id {
+		t.Fatalf("slot1 = %s (%s) with a session open; want draining, %s", s.State, s.InstanceID, id)
+	}
+	if n := fake.CallCount(ec2test.OpTerminate); n != 0 {
+		t.Fatalf("TerminateInstances called %d times while a session was open", n)
+	}
+	if q := reach.Quiesced(); len(q) == 0 || q[0] != ec2Slot1 {
+		t.Fatalf("Quiesce calls = %v; want slot1 closed to new connections before terminating", q)
+	}
+
+	// The session ends: terminated.
+	reach.OnQuiesce(nil)
+	reach.SetSessions(ec2Slot1, 0)
+	d.reconcile()
+	d.WaitFor("slot1 terminating or empty", func() bool {
+		st := d.slot(ec2Slot1).State
+		return st == scaler.Terminating || st == scaler.Empty
+	})
+	if n := fake.CallCount(ec2test.OpTerminate); n != 1 {
+		t.Errorf("TerminateInstances calls after the session ended = %d, want 1", n)
+	}
+	evs := d.events(api.EventQuery{Pool: "x86", Slot: "slot1"})
+	if term := eventsOf(evs, scaler.EvTerminated); len(term) != 1 || term[0].Reason != "drained (idle)" {
+		t.Errorf("terminated events = %+v, want one, drained (idle)", term)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"slices"
 	"sync"
 	"testing"
 
@@ -22,13 +23,18 @@ import (
 // Pass it with WithReadiness (or set daemon.Options.Readiness); without
 // one, a daemon without HAProxy probes builder addresses itself.
 type Reachable struct {
-	mu       sync.Mutex
-	addrs    map[scaler.SlotKey]string
-	sessions map[scaler.SlotKey]int
-	binds    int
+	mu        sync.Mutex
+	addrs     map[scaler.SlotKey]string
+	sessions  map[scaler.SlotKey]int
+	binds     int
+	quiesced  []scaler.SlotKey
+	onQuiesce func(scaler.SlotKey)
 }
 
-var _ scaler.Readiness = (*Reachable)(nil)
+var (
+	_ scaler.Readiness = (*Reachable)(nil)
+	_ scaler.Quiescer  = (*Reachable)(nil)
+)
 
 // NewReachable returns a Reachable with no slot bound.
 func NewReachable() *Reachable {
@@ -68,6 +74,36 @@ func (r *Reachable) SetSessions(key scaler.SlotKey, n int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.sessions[key] = n
+}
+
+// Quiesce records the call and reports the slot's sessions. There is no
+// connection to close; OnQuiesce lets a test make a session arrive just
+// before the count, after the round observed the slot idle.
+func (r *Reachable) Quiesce(_ context.Context, key scaler.SlotKey) (int, error) {
+	r.mu.Lock()
+	r.quiesced = append(r.quiesced, key)
+	f := r.onQuiesce
+	r.mu.Unlock()
+	if f != nil {
+		f(key)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.sessions[key], nil
+}
+
+// OnQuiesce runs f at the start of every Quiesce (nil: nothing).
+func (r *Reachable) OnQuiesce(f func(scaler.SlotKey)) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.onQuiesce = f
+}
+
+// Quiesced returns the slots Quiesce was called for, in order.
+func (r *Reachable) Quiesced() []scaler.SlotKey {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.quiesced)
 }
 
 // Addr is the address a slot is bound to ("" if none).
