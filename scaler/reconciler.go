@@ -208,11 +208,16 @@ func (r *Reconciler) round(ctx context.Context) error {
 // ReconcileOnce observes, plans and applies once. It reports whether any
 // state changed. Callers other than Run must not run it concurrently.
 func (r *Reconciler) ReconcileOnce(ctx context.Context) (changed bool, err error) {
+	// The round's time is when its observation began, not when it ended: a
+	// round whose provider or load balancer calls took a while acts on what
+	// it saw then. Stamped later, a round that saw a reservation still
+	// assigned would mark its builder active after the release that a
+	// concurrent request committed meanwhile, and restart its idle time.
+	now := r.o.Clock.Now()
 	obs, owner, err := r.observe(ctx)
 	if err != nil {
 		return false, err
 	}
-	now := r.o.Clock.Now()
 	actions := Plan(now, r.o.Policy, obs)
 	r.settling = len(actions) > 0 || len(obs.Held) > 0
 	for _, s := range obs.Slots {
@@ -471,7 +476,7 @@ func (a *applier) apply(ctx context.Context, act Action) error {
 				return false
 			}
 			res.State, res.Slot, res.AssignedAt = Assigned, act.Slot, a.now
-			wait = a.now.Sub(res.CreatedAt)
+			wait = max(a.now.Sub(res.CreatedAt), 0) // created after the round began
 			return true
 		}, a.event(EvAssigned, act))
 		if err != nil || !ok {

@@ -11,13 +11,14 @@ package daemontest
 
 import (
 	"context"
-	"guardianproject.dev/ops/nix-builder-autoscaler/internal/syncbuf"
 	"log/slog"
 	"os"
 	"sync"
 	"testing"
 	"time"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/syncbuf"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon"
@@ -159,15 +160,9 @@ func Start(tb testing.TB, cfg *config.Config, opts ...Option) *Harness {
 // the test ends.
 func (h *Harness) Stop() { h.stop() }
 
-// WaitFor polls cond (bounded) until it holds; the bound only limits how
-// long a broken build hangs, it is not a timing assertion.
+// WaitFor polls cond until it holds (testwait.Until: the bound is a hang
+// guard, not a timing assertion).
 func (h *Harness) WaitFor(what string, cond func() bool) {
 	h.tb.Helper()
-	for i := 0; i < 3000; i++ {
-		if cond() {
-			return
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	h.tb.Fatalf("timed out waiting for %s", what)
+	testwait.Until(h.tb, what, cond)
 }

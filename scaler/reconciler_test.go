@@ -1,0 +1,131 @@
+package scaler_test
+
+import (
+	"context"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/store"
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/scalertest"
+)
+
+var t0 = time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
+
+// runningProvider lists one running instance per slot it was given.
+type runningProvider struct{ ins []scaler.Instance }
+
+func (p *runningProvider) Launch(context.Context, scaler.LaunchRequest) (scaler.Instance, error) {
+	panic("no launch expected")
+}
+func (p *runningProvider) Terminate(context.Context, string) error         { return nil }
+func (p *runningProvider) List(context.Context) ([]scaler.Instance, error) { return p.ins, nil }
+
+// upServers reports every slot it was given up, healthy and without
+// sessions: a load balancer whose view the test does not change.
+type upServers map[scaler.SlotKey]string
+
+func (u upServers) Bind(context.Context, scaler.SlotKey, string) error { return nil }
+func (u upServers) Servers(context.Context) (map[scaler.SlotKey]scaler.ServerStatus, error) {
+	out := map[scaler.SlotKey]scaler.ServerStatus{}
+	for k, addr := range u {
+		out[k] = scaler.ServerStatus{Addr: addr, Healthy: true, Up: true}
+	}
+	return out, nil
+}
+
+// racingStore runs during, once, right after the round has read the live
+// reservations: what a concurrent writer (the API) and the passing of time
+// do while the round's provider and load balancer calls are in flight.
+type racingStore struct {
+	*store.DB
+	once   sync.Once
+	during func()
+}
+
+func (s *racingStore) LiveReservations(ctx context.Context) ([]scaler.Reservation, error) {
+	rs, err := s.DB.LiveReservations(ctx)
+	s.once.Do(s.during)
+	return rs, err
+}
+
+// TestStaleRoundDoesNotRestartIdleTime: a round that saw a reservation
+// before it was released must not mark the builder active at a time after
+// the release. It did once: the round took "now" after its observation, so
+// when the clock moved on while its calls were in flight (a slow SSH probe,
+// or a test's manual clock) it touched the slot at the later time and the
+// idle drain came that much late, or, with a test's jump of minutes, never.
+func TestStaleRoundDoesNotRestartIdleTime(t *testing.T) {
+	ctx := context.Background()
+	db, err := store.Open(ctx, filepath.Join(t.TempDir(), "state.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	key := scaler.SlotKey{Pool: "x86", Slot: "slot1"}
+	if err := db.EnsureSlots(ctx, map[string]int{"x86": 1}, t0); err != nil {
+		t.Fatal(err)
+	}
+	slot, err := db.Slot(ctx, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	slot.State, slot.InstanceID, slot.Address, slot.StateSince, slot.LastActive = scaler.Ready, "i-1", "127.0.0.1:22", t0, t0
+	res := scaler.Reservation{ID: "r1", Pool: "x86", System: "x86_64-linux", State: scaler.Assigned, Slot: "slot1",
+		CreatedAt: t0, AssignedAt: t0, ExpiresAt: t0.Add(time.Hour)}
+	if _, _, err := db.CreateReservation(ctx, res, scaler.Event{At: t0, Kind: scaler.EvCreated, ReservationID: "r1"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Commit(ctx, scaler.Change{Slots: []scaler.Slot{slot}}); err != nil {
+		t.Fatal(err)
+	}
+
+	clock := scalertest.NewClock(t0)
+	released := t0.Add(time.Minute)
+	clock.Advance(time.Minute)
+	rs := &racingStore{DB: db, during: func() {
+		// The build ends: its release restarts the idle time, as the API does.
+		r, err := db.Reservation(ctx, "r1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := db.Slot(ctx, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.State, r.Slot, r.EndedAt = scaler.Released, "", released
+		s.LastActive = released
+		if err := db.Commit(ctx, scaler.Change{Reservations: []scaler.Reservation{r}, Slots: []scaler.Slot{s}}); err != nil {
+			t.Fatal(err)
+		}
+		clock.Advance(4 * time.Minute)
+	}}
+	prov := &runningProvider{ins: []scaler.Instance{{ID: "i-1", Pool: "x86", Slot: "slot1", State: scaler.InstanceRunning,
+		Address: "127.0.0.1:22", LaunchedAt: t0}}}
+	rec := scaler.New(scaler.Options{Store: rs, Providers: map[string]scaler.Provider{"x86": prov}, Clock: clock,
+		Readiness: upServers{key: "127.0.0.1:22"},
+		Policy: scaler.Policy{Pools: []scaler.PoolPolicy{{Name: "x86", MaxBuilders: 1, ReservationsPerBuilder: 1,
+			IdleTimeout: 5 * time.Minute, DrainTimeout: time.Hour, LaunchTimeout: time.Hour, BootTimeout: time.Hour, BindTimeout: time.Hour}}}})
+	if _, err := rec.ReconcileOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	s, err := db.Slot(ctx, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !s.LastActive.Equal(released) {
+		t.Fatalf("slot LastActive = %v after a round that observed the reservation before its release; want the release time %v",
+			s.LastActive, released)
+	}
+
+	// Five minutes after the release the builder is idle and drains.
+	clock.Advance(released.Add(5 * time.Minute).Sub(clock.Now()))
+	if _, err := rec.ReconcileOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if s, _ = db.Slot(ctx, key); s.State != scaler.Draining {
+		t.Errorf("slot = %s five minutes after the release with idle_timeout 5m; want draining", s.State)
+	}
+}
