@@ -17,11 +17,11 @@ import (
 	"testing"
 	"time"
 
-	"guardianproject.dev/ops/nix-builder-autoscaler/internal/syncbuf"
-	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/syncbuf"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/local"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/scalertest"
 )
