@@ -251,7 +251,7 @@ const (
 	builderNet     = "100.64.0.0/16"
 	netLockFile    = "/run/lock/nba-nixbuilder-net.lock"
 	usersLockFile  = "/run/lock/nba-nixbuilder-users.lock"
-	lockWaitBudget = 30 * time.Second
+	lockWaitBudget = 2 * time.Minute // a hang guard: holders keep these locks briefly
 )
 
 // holdRouteUser takes the users lock shared, or returns nil (not root, or
@@ -507,6 +507,28 @@ type BuildOptions struct {
 	// Protocol is "ssh-ng" (default; Nix runs nix-daemon --stdio on the
 	// builder) or "ssh" (nix-store --serve).
 	Protocol string
+	// Stamp makes every build record when it started and ended on the
+	// builder (Result.Spans).
+	Stamp bool
+}
+
+// Span is when one build ran on the builder, by the builder's clock.
+type Span struct{ Start, End time.Time }
+
+// MaxOverlap is the largest number of spans that ran at one moment.
+func MaxOverlap(spans []Span) int {
+	most := 0
+	for _, s := range spans {
+		// The count is highest at some span's start.
+		n := 0
+		for _, o := range spans {
+			if !o.Start.After(s.Start) && o.End.After(s.Start) {
+				n++
+			}
+		}
+		most = max(most, n)
+	}
+	return most
 }
 
 // Result is one finished nix-build.
@@ -515,6 +537,7 @@ type Result struct {
 	Output   string        // nix-build's stdout and stderr
 	Command  string        // the command line, for logs
 	Duration time.Duration // how long nix-build ran
+	Spans    []Span        // with BuildOptions.Stamp: one per output, in order
 }
 
 // Build builds one new derivation on the builder at hostport with the real
@@ -555,6 +578,7 @@ func (e *Env) BuildWith(ctx context.Context, hostport string, opts BuildOptions)
 		"--argstr", "system", e.System,
 		"--argstr", "count", strconv.Itoa(opts.Derivations),
 		"--argstr", "sleep", strconv.FormatFloat(opts.Sleep.Seconds(), 'f', -1, 64),
+		"--argstr", "stamp", map[bool]string{false: "0", true: "1"}[opts.Stamp],
 		"--no-out-link",
 		"--store", "local?root=" + e.ClientStore,
 		"--max-jobs", "0",
@@ -596,11 +620,28 @@ func (e *Env) BuildWith(ctx context.Context, hostport string, opts BuildOptions)
 			return r, fmt.Errorf("nixbuilder: nix-build on %s printed %q, not an output of this build", hostport, p)
 		}
 		got, err := os.ReadFile(filepath.Join(e.ClientStore, p))
-		if err != nil || string(got) != "ok\n" {
+		if err != nil || !strings.HasSuffix(string(got), "ok\n") {
 			return r, fmt.Errorf("nixbuilder: output %s in the client store: %q, %v", p, got, err)
+		}
+		if opts.Stamp {
+			sp, err := parseSpan(string(got))
+			if err != nil {
+				return r, fmt.Errorf("nixbuilder: output %s: %w", p, err)
+			}
+			r.Spans = append(r.Spans, sp)
 		}
 	}
 	return r, nil
+}
+
+// parseSpan reads the "start NANOS" and "end NANOS" lines a stamped build
+// writes before its "ok".
+func parseSpan(out string) (Span, error) {
+	var start, end int64
+	if _, err := fmt.Sscanf(out, "start %d\nend %d\nok\n", &start, &end); err != nil {
+		return Span{}, fmt.Errorf("not a stamped output (%q): %w", out, err)
+	}
+	return Span{Start: time.Unix(0, start), End: time.Unix(0, end)}, nil
 }
 
 // BuildersSpec is the Nix `builders` entry for a builder reached at host
