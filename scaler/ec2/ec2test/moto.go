@@ -163,7 +163,10 @@ func startMoto() (*Moto, error) {
 		BaseEndpoint: aws.String(m.Endpoint),
 		Credentials:  aws.NewCredentialsCache(credentials.NewStaticCredentialsProvider("testing", "testing", "")),
 	})
-	deadline := time.Now().Add(60 * time.Second)
+	// Python's start-up on a busy machine is slow; the bound is only a hang
+	// guard.
+	const bound = 2 * time.Minute
+	deadline := time.Now().Add(bound)
 	for time.Now().Before(deadline) {
 		select {
 		case <-exited:
@@ -180,7 +183,7 @@ func startMoto() (*Moto, error) {
 	_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 	<-exited
 	moto.cmd = nil
-	return nil, fmt.Errorf("moto_server did not answer on %s within 60s; its output: %s", m.Endpoint, out.String())
+	return nil, fmt.Errorf("moto_server did not answer on %s within %v; its output: %s", m.Endpoint, bound, out.String())
 }
 
 // DefaultSubnets returns moto's default subnets (one per zone of
