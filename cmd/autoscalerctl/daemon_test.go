@@ -40,7 +40,7 @@ func startDaemon(t *testing.T) *daemonHarness {
 }
 
 // ctl runs autoscalerctl in-process against the daemon's socket, with the
-// NBA_* environment cleared.
+// NBA_* environment cleared (and runCLIGuarded's hang guard).
 func (h *daemonHarness) ctl(args ...string) (code int, stdout, stderr string) {
 	h.t.Helper()
 	return ctlAt(h.t, h.Socket, args...)
@@ -48,14 +48,7 @@ func (h *daemonHarness) ctl(args ...string) (code int, stdout, stderr string) {
 
 func ctlAt(t *testing.T, sock string, args ...string) (code int, stdout, stderr string) {
 	t.Helper()
-	for _, k := range []string{"NBA_SOCKET", "NBA_URL", "NBA_TOKEN_FILE"} {
-		if _, ok := os.LookupEnv(k); ok {
-			t.Setenv(k, "")
-		}
-	}
-	var out, errb bytes.Buffer
-	code = run(append([]string{"--socket", sock}, args...), &out, &errb)
-	return code, out.String(), errb.String()
+	return runCLIGuarded(t, append([]string{"--socket", sock}, args...)...)
 }
 
 // ok runs a command that must succeed and returns its stdout, which must
@@ -163,12 +156,13 @@ func TestDaemonEveryCommand(t *testing.T) {
 	}
 
 	// reserve --wait: the local builder launches and the reservation is
-	// assigned to it.
-	code, out, stderr := h.ctl("reserve", "--system", "x86_64-linux", "--id", "cli-1", "--owner", "ctl-test", "--wait", "--wait-timeout", "60s")
+	// assigned to it. The wait is longer than ctl's hang guard: the
+	// builder's boot takes what it takes on a busy machine.
+	code, out, stderr := h.ctl("reserve", "--system", "x86_64-linux", "--id", "cli-1", "--owner", "ctl-test", "--wait", "--wait-timeout", "10m")
 	if code != exitOK {
 		t.Fatalf("reserve --wait: exit code %d, want 0; stderr:\n%s\nstdout:\n%s", code, stderr, out)
 	}
-	if want := "reservation cli-1 created; waiting up to 1m0s for a slot...\n"; stderr != want {
+	if want := "reservation cli-1 created; waiting up to 10m0s for a slot...\n"; stderr != want {
 		t.Errorf("reserve --wait: stderr = %q, want %q", stderr, want)
 	}
 	for _, want := range []string{"cli-1", "ready", "slot1", "x86_64-linux", "ctl-test", "address", "127.0.0.1:"} {
@@ -178,7 +172,7 @@ func TestDaemonEveryCommand(t *testing.T) {
 	}
 	// Asking again with the same id gives the same reservation.
 	var res api.Reservation
-	h.okJSON(&res, "reserve", "--system", "x86_64-linux", "--id", "cli-1", "--owner", "ctl-test", "--wait", "--wait-timeout", "60s")
+	h.okJSON(&res, "reserve", "--system", "x86_64-linux", "--id", "cli-1", "--owner", "ctl-test", "--wait", "--wait-timeout", "10m")
 	if res.ID != "cli-1" || res.State != "ready" || res.Slot != "slot1" || res.Pool != "x86" || res.Address == "" || res.InstanceID == "" {
 		t.Fatalf("reserve --json (again) = %+v, want cli-1 ready on x86/slot1 with address and instance", res)
 	}
@@ -452,13 +446,14 @@ func TestDaemonUnreachable(t *testing.T) {
 		{"stopped daemon release", h.Socket, []string{"release", "cli-2"}},
 		{"stopped daemon release --json", h.Socket, []string{"release", "--json", "cli-2"}},
 		{"stopped daemon status", h.Socket, []string{"status"}},
-		{"stopped daemon reserve --wait", h.Socket, []string{"reserve", "--system", "x86_64-linux", "--wait", "--wait-timeout", "5s"}},
+		// A wait far longer than the hang guard: the command must notice
+		// nothing listens, not wait for its timeout.
+		{"stopped daemon reserve --wait", h.Socket, []string{"reserve", "--system", "x86_64-linux", "--wait", "--wait-timeout", "10m"}},
 		{"nothing at path", filepath.Join(dir, "none.sock"), []string{"release", "cli-2"}},
 		{"stale socket", stale, []string{"release", "cli-2"}},
 		{"stale socket health", stale, []string{"health"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			start := time.Now()
 			code, stdout, stderr := ctlAt(t, tc.sock, tc.args...)
 			if code != exitUnreachable {
 				t.Errorf("exit code = %d, want %d; stderr %q", code, exitUnreachable, stderr)
@@ -469,9 +464,6 @@ func TestDaemonUnreachable(t *testing.T) {
 			}
 			if stdout != "" {
 				t.Errorf("stdout = %q, want nothing", stdout)
-			}
-			if d := time.Since(start); d > 10*time.Second {
-				t.Errorf("took %v to notice nothing listens", d)
 			}
 		})
 	}

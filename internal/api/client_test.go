@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 )
 
 // clientFake serves the API contract of DESIGN.md §3.1 from memory, for
@@ -37,6 +38,13 @@ type clientFake struct {
 	// many-th long poll.
 	readyAfterPolls int
 	polls           map[string]int
+	// pollArrived, when set, receives the id of each GET of a reservation
+	// (long poll or not) once the fake has the request, before it reads the
+	// reservation.
+	pollArrived chan string
+	// endPolls, when set, ends every long poll still waiting when it is
+	// closed, answering the current state, as a wait that ended would.
+	endPolls chan struct{}
 
 	requests []string // "METHOD path?query"
 	auth     []string // Authorization headers seen
@@ -153,6 +161,43 @@ func (f *clientFake) setState(r *api.Reservation, state string) {
 	f.changed = make(chan struct{})
 }
 
+// watchPolls makes the fake report the id of every GET of a reservation it
+// gets, on the returned channel, before it reads the reservation.
+func (f *clientFake) watchPolls() <-chan string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.pollArrived = make(chan string, 16)
+	return f.pollArrived
+}
+
+// holdPolls makes long polls end, answering the current state, only when
+// end is called (or when their wait or the state changes).
+func (f *clientFake) holdPolls() (end func()) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	ch := make(chan struct{})
+	f.endPolls = ch
+	var once sync.Once
+	return func() { once.Do(func() { close(ch) }) }
+}
+
+// waitPoll waits until the fake got a GET of reservation id (hang-guarded).
+func waitPoll(t *testing.T, polls <-chan string, id string) {
+	t.Helper()
+	guard := time.NewTimer(testwait.Bound)
+	defer guard.Stop()
+	for {
+		select {
+		case got := <-polls:
+			if got == id {
+				return
+			}
+		case <-guard.C:
+			t.Fatalf("no GET of reservation %s reached the fake within %s: stuck", id, testwait.Bound)
+		}
+	}
+}
+
 // SetState is setState for tests, taking the lock.
 func (f *clientFake) SetState(id, state string) {
 	f.mu.Lock()
@@ -217,6 +262,16 @@ func (f *clientFake) get(w http.ResponseWriter, r *http.Request) {
 		wait = d
 	}
 	f.mu.Lock()
+	arrived, endPolls := f.pollArrived, f.endPolls
+	f.mu.Unlock()
+	if arrived != nil {
+		select {
+		case arrived <- id:
+		case <-r.Context().Done():
+			return
+		}
+	}
+	f.mu.Lock()
 	f.waits = append(f.waits, r.URL.Query().Get("wait"))
 	res, ok := f.reservations[id]
 	if !ok {
@@ -247,6 +302,12 @@ func (f *clientFake) get(w http.ResponseWriter, r *http.Request) {
 		select {
 		case <-changed:
 		case <-deadline.C:
+			clientFakeJSON(w, http.StatusOK, cur)
+			return
+		case <-endPolls: // nil unless set: never
+			f.mu.Lock()
+			cur = *res
+			f.mu.Unlock()
 			clientFakeJSON(w, http.StatusOK, cur)
 			return
 		case <-r.Context().Done():
@@ -646,20 +707,20 @@ func TestClientTimeout(t *testing.T) {
 	defer srv.Close()
 	c := api.NewHTTPClient(srv.URL, "")
 	c.Timeout = 100 * time.Millisecond
-	start := time.Now()
-	_, err := c.Status(t.Context())
+	// The caller's context is only a hang guard: if the client's Timeout
+	// did not end the call, the guard would, with the caller's error.
+	guard, cancelGuard := context.WithTimeout(t.Context(), testwait.Bound)
+	defer cancelGuard()
+	_, err := c.Status(guard)
 	var ue *api.UnreachableError
 	if !errors.As(err, &ue) || !strings.Contains(err.Error(), "no answer within 100ms") {
 		t.Errorf("error = %v, want an *UnreachableError saying no answer within 100ms", err)
-	}
-	if d := time.Since(start); d > 5*time.Second {
-		t.Errorf("took %v", d)
 	}
 
 	// The caller's own cancellation is not the daemon being unreachable.
 	ctx, cancel := context.WithTimeout(t.Context(), 50*time.Millisecond)
 	defer cancel()
-	c.Timeout = time.Minute
+	c.Timeout = testwait.Bound
 	_, err = c.Status(ctx)
 	if errors.As(err, &ue) || !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("error = %v (%T), want the caller's context error", err, err)
@@ -689,45 +750,71 @@ func TestClientLongPollPassesWait(t *testing.T) {
 	if _, _, err := c.CreateReservation(ctx, api.CreateReservationRequest{ID: "lp", System: "x86_64-linux"}); err != nil {
 		t.Fatal(err)
 	}
+	polls := f.watchPolls()
+
 	// The poll outlasts the client's own timeout: the wait must extend it.
+	// The fake holds the poll open for twice that timeout (the sleep is the
+	// behaviour under test), then ends it as an ended wait would. A client
+	// that did not add the wait to its timeout gives up first, with an
+	// error; one that did has minutes left.
 	c.Timeout = 200 * time.Millisecond
-	start := time.Now()
-	r, err := c.Reservation(ctx, "lp", 700*time.Millisecond)
-	if err != nil {
-		t.Fatalf("Reservation with wait: %v", err)
+	end := f.holdPolls()
+	type result struct {
+		r   api.Reservation
+		err error
 	}
-	if d := time.Since(start); d < 700*time.Millisecond {
-		t.Errorf("long poll returned after %v, before its wait", d)
+	done := make(chan result, 1)
+	go func() {
+		r, err := c.Reservation(ctx, "lp", 10*time.Minute)
+		done <- result{r, err}
+	}()
+	waitPoll(t, polls, "lp")
+	time.Sleep(2 * c.Timeout)
+	end()
+	res := <-done
+	if res.err != nil {
+		t.Fatalf("Reservation with a wait longer than the client's timeout: %v", res.err)
 	}
-	if r.State != "pending" {
-		t.Errorf("state = %q, want pending", r.State)
+	if res.r.State != "pending" {
+		t.Errorf("state = %q, want pending", res.r.State)
 	}
-	if got := f.lastRequest(); got != "GET /v1/reservations/lp?wait=700ms" {
-		t.Errorf("request = %q, want wait=700ms", got)
+	if got := f.lastRequest(); got != "GET /v1/reservations/lp?wait=10m0s" {
+		t.Errorf("request = %q, want wait=10m0s", got)
 	}
 
-	// A state change ends the poll early.
+	// A state change ends the poll early: the poll waits 10 minutes, the
+	// client's context gives up after testwait.Bound (a hang guard), so an
+	// answer means the poll ended on the change.
+	f.mu.Lock()
+	f.endPolls = nil
+	f.mu.Unlock()
+	guard, cancel := context.WithTimeout(ctx, testwait.Bound)
+	defer cancel()
 	go func() {
-		time.Sleep(100 * time.Millisecond)
-		f.SetState("lp", "ready")
+		r, err := c.Reservation(guard, "lp", 10*time.Minute)
+		done <- result{r, err}
 	}()
-	start = time.Now()
-	r, err = c.Reservation(ctx, "lp", 10*time.Second)
-	if err != nil || r.State != "ready" {
-		t.Fatalf("Reservation = %+v, %v; want ready", r, err)
+	waitPoll(t, polls, "lp")
+	f.SetState("lp", "ready")
+	res = <-done
+	if res.err != nil || res.r.State != "ready" {
+		t.Fatalf("Reservation = %+v, %v; want ready, answered when the state changed", res.r, res.err)
 	}
-	if d := time.Since(start); d > 5*time.Second {
-		t.Errorf("long poll took %v after the state changed", d)
-	}
-	if got := f.waits[len(f.waits)-1]; got != "10s" {
-		t.Errorf("wait = %q, want 10s", got)
+	f.mu.Lock()
+	lastWait := f.waits[len(f.waits)-1]
+	f.mu.Unlock()
+	if lastWait != "10m0s" {
+		t.Errorf("wait = %q, want 10m0s", lastWait)
 	}
 }
 
 func TestClientWaitReady(t *testing.T) {
 	f, c := newUnixClientFake(t)
 	f.readyAfterPolls = 3
-	ctx := t.Context()
+	// The hang guard of the whole test: every wait below ends on a state
+	// the test sets up, long before this.
+	ctx, cancel := context.WithTimeout(t.Context(), testwait.Bound)
+	defer cancel()
 	if _, _, err := c.CreateReservation(ctx, api.CreateReservationRequest{ID: "w1", System: "x86_64-linux"}); err != nil {
 		t.Fatal(err)
 	}
@@ -735,33 +822,55 @@ func TestClientWaitReady(t *testing.T) {
 	if err != nil || r.State != "ready" || r.Slot != "slot1" {
 		t.Fatalf("WaitReady = %+v, %v; want ready on slot1", r, err)
 	}
-	if got := f.polls["w1"]; got != 3 {
-		t.Errorf("polls = %d, want 3", got)
+	f.mu.Lock()
+	polls := f.polls["w1"]
+	f.readyAfterPolls = 0
+	f.mu.Unlock()
+	if polls != 3 {
+		t.Errorf("polls = %d, want 3", polls)
 	}
 
-	// A reservation that fails ends the wait with its state, no error.
+	// A reservation that fails ends the wait with its state, no error. The
+	// poll waits 10 minutes; the state changes once it is open.
 	if _, _, err := c.CreateReservation(ctx, api.CreateReservationRequest{ID: "w2", System: "x86_64-linux"}); err != nil {
 		t.Fatal(err)
 	}
-	f.readyAfterPolls = 0
+	arrived := f.watchPolls()
 	go func() {
-		time.Sleep(100 * time.Millisecond)
-		f.SetState("w2", "failed")
+		for id := range arrived {
+			if id == "w2" {
+				f.SetState("w2", "failed")
+				return
+			}
+		}
 	}()
-	if r, err = c.WaitReady(ctx, "w2", time.Second); err != nil || r.State != "failed" {
+	if r, err = c.WaitReady(ctx, "w2", 10*time.Minute); err != nil || r.State != "failed" {
 		t.Errorf("WaitReady = %+v, %v; want failed", r, err)
 	}
 
-	// The context bounds the wait.
+	// The context bounds the wait. It ends once a poll has answered
+	// "pending" and the next one is open.
 	if _, _, err := c.CreateReservation(ctx, api.CreateReservationRequest{ID: "w3", System: "x86_64-linux"}); err != nil {
 		t.Fatal(err)
 	}
-	wctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
-	defer cancel()
+	arrived = f.watchPolls()
+	wctx, wcancel := context.WithCancel(ctx)
+	defer wcancel()
+	go func() {
+		n := 0
+		for id := range arrived {
+			if id == "w3" {
+				if n++; n == 2 {
+					wcancel()
+					return
+				}
+			}
+		}
+	}()
 	r, err = c.WaitReady(wctx, "w3", 100*time.Millisecond)
 	var ue *api.UnreachableError
-	if !errors.Is(err, context.DeadlineExceeded) || errors.As(err, &ue) {
-		t.Errorf("WaitReady error = %v, want the context's deadline", err)
+	if !errors.Is(err, context.Canceled) || errors.As(err, &ue) {
+		t.Errorf("WaitReady error = %v, want the context's error", err)
 	}
 	if r.ID != "w3" || r.State != "pending" {
 		t.Errorf("WaitReady = %+v, want the last state seen (pending)", r)

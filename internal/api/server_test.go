@@ -17,6 +17,7 @@ import (
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/store"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/scalertest"
 )
@@ -46,14 +47,40 @@ func (k *kickCounter) count() int {
 
 // watchedStore is the real store; it also tells when a read of a chosen
 // reservation has completed, so a test can change the reservation while a
-// long poll is known to be waiting.
+// long poll is known to be waiting, and it can hold reads back until the
+// test has made a change.
 type watchedStore struct {
 	*store.DB
 	mu    sync.Mutex
 	reads map[string]chan struct{}
+	holds map[string]*readHold
+}
+
+// readHold lets pass reads of a reservation through, then blocks the
+// following ones until gate is closed.
+type readHold struct {
+	pass int
+	gate chan struct{}
 }
 
 func (s *watchedStore) Reservation(ctx context.Context, id string) (scaler.Reservation, error) {
+	s.mu.Lock()
+	var gate chan struct{}
+	if h := s.holds[id]; h != nil {
+		if h.pass > 0 {
+			h.pass--
+		} else {
+			gate = h.gate
+		}
+	}
+	s.mu.Unlock()
+	if gate != nil {
+		select {
+		case <-gate:
+		case <-ctx.Done():
+			return scaler.Reservation{}, ctx.Err()
+		}
+	}
 	r, err := s.DB.Reservation(ctx, id)
 	s.mu.Lock()
 	if ch, ok := s.reads[id]; ok {
@@ -71,6 +98,20 @@ func (s *watchedStore) readOf(id string) <-chan struct{} {
 	ch := make(chan struct{})
 	s.reads[id] = ch
 	return ch
+}
+
+// holdAfter lets the next pass reads of reservation id through and holds
+// every later one until release is called (release is idempotent and also
+// runs when the test ends).
+func (s *watchedStore) holdAfter(t *testing.T, id string, pass int) (release func()) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	h := &readHold{pass: pass, gate: make(chan struct{})}
+	s.holds[id] = h
+	var once sync.Once
+	release = func() { once.Do(func() { close(h.gate) }) }
+	t.Cleanup(release)
+	return release
 }
 
 type testServer struct {
@@ -95,7 +136,8 @@ func testPools() []config.Pool {
 // newTestServer serves a Server over the real store in a temporary
 // directory, with the default [reservations] (lease 10m, max_lease 24h,
 // max_poll 60s), a manual clock at serverT0 and the slots of testPools.
-func newTestServer(t *testing.T) *testServer {
+// opts change the server's Options before it starts.
+func newTestServer(t *testing.T, opts ...func(*Options)) *testServer {
 	t.Helper()
 	ctx := context.Background()
 	db, err := store.Open(ctx, filepath.Join(t.TempDir(), "state.db"))
@@ -111,10 +153,14 @@ func newTestServer(t *testing.T) *testServer {
 	if err := db.EnsureSlots(ctx, sizes, serverT0); err != nil {
 		t.Fatal(err)
 	}
-	ts := &testServer{t: t, db: db, st: &watchedStore{DB: db, reads: map[string]chan struct{}{}},
+	ts := &testServer{t: t, db: db, st: &watchedStore{DB: db, reads: map[string]chan struct{}{}, holds: map[string]*readHold{}},
 		kicks: &kickCounter{}, clock: scalertest.NewClock(serverT0)}
-	ts.srv = NewServer(Options{Store: ts.st, Scaler: ts.kicks, Pools: pools, Reservations: config.Default().Reservations,
-		Clock: ts.clock, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	o := Options{Store: ts.st, Scaler: ts.kicks, Pools: pools, Reservations: config.Default().Reservations,
+		Clock: ts.clock, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	ts.srv = NewServer(o)
 	hs := httptest.NewServer(ts.srv.Handler())
 	t.Cleanup(hs.Close)
 	ts.url = hs.URL
@@ -152,6 +198,44 @@ func doRequest(t *testing.T, method, url, body string, header http.Header) answe
 		t.Fatalf("%s %s: read answer: %v", method, url, err)
 	}
 	return answer{status: resp.StatusCode, header: resp.Header, body: data}
+}
+
+// withMaxPoll sets [reservations] max_poll, so a test can long-poll for
+// longer than the default 60s.
+func withMaxPoll(d time.Duration) func(*Options) {
+	return func(o *Options) { o.Reservations.MaxPoll = config.NewDuration(d) }
+}
+
+// polled is the outcome of a request sent in the background.
+type polled struct {
+	answer
+	err error
+}
+
+// poll sends GET path in the background and delivers its answer, or the
+// error that ended it, on the returned channel. The request gives up after
+// testwait.Bound: a hang guard, far longer than any step of a working test
+// and far shorter than the long waits the tests ask for.
+func (ts *testServer) poll(path string) <-chan polled {
+	ch := make(chan polled, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), testwait.Bound)
+		defer cancel()
+		req, err := http.NewRequestWithContext(ctx, "GET", ts.url+path, nil)
+		if err != nil {
+			ch <- polled{err: err}
+			return
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			ch <- polled{err: err}
+			return
+		}
+		defer resp.Body.Close()
+		data, err := io.ReadAll(resp.Body)
+		ch <- polled{answer: answer{status: resp.StatusCode, header: resp.Header, body: data}, err: err}
+	}()
+	return ch
 }
 
 // decodeStrict decodes a JSON answer, failing on fields T does not have.
@@ -556,50 +640,33 @@ func assign(ctx context.Context, db *store.DB, id string, now time.Time) error {
 }
 
 func TestLongPollWakesOnNotify(t *testing.T) {
-	ts := newTestServer(t)
+	// The poll waits 10 minutes, and gives up after testwait.Bound (2
+	// minutes): one that answers did wake on Notify, one that did not would
+	// answer only when its wait ended and fails on that guard instead.
+	const wait = 10 * time.Minute
+	ts := newTestServer(t, withMaxPoll(wait))
 	ts.setSlot("slot1", scaler.Ready)
 	wantReservation(t, ts.do("POST", "/v1/reservations", `{"id": "lp", "system": "x86_64-linux"}`), http.StatusCreated)
 
-	const wait = 5 * time.Second
 	firstRead := ts.st.readOf("lp")
-	answered := make(chan struct{})
-	errc := make(chan error, 1)
-	go func() {
-		ctx := context.Background()
-		select {
-		case <-firstRead: // the poll has seen "pending" and waits
-		case <-answered:
-			errc <- nil
-			return
-		}
-		if err := assign(ctx, ts.db, "lp", ts.clock.Now()); err != nil {
-			errc <- err
-			return
-		}
-		ts.srv.Notify()
-		// A poll that did not wake would answer only when its wait ends, and
-		// then read the reservation again. Release it before that, so such a
-		// late answer says "released" and the check below fails.
-		select {
-		case <-answered:
-			errc <- nil
-		case <-time.After(wait - time.Second):
-			r, err := ts.db.Reservation(ctx, "lp")
-			if err == nil {
-				r.State, r.Slot, r.EndedAt = scaler.Released, "", ts.clock.Now()
-				err = ts.db.Commit(ctx, scaler.Change{Reservations: []scaler.Reservation{r}})
-			}
-			errc <- err
-		}
-	}()
-	a := ts.do("GET", "/v1/reservations/lp?wait="+wait.String(), "")
-	close(answered)
-	if err := <-errc; err != nil {
+	p := ts.poll("/v1/reservations/lp?wait=" + wait.String())
+	select {
+	case <-firstRead: // the poll has seen "pending" and waits
+	case res := <-p:
+		t.Fatalf("long poll answered before it read the reservation: %d %s, %v", res.status, res.body, res.err)
+	}
+	if err := assign(context.Background(), ts.db, "lp", ts.clock.Now()); err != nil {
 		t.Fatal(err)
 	}
-	r := wantReservation(t, a, http.StatusOK)
+	ts.srv.Notify()
+	res := <-p
+	if res.err != nil {
+		t.Fatalf("long poll with a %s wait gave no answer within %s (%v), though its reservation became ready and Notify came while it waited; it must wake on Notify, not at the end of its wait",
+			wait, testwait.Bound, res.err)
+	}
+	r := wantReservation(t, res.answer, http.StatusOK)
 	if r.State != "ready" {
-		t.Fatalf("long poll answered state %q; want ready: it must wake on Notify, not at the end of its wait", r.State)
+		t.Fatalf("long poll answered state %q; want ready", r.State)
 	}
 	if r.Slot != "slot1" || r.Address != "127.0.0.1:2222" || r.InstanceID != "i-slot1" || r.AssignedAt == nil {
 		t.Errorf("ready reservation = %+v; want slot1 with its builder's address and instance", r)
@@ -607,24 +674,75 @@ func TestLongPollWakesOnNotify(t *testing.T) {
 }
 
 func TestLongPollAnswersPendingAfterWait(t *testing.T) {
-	ts := newTestServer(t)
-	wantReservation(t, ts.do("POST", "/v1/reservations", `{"id": "lp", "system": "x86_64-linux"}`), http.StatusCreated)
-	start := time.Now()
-	r := wantReservation(t, ts.do("GET", "/v1/reservations/lp?wait=200ms", ""), http.StatusOK)
+	ts := newTestServer(t, withMaxPoll(10*time.Minute))
+	created := wantReservation(t, ts.do("POST", "/v1/reservations", `{"id": "lp", "system": "x86_64-linux"}`), http.StatusCreated)
+
+	// A short wait in which nothing changes ends with the state unchanged.
+	// The poll reads the reservation once, then waits; every later read is
+	// held until the test has changed the reservation behind the server's
+	// back (no Notify). The answer shows that change: the poll was still
+	// open after its first read and answered the reservation as it was when
+	// its wait ended. A poll that answered at once would show the state
+	// before the change.
+	firstRead := ts.st.readOf("lp")
+	release := ts.st.holdAfter(t, "lp", 1)
+	p := ts.poll("/v1/reservations/lp?wait=200ms")
+	select {
+	case <-firstRead:
+	case res := <-p:
+		t.Fatalf("long poll answered before it read the reservation: %d %s, %v", res.status, res.body, res.err)
+	}
+	stored := ts.stored("lp")
+	stored.ExpiresAt = stored.ExpiresAt.Add(time.Hour)
+	if err := ts.db.Commit(context.Background(), scaler.Change{Reservations: []scaler.Reservation{stored}}); err != nil {
+		t.Fatal(err)
+	}
+	release()
+	res := <-p
+	if res.err != nil {
+		t.Fatal(res.err)
+	}
+	r := wantReservation(t, res.answer, http.StatusOK)
 	if r.State != "pending" {
 		t.Errorf("state = %q, want pending", r.State)
 	}
-	// A lower bound only: the answer must not come before the wait ended.
-	if d := time.Since(start); d < 200*time.Millisecond {
-		t.Errorf("answered after %s, before the 200ms wait ended", d)
+	if want := created.ExpiresAt.Add(time.Hour); !r.ExpiresAt.Equal(want) {
+		t.Errorf("answer expires at %s, want %s: the poll answered at once instead of waiting and answering the reservation as it was when its wait ended",
+			r.ExpiresAt, want)
 	}
-	// Unrelated changes wake the poll, which then keeps waiting.
-	done := make(chan answer, 1)
-	go func() { done <- doRequest(t, "GET", ts.url+"/v1/reservations/lp?wait=300ms", "", nil) }()
+
+	// Unrelated changes wake the poll, which then keeps waiting: the
+	// reservation's own change, made after the poll re-read it, is what
+	// ends the poll.
+	firstRead = ts.st.readOf("lp")
+	p = ts.poll("/v1/reservations/lp?wait=10m")
+	select {
+	case <-firstRead:
+	case res := <-p:
+		t.Fatalf("long poll answered before it read the reservation: %d %s, %v", res.status, res.body, res.err)
+	}
+	reread := ts.st.readOf("lp")
 	wantReservation(t, ts.do("POST", "/v1/reservations", `{"id": "other", "system": "x86_64-linux"}`), http.StatusCreated)
 	ts.srv.Notify()
-	if r := wantReservation(t, <-done, http.StatusOK); r.State != "pending" {
-		t.Errorf("state after unrelated change = %q, want pending", r.State)
+	select {
+	case <-reread: // the poll woke and saw "pending" again
+	case res := <-p:
+		if res.err != nil {
+			t.Fatalf("long poll did not wake on Notify within %s: %v", testwait.Bound, res.err)
+		}
+		t.Fatalf("long poll answered %d %s after an unrelated change without reading its reservation again", res.status, res.body)
+	}
+	ts.setSlot("slot1", scaler.Ready)
+	if err := assign(context.Background(), ts.db, "lp", ts.clock.Now()); err != nil {
+		t.Fatal(err)
+	}
+	ts.srv.Notify()
+	res = <-p
+	if res.err != nil {
+		t.Fatalf("long poll gave no answer within %s of its reservation becoming ready: %v", testwait.Bound, res.err)
+	}
+	if r := wantReservation(t, res.answer, http.StatusOK); r.State != "ready" {
+		t.Errorf("state = %q, want ready: an unrelated change must not end the poll, only its own reservation's change", r.State)
 	}
 }
 

@@ -18,6 +18,7 @@ import (
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon/daemontest"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/local"
 )
@@ -50,34 +51,46 @@ func TestLongPollWakesWhenBuilderBecomesReady(t *testing.T) {
 	// The stand-in serves its banner only after boot_delay (real time), so
 	// the reservation is surely pending when the poll starts and becomes
 	// ready only while the poll waits.
-	h := start(t, `max_builders = 1
+	//
+	// The poll waits 10 minutes (max_poll is raised to allow it); the
+	// client gives up after testwait.Bound (2 minutes), a hang guard. A
+	// poll that answers "ready" before that woke on the change: one that
+	// did not wake would answer only when its wait ended, and fails on the
+	// guard instead.
+	//
+	// pumpClock turns real time into fake time fast (a second every 20ms),
+	// so the pool's and reservation's timeouts are set far beyond what a
+	// slow boot on a busy machine can reach before the guard.
+	const wait = 10 * time.Minute
+	cfg := daemontest.Config(t, `max_builders = 1
+launch_timeout = "1000h"
+boot_timeout = "1000h"
+bind_timeout = "1000h"
 [pool.local]
 address = "127.0.0.1"
 boot_delay = "300ms"`)
+	cfg.Reservations.MaxPoll = config.NewDuration(wait)
+	cfg.Reservations.PendingTimeout = config.NewDuration(1000 * time.Hour)
+	h := &harness{Harness: daemontest.Start(t, cfg), t: t}
 	ctx := context.Background()
-	r, created, err := h.Client.CreateReservation(ctx, api.CreateReservationRequest{ID: "poll-1", System: "x86_64-linux", Lease: "1h"})
+	r, created, err := h.Client.CreateReservation(ctx, api.CreateReservationRequest{ID: "poll-1", System: "x86_64-linux", Lease: "24h"})
 	if err != nil || !created || r.State != "pending" {
 		t.Fatalf("create = %+v, %v, %v; want a new pending reservation (no builder runs yet)", r, created, err)
 	}
 	h.pumpClock()
 
-	const wait = 60 * time.Second
+	guard, cancel := context.WithTimeout(ctx, testwait.Bound)
+	defer cancel()
 	begin := time.Now()
-	r, err = h.Client.Reservation(ctx, "poll-1", wait)
-	elapsed := time.Since(begin)
-	t.Logf("long poll answered after %s", elapsed)
+	r, err = h.Client.Reservation(guard, "poll-1", wait)
+	t.Logf("long poll answered after %s", time.Since(begin))
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("long poll with a %s wait: no answer within %s (%v); it must wake when the reservation becomes ready", wait, testwait.Bound, err)
 	}
 	if r.State != "ready" || r.Slot != "slot1" || r.Address == "" || r.InstanceID == "" {
 		t.Fatalf("long poll answered %+v; want ready on slot1 with the builder's address", r)
 	}
-	// Not a performance check: a poll that did not wake on the change would
-	// answer only when its whole wait ended.
-	if elapsed >= wait {
-		t.Errorf("long poll answered after %s, at the end of its %s wait; it must wake when the reservation becomes ready", elapsed, wait)
-	}
-	if got, err := local.ReadBanner(ctx, r.Address, 5*time.Second); err != nil || !strings.HasPrefix(got, "SSH-2.0-") {
+	if got, err := local.ReadBanner(ctx, r.Address, testwait.Bound); err != nil || !strings.HasPrefix(got, "SSH-2.0-") {
 		t.Errorf("builder banner = %q, %v", got, err)
 	}
 }

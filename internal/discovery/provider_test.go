@@ -18,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/discovery/discoverytest"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
@@ -55,7 +56,8 @@ func newHarness(t *testing.T, o Options, doc any, instances ...scaler.Instance) 
 		o.Pools = map[string]PoolSource{"x86": {Source: SourceTailscale}, "arm": {Source: SourceTailscale}}
 	}
 	o.LocalAPI = NewLocalAPI(h.sock)
-	o.LocalAPI.Timeout = 2 * time.Second
+	// A hang guard only: no test here waits for a LocalAPI call to time out.
+	o.LocalAPI.Timeout = testwait.Bound
 	o.Logger = log
 	o.Registerer = h.reg
 	h.p = Wrap(h.inner, o)

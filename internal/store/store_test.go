@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
@@ -834,8 +835,8 @@ func TestCrashDurability(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	// Bound the test if the child never gets going.
-	watchdog := time.AfterFunc(60*time.Second, func() { cmd.Process.Kill() })
+	// Bound the test if the child never gets going (a hang guard).
+	watchdog := time.AfterFunc(testwait.Bound, func() { cmd.Process.Kill() })
 	defer watchdog.Stop()
 
 	var ids []string
