@@ -128,8 +128,8 @@ func Start(tb testing.TB, cfg *config.Config, opts ...Option) *Harness {
 				if err != nil {
 					tb.Errorf("daemon Run: %v", err)
 				}
-			case <-time.After(30 * time.Second):
-				tb.Errorf("daemon Run did not return within 30s of its context ending")
+			case <-time.After(testwait.Bound):
+				tb.Errorf("daemon Run did not return within %v of its context ending", testwait.Bound)
 			}
 		})
 	}
@@ -150,8 +150,8 @@ func Start(tb testing.TB, cfg *config.Config, opts ...Option) *Harness {
 	case err := <-done:
 		done <- err // for the cleanup's stop
 		tb.Fatalf("daemon did not start: %v", err)
-	case <-time.After(30 * time.Second):
-		tb.Fatalf("daemon not ready within 30s")
+	case <-time.After(testwait.Bound):
+		tb.Fatalf("daemon not ready within %v", testwait.Bound)
 	}
 	return h
 }
