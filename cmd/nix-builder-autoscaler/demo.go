@@ -213,7 +213,10 @@ func startDemoHAProxy(bin string, cfg *config.Config, dir string) (*demoHAProxy,
 	}
 	h := &demoHAProxy{cmd: cmd, done: make(chan struct{}), logPath: logPath}
 	go func() { _ = cmd.Wait(); close(h.done) }()
-	for i := 0; i < 500; i++ {
+	// HAProxy starts in milliseconds; a machine busy with other work can
+	// make that seconds. The bound only keeps a broken start from hanging.
+	const startBound = time.Minute
+	for deadline := time.Now().Add(startBound); time.Now().Before(deadline); {
 		if c, err := net.Dial("unix", cfg.HAProxy.RuntimeSocket); err == nil {
 			c.Close()
 			return h, nil
@@ -226,7 +229,7 @@ func startDemoHAProxy(bin string, cfg *config.Config, dir string) (*demoHAProxy,
 		}
 	}
 	h.stop()
-	return nil, errors.New("haproxy's runtime socket did not answer within 5s")
+	return nil, fmt.Errorf("haproxy's runtime socket did not answer within %v", startBound)
 }
 
 func (h *demoHAProxy) stop() {
