@@ -25,6 +25,7 @@ import (
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon/daemontest"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
@@ -148,13 +149,7 @@ func (s *benchStack) proxyStat(proxy, server string) map[string]string {
 // waitUp waits until HAProxy routes to x86/slot.
 func (s *benchStack) waitUp(slot string) {
 	s.tb.Helper()
-	for i := 0; i < 3000; i++ {
-		if s.serverStat(slot)["status"] == "UP" {
-			return
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	s.tb.Fatalf("x86/%s never became UP", slot)
+	testwait.Until(s.tb, "x86/"+slot+" UP in HAProxy", func() bool { return s.serverStat(slot)["status"] == "UP" })
 }
 
 // benchDurs collects durations and reports percentiles of them.

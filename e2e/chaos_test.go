@@ -58,6 +58,7 @@ import (
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/store"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 	ec2prov "guardianproject.dev/ops/nix-builder-autoscaler/scaler/ec2"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/ec2/ec2test"
@@ -729,10 +730,12 @@ func (c *chaos) killAndRestart(tr *trap) {
 		c.proxy.disarm(tr)
 	}
 	// Let what the dead daemon started settle: EC2 calls moto is still
-	// carrying out, and client calls whose answers are being recorded.
-	for i := 0; i < 500 && (c.proxy.inflight.Load() > 0 || c.calls.Load() > 0); i++ {
-		time.Sleep(20 * time.Millisecond)
-	}
+	// carrying out, and client calls whose answers are being recorded. The
+	// state file is read only then: an acknowledgement still in the air
+	// would look lost.
+	testwait.Until(c.t, "EC2 calls and client calls of the killed daemon to settle", func() bool {
+		return c.proxy.inflight.Load() == 0 && c.calls.Load() == 0
+	})
 	cutOff := c.checkStateFile(false)
 	time.Sleep(time.Duration(c.rng.IntN(500)) * time.Millisecond)
 	c.d = startDaemon(c.t, c.cfgPath, c.dir)
@@ -934,10 +937,9 @@ func (c *chaos) finish() {
 		}
 		return len(c.clusterInstances(false)) == 0
 	}
-	deadline := time.Now().Add(3 * time.Minute)
-	for !idle() && time.Now().Before(deadline) {
-		time.Sleep(200 * time.Millisecond)
-	}
+	// Bounded (a hang guard, as in testwait): what is not idle then is
+	// reported below, leaked instances and busy slots by name.
+	testwait.Poll(max(testwait.Bound, 3*time.Minute), idle)
 	for _, in := range c.clusterInstances(false) {
 		c.violate("instance %s is %s after the fleet went idle: leaked", aws.ToString(in.InstanceId), ec2test.State(in))
 	}

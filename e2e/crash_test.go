@@ -12,6 +12,7 @@ import (
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/store"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/local"
 )
@@ -22,12 +23,16 @@ import (
 func TestCrashWhileLaunching(t *testing.T) {
 	dir := shortDir(t)
 	hook := filepath.Join(dir, "hook")
-	// The launch command takes a while, like RunInstances plus a slow API;
-	// the builder it starts outlives the daemon, like an EC2 instance.
-	launch := fmt.Sprintf(`mkdir -p %[1]s; touch %[1]s/{{.InstanceID}}.started; sleep 2
+	// The launch command takes a while, like RunInstances plus a slow API:
+	// it goes on only once the test has created hook/go, after the kill, so
+	// the kill always cuts it off. The builder it then starts outlives the
+	// daemon, like an EC2 instance. (Both waits give up after 2 minutes, a
+	// hang guard as in testwait.)
+	launch := fmt.Sprintf(`mkdir -p %[1]s; touch %[1]s/{{.InstanceID}}.started
+i=0; while [ ! -e %[1]s/go ] && [ $i -lt 2400 ]; do sleep 0.05; i=$((i+1)); done
 setsid %[2]s local-builder --listen 127.0.0.1:0 --addr-file %[1]s/{{.InstanceID}}.addr --marker {{.InstanceID}} </dev/null >/dev/null 2>&1 &
 echo $! > %[1]s/{{.InstanceID}}.pid
-i=0; while [ ! -s %[1]s/{{.InstanceID}}.addr ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done
+i=0; while [ ! -s %[1]s/{{.InstanceID}}.addr ] && [ $i -lt 2400 ]; do sleep 0.05; i=$((i+1)); done
 cat %[1]s/{{.InstanceID}}.addr`, hook, binary)
 	// Find the builder by its command line, not only by the pid file: a
 	// launch cut off between starting the builder and writing the file
@@ -58,9 +63,14 @@ terminate_command = '''%s'''`, launch, terminate))
 		t.Fatalf("after kill slot1 = %+v (%v); want launching with a launch id and no instance yet", s, err)
 	}
 	db.Close()
+	// The cut-off launch command goes on, with no daemon to hear from it;
+	// the launches after the restart do not wait.
+	if err := os.WriteFile(filepath.Join(hook, "go"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
 
 	d = startDaemon(t, cfg, dir)
-	rctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	rctx, cancel := context.WithTimeout(ctx, testwait.Bound) // a hang guard
 	defer cancel()
 	r, err = c.WaitReady(rctx, "acked-1", 10*time.Second)
 	if err != nil || r.State != "ready" {
@@ -99,7 +109,7 @@ func TestCrashWhileReady(t *testing.T) {
 	cfg := writeConfig(t, dir, "max_builders = 2")
 	d := startDaemon(t, cfg, dir)
 	c := api.NewUnixClient(filepath.Join(dir, "d.sock"))
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), testwait.Bound) // a hang guard
 	defer cancel()
 	if _, _, err := c.CreateReservation(ctx, api.CreateReservationRequest{ID: "acked-2", System: "x86_64-linux"}); err != nil {
 		t.Fatal(err)
@@ -120,7 +130,7 @@ func TestCrashWhileReady(t *testing.T) {
 	if after.State != "ready" || after.Slot != before.Slot || after.InstanceID != before.InstanceID || after.Address != before.Address {
 		t.Fatalf("after restart reservation = %+v; want it unchanged from %+v", after, before)
 	}
-	if got, err := local.ReadBanner(ctx, after.Address, 5*time.Second); err != nil || !strings.HasPrefix(got, "SSH-2.0-") {
+	if got, err := local.ReadBanner(ctx, after.Address, testwait.Bound); err != nil || !strings.HasPrefix(got, "SSH-2.0-") {
 		t.Fatalf("builder banner after restart = %q, %v", got, err)
 	}
 	evs, err := c.Events(ctx, api.EventQuery{Limit: 1000})

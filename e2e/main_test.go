@@ -16,6 +16,7 @@ import (
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon/daemontest"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/ec2/ec2test"
 )
 
@@ -145,23 +146,17 @@ func (d *daemonProc) stop(t *testing.T) {
 		if err != nil {
 			t.Errorf("daemon exit after SIGTERM: %v", err)
 		}
-	case <-time.After(30 * time.Second):
-		t.Errorf("daemon did not stop within 30s of SIGTERM")
+	case <-time.After(testwait.Bound): // a hang guard
+		t.Errorf("daemon still running %v after SIGTERM: stuck", testwait.Bound)
 		d.kill()
 	}
 }
 
-// waitFor polls cond, bounded; the bound is a hang guard, not an assertion
-// about speed.
+// waitFor polls cond until it holds (testwait.Until: the bound is a hang
+// guard, not an assertion about speed).
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	for i := 0; i < 6000; i++ {
-		if cond() {
-			return
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	t.Fatalf("timed out waiting for %s", what)
+	testwait.Until(t, what, cond)
 }
 
 // killBuilders stops every builder process a test's daemon started: the

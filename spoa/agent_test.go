@@ -2,8 +2,9 @@ package spoa
 
 import (
 	"net"
-	"sync"
+	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/negasus/haproxy-spoe-go/action"
@@ -92,39 +93,63 @@ func TestUnknownServerStateIsNotUsable(t *testing.T) {
 	}
 }
 
+// TestHoldUntilReady runs in a synctest bubble: synctest.Wait returns once
+// the held Decide has done all it can with what the test gave it (it is
+// blocked again, or has returned), so each step is checked in an order the
+// test controls, whatever the machine's load. The hold (a minute of the
+// bubble's fake clock) never passes: the test never waits on the clock.
 func TestHoldUntilReady(t *testing.T) {
-	var kicks sync.WaitGroup
-	kicks.Add(1)
-	var once sync.Once
-	a := newAgent(time.Minute, func() { once.Do(kicks.Done) })
-	a.Update(observed(nil, nil))
-	got := make(chan string, 1)
-	go func() {
-		slot, held := a.Decide("x86")
-		if !held {
-			slot = "not held"
+	synctest.Test(t, func(t *testing.T) {
+		var kicks atomic.Int32
+		a := newAgent(time.Minute, func() { kicks.Add(1) })
+		a.Update(observed(nil, nil))
+		got := make(chan string, 1)
+		// Should a check fail while Decide still holds, the bubble's fake
+		// clock runs out the hold (at once) so that it returns.
+		defer time.Sleep(time.Hour)
+		go func() {
+			slot, held := a.Decide("x86")
+			if !held {
+				slot = "not held"
+			}
+			got <- slot
+		}()
+		synctest.Wait()
+		// The held connection asked the scaler for a builder.
+		if n := kicks.Load(); n != 1 {
+			t.Fatalf("Kick called %d times by the held connection, want 1", n)
 		}
-		got <- slot
-	}()
-	kicks.Wait() // the held connection asked the scaler for a builder
-	waitHeld(t, a, 1)
-	// A round that sees a builder not yet up changes nothing for it.
-	a.Update(observed([]scaler.Slot{{Pool: "x86", Name: "slot1", State: scaler.Binding, Weight: 100}}, nil))
-	select {
-	case s := <-got:
-		t.Fatalf("Decide returned %q before any slot was ready", s)
-	case <-time.After(50 * time.Millisecond):
-	}
-	a.Update(observed([]scaler.Slot{readySlot("slot1", 100)}, nil))
-	select {
-	case s := <-got:
-		if s != "slot1" {
-			t.Fatalf("held connection got %q, want slot1", s)
+		if n := a.Held()["x86"]; n != 1 {
+			t.Fatalf("Held = %d, want 1", n)
 		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("held connection not released when slot1 became ready")
-	}
-	waitHeld(t, a, 0)
+		// A round that sees a builder not yet up changes nothing for it.
+		a.Update(observed([]scaler.Slot{{Pool: "x86", Name: "slot1", State: scaler.Binding, Weight: 100}}, nil))
+		synctest.Wait()
+		select {
+		case s := <-got:
+			t.Fatalf("Decide returned %q before any slot was ready", s)
+		default:
+		}
+		if n := a.Held()["x86"]; n != 1 {
+			t.Fatalf("Held after a round without a ready slot = %d, want 1", n)
+		}
+		a.Update(observed([]scaler.Slot{readySlot("slot1", 100)}, nil))
+		synctest.Wait()
+		select {
+		case s := <-got:
+			if s != "slot1" {
+				t.Fatalf("held connection got %q, want slot1", s)
+			}
+		default:
+			t.Fatal("held connection not released when slot1 became ready")
+		}
+		if n := a.Held()["x86"]; n != 0 {
+			t.Fatalf("Held after the release = %d, want 0", n)
+		}
+		if n := kicks.Load(); n != 1 {
+			t.Errorf("Kick called %d times, want 1", n)
+		}
+	})
 }
 
 func TestHoldLimitRejects(t *testing.T) {
@@ -136,17 +161,6 @@ func TestHoldLimitRejects(t *testing.T) {
 	if n := a.Held()["x86"]; n != 0 {
 		t.Fatalf("Held after rejection = %d, want 0", n)
 	}
-}
-
-func waitHeld(t *testing.T, a *Agent, want int) {
-	t.Helper()
-	for i := 0; i < 1000; i++ {
-		if a.Held()["x86"] == want {
-			return
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	t.Fatalf("Held = %d, want %d", a.Held()["x86"], want)
 }
 
 func notify(args map[string]any) *request.Request {

@@ -29,6 +29,7 @@ import (
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon/daemontest"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 	ec2prov "guardianproject.dev/ops/nix-builder-autoscaler/scaler/ec2"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/ec2/ec2test"
@@ -142,8 +143,9 @@ func startEC2(t *testing.T, cfg *config.Config, clock *scalertest.Clock, reach *
 	return d
 }
 
+// ctx bounds one call to the daemon; the bound is a hang guard.
 func (d *ec2Daemon) ctx() context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), testwait.Bound)
 	d.t.Cleanup(cancel)
 	return ctx
 }
@@ -198,10 +200,12 @@ func (d *ec2Daemon) reservation(id string) api.Reservation {
 	return r
 }
 
-// waitReady waits (bounded) until reservation id is ready and returns it.
+// waitReady waits until reservation id is ready and returns it. The bound
+// (testwait.Bound) is a hang guard: a launch through moto_server on a busy
+// machine may take long.
 func (d *ec2Daemon) waitReady(id string) api.Reservation {
 	d.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), testwait.Bound)
 	defer cancel()
 	r, err := d.Client.WaitReady(ctx, id, 5*time.Second)
 	if err != nil || r.State != "ready" {

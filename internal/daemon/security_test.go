@@ -22,6 +22,7 @@ import (
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon/daemontest"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/store"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/syncbuf"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 )
 
 // secToken is the TCP API token of the secrets tests; it must never show up
@@ -237,7 +238,7 @@ func TestTCPAPIRequiresToken(t *testing.T) {
 func TestSecretsStayOut(t *testing.T) {
 	var logs syncbuf.Buffer
 	h, apiURL, metricsURL := secretDaemon(t, &logs)
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), testwait.Bound) // a hang guard
 	defer cancel()
 	c := api.NewHTTPClient(apiURL, secToken)
 	r, _, err := c.CreateReservation(ctx, api.CreateReservationRequest{ID: "sec-1", System: "x86_64-linux", Owner: "ci"})
@@ -330,12 +331,12 @@ func TestHeaderSizeBounded(t *testing.T) {
 	h, apiURL, _ := secretDaemon(t, &logs)
 	big := strings.Repeat("a", 64<<10)
 	send := func(network, addr string) string {
-		conn, err := net.DialTimeout(network, addr, 5*time.Second)
+		conn, err := net.DialTimeout(network, addr, testwait.Bound)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer conn.Close()
-		_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+		_ = conn.SetDeadline(time.Now().Add(testwait.Bound)) // a hang guard
 		fmt.Fprintf(conn, "GET /v1/status HTTP/1.1\r\nHost: d\r\nAuthorization: Bearer %s\r\nX-Big: %s\r\n\r\n", secToken, big)
 		line, err := bufio.NewReader(conn).ReadString('\n')
 		if err != nil {

@@ -2,25 +2,28 @@ package local
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
-	"time"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
 // hookLaunch starts a stand-in in the background the way an operator's
 // script would start a builder, and prints some noise and then its address.
+// It waits for the address file up to 2 minutes: a hang guard, as in
+// testwait.
 var hookLaunch = fmt.Sprintf(`
 af={{quote .StateDir}}/{{.InstanceID}}.hook-addr
 %s --listen 127.0.0.1:0 --addr-file "$af" --marker {{.InstanceID}} >/dev/null 2>&1 &
 echo $! > {{quote .StateDir}}/{{.InstanceID}}.hook-pid
 i=0
-while [ ! -s "$af" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
+while [ ! -s "$af" ] && [ $i -lt 2400 ]; do sleep 0.05; i=$((i+1)); done
 echo "starting builder for {{.Pool}}/{{.Slot}}"
 cat "$af"
 echo
@@ -80,7 +83,7 @@ func TestHookLifecycle(t *testing.T) {
 	if err := p.Terminate(ctx, inst.ID); err != nil {
 		t.Fatalf("Terminate: %v", err)
 	}
-	if !waitGoneOrZombie(pid, inst.ID, 5*time.Second) {
+	if !waitGoneOrZombie(pid, inst.ID) {
 		t.Errorf("stand-in %d still alive after the terminate command", pid)
 	}
 	got, _ = findInstance(t, mustList(t, p), inst.ID)
@@ -169,27 +172,53 @@ func TestHookLaunchErrors(t *testing.T) {
 func TestHookLaunchCancelled(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
+	// The command starts a long sleep in the background (it would outlive
+	// the test if nothing killed it) and waits for it.
 	p := newProvider(t, hookOptions(t, dir, PoolOptions{
-		LaunchCommand:    `sleep 30 & echo $! > {{quote .StateDir}}/sleep-pid; wait`,
+		LaunchCommand:    `sleep 3600 & echo $! > {{quote .StateDir}}/sleep-pid.tmp; mv {{quote .StateDir}}/sleep-pid.tmp {{quote .StateDir}}/sleep-pid; wait`,
 		TerminateCommand: "true",
 	}))
-	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	start := time.Now()
+	// The context ends once the command has started the sleep: the order
+	// is the test's, whatever the machine's load.
+	sleepPID := make(chan int, 1)
+	returned := make(chan struct{})
+	go func() {
+		defer cancel()
+		var pid int
+		testwait.Poll(testwait.Bound, func() bool {
+			if b, err := os.ReadFile(filepath.Join(dir, "sleep-pid")); err == nil {
+				pid, _ = strconv.Atoi(strings.TrimSpace(string(b)))
+				return true
+			}
+			select {
+			case <-returned: // Launch did not wait for its context
+				return true
+			default:
+				return false
+			}
+		})
+		sleepPID <- pid
+	}()
 	_, err := p.Launch(ctx, scaler.LaunchRequest{Pool: "x86", Slot: "slot1", LaunchID: "l1"})
-	if err == nil || !strings.Contains(err.Error(), "deadline exceeded") {
-		t.Errorf("Launch: got error %v, want a deadline error", err)
+	close(returned)
+	pid := <-sleepPID
+	if pid <= 0 {
+		t.Fatalf("the launch command never wrote the pid of its sleep; Launch: %v", err)
 	}
-	if elapsed := time.Since(start); elapsed > 10*time.Second {
-		t.Errorf("Launch took %s after its context ended", elapsed)
+	killOnCleanup(t, pid, "sleep")
+	// Launch returned because its context ended, and says so.
+	if !errors.Is(err, context.Canceled) {
+		t.Errorf("Launch: got error %v, want one wrapping %v", err, context.Canceled)
 	}
-	// The command's process group is killed with it.
-	if b, err := os.ReadFile(filepath.Join(dir, "sleep-pid")); err == nil {
-		pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
-		killOnCleanup(t, pid, "sleep")
-		if !waitGoneOrZombie(pid, "sleep", 5*time.Second) {
-			t.Errorf("background sleep %d of the cancelled command still alive", pid)
-		}
+	if list := mustList(t, p); len(list) != 1 || list[0].State != scaler.InstanceTerminated {
+		t.Errorf("List after the cancelled launch: got %+v, want one terminated instance", list)
+	}
+	// The command's process group is killed with it: the sleep it left in
+	// the background dies (it would otherwise run for an hour).
+	if !waitGoneOrZombie(pid, "sleep") {
+		t.Errorf("background sleep %d of the cancelled command still alive %v later", pid, testwait.Bound)
 	}
 }
 

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
@@ -155,35 +156,29 @@ func killOnCleanup(t *testing.T, pid int, marker string) {
 		}
 		_ = syscall.Kill(-pid, syscall.SIGKILL)
 		_ = syscall.Kill(pid, syscall.SIGKILL)
-		if !waitGoneOrZombie(pid, marker, 5*time.Second) {
-			t.Errorf("cleanup: process %d still alive", pid)
+		if !waitGoneOrZombie(pid, marker) {
+			t.Errorf("cleanup: process %d still alive %v after SIGKILL", pid, testwait.Bound)
 		}
 	})
 }
 
 // waitGoneOrZombie waits until pid is no longer a live process with marker
 // (a zombie counts as gone: it is dead, its parent may be a non-reaping
-// init). Bounded by d.
-func waitGoneOrZombie(pid int, marker string, d time.Duration) bool {
-	deadline := time.Now().Add(d)
-	for inspect(pid, marker) == procAlive {
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	return true
+// init) and reports whether it went. The bound (testwait.Bound) is a hang
+// guard: only a process that was never stopped reaches it.
+func waitGoneOrZombie(pid int, marker string) bool {
+	return testwait.Poll(testwait.Bound, func() bool { return inspect(pid, marker) != procAlive })
 }
 
 // readBanner connects to addr and returns the first line it sends.
 func readBanner(t *testing.T, addr string) string {
 	t.Helper()
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	c, err := net.DialTimeout("tcp", addr, testwait.Bound)
 	if err != nil {
 		t.Fatalf("dial %s: %v", addr, err)
 	}
 	defer c.Close()
-	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	_ = c.SetReadDeadline(time.Now().Add(testwait.Bound)) // a hang guard
 	line, err := bufio.NewReader(c).ReadString('\n')
 	if err != nil {
 		t.Fatalf("read banner from %s: %v (got %q)", addr, err, line)
@@ -216,8 +211,9 @@ func mustList(t *testing.T, p *Provider) []scaler.Instance {
 
 func isESRCH(err error) bool { return errors.Is(err, syscall.ESRCH) }
 
-// exitCode runs cmd to completion, bounded by d, and returns its exit code.
-func exitCode(t *testing.T, cmd *exec.Cmd, d time.Duration) int {
+// exitCode waits for cmd to exit and returns its exit code. The bound
+// (testwait.Bound) is a hang guard.
+func exitCode(t *testing.T, cmd *exec.Cmd) int {
 	t.Helper()
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
@@ -231,8 +227,8 @@ func exitCode(t *testing.T, cmd *exec.Cmd, d time.Duration) int {
 			t.Fatalf("wait: %v", err)
 		}
 		return 0
-	case <-time.After(d):
-		t.Fatalf("process %d did not exit within %s", cmd.Process.Pid, d)
+	case <-time.After(testwait.Bound):
+		t.Fatalf("process %d still running %s later: stuck", cmd.Process.Pid, testwait.Bound)
 		return -1
 	}
 }

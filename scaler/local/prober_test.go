@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
@@ -45,6 +46,32 @@ func fakeServer(t *testing.T, greeting string) string {
 	return ln.Addr().String()
 }
 
+// closingServer listens on loopback and sends each connection greeting,
+// then closes it.
+func closingServer(t *testing.T, greeting string) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() {
+		_ = ln.Close()
+		wg.Wait()
+	})
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			_, _ = io.WriteString(c, greeting)
+			_ = c.Close()
+		}
+	})
+	return ln.Addr().String()
+}
+
 // closedPort returns a loopback address nothing listens on.
 func closedPort(t *testing.T) string {
 	t.Helper()
@@ -73,9 +100,12 @@ func TestProber(t *testing.T) {
 		{"closed port", closedPort(t), false},
 		{"http server", fakeServer(t, "HTTP/1.0 400 Bad Request\r\n\r\n"), false},
 		{"ssh 1 banner", fakeServer(t, "SSH-1.5-old\r\n"), false},
-		{"silent server", fakeServer(t, ""), false},
+		{"banner cut off by close", closingServer(t, "SSH-2.0-cut"), true},
+		{"closed without a word", closingServer(t, ""), false},
 	}
-	pr := NewProber(500 * time.Millisecond)
+	// Each of these answers (or refuses) at once, so the timeout is only a
+	// hang guard: a busy machine does not turn a builder down.
+	pr := NewProber(testwait.Bound)
 	ctx := context.Background()
 	want := map[scaler.SlotKey]scaler.ServerStatus{}
 	for _, tt := range tests {
@@ -123,10 +153,29 @@ func TestProber(t *testing.T) {
 	}
 }
 
+// TestProberSilentServer: a server that accepts and never says a word is
+// down once the probe's timeout has passed; it does not hold Servers up.
+func TestProberSilentServer(t *testing.T) {
+	t.Parallel()
+	addr := fakeServer(t, "")
+	pr := NewProber(200 * time.Millisecond)
+	key := scaler.SlotKey{Pool: "x86", Slot: "silent"}
+	if err := pr.Bind(context.Background(), key, addr); err != nil {
+		t.Fatal(err)
+	}
+	got, err := pr.Servers(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := (scaler.ServerStatus{Addr: addr}); got[key] != want || len(got) != 1 {
+		t.Errorf("Servers: got %+v, want only %s: %+v (down)", got, key, want)
+	}
+}
+
 func TestProberBootDelay(t *testing.T) {
 	t.Parallel()
 	p := newProvider(t, standinOptions(t, "c1", t.TempDir(),
-		map[string]PoolOptions{"x86": {Address: "127.0.0.1", BootDelay: time.Minute}}))
+		map[string]PoolOptions{"x86": {Address: "127.0.0.1", BootDelay: time.Hour}}))
 	inst := launch(t, context.Background(), p, scaler.LaunchRequest{Pool: "x86", Slot: "slot1", LaunchID: "l1"})
 	t.Cleanup(func() { _ = p.Terminate(context.Background(), inst.ID) })
 
@@ -150,20 +199,24 @@ func TestReadBanner(t *testing.T) {
 	tests := []struct {
 		name    string
 		addr    string
+		timeout time.Duration
 		want    string
 		wantErr bool
 	}{
-		{"openssh", fakeServer(t, "SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n"), "SSH-2.0-OpenSSH_9.2p1 Debian-2", false},
-		{"bare newline", fakeServer(t, "SSH-2.0-x\nmore\n"), "SSH-2.0-x", false},
-		{"no line end yet", fakeServer(t, "SSH-2.0-slow"), "SSH-2.0-slow", true},
-		{"longer than RFC 4253 allows", fakeServer(t, long), long[:255], true},
-		{"silent server", fakeServer(t, ""), "", true},
-		{"closed port", closedPort(t), "", true},
+		// These end without waiting for the timeout (a line, a close, the
+		// length limit, a refusal): it is only a hang guard.
+		{"openssh", fakeServer(t, "SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n"), testwait.Bound, "SSH-2.0-OpenSSH_9.2p1 Debian-2", false},
+		{"bare newline", fakeServer(t, "SSH-2.0-x\nmore\n"), testwait.Bound, "SSH-2.0-x", false},
+		{"closed before the line end", closingServer(t, "SSH-2.0-slow"), testwait.Bound, "SSH-2.0-slow", true},
+		{"longer than RFC 4253 allows", fakeServer(t, long), testwait.Bound, long[:255], true},
+		{"closed port", closedPort(t), testwait.Bound, "", true},
+		// This one ends at the timeout, whatever the load: nothing comes.
+		{"silent server", fakeServer(t, ""), 300 * time.Millisecond, "", true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			got, err := ReadBanner(context.Background(), tt.addr, 300*time.Millisecond)
+			got, err := ReadBanner(context.Background(), tt.addr, tt.timeout)
 			if got != tt.want || (err != nil) != tt.wantErr {
 				t.Errorf("ReadBanner = %q, %v; want %q, error %v", got, err, tt.want, tt.wantErr)
 			}

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -14,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
@@ -124,25 +126,53 @@ func TestStandinLifecycle(t *testing.T) {
 	}
 }
 
+// TestBootDelay: a stand-in accepts connections at once, so Launch returns
+// it running with an address, but sends its banner only once its boot delay
+// has passed.
 func TestBootDelay(t *testing.T) {
 	t.Parallel()
-	const delay = 300 * time.Millisecond
-	p := newProvider(t, standinOptions(t, "c1", t.TempDir(),
-		map[string]PoolOptions{"x86": {Address: "127.0.0.1", BootDelay: delay}}))
-	start := time.Now()
-	inst := launch(t, context.Background(), p, scaler.LaunchRequest{Pool: "x86", Slot: "slot1", LaunchID: "l1"})
+	p := newProvider(t, standinOptions(t, "c1", t.TempDir(), map[string]PoolOptions{
+		"x86":  {Address: "127.0.0.1", BootDelay: 300 * time.Millisecond},
+		"slow": {Address: "127.0.0.1", BootDelay: time.Hour},
+	}))
+	ctx := context.Background()
+
+	// After its delay the stand-in serves the banner.
+	inst := launch(t, ctx, p, scaler.LaunchRequest{Pool: "x86", Slot: "slot1", LaunchID: "l1"})
 	if inst.State != scaler.InstanceRunning || inst.Address == "" {
 		t.Fatalf("Launch: got %+v, want running with an address", inst)
 	}
-	got := readBanner(t, inst.Address)
-	if elapsed := time.Since(start); elapsed < delay {
-		t.Errorf("banner arrived %s after launch began, want not before the %s boot delay", elapsed, delay)
-	}
-	if got != Banner {
+	if got := readBanner(t, inst.Address); got != Banner {
 		t.Errorf("banner: got %q, want %q", got, Banner)
 	}
-	if err := p.Terminate(context.Background(), inst.ID); err != nil {
+	if err := p.Terminate(ctx, inst.ID); err != nil {
 		t.Errorf("Terminate: %v", err)
+	}
+
+	// Before it, nothing: a connection made while the stand-in boots (its
+	// delay is an hour) gets no byte until the stand-in is stopped, and the
+	// stand-in says it stopped while booting.
+	slow := launch(t, ctx, p, scaler.LaunchRequest{Pool: "slow", Slot: "slot1", LaunchID: "l2"})
+	if slow.State != scaler.InstanceRunning || slow.Address == "" {
+		t.Fatalf("Launch while booting: got %+v, want running with an address", slow)
+	}
+	c, err := net.DialTimeout("tcp", slow.Address, testwait.Bound)
+	if err != nil {
+		t.Fatalf("dial the booting stand-in: %v", err)
+	}
+	defer c.Close()
+	if err := p.Terminate(ctx, slow.ID); err != nil {
+		t.Fatalf("Terminate: %v", err)
+	}
+	// Terminate returns once the process is gone: a banner it sent would
+	// be waiting in the connection before the end of the stream.
+	_ = c.SetReadDeadline(time.Now().Add(testwait.Bound)) // a hang guard
+	got, err := io.ReadAll(c)
+	if len(got) != 0 || isTimeout(err) {
+		t.Errorf("connection to a stand-in stopped while booting: read %q (%v), want nothing and the connection closed", got, err)
+	}
+	if log := readFileTail(p.logPath(slow.ID)); !strings.Contains(log, "stand-in stopped while booting") {
+		t.Errorf("stand-in log does not say it stopped while booting:\n%s", log)
 	}
 }
 
@@ -203,7 +233,6 @@ func TestStandinOutlivesLaunchContext(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	inst := launch(t, ctx, p, scaler.LaunchRequest{Pool: "x86", Slot: "slot1", LaunchID: "l1"})
 	cancel()
-	time.Sleep(200 * time.Millisecond) // room for a wrongly tied process to be killed
 
 	got, ok := findInstance(t, mustList(t, p), inst.ID)
 	if !ok || got.State != scaler.InstanceRunning {
@@ -214,6 +243,14 @@ func TestStandinOutlivesLaunchContext(t *testing.T) {
 	}
 	if err := p.Terminate(context.Background(), inst.ID); err != nil {
 		t.Errorf("Terminate: %v", err)
+	}
+	// Terminate returns once the process is gone, and the stand-in logs
+	// "stand-in stopped" only when a SIGTERM stops it: it ran until
+	// Terminate, whenever a kill tied to the context would have come (a
+	// SIGKILL before then leaves no such line; one after the process is
+	// gone kills nothing).
+	if log := readFileTail(p.logPath(inst.ID)); !strings.Contains(log, "stand-in stopped") {
+		t.Errorf("stand-in log does not say Terminate stopped it; was it killed when the launch context ended?\n%s", log)
 	}
 }
 
@@ -264,7 +301,7 @@ func TestStandinOutlivesKilledDaemon(t *testing.T) {
 		t.Fatalf("Terminate: %v", err)
 	}
 	// The orphan's new parent reaps it; a zombie is dead all the same.
-	if !waitGoneOrZombie(r.PID, r.Marker, 5*time.Second) {
+	if !waitGoneOrZombie(r.PID, r.Marker) {
 		t.Errorf("stand-in %d still alive after Terminate", r.PID)
 	}
 }
@@ -431,7 +468,7 @@ func TestBuilderMainSignals(t *testing.T) {
 	}{
 		{"SIGTERM while serving", syscall.SIGTERM, 0},
 		{"SIGINT while serving", syscall.SIGINT, 0},
-		{"SIGTERM while booting", syscall.SIGTERM, time.Minute},
+		{"SIGTERM while booting", syscall.SIGTERM, time.Hour},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -447,18 +484,21 @@ func TestBuilderMainSignals(t *testing.T) {
 			}
 			pid := cmd.Process.Pid
 			t.Cleanup(func() { _ = cmd.Process.Kill() })
-			addr, err := waitAddrFile(context.Background(), addrFile, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
+			var addr string
+			testwait.Until(t, "the stand-in's address file", func() bool {
+				var err error
+				addr, err = readAddrFile(addrFile)
+				return err == nil
+			})
 			var session net.Conn
 			if tt.bootDelay == 0 {
+				var err error
 				session, err = net.Dial("tcp", addr)
 				if err != nil {
 					t.Fatal(err)
 				}
 				defer session.Close()
-				_ = session.SetReadDeadline(time.Now().Add(10 * time.Second))
+				_ = session.SetReadDeadline(time.Now().Add(testwait.Bound)) // a hang guard
 				br := bufio.NewReader(session)
 				if line, err := br.ReadString('\n'); line != Banner {
 					t.Fatalf("banner: got %q (%v), want %q", line, err, Banner)
@@ -468,12 +508,12 @@ func TestBuilderMainSignals(t *testing.T) {
 				if _, err := br.ReadByte(); !isTimeout(err) {
 					t.Errorf("open session: read got %v, want a timeout", err)
 				}
-				_ = session.SetReadDeadline(time.Now().Add(10 * time.Second))
+				_ = session.SetReadDeadline(time.Now().Add(testwait.Bound)) // a hang guard
 			}
 			if err := syscall.Kill(pid, tt.sig); err != nil {
 				t.Fatal(err)
 			}
-			if got := exitCode(t, cmd, 10*time.Second); got != 0 {
+			if got := exitCode(t, cmd); got != 0 {
 				t.Errorf("exit code after %v: got %d, want 0", tt.sig, got)
 			}
 			if session != nil {
