@@ -77,11 +77,11 @@ const (
 	instanceType = "local"
 	marketLocal  = "local"
 
-	pendingGrace    = time.Minute      // a record without a process is pending this long
-	recordRetention = time.Hour        // terminated records are deleted after this
-	addrWait        = 10 * time.Second // Launch waits this long for a stand-in's address
-	termGrace       = 5 * time.Second  // SIGTERM → SIGKILL
-	killWait        = 2 * time.Second  // after SIGKILL
+	pendingGrace    = time.Minute     // a record without a process is pending this long
+	recordRetention = time.Hour       // terminated records are deleted after this
+	addrWait        = time.Minute     // Launch waits this long for a stand-in's address (it starts in milliseconds; a stalled machine can take seconds)
+	termGrace       = 5 * time.Second // SIGTERM → SIGKILL
+	killWait        = 2 * time.Second // after SIGKILL
 	hookTimeout     = 2 * time.Minute
 	pollInterval    = 10 * time.Millisecond
 

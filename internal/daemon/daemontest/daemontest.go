@@ -135,7 +135,7 @@ func Start(tb testing.TB, cfg *config.Config, opts ...Option) *Harness {
 	}
 	tb.Cleanup(func() {
 		h.stop()
-		tctx, tcancel := context.WithTimeout(context.Background(), 20*time.Second)
+		tctx, tcancel := context.WithTimeout(context.Background(), testwait.Bound)
 		defer tcancel()
 		if err := d.TerminateAll(tctx); err != nil {
 			tb.Errorf("terminate builders: %v", err)
