@@ -1,4 +1,9 @@
-"""Shared test helpers (real reactor, short timings)."""
+"""Shared test helpers (real reactor, short timings).
+
+Waits are bounded generously (WAIT): on a busy machine a condition may take
+long to come true, and only a test that is truly stuck may hit the bound.
+The test classes' trial timeout (TEST_TIMEOUT) is above it, so a stuck wait
+reports what it waited for."""
 
 import os
 import shutil
@@ -8,13 +13,16 @@ import time
 
 from twisted.internet import defer, reactor, task
 
+WAIT = 120.0  # seconds; the default bound of wait_until
+TEST_TIMEOUT = 300  # trial's timeout of one test, above WAIT
+
 
 def sleep(seconds):
     return task.deferLater(reactor, seconds, lambda: None)
 
 
 @defer.inlineCallbacks
-def wait_until(pred, timeout=5.0, what="condition"):
+def wait_until(pred, timeout=WAIT, what="condition"):
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:

@@ -3,22 +3,22 @@
 reactor, short timings."""
 
 import os
-import time
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from nix_builder_autoscaler_buildbot import gate as g
 from nix_builder_autoscaler_buildbot.client import APIError, DaemonClient
+from nix_builder_autoscaler_buildbot.durations import parse_duration
 
 from .fakedaemon import FakeDaemon
-from .helpers import free_port, short_dir, sleep, wait_until
+from .helpers import TEST_TIMEOUT, free_port, short_dir, sleep, wait_until
 
 REQ = {"id": "bb-test-1", "system": "x86_64-linux", "owner": "demo/nix-build#1", "lease": "10m"}
 
 
 class Base(unittest.TestCase):
-    timeout = 30
+    timeout = TEST_TIMEOUT
 
     def setUp(self):
         self.dir = short_dir(self)  # removed after the daemon stops (cleanups run last-in first-out)
@@ -41,7 +41,11 @@ class Base(unittest.TestCase):
     def gate(self, client, **kw):
         kw.setdefault("poll", 0.2)
         kw.setdefault("backoff", g.Backoff(0.05, 0.2))
-        return g.Gate(client, dict(REQ), clock=reactor, log=self.lines.append, **kw)
+        kw.setdefault("clock", reactor)
+        return g.Gate(client, dict(REQ), log=self.lines.append, **kw)
+
+    def logged(self, text):
+        return any(text in line for line in self.lines)
 
 
 class ReadyTest(Base):
@@ -101,13 +105,18 @@ class FailureTest(Base):
 
     @defer.inlineCallbacks
     def test_timeout(self):
+        # The daemon keeps the reservation pending, answering each long poll
+        # only when its wait is up. The gate polls until wait_timeout and then
+        # gives up; no long poll it asks for reaches past that deadline,
+        # although poll (30 s) is far longer.
         self.daemon.hold_pending = True
-        started = time.monotonic()
-        out = yield self.gate(self.unix_client(), poll=0.2, wait_timeout=0.5).run()
-        took = time.monotonic() - started
+        out = yield self.gate(self.unix_client(), poll=30, wait_timeout=0.5).run()
         self.assertEqual(out.kind, g.TIMEOUT, out)
         self.assertIn("still pending", out.message)
-        self.assertTrue(0.45 <= took < 2.0, took)
+        waits = [parse_duration(u.split("?wait=", 1)[1]) for u in self.daemon.uris if "?wait=" in u]
+        self.assertTrue(waits, "the gate gave up without waiting for capacity")
+        for wait in waits:
+            self.assertLessEqual(wait, 0.5, f"a long poll past the wait deadline: {self.daemon.uris}")
 
     @defer.inlineCallbacks
     def test_permanent_error_not_retried(self):
@@ -143,10 +152,13 @@ class TransientTest(Base):
 
     @defer.inlineCallbacks
     def test_connection_refused_tcp(self):
+        # The daemon starts listening once the gate has been refused.
         port = free_port()
         client = DaemonClient(url=f"http://127.0.0.1:{port}", token="t")
-        reactor.callLater(0.4, self.daemon.listen_tcp, port)
-        out = yield self.gate(client).run()
+        d = self.gate(client).run()
+        yield wait_until(lambda: self.logged("cannot reach the daemon"), what="a refused attempt")
+        self.daemon.listen_tcp(port)
+        out = yield d
         self.assertEqual(out.kind, g.READY, out)
         self.assertIn("cannot reach the daemon", "\n".join(self.lines))
 
@@ -154,20 +166,37 @@ class TransientTest(Base):
     def test_connection_refused_unix(self):
         path = self.sock()
         client = DaemonClient(socket=path)
-        reactor.callLater(0.4, self.daemon.listen_unix, path)
-        out = yield self.gate(client).run()
+        d = self.gate(client).run()
+        yield wait_until(lambda: self.logged("cannot reach the daemon"), what="a refused attempt")
+        self.daemon.listen_unix(path)
+        out = yield d
         self.assertEqual(out.kind, g.READY, out)
         text = "\n".join(self.lines)
         self.assertIn("cannot reach the daemon (unix socket " + path, text)
 
     @defer.inlineCallbacks
     def test_unreachable_until_deadline(self):
+        # The gate retries an unreachable daemon until wait_timeout, then
+        # gives up with an error, rather than sleeping past the deadline (or
+        # retrying for ever). Its clock is the test's, moved on over each
+        # backoff sleep and nothing else, so the gate's time is exactly the
+        # sum of its sleeps, however slow the machine.
         client = DaemonClient(socket=self.sock("absent.sock"))
-        started = time.monotonic()
-        out = yield self.gate(client, wait_timeout=0.5).run()
+        clock = task.Clock()
+        gate = self.gate(client, wait_timeout=0.5, clock=clock)
+        self.addCleanup(gate.cancel)
+        d = gate.run()
+        slept = []
+        while not d.called and sum(slept) < 0.5:
+            yield wait_until(lambda: d.called or clock.getDelayedCalls(), what="the gate to retry or give up")
+            for call in clock.getDelayedCalls():
+                slept.append(call.getTime() - clock.seconds())
+                clock.advance(slept[-1])
+        self.assertGreater(len(slept), 1, "the gate retried while there was time left")
+        self.assertLess(sum(slept), 0.5, f"backoff sleeps past the deadline: {slept}")
+        out = yield d
         self.assertEqual(out.kind, g.ERROR)
         self.assertIn("cannot reach the daemon", out.message)
-        self.assertLess(time.monotonic() - started, 2.0)
 
     @defer.inlineCallbacks
     def test_request_timeout(self):
@@ -185,12 +214,15 @@ class CancelTest(Base):
         self.daemon.hold_pending = True
         gate = self.gate(self.unix_client(), poll=30)
         d = gate.run()
-        yield wait_until(lambda: ("get", "bb-test-1") in self.daemon.in_flight, what="long poll in flight")
-        started = time.monotonic()
+        key = ("get", "bb-test-1")
+        yield wait_until(lambda: key in self.daemon.in_flight, what="long poll in flight")
         gate.cancel()
         out = yield d
         self.assertEqual(out.kind, g.CANCELLED)
-        self.assertLess(time.monotonic() - started, 0.5)
+        # run() returned before the daemon answered the 30 s poll: the poll is
+        # still held, or the daemon already saw its client go away.
+        self.assertTrue(key in self.daemon.in_flight or key in self.daemon.disconnected,
+                        "run() waited for the long poll's answer")
         # The connection of the long poll was closed, not left to run out.
         yield wait_until(lambda: ("get", "bb-test-1") in self.daemon.disconnected, what="poll connection closed")
 
@@ -207,16 +239,17 @@ class CancelTest(Base):
 
     @defer.inlineCallbacks
     def test_cancel_during_backoff(self):
+        # The gate's clock never moves, so its backoff sleep after the 503
+        # never ends by itself: only cancel() can end the wait.
         self.daemon.always["create"] = 503
-        gate = self.gate(self.unix_client(), backoff=g.Backoff(30, 30))
+        gate = self.gate(self.unix_client(), backoff=g.Backoff(30, 30), clock=task.Clock())
         d = gate.run()
-        yield wait_until(lambda: self.daemon.count("POST") == 1, what="first POST")
-        yield sleep(0.05)
-        started = time.monotonic()
+        yield wait_until(lambda: self.logged("retrying in"), what="the backoff after the first 503")
         gate.cancel()
+        yield wait_until(lambda: d.called, what="run() to return after cancel() during the backoff")
         out = yield d
         self.assertEqual(out.kind, g.CANCELLED)
-        self.assertLess(time.monotonic() - started, 0.5)
+        self.assertEqual(self.daemon.count("POST"), 1)
 
     @defer.inlineCallbacks
     def test_cancel_before_run(self):
@@ -234,20 +267,22 @@ class HeartbeatTest(Base):
         yield client.create(dict(REQ, lease="500ms"))
         hb = g.Heartbeat(client, "bb-test-1", 0.15, clock=reactor, log=self.lines.append)
         hb.start()
-        yield sleep(1.5)  # three leases
-        self.assertEqual(self.daemon.current("bb-test-1")["state"], "pending")
-        self.assertGreaterEqual(hb.sent, 5)
+        yield sleep(1.5)  # three leases: the time passing is what is tested
+        res = self.daemon.current("bb-test-1")
+        self.assertEqual(res["state"], "pending")
+        # Outliving three 500 ms leases takes three renewals, and a beat is
+        # sent only after the answer to the one before (counted in hb.sent).
+        self.assertGreaterEqual(res["_heartbeats"], 3)
+        self.assertGreaterEqual(hb.sent, 2)
         hb.stop()
-        yield sleep(0.8)
-        self.assertEqual(self.daemon.current("bb-test-1")["state"], "expired",
-                         "without heartbeats the lease runs out")
+        yield wait_until(lambda: self.daemon.current("bb-test-1")["state"] == "expired",
+                         what="the lease to run out without heartbeats")
 
     @defer.inlineCallbacks
     def test_without_heartbeat_lease_expires(self):
         client = self.unix_client()
         yield client.create(dict(REQ, lease="300ms"))
-        yield sleep(0.5)
-        self.assertEqual(self.daemon.current("bb-test-1")["state"], "expired")
+        yield wait_until(lambda: self.daemon.current("bb-test-1")["state"] == "expired", what="the lease to run out")
 
     @defer.inlineCallbacks
     def test_heartbeat_survives_transient_errors(self):
@@ -273,17 +308,28 @@ class HeartbeatTest(Base):
 
     @defer.inlineCallbacks
     def test_heartbeat_stops_when_build_ends(self):
+        # The heartbeat's clock is the test's: beats happen when it advances.
+        # Every beat goes through client.heartbeat, counted here as it is called.
         client = self.unix_client()
         yield client.create(dict(REQ))
+        calls = []
+        beat = client.heartbeat
+        client.heartbeat = lambda rid: calls.append(rid) or beat(rid)
         ended = []
-        hb = g.Heartbeat(client, "bb-test-1", 0.05, clock=reactor, should_stop=lambda: bool(ended))
+        clock = task.Clock()
+        hb = g.Heartbeat(client, "bb-test-1", 0.05, clock=clock, should_stop=lambda: bool(ended))
         hb.start()
-        yield wait_until(lambda: hb.sent >= 1)
+        clock.advance(0.05)
+        yield wait_until(lambda: hb.sent >= 1, what="the first heartbeat's answer")
         ended.append(True)
-        yield wait_until(lambda: not hb.running, what="heartbeat stop at build end")
-        sent = hb.sent
-        yield sleep(0.2)
-        self.assertEqual(hb.sent, sent)
+        clock.advance(0.05)  # the next beat finds the build ended
+        self.assertFalse(hb.running, "heartbeat stop at build end")
+        self.assertEqual(hb.stopped_because, "the build has ended")
+        # Nothing is left scheduled, so no beat follows, however long we wait.
+        self.assertEqual(clock.getDelayedCalls(), [])
+        clock.advance(3600)
+        self.assertEqual(calls, ["bb-test-1"], "one heartbeat before the build ended, none after")
+        self.assertEqual(hb.sent, 1)
 
     def test_interval(self):
         self.assertEqual(g.heartbeat_interval(600), 60)
