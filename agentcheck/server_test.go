@@ -7,6 +7,8 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"reflect"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -14,20 +16,23 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
 // fakeSlots is an in-memory Slots whose contents tests change.
 type fakeSlots struct {
-	mu    sync.Mutex
-	slots map[scaler.SlotKey]scaler.Slot
-	err   error         // returned by Slot when set
-	hang  chan struct{} // when set, Slot waits for it to close, ignoring ctx
-	calls int
+	mu      sync.Mutex
+	slots   map[scaler.SlotKey]scaler.Slot
+	err     error         // returned by Slot when set
+	hang    chan struct{} // when set, Slot waits for it to close, ignoring ctx
+	waitCtx bool          // when set, Slot waits for ctx to end (a hung store honouring ctx)
+	calls   int
+	lookups map[scaler.SlotKey]int // calls by key
 }
 
 func newFakeSlots(slots ...scaler.Slot) *fakeSlots {
-	f := &fakeSlots{slots: map[scaler.SlotKey]scaler.Slot{}}
+	f := &fakeSlots{slots: map[scaler.SlotKey]scaler.Slot{}, lookups: map[scaler.SlotKey]int{}}
 	for _, s := range slots {
 		f.slots[s.Key()] = s
 	}
@@ -37,11 +42,16 @@ func newFakeSlots(slots ...scaler.Slot) *fakeSlots {
 func (f *fakeSlots) Slot(ctx context.Context, key scaler.SlotKey) (scaler.Slot, error) {
 	f.mu.Lock()
 	f.calls++
+	f.lookups[key]++
 	hang, err := f.hang, f.err
 	s, ok := f.slots[key]
+	waitCtx := f.waitCtx
 	f.mu.Unlock()
 	if hang != nil {
 		<-hang
+	}
+	if waitCtx {
+		<-ctx.Done()
 	}
 	if err != nil {
 		return scaler.Slot{}, err
@@ -69,6 +79,21 @@ func (f *fakeSlots) setErr(err error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.err = err
+}
+
+// callCount returns how many lookups began.
+func (f *fakeSlots) callCount() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.calls
+}
+
+// lookupsOf returns how many lookups of key began. A lookup that began after
+// a change (update, setErr) sees it.
+func (f *fakeSlots) lookupsOf(key scaler.SlotKey) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.lookups[key]
 }
 
 func testLogger(t *testing.T) *slog.Logger {
@@ -101,15 +126,21 @@ func checks(t *testing.T, reg *prometheus.Registry) map[string]float64 {
 var readySlot = scaler.Slot{Pool: "x86", Name: "slot1", State: scaler.Ready, Weight: 100,
 	InstanceID: "i-1", InstanceType: "c7i.large", Market: "spot"}
 
+// newTestServer returns a responder whose limits are hang guards: a test
+// that is about a limit sets it short itself. (A short limit elsewhere would
+// make an exchange fail whenever the machine is busy.)
 func newTestServer(t *testing.T, slots Slots) (*Server, *prometheus.Registry) {
 	t.Helper()
 	reg := prometheus.NewRegistry()
 	s := New(slots, map[string]int{"x86": 4}, testLogger(t), reg)
-	s.readTimeout = 200 * time.Millisecond
-	s.lookupTimeout = 200 * time.Millisecond
-	s.writeTimeout = 200 * time.Millisecond
+	s.readTimeout = testwait.Bound
+	s.lookupTimeout = testwait.Bound
+	s.writeTimeout = testwait.Bound
 	return s, reg
 }
+
+// shortTimeout is the limit of a test whose exchange ends on that limit.
+const shortTimeout = 50 * time.Millisecond
 
 // TestHandle runs single exchanges over net.Pipe.
 func TestHandle(t *testing.T) {
@@ -118,6 +149,7 @@ func TestHandle(t *testing.T) {
 		name   string
 		send   func(w io.Writer)
 		fake   func(f *fakeSlots)
+		tune   func(s *Server) // for an exchange that ends on a limit
 		want   string
 		result string
 	}{
@@ -138,17 +170,19 @@ func TestHandle(t *testing.T) {
 		{name: "oversized line", send: say(strings.Repeat("a", 10*MaxLine)), want: "maint\n", result: ResultBadIdentity},
 		{name: "oversized with line end", send: say(strings.Repeat("a", MaxLine) + "\n"), want: "maint\n", result: ResultBadIdentity},
 		{name: "longest line", send: say("x86/" + strings.Repeat("s", MaxLine-5) + "\n"), want: "maint\n", result: ResultUnknown},
-		{name: "silent", send: func(io.Writer) {}, want: "maint\n", result: ResultBadIdentity},
-		{name: "no line end", send: say("x86/slot1"), want: "maint\n", result: ResultBadIdentity},
+		// HAProxy keeps the connection open: the read timeout ends these.
+		{name: "silent", send: func(io.Writer) {}, tune: func(s *Server) { s.readTimeout = shortTimeout },
+			want: "maint\n", result: ResultBadIdentity},
+		{name: "no line end", send: say("x86/slot1"), tune: func(s *Server) { s.readTimeout = shortTimeout },
+			want: "maint\n", result: ResultBadIdentity},
 		{name: "unknown slot", send: say("x86/slot9\n"), want: "maint\n", result: ResultUnknown},
 		{name: "unknown pool", send: say("arm/slot1\n"), want: "maint\n", result: ResultUnknown},
 		{name: "store error", send: say("x86/slot1\n"), fake: func(f *fakeSlots) { f.err = errors.New("database is locked") },
 			want: "", result: ResultError},
-		{name: "store hangs", send: say("x86/slot1\n"), fake: func(f *fakeSlots) {
+		{name: "store hangs", send: say("x86/slot1\n"),
 			// A store honouring ctx gives up at the lookup timeout.
-			f.hang = make(chan struct{})
-			time.AfterFunc(300*time.Millisecond, func() { close(f.hang) })
-		}, want: "", result: ResultError},
+			fake: func(f *fakeSlots) { f.waitCtx = true }, tune: func(s *Server) { s.lookupTimeout = shortTimeout },
+			want: "", result: ResultError},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -157,6 +191,9 @@ func TestHandle(t *testing.T) {
 				tt.fake(f)
 			}
 			s, reg := newTestServer(t, f)
+			if tt.tune != nil {
+				tt.tune(s)
+			}
 			client, server := net.Pipe()
 			defer client.Close()
 			done := make(chan struct{})
@@ -165,7 +202,7 @@ func TestHandle(t *testing.T) {
 				s.handle(t.Context(), server)
 			}()
 			go tt.send(client)
-			_ = client.SetReadDeadline(time.Now().Add(5 * time.Second))
+			_ = client.SetReadDeadline(time.Now().Add(testwait.Bound))
 			got, err := io.ReadAll(client)
 			if err != nil && !errors.Is(err, io.ErrClosedPipe) {
 				t.Fatalf("read reply: %v", err)
@@ -175,8 +212,8 @@ func TestHandle(t *testing.T) {
 			}
 			select {
 			case <-done:
-			case <-time.After(5 * time.Second):
-				t.Fatal("handler did not return")
+			case <-time.After(testwait.Bound):
+				t.Fatalf("handler still running after %v: stuck", testwait.Bound)
 			}
 			if c := checks(t, reg); c[tt.result] != 1 {
 				t.Errorf("agent_checks_total = %v, want 1 for %s", c, tt.result)
@@ -207,8 +244,8 @@ func serve(t *testing.T, s *Server) (string, func() error) {
 			cancel()
 			select {
 			case serr = <-errc:
-			case <-time.After(5 * time.Second):
-				serr = errors.New("Serve did not return within 5s")
+			case <-time.After(testwait.Bound):
+				serr = fmt.Errorf("Serve still running %v after its context ended: stuck", testwait.Bound)
 			}
 		})
 		return serr
@@ -219,12 +256,12 @@ func serve(t *testing.T, s *Server) (string, func() error) {
 
 // ask sends one identity and returns everything the responder answered.
 func ask(addr, identity string) (string, error) {
-	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+	c, err := net.DialTimeout("tcp", addr, testwait.Bound)
 	if err != nil {
 		return "", err
 	}
 	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	_ = c.SetDeadline(time.Now().Add(testwait.Bound))
 	if _, err := io.WriteString(c, identity); err != nil {
 		return "", err
 	}
@@ -271,7 +308,7 @@ func TestServe(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	_ = c.SetDeadline(time.Now().Add(testwait.Bound))
 	_, _ = io.WriteString(c, "x86/slot1")
 	_ = c.(*net.TCPConn).CloseWrite()
 	if b, _ := io.ReadAll(c); string(b) != "maint\n" {
@@ -302,24 +339,24 @@ func TestServeWaitsForInFlight(t *testing.T) {
 	}
 	defer c.Close()
 	_, _ = io.WriteString(c, "x86/slot1\n")
-	for i := 0; ; i++ { // wait until the handler is in the store
-		f.mu.Lock()
-		n := f.calls
-		f.mu.Unlock()
-		if n > 0 {
-			break
-		}
-		if i > 500 {
-			t.Fatal("handler never called the store")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testwait.Until(t, "the handler to call the store", func() bool { return f.callCount() > 0 })
 	stopped := make(chan error, 1)
 	go func() { stopped <- stop() }()
+	// Serve has left Accept and waits (for the handler) or has returned:
+	// only then can it be caught returning too early.
+	var serveGone bool
+	testwait.Until(t, "Serve to stop accepting and wait", func() bool {
+		state, found := serveState()
+		serveGone = !found
+		return serveGone || parked(state)
+	})
+	if serveGone {
+		t.Fatal("Serve returned while a handler was still running")
+	}
 	select {
 	case err := <-stopped:
 		t.Fatalf("Serve returned (%v) while a handler was still running", err)
-	case <-time.After(200 * time.Millisecond):
+	default:
 	}
 	close(f.hang)
 	select {
@@ -327,11 +364,11 @@ func TestServeWaitsForInFlight(t *testing.T) {
 		if err != nil {
 			t.Fatalf("Serve = %v, want nil", err)
 		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Serve did not return after the handler finished")
+	case <-time.After(testwait.Bound):
+		t.Fatalf("Serve still running %v after the handler finished: stuck", testwait.Bound)
 	}
 	// Shutting down, the lookup's context was cancelled: no answer at all.
-	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_ = c.SetReadDeadline(time.Now().Add(testwait.Bound))
 	if b, _ := io.ReadAll(c); len(b) != 0 {
 		t.Errorf("reply during shutdown = %q, want none", b)
 	}
@@ -356,8 +393,8 @@ func TestServeAcceptError(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), "listener exploded") {
 			t.Errorf("Serve = %v, want the accept error", err)
 		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Serve did not return on a broken listener")
+	case <-time.After(testwait.Bound):
+		t.Fatalf("Serve still running %v after its listener broke: stuck", testwait.Bound)
 	}
 }
 
@@ -369,4 +406,45 @@ func TestNewCopiesMaxJobs(t *testing.T) {
 	if s.maxJobs["x86"] != 4 || len(s.maxJobs) != 1 {
 		t.Errorf("maxJobs = %v, want the map New was given", s.maxJobs)
 	}
+}
+
+// serveState returns the scheduling state ("IO wait", "semacquire", ...) of
+// the goroutine running Server.Serve, from a dump of all goroutines; found
+// is false when no goroutine runs it. The tests of this package do not run
+// in parallel, so that is the calling test's Serve.
+func serveState() (state string, found bool) {
+	fn := runtime.FuncForPC(reflect.ValueOf((*Server).Serve).Pointer()).Name() + "("
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			buf = buf[:n]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		header, frames, _ := strings.Cut(g, "\n")
+		for _, line := range strings.Split(frames, "\n") {
+			if strings.HasPrefix(line, fn) {
+				// "goroutine 7 [IO wait, 2 minutes]:"
+				_, st, _ := strings.Cut(header, "[")
+				st, _, _ = strings.Cut(st, "]")
+				st, _, _ = strings.Cut(st, ",")
+				return st, true
+			}
+		}
+	}
+	return "", false
+}
+
+// parked reports whether a goroutine in state waits for another goroutine:
+// not running, not about to run, not in a system call or network wait, and
+// not in a pause of the garbage collector or scheduler.
+func parked(state string) bool {
+	switch state {
+	case "running", "runnable", "syscall", "IO wait", "preempted", "idle", "dead", "copystack":
+		return false
+	}
+	return !strings.HasPrefix(state, "GC ")
 }

@@ -15,28 +15,39 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy/haproxytest"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
 var placeholderAddr = fmt.Sprintf("%s:%d", Placeholder, PlaceholderPort)
 
-// waitServer polls Servers until cond holds for key (at most ~5s).
+// waitServer polls Servers until cond holds for key.
 func waitServer(t *testing.T, r *Readiness, key scaler.SlotKey, what string, cond func(scaler.ServerStatus) bool) scaler.ServerStatus {
 	t.Helper()
 	var last scaler.ServerStatus
-	for range 100 {
+	if !testwait.Poll(testwait.Bound, func() bool {
 		servers, err := r.Servers(t.Context())
 		if err != nil {
 			t.Fatalf("Servers: %v", err)
 		}
 		last = servers[key]
-		if cond(last) {
-			return last
-		}
-		time.Sleep(50 * time.Millisecond)
+		return cond(last)
+	}) {
+		t.Fatalf("%s: %s still not reached after %v: stuck; last %+v", key, what, testwait.Bound, last)
 	}
-	t.Fatalf("%s: %s not reached within 5s; last %+v", key, what, last)
 	return last
+}
+
+// serverStat returns HAProxy's own show stat line of proxy/server.
+func serverStat(t *testing.T, h *haproxytest.Instance, proxy, server string) Stat {
+	t.Helper()
+	for _, s := range mustStats(t, h) {
+		if s.Proxy() == proxy && s.Server() == server {
+			return s
+		}
+	}
+	t.Fatalf("no server %s/%s in show stat", proxy, server)
+	return Stat{}
 }
 
 func TestReadinessAgainstHAProxy(t *testing.T) {
@@ -46,7 +57,7 @@ func TestReadinessAgainstHAProxy(t *testing.T) {
 	h := haproxytest.Start(t, haproxytest.Dir(t),
 		testGlobal+poolBackend("x86", fe, 2)+poolBackend("arm", 0, 1)+spoaBackend(b.Addr))
 	reg := prometheus.NewPedanticRegistry()
-	c := NewClient(h.Socket, 2*time.Second)
+	c := NewClient(h.Socket, testwait.Bound)
 	r := NewReadiness(c, []string{"x86", "arm"}, "192.0.2.1:22", time.Second, reg)
 	ctx := t.Context()
 	slot1 := scaler.SlotKey{Pool: "x86", Slot: "slot1"}
@@ -85,30 +96,34 @@ func TestReadinessAgainstHAProxy(t *testing.T) {
 
 	// A server leaving maintenance is shown "UP" by HAProxy before its
 	// first check; Readiness waits for that check. slot2 points at a closed
-	// port, so it must never be reported Up.
+	// port, so it must never be reported Up: watched from right after it
+	// left maintenance until HAProxy's checks took it DOWN.
 	if err := r.Bind(ctx, slot2, fmt.Sprintf("127.0.0.1:%d", closed)); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := c.Exec(ctx, "set server nba_x86/slot2 state ready"); err != nil {
 		t.Fatal(err)
 	}
-	for range 5 {
+	rounds := 0
+	testwait.Until(t, "HAProxy to check slot2 and mark it DOWN", func() bool {
 		servers, err := r.Servers(ctx)
 		if err != nil {
 			t.Fatal(err)
 		}
+		rounds++
 		if servers[slot2].Up {
-			t.Fatalf("slot2 (nothing listens) reported Up: %+v", servers[slot2])
+			t.Fatalf("slot2 (nothing listens) reported Up: %+v; HAProxy: %s", servers[slot2], serverStat(t, h, "nba_x86", "slot2").Status())
 		}
-		time.Sleep(30 * time.Millisecond)
-	}
+		return strings.HasPrefix(serverStat(t, h, "nba_x86", "slot2").Status(), "DOWN")
+	})
+	t.Logf("slot2 not Up in %d reads until HAProxy marked it DOWN", rounds)
 
 	// A session held through the frontend shows in Sessions and the gauge.
-	conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", fe), 2*time.Second)
+	conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", fe), testwait.Bound)
 	if err != nil {
 		t.Fatal(err)
 	}
-	_ = conn.SetReadDeadline(time.Now().Add(2 * time.Second))
+	_ = conn.SetReadDeadline(time.Now().Add(testwait.Bound))
 	line, err := bufio.NewReader(conn).ReadString('\n')
 	if err != nil || !strings.HasPrefix(line, "SSH-2.0-test") {
 		t.Fatalf("banner through the frontend: %q, %v", line, err)
@@ -248,30 +263,42 @@ func TestReadinessWithAgent(t *testing.T) {
     option tcp-check
     tcp-check expect rstring ^SSH-2\.0-
     default-server check inter 100ms fall 2 rise 1 agent-check agent-addr 127.0.0.1 agent-port %d agent-inter 100ms maxconn 2 weight 100
-`, agent)
+`, agent.Port)
 	for i := 1; i <= 5; i++ {
 		cfg += fmt.Sprintf("    server slot%d slot.nba.invalid:22 init-addr last,%s disabled agent-send \"x86/slot%d\\n\"\n", i, Placeholder, i)
 	}
 	h := haproxytest.Start(t, haproxytest.Dir(t), cfg)
-	r := NewReadiness(NewClient(h.Socket, 2*time.Second), []string{"x86"}, "192.0.2.1:22", time.Second, nil)
+	r := NewReadiness(NewClient(h.Socket, testwait.Bound), []string{"x86"}, "192.0.2.1:22", time.Second, nil)
 	for i := 1; i <= 5; i++ {
 		if err := r.Bind(t.Context(), scaler.SlotKey{Pool: "x86", Slot: fmt.Sprintf("slot%d", i)}, b.Addr); err != nil {
 			t.Fatal(err)
 		}
 	}
 	want := map[string]bool{"slot1": false, "slot2": true, "slot3": true, "slot4": false, "slot5": false}
-	var servers map[scaler.SlotKey]scaler.ServerStatus
-	for range 100 {
-		var err error
-		if servers, err = r.Servers(t.Context()); err != nil {
+	// slot2 and slot3 come up once their SSH checks pass; slot4's check
+	// passes too, while its agent holds it down.
+	testwait.Until(t, "slot2 and slot3 Up, and slot4's SSH check passed", func() bool {
+		servers, err := r.Servers(t.Context())
+		if err != nil {
 			t.Fatal(err)
 		}
-		if servers[scaler.SlotKey{Pool: "x86", Slot: "slot2"}].Up && servers[scaler.SlotKey{Pool: "x86", Slot: "slot3"}].Up {
-			break
-		}
-		time.Sleep(50 * time.Millisecond)
+		chk := strings.TrimPrefix(serverStat(t, h, "nba_x86", "slot4").Str("check_status"), "* ")
+		return servers[scaler.SlotKey{Pool: "x86", Slot: "slot2"}].Up && servers[scaler.SlotKey{Pool: "x86", Slot: "slot3"}].Up && chk == "L7OK"
+	})
+	// Then every slot's agent answers again, so HAProxy has applied an
+	// answer of each given after that.
+	asked := map[string]int{}
+	for slot := range want {
+		asked[slot] = agent.Answered("x86/" + slot)
 	}
-	time.Sleep(300 * time.Millisecond) // a few more check rounds for the others
+	testwait.Until(t, "two more agent checks of every slot", func() bool {
+		for slot, n := range asked {
+			if agent.Answered("x86/"+slot) < n+2 {
+				return false
+			}
+		}
+		return true
+	})
 	servers, err := r.Servers(t.Context())
 	if err != nil {
 		t.Fatal(err)
@@ -299,19 +326,17 @@ func TestReadinessSPOA(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			h := haproxytest.Start(t, haproxytest.Dir(t), testGlobal+poolBackend("x86", 0, 1)+tc.spoa)
 			reg := prometheus.NewPedanticRegistry()
-			r := NewReadiness(NewClient(h.Socket, 2*time.Second), []string{"x86"}, "192.0.2.1:22", time.Second, reg)
+			r := NewReadiness(NewClient(h.Socket, testwait.Bound), []string{"x86"}, "192.0.2.1:22", time.Second, reg)
 			var up, known bool
-			for range 100 { // the check needs a round (inter 100ms) to see the agent down
+			// The check needs a round (inter 100ms) to see the agent down.
+			if !testwait.Poll(testwait.Bound, func() bool {
 				if _, err := r.Servers(t.Context()); err != nil {
 					t.Fatal(err)
 				}
-				if up, known = r.SPOAUp(); up == tc.up && known == tc.known {
-					break
-				}
-				time.Sleep(50 * time.Millisecond)
-			}
-			if up != tc.up || known != tc.known {
-				t.Errorf("SPOAUp = %v, %v; want %v, %v", up, known, tc.up, tc.known)
+				up, known = r.SPOAUp()
+				return up == tc.up && known == tc.known
+			}) {
+				t.Errorf("SPOAUp = %v, %v after %v; want %v, %v", up, known, testwait.Bound, tc.up, tc.known)
 			}
 			checkMetrics(t, reg, tc.wantMetrics, "nix_builder_autoscaler_spoa_up")
 		})
@@ -352,7 +377,7 @@ func TestReadinessOneCallPerRound(t *testing.T) {
 				return "Unknown command\n\n"
 			})
 			reg := prometheus.NewPedanticRegistry()
-			r := NewReadiness(NewClient(f.Path, time.Second), []string{"x86"}, "192.0.2.1:22", time.Second, reg)
+			r := NewReadiness(NewClient(f.Path, testwait.Bound), []string{"x86"}, "192.0.2.1:22", time.Second, reg)
 			servers, err := r.Servers(t.Context())
 			if err != nil {
 				t.Fatal(err)
@@ -379,7 +404,7 @@ func TestReadinessBindCommands(t *testing.T) {
 		}
 		return "IP changed from '192.0.2.1' to 'x', port changed from '22' to 'y' by 'stats socket command'\n\n"
 	})
-	r := NewReadiness(NewClient(f.Path, time.Second), []string{"x86"}, "192.0.2.1:22", time.Second, nil)
+	r := NewReadiness(NewClient(f.Path, testwait.Bound), []string{"x86"}, "192.0.2.1:22", time.Second, nil)
 	for _, tc := range []struct {
 		slot, addr, cmd string
 	}{
@@ -406,7 +431,7 @@ func TestReadinessHAProxyRefuses(t *testing.T) {
 	// show stat works; an answer that is no table fails Servers with a quote.
 	f := startFakeSocket(t, func(cmd string) string { return "Permission denied\n\n" })
 	reg := prometheus.NewPedanticRegistry()
-	r := NewReadiness(NewClient(f.Path, time.Second), []string{"x86"}, "192.0.2.1:22", time.Second, reg)
+	r := NewReadiness(NewClient(f.Path, testwait.Bound), []string{"x86"}, "192.0.2.1:22", time.Second, reg)
 	_, err := r.Servers(t.Context())
 	var ce *CommandError
 	if !errors.As(err, &ce) || !strings.Contains(err.Error(), "Permission denied") {
@@ -480,7 +505,7 @@ func TestReusedSlotNotHealthyFromStaleCheck(t *testing.T) {
 		row = status + "," + check
 		mu.Unlock()
 	}
-	r := NewReadiness(NewClient(f.Path, time.Second), []string{"x86"}, "192.0.2.1:22", time.Hour, nil)
+	r := NewReadiness(NewClient(f.Path, testwait.Bound), []string{"x86"}, "192.0.2.1:22", time.Hour, nil)
 	key := scaler.SlotKey{Pool: "x86", Slot: "slot1"}
 	healthy := func() bool {
 		t.Helper()
@@ -522,7 +547,7 @@ func TestQuiesce(t *testing.T) {
 		t.Fatal(err)
 	}
 	var answered atomic.Int64
-	serveLines(t, l, time.Second, func(string) (string, bool) {
+	serveLines(t, l, testwait.Bound, func(string) (string, bool) {
 		defer answered.Add(1)
 		return reply.Load().(string) + "\n", true
 	})
@@ -539,7 +564,7 @@ backend nba_x86
     server slot1 slot.nba.invalid:22 init-addr last,%s disabled agent-send "x86/slot1\n"
 `, fe, l.Addr().(*net.TCPAddr).Port, Placeholder)
 	h := haproxytest.Start(t, haproxytest.Dir(t), cfg)
-	r := NewReadiness(NewClient(h.Socket, 2*time.Second), []string{"x86"}, placeholderAddr, time.Second, nil)
+	r := NewReadiness(NewClient(h.Socket, testwait.Bound), []string{"x86"}, placeholderAddr, time.Second, nil)
 	key := scaler.SlotKey{Pool: "x86", Slot: "slot1"}
 	if err := r.Bind(t.Context(), key, b.Addr); err != nil {
 		t.Fatal(err)
@@ -551,6 +576,7 @@ backend nba_x86
 		t.Fatal(err)
 	}
 	defer session.Close()
+	_ = session.SetReadDeadline(time.Now().Add(testwait.Bound))
 	if line, err := bufio.NewReader(session).ReadString('\n'); err != nil || !strings.HasPrefix(line, "SSH-2.0-") {
 		t.Fatalf("session through HAProxy: %q, %v", line, err)
 	}
@@ -561,38 +587,23 @@ backend nba_x86
 	if err != nil || n != 1 {
 		t.Fatalf("Quiesce with a session open = %d, %v; want 1", n, err)
 	}
-	status := func() string {
-		for _, s := range mustStats(t, h) {
-			if s.Proxy() == "nba_x86" && s.Server() == "slot1" {
-				return s.Status()
-			}
-		}
-		t.Fatal("no server slot1 in show stat")
-		return ""
-	}
 	// Let a few agent checks answer "drain" meanwhile.
-	for seen := answered.Load(); answered.Load() < seen+3; {
-		time.Sleep(20 * time.Millisecond)
-	}
+	seen := answered.Load()
+	testwait.Until(t, "three more agent answers", func() bool { return answered.Load() >= seen+3 })
 	// HAProxy 2.6 lifts forced maintenance on the agent's next state
 	// answer; "drain" still keeps balancing away (weight 0).
-	if st := status(); !strings.HasPrefix(st, "MAINT") && !strings.HasPrefix(st, "DRAIN") {
+	if st := serverStat(t, h, "nba_x86", "slot1").Status(); !strings.HasPrefix(st, "MAINT") && !strings.HasPrefix(st, "DRAIN") {
 		t.Fatalf("after Quiesce and the agent's drain answers, status %q; want MAINT or DRAIN", st)
 	}
 
 	session.Close()
-	for i := 0; ; i++ {
-		n, err := r.Quiesce(t.Context(), key)
-		if err != nil {
+	if !testwait.Poll(testwait.Bound, func() bool {
+		if n, err = r.Quiesce(t.Context(), key); err != nil {
 			t.Fatal(err)
 		}
-		if n == 0 {
-			break
-		}
-		if i == 100 {
-			t.Fatalf("Quiesce after the session closed = %d; want 0", n)
-		}
-		time.Sleep(50 * time.Millisecond)
+		return n == 0
+	}) {
+		t.Fatalf("Quiesce after the session closed = %d after %v; want 0", n, testwait.Bound)
 	}
 
 	reply.Store("up ready 100% maxconn:2 #i-1")

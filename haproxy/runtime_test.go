@@ -12,11 +12,13 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy/haproxytest"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 )
 
 // banner is a stand-in builder: it writes an SSH banner to every connection
@@ -65,27 +67,49 @@ func startBanner(t *testing.T) banner {
 	return banner{Addr: l.Addr().String(), Port: l.Addr().(*net.TCPAddr).Port}
 }
 
-// startAgent is a stand-in agent-check responder: it reads the line HAProxy
-// sends (agent-send) and answers replies[line], or "maint".
-func startAgent(t *testing.T, replies map[string]string) int {
+// standInAgent is a stand-in agent-check responder: it reads the line
+// HAProxy sends (agent-send) and answers replies[line], or "maint".
+type standInAgent struct {
+	Port int
+
+	mu       sync.Mutex
+	answered map[string]int // by line, without its line end
+}
+
+func startAgent(t *testing.T, replies map[string]string) *standInAgent {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	serveLines(t, l, time.Second, func(line string) (string, bool) {
-		reply, ok := replies[strings.TrimSpace(line)]
+	a := &standInAgent{Port: l.Addr().(*net.TCPAddr).Port, answered: map[string]int{}}
+	serveLines(t, l, testwait.Bound, func(line string) (string, bool) {
+		line = strings.TrimSpace(line)
+		reply, ok := replies[line]
 		if !ok {
 			reply = "maint"
 		}
+		a.mu.Lock()
+		a.answered[line]++
+		a.mu.Unlock()
 		return reply + "\n", true
 	})
-	return l.Addr().(*net.TCPAddr).Port
+	return a
+}
+
+// Answered returns how many times the agent was asked about line (the
+// agent-send text without its line end) and began its answer. HAProxy runs
+// one agent check of a server at a time, so once this grew by 2, HAProxy has
+// applied at least one answer given after the count was read.
+func (a *standInAgent) Answered(line string) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.answered[line]
 }
 
 // serveLines answers every connection to l: it reads one line (within
-// deadline; a short read gives what arrived) and writes what answer returns
-// for it, if answer says to answer.
+// deadline, a hang guard; a short read gives what arrived) and writes what
+// answer returns for it, if answer says to answer.
 // The listener is closed, and its handlers waited for, when the test ends.
 func serveLines(t *testing.T, l net.Listener, deadline time.Duration, answer func(line string) (string, bool)) {
 	var wg sync.WaitGroup
@@ -123,7 +147,7 @@ func startFakeSocket(t *testing.T, answer func(cmd string) string) *fakeSocket {
 	if err != nil {
 		t.Fatal(err)
 	}
-	serveLines(t, l, 2*time.Second, func(line string) (string, bool) {
+	serveLines(t, l, testwait.Bound, func(line string) (string, bool) {
 		if !strings.HasSuffix(line, "\n") {
 			return "", false
 		}
@@ -172,6 +196,10 @@ defaults
     timeout client 1m
     timeout server 1m
     timeout queue 5s
+    # Without it a check must finish within its inter (100ms), and a busy
+    # machine may not run a stand-in's goroutine that soon: the server would
+    # flap DOWN. Connecting is still bounded by inter.
+    timeout check 1m
 `
 
 // spoaBackend is the SPOE agent backend, checked with a plain TCP connect
@@ -182,7 +210,7 @@ func spoaBackend(addr string) string {
 
 func TestExecAndSetServerAddr(t *testing.T) {
 	h := haproxytest.Start(t, haproxytest.Dir(t), testGlobal+poolBackend("x86", 0, 2))
-	c := NewClient(h.Socket, 2*time.Second)
+	c := NewClient(h.Socket, testwait.Bound)
 	ctx := t.Context()
 
 	out, err := c.Exec(ctx, "show servers state "+Backend("x86"))
@@ -355,43 +383,85 @@ func TestClientUnreachable(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var wg sync.WaitGroup
+		var (
+			received atomic.Int64 // commands the socket got
+			wg       sync.WaitGroup
+			mu       sync.Mutex
+			conns    []net.Conn
+		)
 		wg.Go(func() {
 			for {
 				c, err := l.Accept()
 				if err != nil {
 					return
 				}
-				wg.Go(func() { _, _ = io.Copy(io.Discard, c); c.Close() })
+				mu.Lock()
+				conns = append(conns, c)
+				mu.Unlock()
+				wg.Go(func() {
+					if _, err := bufio.NewReader(c).ReadString('\n'); err == nil {
+						received.Add(1)
+					}
+					_, _ = io.Copy(io.Discard, c)
+					c.Close()
+				})
 			}
 		})
-		t.Cleanup(func() { l.Close(); wg.Wait() })
+		t.Cleanup(func() {
+			l.Close()
+			mu.Lock()
+			for _, c := range conns { // a call that ignored its limits still waits
+				c.Close()
+			}
+			mu.Unlock()
+			wg.Wait()
+		})
 
-		start := time.Now()
-		_, err = NewClient(path, 200*time.Millisecond).Exec(ctx, "show stat")
-		if took := time.Since(start); took > 2*time.Second {
-			t.Errorf("Exec took %s with a 200ms timeout", took)
+		// exec runs Exec in the background and returns its error; a call
+		// that ignores its limits runs into the hang guard.
+		exec := func(ctx context.Context, c *Client) <-chan error {
+			errc := make(chan error, 1)
+			go func() {
+				_, err := c.Exec(ctx, "show stat")
+				errc <- err
+			}()
+			return errc
 		}
+		wait := func(errc <-chan error, limit string) error {
+			t.Helper()
+			select {
+			case err := <-errc:
+				return err
+			case <-time.After(testwait.Bound):
+				t.Fatalf("Exec still waiting for the mute socket after %v: %s did not end it", testwait.Bound, limit)
+				return nil
+			}
+		}
+
+		err = wait(exec(ctx, NewClient(path, 200*time.Millisecond)), "the client's 200ms timeout")
 		if !errors.Is(err, ErrUnreachable) || !strings.Contains(err.Error(), "timed out") || !strings.Contains(err.Error(), path) {
 			t.Errorf("err = %v, want ErrUnreachable saying it timed out, with the path", err)
 		}
 
-		// The caller's deadline bounds the call too.
+		// The caller's deadline bounds the call too: the client's own limit
+		// (an hour) is far beyond the hang guard.
 		dctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
 		defer cancel()
-		start = time.Now()
-		_, err = NewClient(path, time.Minute).Exec(dctx, "show stat")
-		if took := time.Since(start); took > 2*time.Second {
-			t.Errorf("Exec took %s with a 100ms context deadline", took)
-		}
+		err = wait(exec(dctx, NewClient(path, time.Hour)), "the context's 100ms deadline")
 		if !errors.Is(err, ErrUnreachable) || !strings.Contains(err.Error(), "timed out") {
 			t.Errorf("err = %v, want a timeout", err)
 		}
 
-		// Cancelling ends the call at once and is not "unreachable".
+		// Cancelling ends the call at once and is not "unreachable": cancel
+		// once the command has reached the socket, while Exec waits for the
+		// answer.
 		cctx, cancel2 := context.WithCancel(ctx)
-		time.AfterFunc(50*time.Millisecond, cancel2)
-		_, err = NewClient(path, time.Minute).Exec(cctx, "show stat")
+		defer cancel2()
+		before := received.Load()
+		errc := exec(cctx, NewClient(path, time.Hour))
+		testwait.Until(t, "the mute socket to get the command", func() bool { return received.Load() > before })
+		cancel2()
+		err = wait(errc, "cancelling its context")
 		if !errors.Is(err, context.Canceled) || errors.Is(err, ErrUnreachable) {
 			t.Errorf("err = %v, want context.Canceled only", err)
 		}

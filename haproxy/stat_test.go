@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy/haproxytest"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 )
 
 var captureRuntime = flag.Bool("capture-runtime", false,
@@ -74,7 +75,7 @@ backend nba_x86
     # DOWN (agent)
     server slot8 slot.nba.invalid:22 init-addr last,192.0.2.1 disabled agent-check agent-addr 127.0.0.1 agent-port %[2]d agent-inter 100ms agent-send "x86/slot8\n"
 
-`, fe, agent) + poolBackend("arm", 0, 1) + fmt.Sprintf("    # no check\n    server slot2 %s no-check\n\n", b.Addr) + spoaBackend(b.Addr)
+`, fe, agent.Port) + poolBackend("arm", 0, 1) + fmt.Sprintf("    # no check\n    server slot2 %s no-check\n\n", b.Addr) + spoaBackend(b.Addr)
 	h := haproxytest.Start(t, haproxytest.Dir(t), cfg)
 	for _, cmd := range []string{
 		fmt.Sprintf("set server nba_x86/slot1 addr 127.0.0.1 port %d", b.Port),
@@ -89,40 +90,45 @@ backend nba_x86
 	} {
 		t.Logf("%s: %s", cmd, strings.TrimSpace(h.Cmd(cmd)))
 	}
-	var conn net.Conn
 	want := map[string]string{"nba_x86/slot1": "UP", "nba_x86/slot2": "DRAIN", "nba_x86/slot5": "DOWN",
 		"nba_x86/slot7": "DRAIN (agent)", "nba_x86/slot8": "DOWN (agent)", "nba_spoa/spoa1": "UP"}
-	for i := 0; ; i++ {
-		if conn == nil && i > 5 {
+	var conn net.Conn
+	defer func() {
+		if conn != nil {
+			conn.Close()
+		}
+	}()
+	var last string
+	if !testwait.Poll(testwait.Bound, func() bool {
+		last = h.Cmd("show stat")
+		stats, err := ParseStat(last)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ok := true
+		slot1Up := false
+		for _, s := range stats {
+			w, found := want[s.Proxy()+"/"+s.Server()]
+			if found && s.Status() != w {
+				ok = false
+			}
+			slot1Up = slot1Up || s.Proxy() == "nba_x86" && s.Server() == "slot1" && s.Status() == "UP"
+		}
+		if conn == nil && slot1Up {
 			// A session on slot1, once it is UP.
-			c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", fe), time.Second)
+			c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", fe), testwait.Bound)
 			if err == nil {
-				_ = c.SetReadDeadline(time.Now().Add(time.Second))
+				_ = c.SetReadDeadline(time.Now().Add(testwait.Bound))
 				if line, err := bufio.NewReader(c).ReadString('\n'); err == nil && strings.HasPrefix(line, "SSH-2.0-") {
 					conn = c
-					defer c.Close()
 				} else {
 					c.Close()
 				}
 			}
 		}
-		stats, err := ParseStat(h.Cmd("show stat"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		ok := conn != nil
-		for _, s := range stats {
-			if w, found := want[s.Proxy()+"/"+s.Server()]; found && s.Status() != w {
-				ok = false
-			}
-		}
-		if ok {
-			break
-		}
-		if i == 100 {
-			t.Fatalf("servers did not reach the wanted states in 10s:\n%s", h.Cmd("show stat"))
-		}
-		time.Sleep(100 * time.Millisecond)
+		return ok && conn != nil
+	}) {
+		t.Fatalf("servers did not reach the wanted states in %v:\n%s", testwait.Bound, last)
 	}
 	if err := os.MkdirAll("testdata/runtime", 0o755); err != nil {
 		t.Fatal(err)

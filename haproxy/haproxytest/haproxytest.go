@@ -6,7 +6,6 @@ package haproxytest
 import (
 	"bytes"
 	"fmt"
-	"guardianproject.dev/ops/nix-builder-autoscaler/internal/syncbuf"
 	"net"
 	"os"
 	"os/exec"
@@ -15,6 +14,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/syncbuf"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 )
 
 // Binary returns the haproxy binary; without one the test fails, saying how
@@ -91,18 +93,27 @@ func (h *Instance) start() {
 		_ = cmd.Wait()
 		close(done)
 	}(h.cmd, h.done)
-	for i := 0; i < 500; i++ {
-		if c, err := net.Dial("unix", h.Socket); err == nil {
-			c.Close()
-			return
-		}
+	exited := false
+	answers := testwait.Poll(testwait.Bound, func() bool {
 		select {
 		case <-h.done:
-			h.t.Fatalf("haproxy exited at start:\n%s", h.log.String())
-		case <-time.After(10 * time.Millisecond):
+			exited = true
+			return true
+		default:
 		}
+		c, err := net.Dial("unix", h.Socket)
+		if err != nil {
+			return false
+		}
+		c.Close()
+		return true
+	})
+	switch {
+	case exited:
+		h.t.Fatalf("haproxy exited at start:\n%s", h.log.String())
+	case !answers:
+		h.t.Fatalf("haproxy runtime socket %s still does not answer after %v: stuck\n%s", h.Socket, testwait.Bound, h.log.String())
 	}
-	h.t.Fatalf("haproxy runtime socket %s did not answer within 5s:\n%s", h.Socket, h.log.String())
 }
 
 // Stop stops HAProxy (SIGTERM, then SIGKILL) and waits for it. Idempotent.
@@ -140,17 +151,20 @@ func (h *Instance) Log() string { return h.log.String() }
 // Cmd sends one runtime-API command and returns the answer.
 func (h *Instance) Cmd(cmd string) string {
 	h.t.Helper()
-	c, err := net.DialTimeout("unix", h.Socket, 2*time.Second)
+	// The bounds are hang guards: a busy machine may take seconds to answer.
+	c, err := net.DialTimeout("unix", h.Socket, testwait.Bound)
 	if err != nil {
 		h.t.Fatalf("runtime socket: %v", err)
 	}
 	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	_ = c.SetDeadline(time.Now().Add(testwait.Bound))
 	if _, err := fmt.Fprintf(c, "%s\n", cmd); err != nil {
 		h.t.Fatalf("runtime %q: %v", cmd, err)
 	}
 	var out bytes.Buffer
-	_, _ = out.ReadFrom(c)
+	if _, err := out.ReadFrom(c); err != nil {
+		h.t.Fatalf("runtime %q: reading the answer: %v (got %q)", cmd, err, out.String())
+	}
 	return out.String()
 }
 
