@@ -16,7 +16,13 @@ import (
 
 // fakeServer listens on loopback and greets each connection with greeting
 // ("" = says nothing), holding it until the peer closes or the test ends.
-func fakeServer(t *testing.T, greeting string) string {
+func fakeServer(t *testing.T, greeting string) string { return greetingServer(t, greeting, true) }
+
+// closingServer listens on loopback and sends each connection greeting,
+// then closes it.
+func closingServer(t *testing.T, greeting string) string { return greetingServer(t, greeting, false) }
+
+func greetingServer(t *testing.T, greeting string, hold bool) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -39,34 +45,10 @@ func fakeServer(t *testing.T, greeting string) string {
 				defer c.Close()
 				go func() { <-done; _ = c.Close() }()
 				_, _ = io.WriteString(c, greeting)
-				_, _ = io.Copy(io.Discard, c)
+				if hold {
+					_, _ = io.Copy(io.Discard, c)
+				}
 			})
-		}
-	})
-	return ln.Addr().String()
-}
-
-// closingServer listens on loopback and sends each connection greeting,
-// then closes it.
-func closingServer(t *testing.T, greeting string) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() {
-		_ = ln.Close()
-		wg.Wait()
-	})
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			_, _ = io.WriteString(c, greeting)
-			_ = c.Close()
 		}
 	})
 	return ln.Addr().String()
