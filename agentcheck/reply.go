@@ -9,7 +9,7 @@ import (
 
 // Reply is the agent-check answer for slot s of a pool whose builders run
 // maxJobs jobs at once, without the line end (Serve appends "\n"). It
-// implements DESIGN.md §3.2:
+// implements docs/design.md §3.2:
 //
 //	empty, launching, terminating  maint
 //	booting                        down #booting <instance-id>

@@ -1,5 +1,5 @@
 // Package agentcheck answers HAProxy's agent checks for every server of every
-// pool on one TCP listener (DESIGN.md §3.2).
+// pool on one TCP listener (docs/design.md §3.2).
 //
 // Each server line carries `agent-send "<pool>/<slot>\n"`. HAProxy connects
 // every agent-inter, sends that line, reads one reply line and closes. The

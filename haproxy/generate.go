@@ -19,7 +19,7 @@ import (
 
 // The SPOE message the generated configuration sends for every new
 // connection to a pool's frontend, and the variables the agent may set in
-// reply (DESIGN.md §3.3). The SPOA matches on these names.
+// reply (docs/design.md §3.3). The SPOA matches on these names.
 //
 // Each pool's SPOE scope sends one message, SPOEMessage, through the group
 // SPOEGroup, triggered by `tcp-request content send-spoe-group`. Its
@@ -72,7 +72,7 @@ const (
 // gets only its port back from that file, not its address.
 const PlaceholderHost = "slot.nba.invalid"
 
-// Offsets of the SPOE bounds above the agent's hold (haproxy.hold), DESIGN.md
+// Offsets of the SPOE bounds above the agent's hold (haproxy.hold), docs/design.md
 // §3.3: hold < timeout processing ≤ tcp-request inspect-delay. The agent gives
 // up first and answers a verdict; SPOE's own timeout is the backstop if the
 // agent hangs; the inspect delay is never what cuts a connection.
@@ -144,7 +144,7 @@ var templates = template.Must(template.New("").Funcs(template.FuncMap{
 }).ParseFS(templateFS, "templates/*.tmpl"))
 
 // Generate renders HAProxy's configuration and SPOE file for every pool of
-// cfg (DESIGN.md §3.4). Its error lists every problem found, as
+// cfg (docs/design.md §3.4). Its error lists every problem found, as
 // config.Problems naming the config key.
 func Generate(cfg *config.Config, opts Options) (Files, error) {
 	data, err := newTemplateData(cfg, opts)

@@ -1,6 +1,6 @@
 // Package haproxy is the daemon's side of HAProxy: the runtime-API client,
 // the scaler.Readiness implementation on top of it, and the generator of
-// HAProxy's configuration (DESIGN.md §3.2–§3.4).
+// HAProxy's configuration (docs/design.md §3.2–§3.4).
 package haproxy
 
 // The names below are shared by the generated configuration and the

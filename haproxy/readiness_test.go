@@ -246,7 +246,7 @@ func gaugeValue(t *testing.T, reg prometheus.Gatherer, name string) (float64, bo
 	return 0, false
 }
 
-// TestReadinessWithAgent shows how agent-check replies (DESIGN.md §3.2) and
+// TestReadinessWithAgent shows how agent-check replies (docs/design.md §3.2) and
 // the SSH check combine into Up on HAProxy 2.6.12, for servers declared
 // `disabled` like the generated ones.
 func TestReadinessWithAgent(t *testing.T) {

@@ -9,7 +9,7 @@ import (
 	"time"
 )
 
-// SlotState is the persisted runtime state of a slot (DESIGN.md §1).
+// SlotState is the persisted runtime state of a slot (docs/design.md §1).
 type SlotState string
 
 const (
@@ -75,7 +75,7 @@ type Slot struct {
 	LastActive time.Time
 	Weight     int
 	// DrainReason says why a slot is draining or terminating ("idle",
-	// "operator", "interrupted", ...); empty otherwise.
+	// "operator", "max lifetime", ...); empty otherwise.
 	DrainReason string
 	// Version counts committed changes of the row (optimistic concurrency).
 	Version int64
@@ -83,7 +83,7 @@ type Slot struct {
 
 func (s Slot) Key() SlotKey { return SlotKey{Pool: s.Pool, Slot: s.Name} }
 
-// ReservationState is the lifecycle state of a reservation (DESIGN.md §3.1).
+// ReservationState is the lifecycle state of a reservation (docs/design.md §3.1).
 type ReservationState string
 
 const (

@@ -1,5 +1,5 @@
 // Package spoa is the SPOE agent HAProxy calls on every new builder
-// connection (DESIGN.md §3.3). It records demand, picks the slot the
+// connection (docs/design.md §3.3). It records demand, picks the slot the
 // connection should go to, and when a pool has no room it asks the scaler
 // for a builder and holds the connection until one is ready or the hold
 // limit passes.

@@ -24,7 +24,7 @@ import (
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
-// Benchmarks of the SPOE agent's decision when capacity exists (DESIGN.md
+// Benchmarks of the SPOE agent's decision when capacity exists (docs/design.md
 // §3.3; the goal is a p99 of at most 1 ms as HAProxy sees it). Each one
 // reports p50/p99/max of the per-call durations it measured itself, besides
 // ns/op. The agent's fleet view has every slot ready, up and empty, and

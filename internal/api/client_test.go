@@ -21,7 +21,7 @@ import (
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 )
 
-// clientFake serves the API contract of DESIGN.md §3.1 from memory, for
+// clientFake serves the API contract of docs/design.md §3.1 from memory, for
 // client tests. It records what it was asked.
 type clientFake struct {
 	token string // if set, requests need "Authorization: Bearer <token>"

@@ -1,4 +1,4 @@
-// Package api is the daemon's HTTP reservation and operator API (DESIGN.md
+// Package api is the daemon's HTTP reservation and operator API (docs/design.md
 // §3.1): the server, its wire types and the Go client autoscalerctl uses.
 package api
 

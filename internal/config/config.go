@@ -1,4 +1,4 @@
-// Package config reads the daemon's single TOML config file (DESIGN.md §2,
+// Package config reads the daemon's single TOML config file (docs/design.md §2,
 // §3): daemon settings, reservation leases and the builder pools.
 //
 // Reading is strict: unknown keys, values of the wrong type and values out of

@@ -2,7 +2,7 @@
 // builder: its Tailscale IP (read from tailscaled's LocalAPI), or its EC2
 // private or public IP. It wraps a scaler.Provider so the reconciler sees
 // each running instance with its Address filled in as soon as it is known
-// (booting → binding, DESIGN.md §1).
+// (booting → binding, docs/design.md §1).
 package discovery
 
 import (
