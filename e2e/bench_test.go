@@ -80,7 +80,7 @@ check_interval = "%[6]s"`, dir, port(), port(), port(), hold, checkInterval), fm
 func startHAProxy(tb testing.TB, dir string, cfg *config.Config, edit func(string) string) *haproxytest.Instance {
 	tb.Helper()
 	spoePath := filepath.Join(dir, "nba-spoe.conf")
-	files, err := haproxy.Generate(cfg, haproxy.Options{SPOEPath: spoePath})
+	files, err := haproxy.Generate(cfg.HAProxySpec(), haproxy.Options{SPOEPath: spoePath})
 	if err != nil {
 		tb.Fatal(err)
 	}

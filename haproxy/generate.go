@@ -13,7 +13,6 @@ import (
 	"text/template"
 	"time"
 
-	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
@@ -120,6 +119,83 @@ func HoldTimeouts(hold time.Duration) Timeouts {
 	return t
 }
 
+// Spec is what Generate renders HAProxy's configuration from: the settings
+// HAProxy and the daemon must agree on, and every pool. The daemon fills it
+// from its config file; each field's comment names the config key it comes
+// from, and Problems name the fields by those keys.
+type Spec struct {
+	// Cluster (daemon.cluster) names the cluster in the files' comments and
+	// on the stats page.
+	Cluster string
+	// RuntimeSocket (haproxy.runtime_socket) is HAProxy's admin socket, an
+	// absolute path.
+	RuntimeSocket string
+	// StateFile (haproxy.state_file) is HAProxy's server-state file, an
+	// absolute path.
+	StateFile string
+	// Log (haproxy.log) is where HAProxy logs: "stdout", "stderr", a path
+	// like "/dev/log" or an address like "127.0.0.1:514".
+	Log string
+	// Placeholder (haproxy.placeholder) is the ip:port a server without a
+	// builder points at.
+	Placeholder string
+	// AgentListen (haproxy.agent_listen) is where the daemon's agent-check
+	// responder listens (host:port).
+	AgentListen string
+	// SPOAListen (haproxy.spoa_listen) is where the daemon's SPOE agent
+	// listens (host:port).
+	SPOAListen string
+	// StatsListen (haproxy.stats_listen) is where HAProxy serves its stats
+	// page (host:port); "" leaves the page out.
+	StatsListen string
+	// Hold (haproxy.hold) is how long the SPOE agent holds a connection
+	// while a builder starts; the SPOE bounds derive from it (HoldTimeouts).
+	Hold time.Duration
+	// CheckInterval (haproxy.check_interval) is the interval of the health
+	// and agent checks.
+	CheckInterval time.Duration
+	// Pools are the pools, in config order: pool i is named in problems as
+	// "pool[i]", with its name when it has one.
+	Pools []PoolSpec
+}
+
+// PoolSpec is one pool of a Spec.
+type PoolSpec struct {
+	// Name (name) names the pool's frontend, backend and SPOE engine.
+	Name string
+	// Frontend (frontend) is where HAProxy accepts the pool's SSH
+	// connections (host:port).
+	Frontend string
+	// MaxBuilders (max_builders) is the number of slots: one server each.
+	MaxBuilders int
+	// MaxJobs (max_jobs) is each server's maxconn.
+	MaxJobs int
+}
+
+// Problem is one thing wrong with Generate's input.
+type Problem struct {
+	// Key names the value, as a dotted TOML path of the daemon's config
+	// file: "haproxy.hold", "pool[1] (name \"arm\").max_builders" (pools are
+	// counted from 0; the name is shown when the pool has one), or "pool"
+	// for the list of pools as a whole.
+	Key string
+	// Message says what is wrong and how to fix it.
+	Message string
+}
+
+func (p Problem) String() string { return p.Key + ": " + p.Message }
+
+// Problems is every problem found, one per line in Error.
+type Problems []Problem
+
+func (ps Problems) Error() string {
+	lines := make([]string, len(ps))
+	for i, p := range ps {
+		lines[i] = p.String()
+	}
+	return strings.Join(lines, "\n")
+}
+
 // Options are the inputs of Generate that are not in the config file.
 type Options struct {
 	// SPOEPath is the absolute path HAProxy reads the SPOE file
@@ -144,10 +220,10 @@ var templates = template.Must(template.New("").Funcs(template.FuncMap{
 }).ParseFS(templateFS, "templates/*.tmpl"))
 
 // Generate renders HAProxy's configuration and SPOE file for every pool of
-// cfg (docs/design.md §3.4). Its error lists every problem found, as
-// config.Problems naming the config key.
-func Generate(cfg *config.Config, opts Options) (Files, error) {
-	data, err := newTemplateData(cfg, opts)
+// spec (docs/design.md §3.4). Its error lists every problem found, as
+// Problems naming the config key.
+func Generate(spec Spec, opts Options) (Files, error) {
+	data, err := newTemplateData(spec, opts)
 	if err != nil {
 		return Files{}, err
 	}
@@ -218,18 +294,17 @@ type poolData struct {
 
 var (
 	// safeName is what a pool name may be to appear in HAProxy's files
-	// unquoted (config.Validate allows a subset).
+	// unquoted (the daemon's config allows a subset).
 	safeName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]*$`)
 	// safeWord is what a path or log target may be to appear unquoted.
 	safeWord = regexp.MustCompile(`^[A-Za-z0-9_./:@+=,%\[\]-]+$`)
 )
 
-func newTemplateData(cfg *config.Config, opts Options) (*templateData, error) {
-	var ps config.Problems
+func newTemplateData(h Spec, opts Options) (*templateData, error) {
+	var ps Problems
 	add := func(key, format string, args ...any) {
-		ps = append(ps, config.Problem{Key: key, Message: fmt.Sprintf(format, args...)})
+		ps = append(ps, Problem{Key: key, Message: fmt.Sprintf(format, args...)})
 	}
-	h := cfg.HAProxy
 	phHost, phPortText, phErr := net.SplitHostPort(h.Placeholder)
 	phPort, perr := strconv.Atoi(phPortText)
 	if phErr != nil || perr != nil {
@@ -237,16 +312,16 @@ func newTemplateData(cfg *config.Config, opts Options) (*templateData, error) {
 	}
 	phIP := phHost
 	d := &templateData{
-		Cluster:          cfg.Daemon.Cluster,
+		Cluster:          h.Cluster,
 		RuntimeSocket:    h.RuntimeSocket,
 		StateFile:        h.StateFile,
 		SPOEPath:         opts.SPOEPath,
-		Timeouts:         HoldTimeouts(h.Hold.D()),
+		Timeouts:         HoldTimeouts(h.Hold),
 		ProcessingMargin: ProcessingMargin,
 		InspectMargin:    InspectMargin,
 		Session:          SessionTimeout,
 		SPOEIdle:         SPOEIdleTimeout,
-		CheckInterval:    h.CheckInterval.D(),
+		CheckInterval:    h.CheckInterval,
 		SPOABackend:      SPOABackend,
 		VarPrefix:        VarPrefix,
 		Message:          SPOEMessage,
@@ -283,9 +358,9 @@ func newTemplateData(cfg *config.Config, opts Options) (*templateData, error) {
 	}
 	switch {
 	case opts.SPOEPath == "":
-		ps = append(ps, config.Problem{Key: "SPOE file path", Message: "is required: the absolute path HAProxy reads the SPOE file from"})
+		ps = append(ps, Problem{Key: "SPOE file path", Message: "is required: the absolute path HAProxy reads the SPOE file from"})
 	case !filepath.IsAbs(opts.SPOEPath) || !safeWord.MatchString(opts.SPOEPath):
-		ps = append(ps, config.Problem{Key: "SPOE file path", Message: fmt.Sprintf("%q must be an absolute path without spaces, quotes, '#', '$' or '\\'", opts.SPOEPath)})
+		ps = append(ps, Problem{Key: "SPOE file path", Message: fmt.Sprintf("%q must be an absolute path without spaces, quotes, '#', '$' or '\\'", opts.SPOEPath)})
 	}
 
 	switch h.Log {
@@ -300,13 +375,13 @@ func newTemplateData(cfg *config.Config, opts Options) (*templateData, error) {
 		d.Log = h.Log + " local0 info"
 	}
 
-	if h.Hold.D() <= 0 {
+	if h.Hold <= 0 {
 		add("haproxy.hold", "must be more than zero: the SPOE agent holds a connection that long while a builder starts; like \"3m\"")
 	} else if t := d.Timeouts; !(t.Hold < t.Processing && t.Processing <= t.InspectDelay && t.InspectDelay < SessionTimeout) {
 		add("haproxy.hold", "%s is too long: hold < SPOE timeout processing (%s) <= tcp-request inspect-delay (%s) < timeout client (%s) must hold; lower it",
-			h.Hold, formatDuration(t.Processing), formatDuration(t.InspectDelay), formatDuration(SessionTimeout))
+			goDuration(h.Hold), formatDuration(t.Processing), formatDuration(t.InspectDelay), formatDuration(SessionTimeout))
 	}
-	if h.CheckInterval.D() <= 0 {
+	if h.CheckInterval <= 0 {
 		add("haproxy.check_interval", `must be more than zero; like "1s"`)
 	}
 
@@ -327,7 +402,7 @@ func newTemplateData(cfg *config.Config, opts Options) (*templateData, error) {
 		}
 	}
 
-	if len(cfg.Pools) == 0 {
+	if len(h.Pools) == 0 {
 		add("pool", "at least one [[pool]] is required")
 	}
 	type bound struct{ key, addr string }
@@ -335,7 +410,7 @@ func newTemplateData(cfg *config.Config, opts Options) (*templateData, error) {
 	if d.StatsBind != "" {
 		binds = append(binds, bound{"haproxy.stats_listen", d.StatsBind})
 	}
-	for i, p := range cfg.Pools {
+	for i, p := range h.Pools {
 		key := poolKey(i, p.Name)
 		if !safeName.MatchString(p.Name) {
 			add(key+".name", "%q cannot be an HAProxy proxy name; use letters, digits, '_' and '-'", p.Name)
@@ -394,7 +469,8 @@ func newTemplateData(cfg *config.Config, opts Options) (*templateData, error) {
 	return d, nil
 }
 
-// poolKey names the i'th pool as config.Problems do.
+// poolKey names the i'th pool as the daemon's config problems do:
+// pool[1] or, when the pool has a name, pool[1] (name "arm").
 func poolKey(i int, name string) string {
 	if name == "" {
 		return fmt.Sprintf("pool[%d]", i)
@@ -467,6 +543,19 @@ func formatDuration(d time.Duration) string {
 	}
 	ms := (d + time.Millisecond - 1) / time.Millisecond
 	return strconv.FormatInt(int64(ms), 10) + "ms"
+}
+
+// goDuration writes d as the config file does: a Go duration without
+// trailing zero units ("5m", not "5m0s").
+func goDuration(d time.Duration) string {
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = strings.TrimSuffix(s, "0s")
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = strings.TrimSuffix(s, "0m")
+	}
+	return s
 }
 
 // quoted is s in HAProxy's weak (double) quotes.

@@ -26,31 +26,64 @@ import (
 	"github.com/negasus/haproxy-spoe-go/request"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy/haproxytest"
-	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 )
 
 var updateGolden = flag.Bool("update", false, "rewrite testdata/golden/*.cfg and *.spoe.conf from the generator's output")
 
-// goldenCases are the config files under testdata/golden; each has a
-// <name>.cfg and <name>.spoe.conf rendered with goldenSPOEPath.
+// goldenCases are the golden inputs; each has a <name>.cfg and
+// <name>.spoe.conf under testdata/golden rendered with goldenSPOEPath.
 var goldenCases = []string{"one-pool", "two-pools"}
 
 const goldenSPOEPath = "/etc/haproxy/nba-spoe.conf"
 
-func loadGoldenConfig(t *testing.T, name string) *config.Config {
+// goldenSpec is the Spec the daemon makes of testdata/golden/<name>.toml, a
+// config file of the daemon's, with its defaults filled in. The daemon's
+// haproxy-config command renders the .toml files into the same golden files
+// (its tests check), so the two stay in step.
+func goldenSpec(t *testing.T, name string) *Spec {
 	t.Helper()
-	cfg, err := config.Load(filepath.Join("testdata", "golden", name+".toml"))
-	if err != nil {
-		t.Fatal(err)
+	switch name {
+	case "one-pool":
+		return &Spec{
+			Cluster:       "nix-builders",
+			RuntimeSocket: "/run/haproxy/admin.sock",
+			StateFile:     "/var/lib/haproxy/nix-builder-autoscaler.state",
+			Log:           "/dev/log",
+			Placeholder:   "192.0.2.1:22",
+			AgentListen:   "127.0.0.1:5555",
+			SPOAListen:    "127.0.0.1:12345",
+			StatsListen:   "127.0.0.1:8404",
+			Hold:          3 * time.Minute,
+			CheckInterval: time.Second,
+			Pools:         []PoolSpec{{Name: "x86", Frontend: "0.0.0.0:2222", MaxBuilders: 3, MaxJobs: 2}},
+		}
+	case "two-pools":
+		return &Spec{
+			Cluster:       "ci-builders",
+			RuntimeSocket: "/run/haproxy/nba.sock",
+			StateFile:     "/var/lib/haproxy/nba.state",
+			Log:           "stdout",
+			Placeholder:   "192.0.2.1:22",
+			AgentListen:   "0.0.0.0:5600",
+			SPOAListen:    "[::1]:12400",
+			StatsListen:   "127.0.0.1:8405",
+			Hold:          5 * time.Minute,
+			CheckInterval: 2 * time.Second,
+			Pools: []PoolSpec{
+				{Name: "x86", Frontend: "0.0.0.0:2222", MaxBuilders: 4, MaxJobs: 4},
+				{Name: "arm", Frontend: "[::]:2223", MaxBuilders: 2, MaxJobs: 1},
+			},
+		}
 	}
-	return cfg
+	t.Fatalf("no golden spec %q", name)
+	return nil
 }
 
 func TestGenerateGolden(t *testing.T) {
 	for _, name := range goldenCases {
 		t.Run(name, func(t *testing.T) {
-			files, err := Generate(loadGoldenConfig(t, name), Options{SPOEPath: goldenSPOEPath})
+			files, err := Generate(*goldenSpec(t, name), Options{SPOEPath: goldenSPOEPath})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -104,7 +137,7 @@ func lineDiff(want, got string) string {
 // TestGenerateContract checks the pieces other parts of the project rely
 // on, independent of the golden files.
 func TestGenerateContract(t *testing.T) {
-	files, err := Generate(loadGoldenConfig(t, "two-pools"), Options{SPOEPath: goldenSPOEPath})
+	files, err := Generate(*goldenSpec(t, "two-pools"), Options{SPOEPath: goldenSPOEPath})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -199,42 +232,42 @@ func TestFormatDuration(t *testing.T) {
 func TestGenerateRejects(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
-		edit   func(*config.Config, *Options)
+		edit   func(*Spec, *Options)
 		key    string
 		substr string
 	}{
-		{"no frontend", func(c *config.Config, _ *Options) { c.Pools[0].Frontend = "" }, `pool[0] (name "x86").frontend`, "is required"},
-		{"bad frontend", func(c *config.Config, _ *Options) { c.Pools[0].Frontend = "2222" }, `pool[0] (name "x86").frontend`, "not host:port"},
-		{"frontend port 0", func(c *config.Config, _ *Options) { c.Pools[0].Frontend = "0.0.0.0:0" }, `pool[0] (name "x86").frontend`, "1 to 65535"},
-		{"same frontend twice", func(c *config.Config, _ *Options) { c.Pools[1].Frontend = "127.0.0.1:2222" }, `pool[1] (name "arm").frontend`, "overlaps"},
-		{"frontend on the agent port", func(c *config.Config, _ *Options) { c.Pools[1].Frontend = "127.0.0.1:5600" }, `pool[1] (name "arm").frontend`, "haproxy.agent_listen"},
-		{"stats on the SPOA port", func(c *config.Config, _ *Options) { c.HAProxy.StatsListen = "[::1]:12400" }, "haproxy.stats_listen", "haproxy.spoa_listen"},
-		{"bad agent address", func(c *config.Config, _ *Options) { c.HAProxy.AgentListen = "localhost" }, "haproxy.agent_listen", "not host:port"},
-		{"bad SPOA address", func(c *config.Config, _ *Options) { c.HAProxy.SPOAListen = "127.0.0.1:x" }, "haproxy.spoa_listen", "not a number"},
-		{"bad stats address", func(c *config.Config, _ *Options) { c.HAProxy.StatsListen = ":::" }, "haproxy.stats_listen", "not host:port"},
-		{"zero hold", func(c *config.Config, _ *Options) { c.HAProxy.Hold = config.NewDuration(0) }, "haproxy.hold", "more than zero"},
-		{"hold beyond the session timeout", func(c *config.Config, _ *Options) { c.HAProxy.Hold = config.NewDuration(SessionTimeout) }, "haproxy.hold", "too long"},
-		{"zero check interval", func(c *config.Config, _ *Options) { c.HAProxy.CheckInterval = config.NewDuration(0) }, "haproxy.check_interval", "more than zero"},
-		{"no runtime socket", func(c *config.Config, _ *Options) { c.HAProxy.RuntimeSocket = "" }, "haproxy.runtime_socket", "is required"},
-		{"runtime socket with a space", func(c *config.Config, _ *Options) { c.HAProxy.RuntimeSocket = "/run/my haproxy.sock" }, "haproxy.runtime_socket", "without spaces"},
-		{"relative state file", func(c *config.Config, _ *Options) { c.HAProxy.StateFile = "nba.state" }, "haproxy.state_file", "absolute"},
-		{"no log", func(c *config.Config, _ *Options) { c.HAProxy.Log = "" }, "haproxy.log", "is required"},
-		{"log with a hash", func(c *config.Config, _ *Options) { c.HAProxy.Log = "/dev/log#x" }, "haproxy.log", "cannot be written"},
-		{"no slots", func(c *config.Config, _ *Options) { c.Pools[1].MaxBuilders = 0 }, `pool[1] (name "arm").max_builders`, "at least 1"},
-		{"no jobs", func(c *config.Config, _ *Options) { c.Pools[0].MaxJobs = 0 }, `pool[0] (name "x86").max_jobs`, "at least 1"},
-		{"pool name with a space", func(c *config.Config, _ *Options) { c.Pools[0].Name = "x 86" }, `pool[0] (name "x 86").name`, "proxy name"},
-		{"no pools", func(c *config.Config, _ *Options) { c.Pools = nil }, "pool", "at least one"},
-		{"no SPOE path", func(_ *config.Config, o *Options) { o.SPOEPath = "" }, "SPOE file path", "is required"},
-		{"relative SPOE path", func(_ *config.Config, o *Options) { o.SPOEPath = "nba-spoe.conf" }, "SPOE file path", "absolute"},
+		{"no frontend", func(c *Spec, _ *Options) { c.Pools[0].Frontend = "" }, `pool[0] (name "x86").frontend`, "is required"},
+		{"bad frontend", func(c *Spec, _ *Options) { c.Pools[0].Frontend = "2222" }, `pool[0] (name "x86").frontend`, "not host:port"},
+		{"frontend port 0", func(c *Spec, _ *Options) { c.Pools[0].Frontend = "0.0.0.0:0" }, `pool[0] (name "x86").frontend`, "1 to 65535"},
+		{"same frontend twice", func(c *Spec, _ *Options) { c.Pools[1].Frontend = "127.0.0.1:2222" }, `pool[1] (name "arm").frontend`, "overlaps"},
+		{"frontend on the agent port", func(c *Spec, _ *Options) { c.Pools[1].Frontend = "127.0.0.1:5600" }, `pool[1] (name "arm").frontend`, "haproxy.agent_listen"},
+		{"stats on the SPOA port", func(c *Spec, _ *Options) { c.StatsListen = "[::1]:12400" }, "haproxy.stats_listen", "haproxy.spoa_listen"},
+		{"bad agent address", func(c *Spec, _ *Options) { c.AgentListen = "localhost" }, "haproxy.agent_listen", "not host:port"},
+		{"bad SPOA address", func(c *Spec, _ *Options) { c.SPOAListen = "127.0.0.1:x" }, "haproxy.spoa_listen", "not a number"},
+		{"bad stats address", func(c *Spec, _ *Options) { c.StatsListen = ":::" }, "haproxy.stats_listen", "not host:port"},
+		{"zero hold", func(c *Spec, _ *Options) { c.Hold = 0 }, "haproxy.hold", "more than zero"},
+		{"hold beyond the session timeout", func(c *Spec, _ *Options) { c.Hold = SessionTimeout }, "haproxy.hold", "too long"},
+		{"zero check interval", func(c *Spec, _ *Options) { c.CheckInterval = 0 }, "haproxy.check_interval", "more than zero"},
+		{"no runtime socket", func(c *Spec, _ *Options) { c.RuntimeSocket = "" }, "haproxy.runtime_socket", "is required"},
+		{"runtime socket with a space", func(c *Spec, _ *Options) { c.RuntimeSocket = "/run/my haproxy.sock" }, "haproxy.runtime_socket", "without spaces"},
+		{"relative state file", func(c *Spec, _ *Options) { c.StateFile = "nba.state" }, "haproxy.state_file", "absolute"},
+		{"no log", func(c *Spec, _ *Options) { c.Log = "" }, "haproxy.log", "is required"},
+		{"log with a hash", func(c *Spec, _ *Options) { c.Log = "/dev/log#x" }, "haproxy.log", "cannot be written"},
+		{"no slots", func(c *Spec, _ *Options) { c.Pools[1].MaxBuilders = 0 }, `pool[1] (name "arm").max_builders`, "at least 1"},
+		{"no jobs", func(c *Spec, _ *Options) { c.Pools[0].MaxJobs = 0 }, `pool[0] (name "x86").max_jobs`, "at least 1"},
+		{"pool name with a space", func(c *Spec, _ *Options) { c.Pools[0].Name = "x 86" }, `pool[0] (name "x 86").name`, "proxy name"},
+		{"no pools", func(c *Spec, _ *Options) { c.Pools = nil }, "pool", "at least one"},
+		{"no SPOE path", func(_ *Spec, o *Options) { o.SPOEPath = "" }, "SPOE file path", "is required"},
+		{"relative SPOE path", func(_ *Spec, o *Options) { o.SPOEPath = "nba-spoe.conf" }, "SPOE file path", "absolute"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			cfg := loadGoldenConfig(t, "two-pools")
+			spec := goldenSpec(t, "two-pools")
 			opts := Options{SPOEPath: goldenSPOEPath}
-			tc.edit(cfg, &opts)
-			files, err := Generate(cfg, opts)
-			var ps config.Problems
+			tc.edit(spec, &opts)
+			files, err := Generate(*spec, opts)
+			var ps Problems
 			if !errors.As(err, &ps) {
-				t.Fatalf("Generate = %d bytes, %v; want config.Problems", len(files.HAProxyCfg), err)
+				t.Fatalf("Generate = %d bytes, %v; want Problems", len(files.HAProxyCfg), err)
 			}
 			for _, p := range ps {
 				if p.Key == tc.key && strings.Contains(p.Message, tc.substr) {
@@ -246,10 +279,22 @@ func TestGenerateRejects(t *testing.T) {
 	}
 }
 
+func TestGenerateProblemText(t *testing.T) {
+	spec := goldenSpec(t, "two-pools")
+	spec.Hold = 25 * time.Hour
+	spec.Pools[1].MaxJobs = 0
+	_, err := Generate(*spec, Options{SPOEPath: goldenSPOEPath})
+	want := "haproxy.hold: 25h is too long: hold < SPOE timeout processing (90010s) <= tcp-request inspect-delay (90020s) < timeout client (24h) must hold; lower it\n" +
+		`pool[1] (name "arm").max_jobs: must be at least 1: it is each server's maxconn`
+	if err == nil || err.Error() != want {
+		t.Errorf("Generate error:\n%v\nwant:\n%s", err, want)
+	}
+}
+
 func TestGenerateWithoutStatsPage(t *testing.T) {
-	cfg := loadGoldenConfig(t, "one-pool")
-	cfg.HAProxy.StatsListen = ""
-	files, err := Generate(cfg, Options{SPOEPath: goldenSPOEPath})
+	spec := goldenSpec(t, "one-pool")
+	spec.StatsListen = ""
+	files, err := Generate(*spec, Options{SPOEPath: goldenSPOEPath})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -258,16 +303,16 @@ func TestGenerateWithoutStatsPage(t *testing.T) {
 	}
 }
 
-// writeGenerated generates cfg into dir: the SPOE file where haproxy.cfg
+// writeGenerated generates spec into dir: the SPOE file where haproxy.cfg
 // says, and a server-state file with no servers in it (a missing or empty
 // one draws a warning).
-func writeGenerated(t *testing.T, dir string, cfg *config.Config) Files {
+func writeGenerated(t *testing.T, dir string, spec *Spec) Files {
 	t.Helper()
-	cfg.HAProxy.StateFile = filepath.Join(dir, "state")
-	if err := os.WriteFile(cfg.HAProxy.StateFile, []byte("1\n"), 0o600); err != nil {
+	spec.StateFile = filepath.Join(dir, "state")
+	if err := os.WriteFile(spec.StateFile, []byte("1\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	files, err := Generate(cfg, Options{SPOEPath: filepath.Join(dir, "nba-spoe.conf")})
+	files, err := Generate(*spec, Options{SPOEPath: filepath.Join(dir, "nba-spoe.conf")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -287,7 +332,7 @@ func TestGeneratedConfigsPassHAProxyCheck(t *testing.T) {
 	for _, name := range goldenCases {
 		t.Run(name, func(t *testing.T) {
 			dir := haproxytest.Dir(t)
-			writeGenerated(t, dir, loadGoldenConfig(t, name))
+			writeGenerated(t, dir, goldenSpec(t, name))
 			out, err := exec.Command(bin, "-c", "-dW", "-f", filepath.Join(dir, "haproxy.cfg")).CombinedOutput()
 			if err != nil {
 				cfg, _ := os.ReadFile(filepath.Join(dir, "haproxy.cfg"))
@@ -298,42 +343,39 @@ func TestGeneratedConfigsPassHAProxyCheck(t *testing.T) {
 	}
 }
 
-// liveConfig is a one-pool config (pool "x86", three slots) on free loopback
-// ports, its runtime socket in dir as haproxytest wants it.
-func liveConfig(t *testing.T, dir string, hold time.Duration) *config.Config {
+// liveSpec is one pool (pool "x86", three slots) on free loopback ports,
+// its runtime socket in dir as haproxytest wants it.
+func liveSpec(t *testing.T, dir string, hold time.Duration) *Spec {
 	t.Helper()
-	cfg := config.Default()
-	cfg.HAProxy.RuntimeSocket = filepath.Join(dir, "admin.sock")
-	cfg.HAProxy.Log = "stdout"
-	cfg.HAProxy.AgentListen = fmt.Sprintf("127.0.0.1:%d", haproxytest.FreePort(t))
-	cfg.HAProxy.SPOAListen = fmt.Sprintf("127.0.0.1:%d", haproxytest.FreePort(t))
-	cfg.HAProxy.StatsListen = fmt.Sprintf("127.0.0.1:%d", haproxytest.FreePort(t))
-	cfg.HAProxy.Hold = config.NewDuration(hold)
-	cfg.HAProxy.CheckInterval = config.NewDuration(200 * time.Millisecond)
-	p := config.DefaultPool()
-	p.Name = "x86"
-	p.Systems = []string{"x86_64-linux"}
-	p.MaxBuilders = 3
-	p.MaxJobs = 2
-	p.Provider = config.ProviderLocal
-	p.Frontend = fmt.Sprintf("127.0.0.1:%d", haproxytest.FreePort(t))
-	cfg.Pools = []config.Pool{p}
-	cfg.HAProxy.StateFile = filepath.Join(dir, "state")
-	if err := cfg.Validate(); err != nil {
-		t.Fatal(err)
+	return &Spec{
+		Cluster:       "nix-builders",
+		RuntimeSocket: filepath.Join(dir, "admin.sock"),
+		StateFile:     filepath.Join(dir, "state"),
+		Log:           "stdout",
+		Placeholder:   fmt.Sprintf("%s:%d", Placeholder, PlaceholderPort),
+		AgentListen:   fmt.Sprintf("127.0.0.1:%d", haproxytest.FreePort(t)),
+		SPOAListen:    fmt.Sprintf("127.0.0.1:%d", haproxytest.FreePort(t)),
+		StatsListen:   fmt.Sprintf("127.0.0.1:%d", haproxytest.FreePort(t)),
+		Hold:          hold,
+		CheckInterval: 200 * time.Millisecond,
+		Pools: []PoolSpec{{
+			Name:        "x86",
+			Frontend:    fmt.Sprintf("127.0.0.1:%d", haproxytest.FreePort(t)),
+			MaxBuilders: 3,
+			MaxJobs:     2,
+		}},
 	}
-	return &cfg
 }
 
-// startGenerated generates cfg into dir and runs HAProxy on it, with one
+// startGenerated generates spec into dir and runs HAProxy on it, with one
 // line added to its defaults: `timeout check`. Without it a health check
 // must finish within its inter (200ms for the builders here, 1s for the SPOE
 // agent), and on a busy machine the stand-ins (goroutines, not sshd) may not
 // answer that soon: servers would flap DOWN under the test. Connecting is
 // still bounded by inter.
-func startGenerated(t *testing.T, dir string, cfg *config.Config) *haproxytest.Instance {
+func startGenerated(t *testing.T, dir string, spec *Spec) *haproxytest.Instance {
 	t.Helper()
-	files := writeGenerated(t, dir, cfg)
+	files := writeGenerated(t, dir, spec)
 	text := string(files.HAProxyCfg)
 	if strings.Count(text, "\ndefaults\n") != 1 || strings.Contains(text, "timeout check") {
 		t.Fatalf("the generated config changed: startGenerated adds `timeout check` to its one defaults section:\n%s", text)
@@ -464,9 +506,9 @@ func startFakeBuilder(t *testing.T) int {
 
 func TestGeneratedConfigRuns(t *testing.T) {
 	dir := haproxytest.Dir(t)
-	cfg := liveConfig(t, dir, 3*time.Minute)
-	ag := startFakeAgent(t, cfg.HAProxy.AgentListen)
-	h := startGenerated(t, dir, cfg)
+	spec := liveSpec(t, dir, 3*time.Minute)
+	ag := startFakeAgent(t, spec.AgentListen)
+	h := startGenerated(t, dir, spec)
 
 	st := stats(t, h)
 	for _, key := range []string{"nba_x86/FRONTEND", "nba_x86/BACKEND", "nba_spoa/BACKEND", "nba_spoa/spoa1", "nba_stats/FRONTEND"} {
@@ -495,7 +537,7 @@ func TestGeneratedConfigRuns(t *testing.T) {
 		return ag.saw("x86/slot1\n") && ag.saw("x86/slot2\n") && ag.saw("x86/slot3\n")
 	})
 
-	resp, err := http.Get("http://" + cfg.HAProxy.StatsListen + "/")
+	resp, err := http.Get("http://" + spec.StatsListen + "/")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -504,7 +546,7 @@ func TestGeneratedConfigRuns(t *testing.T) {
 	if resp.StatusCode != http.StatusOK || !bytes.Contains(body, []byte("nba_x86")) {
 		t.Errorf("stats page: %s, %d bytes; want 200 listing nba_x86", resp.Status, len(body))
 	}
-	resp, err = http.Get("http://" + cfg.HAProxy.StatsListen + "/;csv")
+	resp, err = http.Get("http://" + spec.StatsListen + "/;csv")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -521,7 +563,7 @@ func TestGeneratedConfigRuns(t *testing.T) {
 		t.Fatalf("set server addr: %s", out)
 	}
 	state := h.Cmd("show servers state")
-	if err := os.WriteFile(cfg.HAProxy.StateFile, []byte(state), 0o600); err != nil {
+	if err := os.WriteFile(spec.StateFile, []byte(state), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	h.Restart()
@@ -668,14 +710,14 @@ type spoeLab struct {
 func startSPOELab(t *testing.T, hold time.Duration) *spoeLab {
 	t.Helper()
 	dir := haproxytest.Dir(t)
-	cfg := liveConfig(t, dir, hold)
+	spec := liveSpec(t, dir, hold)
 	l := &spoeLab{
-		ag:       startFakeAgent(t, cfg.HAProxy.AgentListen),
-		spoa:     startFakeSPOA(t, cfg.HAProxy.SPOAListen),
+		ag:       startFakeAgent(t, spec.AgentListen),
+		spoa:     startFakeSPOA(t, spec.SPOAListen),
 		builder:  startFakeBuilder(t),
-		frontend: cfg.Pools[0].Frontend,
+		frontend: spec.Pools[0].Frontend,
 	}
-	l.h = startGenerated(t, dir, cfg)
+	l.h = startGenerated(t, dir, spec)
 	waitStatus(t, l.h, "nba_spoa/spoa1", "UP")
 	return l
 }

@@ -184,7 +184,7 @@ type demoHAProxy struct {
 // in the foreground, logging to dir/haproxy.log.
 func startDemoHAProxy(bin string, cfg *config.Config, dir string) (*demoHAProxy, error) {
 	spoePath := filepath.Join(dir, "nba-spoe.conf")
-	files, err := haproxy.Generate(cfg, haproxy.Options{SPOEPath: spoePath})
+	files, err := haproxy.Generate(cfg.HAProxySpec(), haproxy.Options{SPOEPath: spoePath})
 	if err != nil {
 		return nil, err
 	}

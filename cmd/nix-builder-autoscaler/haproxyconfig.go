@@ -89,9 +89,9 @@ func haproxyConfigCmd(args []string, stdout, stderr io.Writer) int {
 			opts.SPOEPath = written
 		}
 	}
-	files, err := haproxy.Generate(cfg, opts)
+	files, err := haproxy.Generate(cfg.HAProxySpec(), opts)
 	if err != nil {
-		var ps config.Problems
+		var ps haproxy.Problems
 		if errors.As(err, &ps) {
 			fmt.Fprintf(stderr, "%s: cannot generate HAProxy's configuration, %d problem(s):\n", *path, len(ps))
 			for _, p := range ps {

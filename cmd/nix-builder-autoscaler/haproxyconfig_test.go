@@ -19,7 +19,7 @@ func generated(t *testing.T, spoePath string) haproxy.Files {
 	if err != nil {
 		t.Fatal(err)
 	}
-	files, err := haproxy.Generate(cfg, haproxy.Options{SPOEPath: spoePath})
+	files, err := haproxy.Generate(cfg.HAProxySpec(), haproxy.Options{SPOEPath: spoePath})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -47,6 +47,36 @@ func TestHAProxyConfigOut(t *testing.T) {
 	}
 	if leftovers, _ := filepath.Glob(filepath.Join(dir, ".*")); len(leftovers) > 0 {
 		t.Errorf("temporary files left behind: %v", leftovers)
+	}
+}
+
+// TestHAProxyConfigGolden renders the config files under haproxy's
+// testdata/golden into the golden files there: the daemon's config, turned
+// into a haproxy.Spec, makes the files haproxy's own golden tests expect.
+func TestHAProxyConfigGolden(t *testing.T) {
+	const golden = "../../haproxy/testdata/golden"
+	for _, name := range []string{"one-pool", "two-pools"} {
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			var stdout, stderr bytes.Buffer
+			args := []string{"--config", filepath.Join(golden, name+".toml"), "--out", dir, "--spoe-path", "/etc/haproxy/nba-spoe.conf"}
+			if code := haproxyConfigCmd(args, &stdout, &stderr); code != 0 {
+				t.Fatalf("exit %d; stderr:\n%s", code, stderr.String())
+			}
+			for out, want := range map[string]string{"haproxy.cfg": name + ".cfg", "nba-spoe.conf": name + ".spoe.conf"} {
+				got, err := os.ReadFile(filepath.Join(dir, out))
+				if err != nil {
+					t.Fatal(err)
+				}
+				wantData, err := os.ReadFile(filepath.Join(golden, want))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if !bytes.Equal(got, wantData) {
+					t.Errorf("%s differs from %s", out, filepath.Join(golden, want))
+				}
+			}
+		})
 	}
 }
 

@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/BurntSushi/toml"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy"
 )
 
 // ProviderLocal is the provider that runs stand-in builders (or operator
@@ -186,6 +188,34 @@ type HAProxy struct {
 
 // Enabled reports whether the daemon works with HAProxy.
 func (h HAProxy) Enabled() bool { return h.RuntimeSocket != "" }
+
+// HAProxySpec is what haproxy.Generate renders HAProxy's configuration from:
+// the [haproxy] settings, daemon.cluster and every pool's frontend and
+// size.
+func (c *Config) HAProxySpec() haproxy.Spec {
+	h := c.HAProxy
+	s := haproxy.Spec{
+		Cluster:       c.Daemon.Cluster,
+		RuntimeSocket: h.RuntimeSocket,
+		StateFile:     h.StateFile,
+		Log:           h.Log,
+		Placeholder:   h.Placeholder,
+		AgentListen:   h.AgentListen,
+		SPOAListen:    h.SPOAListen,
+		StatsListen:   h.StatsListen,
+		Hold:          h.Hold.D(),
+		CheckInterval: h.CheckInterval.D(),
+	}
+	for _, p := range c.Pools {
+		s.Pools = append(s.Pools, haproxy.PoolSpec{
+			Name:        p.Name,
+			Frontend:    p.Frontend,
+			MaxBuilders: p.MaxBuilders,
+			MaxJobs:     p.MaxJobs,
+		})
+	}
+	return s
+}
 
 // Local is a pool's [pool.local] table, used with provider = "local".
 type Local struct {

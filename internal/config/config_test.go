@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/BurntSushi/toml"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy"
 )
 
 var update = flag.Bool("update", false, "rewrite testdata/bad/*.toml.want from the current output")
@@ -694,5 +696,61 @@ func TestDocs(t *testing.T) {
 				t.Errorf("docs/configuration.md has no section for %s key %q", typ.Name(), key)
 			}
 		}
+	}
+}
+
+func TestHAProxySpec(t *testing.T) {
+	cfg, err := Parse([]byte(`
+[daemon]
+cluster = "ci"
+
+[haproxy]
+runtime_socket = "/run/haproxy/nba.sock"
+agent_listen = "0.0.0.0:5600"
+spoa_listen = "[::1]:12400"
+hold = "5m"
+check_interval = "2s"
+stats_listen = ""
+state_file = "/var/lib/haproxy/nba.state"
+log = "stdout"
+placeholder = "192.0.2.7:2022"
+
+[[pool]]
+name = "x86"
+systems = ["x86_64-linux"]
+features = ["kvm"]
+max_builders = 4
+max_jobs = 3
+frontend = "0.0.0.0:2222"
+provider = "local"
+
+[[pool]]
+name = "arm"
+systems = ["aarch64-linux"]
+max_builders = 2
+frontend = "[::]:2223"
+provider = "local"
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := haproxy.Spec{
+		Cluster:       "ci",
+		RuntimeSocket: "/run/haproxy/nba.sock",
+		StateFile:     "/var/lib/haproxy/nba.state",
+		Log:           "stdout",
+		Placeholder:   "192.0.2.7:2022",
+		AgentListen:   "0.0.0.0:5600",
+		SPOAListen:    "[::1]:12400",
+		StatsListen:   "",
+		Hold:          5 * time.Minute,
+		CheckInterval: 2 * time.Second,
+		Pools: []haproxy.PoolSpec{
+			{Name: "x86", Frontend: "0.0.0.0:2222", MaxBuilders: 4, MaxJobs: 3},
+			{Name: "arm", Frontend: "[::]:2223", MaxBuilders: 2, MaxJobs: 1},
+		},
+	}
+	if got := cfg.HAProxySpec(); !reflect.DeepEqual(got, want) {
+		t.Errorf("HAProxySpec() =\n%+v\nwant\n%+v", got, want)
 	}
 }

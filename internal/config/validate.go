@@ -14,32 +14,21 @@ import (
 	"strings"
 	"text/template"
 	"time"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy"
 )
 
-// Problem is one thing wrong with a config file.
-type Problem struct {
-	// Key names the value, as a dotted TOML path: "daemon.listen",
-	// "pool[1] (name \"arm\").max_builders" (pools are counted from 0; the
-	// name is shown when the pool has one), "pool[0].systems[2]" for a list
-	// element, or "pool" for the list of pools as a whole.
-	Key string
-	// Message says what is wrong and how to fix it.
-	Message string
-}
-
-func (p Problem) String() string { return p.Key + ": " + p.Message }
+// Problem is one thing wrong with a config file. Its Key names the value as
+// a dotted TOML path: "daemon.listen", "pool[1] (name \"arm\").max_builders"
+// (pools are counted from 0; the name is shown when the pool has one),
+// "pool[0].systems[2]" for a list element, or "pool" for the list of pools as
+// a whole. It is haproxy.Problem, so that the problems haproxy.Generate finds
+// in a config read here are the same type and print the same way.
+type Problem = haproxy.Problem
 
 // Problems is every problem found in a config file, grouped by section:
 // unknown top-level keys, then [daemon], [reservations] and each [[pool]].
-type Problems []Problem
-
-func (ps Problems) Error() string {
-	lines := make([]string, len(ps))
-	for i, p := range ps {
-		lines[i] = p.String()
-	}
-	return strings.Join(lines, "\n")
-}
+type Problems = haproxy.Problems
 
 var (
 	clusterRE  = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
