@@ -134,7 +134,7 @@ func New(slots Slots, maxJobs map[string]int, log *slog.Logger, reg prometheus.R
 		lookupTimeout: LookupTimeout,
 		writeTimeout:  WriteTimeout,
 		checks: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: "nix_builder_autoscaler",
+			Namespace: scaler.MetricsNamespace,
 			Name:      "agent_checks_total",
 			Help:      "HAProxy agent checks answered, by result (ok, unknown, bad_identity, error).",
 		}, []string{"result"}),

@@ -325,7 +325,7 @@ func (r *Readiness) SPOAUp() (up, known bool) {
 	return r.spoaUp, r.spoaKnown
 }
 
-const readinessNamespace = "nix_builder_autoscaler"
+const readinessNamespace = scaler.MetricsNamespace
 
 var (
 	rdHAProxyUpDesc = prometheus.NewDesc(prometheus.BuildFQName(readinessNamespace, "", "haproxy_up"),

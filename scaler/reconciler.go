@@ -10,8 +10,6 @@ import (
 	"strings"
 	"sync"
 	"time"
-
-	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Store is the persistent state the reconciler reads and changes.
@@ -38,7 +36,7 @@ type Options struct {
 	// interval.
 	FastInterval time.Duration
 	Logger       *slog.Logger
-	Metrics      *Metrics // nil = unregistered metrics
+	Recorder     Recorder // nil = NopRecorder
 	// OnChange is called after a round that changed state (long polls wake).
 	OnChange func()
 	// OnObserved gets every round's observation (the SPOE agent's view of
@@ -84,8 +82,8 @@ func New(o Options) *Reconciler {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
-	if o.Metrics == nil {
-		o.Metrics = NewMetrics(nil)
+	if o.Recorder == nil {
+		o.Recorder = NopRecorder{}
 	}
 	if o.Interval <= 0 {
 		o.Interval = 10 * time.Second
@@ -182,15 +180,15 @@ func (r *Reconciler) Run(ctx context.Context) error {
 }
 
 func (r *Reconciler) round(ctx context.Context) error {
-	start := time.Now()
+	start := r.o.Clock.Now()
 	changed, err := r.ReconcileOnce(ctx)
-	d := time.Since(start)
-	r.o.Metrics.reconcileSeconds.Observe(d.Seconds())
+	d := r.o.Clock.Now().Sub(start)
+	if err != nil && ctx.Err() != nil {
+		r.o.Recorder.Round(d, false)
+		return err
+	}
+	r.o.Recorder.Round(d, err != nil)
 	if err != nil {
-		if ctx.Err() != nil {
-			return err
-		}
-		r.o.Metrics.reconcileErrors.Inc()
 		r.o.Logger.Error("reconcile failed", "err", err)
 	}
 	r.mu.Lock()
@@ -226,7 +224,7 @@ func (r *Reconciler) ReconcileOnce(ctx context.Context) (changed bool, err error
 		// next check brings it up) is still settling too.
 		r.settling = r.settling || s.State != Empty && s.State != Ready || s.State == Ready && obs.ServersKnown && !srv.Up
 	}
-	r.o.Metrics.observe(r.o.Policy, obs)
+	r.o.Recorder.Observed(r.o.Policy, obs)
 	if r.o.OnObserved != nil {
 		r.o.OnObserved(obs)
 	}
@@ -267,7 +265,7 @@ func (r *Reconciler) observe(ctx context.Context) (Observed, map[string]Provider
 		cancel()
 		if err != nil {
 			r.o.Logger.Error("provider list failed; no instance is judged gone this round", "pool", pp.Name, "err", err)
-			r.o.Metrics.providerErrors.WithLabelValues("list").Inc()
+			r.o.Recorder.CallFailed("list")
 			continue
 		}
 		for pool, q := range r.o.Providers {
@@ -286,9 +284,9 @@ func (r *Reconciler) observe(ctx context.Context) (Observed, map[string]Provider
 		cancel()
 		if err != nil {
 			r.o.Logger.Error("load balancer unreachable: no builder is drained or terminated until it answers", "err", err)
-			r.o.Metrics.readinessUp.Set(0)
+			r.o.Recorder.LoadBalancer(false)
 		} else {
-			r.o.Metrics.readinessUp.Set(1)
+			r.o.Recorder.LoadBalancer(true)
 			obs.Servers, obs.ServersKnown = servers, true
 		}
 	}
@@ -377,7 +375,7 @@ func (a *applier) log() *slog.Logger { return a.r.o.Logger }
 
 func (a *applier) apply(ctx context.Context, act Action) error {
 	key := SlotKey{act.Pool, act.Slot}
-	m := a.r.o.Metrics
+	m := a.r.o.Recorder
 	switch act.Kind {
 	case ActLaunch:
 		return a.launch(ctx, act)
@@ -433,7 +431,7 @@ func (a *applier) apply(ctx context.Context, act Action) error {
 			// Not fatal for the round: retried next round, and the slot's
 			// bind timeout replaces a builder that can never be bound.
 			a.log().Error("bind failed", "slot", key, "instance", act.Instance, "addr", act.Addr, "err", err)
-			m.providerErrors.WithLabelValues("bind").Inc()
+			m.CallFailed("bind")
 			return nil
 		}
 		_, err = a.updateSlot(ctx, key, func(s *Slot) bool {
@@ -482,7 +480,7 @@ func (a *applier) apply(ctx context.Context, act Action) error {
 		if err != nil || !ok {
 			return err
 		}
-		m.waitSeconds.WithLabelValues(act.Pool).Observe(wait.Seconds())
+		m.Assigned(act.Pool, wait)
 		a.log().Info("reservation assigned", "reservation", act.Reservation, "slot", key, "instance", act.Instance, "wait", wait)
 		_, err = a.updateSlot(ctx, key, func(s *Slot) bool {
 			s.LastActive = a.now
@@ -512,7 +510,7 @@ func (a *applier) apply(ctx context.Context, act Action) error {
 			return true
 		}, a.event(kind, act))
 		if ok && act.Kind == ActExpire {
-			m.leaseExpiries.WithLabelValues(act.Pool).Inc()
+			m.LeaseExpired(act.Pool)
 		}
 		if ok {
 			a.log().Warn("reservation "+string(state), "reservation", act.Reservation, "pool", act.Pool, "slot", act.Slot, "reason", act.Reason)
@@ -561,7 +559,7 @@ func (a *applier) launch(ctx context.Context, act Action) error {
 	cancel()
 	if lerr != nil {
 		a.r.launchFailed(act.Pool, a.now, lerr)
-		a.r.o.Metrics.launches.WithLabelValues(act.Pool, "error").Inc()
+		a.r.o.Recorder.Launched(act.Pool, lerr)
 		a.log().Error("launch failed", "slot", key, "err", lerr)
 		ev := a.event(EvFailed, act)
 		ev.Reason = "launch failed: " + lerr.Error()
@@ -575,7 +573,7 @@ func (a *applier) launch(ctx context.Context, act Action) error {
 		return err
 	}
 	a.r.launchSucceeded(act.Pool)
-	a.r.o.Metrics.launches.WithLabelValues(act.Pool, "ok").Inc()
+	a.r.o.Recorder.Launched(act.Pool, nil)
 	act.Instance = in.ID
 	_, err = a.updateSlot(ctx, key, func(s *Slot) bool {
 		if s.LaunchID != launchID {
@@ -603,7 +601,7 @@ func (a *applier) quiet(ctx context.Context, key SlotKey, act Action) bool {
 	case err != nil:
 		a.log().Warn("not terminating a drained builder yet: cannot close it to new connections first (retried next round)",
 			"slot", key, "instance", act.Instance, "err", err)
-		a.r.o.Metrics.providerErrors.WithLabelValues("quiesce").Inc()
+		a.r.o.Recorder.CallFailed("quiesce")
 		return false
 	case n > 0:
 		a.log().Info("a session reached the drained builder after it was seen idle; terminating it once the session ends",
@@ -656,12 +654,12 @@ func (a *applier) terminate(ctx context.Context, act Action) error {
 	cancel()
 	if err != nil {
 		// The slot stays terminating; Plan asks again next round.
-		a.r.o.Metrics.providerErrors.WithLabelValues("terminate").Inc()
+		a.r.o.Recorder.CallFailed("terminate")
 		a.log().Error("terminate failed; will retry", "slot", key, "instance", act.Instance, "err", err)
 		return nil
 	}
 	if !retry {
-		a.r.o.Metrics.terminations.WithLabelValues(act.Pool, ReasonClass(act.Reason)).Inc()
+		a.r.o.Recorder.Terminated(act.Pool, ReasonClass(act.Reason))
 	}
 	a.log().Info("builder terminated", "slot", key, "instance", act.Instance, "reason", act.Reason)
 	return nil
@@ -708,95 +706,4 @@ func ReasonClass(reason string) string {
 		}
 	}
 	return "other"
-}
-
-// RegisterShared registers c on reg, or returns the collector already
-// registered under the same name: several providers (one per region) may
-// share one registry and so one set of counters. A conflicting
-// registration still panics, as MustRegister would.
-func RegisterShared[T prometheus.Collector](reg prometheus.Registerer, c T) T {
-	if reg == nil {
-		return c
-	}
-	if err := reg.Register(c); err != nil {
-		var are prometheus.AlreadyRegisteredError
-		if errors.As(err, &are) {
-			if existing, ok := are.ExistingCollector.(T); ok {
-				return existing
-			}
-		}
-		panic(err)
-	}
-	return c
-}
-
-// Metrics are the reconciler's Prometheus metrics.
-type Metrics struct {
-	slots            *prometheus.GaugeVec
-	reservations     *prometheus.GaugeVec
-	waitSeconds      *prometheus.HistogramVec
-	launches         *prometheus.CounterVec
-	terminations     *prometheus.CounterVec
-	reconcileSeconds prometheus.Histogram
-	reconcileErrors  prometheus.Counter
-	leaseExpiries    *prometheus.CounterVec
-	providerErrors   *prometheus.CounterVec
-	readinessUp      prometheus.Gauge
-}
-
-// NewMetrics creates the reconciler's metrics and registers them on reg
-// (nil: not registered).
-func NewMetrics(reg prometheus.Registerer) *Metrics {
-	const ns = "nix_builder_autoscaler"
-	m := &Metrics{
-		slots: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "slots",
-			Help: "Slots by pool and state."}, []string{"pool", "state"}),
-		reservations: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "reservations",
-			Help: "Live reservations by pool and state (pending, ready)."}, []string{"pool", "state"}),
-		waitSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: ns, Name: "reservation_wait_seconds",
-			Help:    "Time from reservation creation to slot assignment.",
-			Buckets: []float64{0.05, 0.25, 1, 5, 15, 30, 60, 120, 300, 600, 1800}}, []string{"pool"}),
-		launches: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "launches_total",
-			Help: "Builder launches by pool and result."}, []string{"pool", "result"}),
-		terminations: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "terminations_total",
-			Help: "Builder terminations by pool and reason."}, []string{"pool", "reason"}),
-		reconcileSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Name: "reconcile_duration_seconds",
-			Help: "Duration of reconcile rounds.", Buckets: prometheus.ExponentialBuckets(0.001, 4, 8)}),
-		reconcileErrors: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "reconcile_errors_total",
-			Help: "Reconcile rounds that failed."}),
-		leaseExpiries: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "lease_expiries_total",
-			Help: "Reservations whose lease expired without release."}, []string{"pool"}),
-		providerErrors: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "provider_errors_total",
-			Help: "Failed provider and load balancer calls by operation."}, []string{"op"}),
-		readinessUp: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "load_balancer_up",
-			Help: "1 if the load balancer answered the last reconcile round."}),
-	}
-	if reg != nil {
-		reg.MustRegister(m.slots, m.reservations, m.waitSeconds, m.launches, m.terminations,
-			m.reconcileSeconds, m.reconcileErrors, m.leaseExpiries, m.providerErrors, m.readinessUp)
-	}
-	return m
-}
-
-func (m *Metrics) observe(pol Policy, obs Observed) {
-	for _, pp := range pol.Pools {
-		for _, st := range SlotStates {
-			n := 0
-			for _, s := range obs.Slots {
-				if s.Pool == pp.Name && s.State == st {
-					n++
-				}
-			}
-			m.slots.WithLabelValues(pp.Name, string(st)).Set(float64(n))
-		}
-		for _, st := range []ReservationState{Pending, Assigned} {
-			n := 0
-			for _, r := range obs.Reservations {
-				if r.Pool == pp.Name && r.State == st {
-					n++
-				}
-			}
-			m.reservations.WithLabelValues(pp.Name, string(st)).Set(float64(n))
-		}
-	}
 }

@@ -396,7 +396,7 @@ type metrics struct {
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
-	const ns = "nix_builder_autoscaler"
+	const ns = scaler.MetricsNamespace
 	m := &metrics{
 		connections: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "spoa_connections_total",
 			Help: "Builder connections HAProxy asked the SPOE agent about."}, []string{"pool"}),

@@ -26,8 +26,10 @@ import (
 	"guardianproject.dev/ops/nix-builder-autoscaler/agentcheck"
 	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/apiserver"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/discovery"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/metrics"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/store"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 	ec2prov "guardianproject.dev/ops/nix-builder-autoscaler/scaler/ec2"
@@ -64,7 +66,7 @@ type Daemon struct {
 	log   *slog.Logger
 	db    *store.DB
 	rec   *scaler.Reconciler
-	api   *api.Server
+	api   *apiserver.Server
 	reg   *prometheus.Registry
 	ready chan struct{}
 	token string
@@ -129,10 +131,10 @@ func New(ctx context.Context, cfg *config.Config, o Options) (*Daemon, error) {
 	readiness := o.Readiness
 	sopts := scaler.Options{
 		Store: db, Providers: providers, Policy: Policy(cfg), Clock: o.Clock,
-		Interval: cfg.Daemon.ReconcileInterval.D(), Logger: o.Logger, Metrics: scaler.NewMetrics(o.Registry),
+		Interval: cfg.Daemon.ReconcileInterval.D(), Logger: o.Logger, Recorder: metrics.NewReconciler(o.Registry),
 		OnChange: func() { d.api.Notify() },
 	}
-	aopts := api.Options{Store: db, Pools: cfg.Pools, Reservations: cfg.Reservations, Clock: o.Clock, Logger: o.Logger}
+	aopts := apiserver.Options{Store: db, Pools: cfg.Pools, Reservations: cfg.Reservations, Clock: o.Clock, Logger: o.Logger}
 	if cfg.HAProxy.Enabled() {
 		var names []string
 		maxJobs := map[string]int{}
@@ -159,7 +161,7 @@ func New(ctx context.Context, cfg *config.Config, o Options) (*Daemon, error) {
 	sopts.Readiness = readiness
 	d.rec = scaler.New(sopts)
 	aopts.Scaler = d.rec
-	d.api = api.NewServer(aopts)
+	d.api = apiserver.New(aopts)
 	return d, nil
 }
 
@@ -373,7 +375,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 			return fmt.Errorf("listen on daemon.listen %s: %w", d.cfg.Daemon.Listen, err)
 		}
 		lns = append(lns, tl)
-		servers = append(servers, newHTTPServer(api.RequireToken(d.token, d.api.Handler())))
+		servers = append(servers, newHTTPServer(apiserver.RequireToken(d.token, d.api.Handler())))
 	}
 	if d.cfg.Daemon.MetricsListen != "" {
 		ml, err := net.Listen("tcp", d.cfg.Daemon.MetricsListen)

@@ -444,7 +444,7 @@ func (l *tsLogBuffer) has(level string, subs ...string) bool {
 // discovery.Wrap, with the daemon's one registry; Wrap used to register its
 // collectors with MustRegister, so the second region panicked with
 // "duplicate metrics collector registration attempted". It now shares them
-// (scaler.RegisterShared).
+// (internal/metrics.RegisterShared).
 func TestTailscaleEC2PoolsInTwoRegions(t *testing.T) {
 	ts := discoverytest.Start(t)
 	pool := fmt.Sprintf(`max_builders = 1

@@ -15,6 +15,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	promshare "guardianproject.dev/ops/nix-builder-autoscaler/internal/metrics"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
@@ -140,12 +141,12 @@ func Wrap(inner scaler.Provider, o Options) *Provider {
 	if p.hostname == nil {
 		p.hostname = template.Must(template.New("hostname").Parse(DefaultHostname))
 	}
-	const ns = "nix_builder_autoscaler"
+	const ns = scaler.MetricsNamespace
 	// One decorator per EC2 region may share the registry.
-	p.lookups = scaler.RegisterShared(o.Registerer, prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "discovery_lookups_total",
+	p.lookups = promshare.RegisterShared(o.Registerer, prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "discovery_lookups_total",
 		Help: "Address lookups of running builders, by source and result (found, offline, absent, ambiguous, error)."},
 		[]string{"source", "result"}))
-	p.deletions = scaler.RegisterShared(o.Registerer, prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "discovery_device_deletions_total",
+	p.deletions = promshare.RegisterShared(o.Registerer, prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "discovery_device_deletions_total",
 		Help: "Tailnet devices of terminated builders deleted through Tailscale's API, by result (ok, error)."},
 		[]string{"result"}))
 

@@ -3,6 +3,7 @@ package ec2
 import (
 	"github.com/prometheus/client_golang/prometheus"
 
+	promshare "guardianproject.dev/ops/nix-builder-autoscaler/internal/metrics"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
@@ -32,9 +33,9 @@ const (
 )
 
 func newMetrics(reg prometheus.Registerer) *metrics {
-	const ns = "nix_builder_autoscaler"
+	const ns = scaler.MetricsNamespace
 	counter := func(name, help string, labels ...string) *prometheus.CounterVec {
-		return scaler.RegisterShared(reg, prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: name, Help: help}, labels))
+		return promshare.RegisterShared(reg, prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: name, Help: help}, labels))
 	}
 	return &metrics{
 		attempts: counter("ec2_launch_attempts_total",

@@ -1,4 +1,4 @@
-package api
+package apiserver
 
 import (
 	"context"
@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/store"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
@@ -160,7 +161,7 @@ func newTestServer(t *testing.T, opts ...func(*Options)) *testServer {
 	for _, opt := range opts {
 		opt(&o)
 	}
-	ts.srv = NewServer(o)
+	ts.srv = New(o)
 	hs := httptest.NewServer(ts.srv.Handler())
 	t.Cleanup(hs.Close)
 	ts.url = hs.URL
@@ -254,12 +255,12 @@ func decodeStrict[T any](t *testing.T, a answer) T {
 }
 
 // wantReservation checks status and decodes a reservation answer.
-func wantReservation(t *testing.T, a answer, status int) Reservation {
+func wantReservation(t *testing.T, a answer, status int) api.Reservation {
 	t.Helper()
 	if a.status != status {
 		t.Fatalf("status = %d, want %d; body %s", a.status, status, a.body)
 	}
-	return decodeStrict[Reservation](t, a)
+	return decodeStrict[api.Reservation](t, a)
 }
 
 // wantError checks that a is an error answer: the status, and a JSON body
@@ -332,7 +333,7 @@ func TestCreateIsIdempotentOnClientID(t *testing.T) {
 	const body = `{"id": "build-1", "system": "x86_64-linux", "features": ["kvm", "big-parallel"], "owner": "proj/nix-build#42", "lease": "15m"}`
 
 	first := wantReservation(t, ts.do("POST", "/v1/reservations", body), http.StatusCreated)
-	want := Reservation{ID: "build-1", Pool: "x86", System: "x86_64-linux", Features: []string{"big-parallel", "kvm"},
+	want := api.Reservation{ID: "build-1", Pool: "x86", System: "x86_64-linux", Features: []string{"big-parallel", "kvm"},
 		Owner: "proj/nix-build#42", State: "pending", Lease: "15m0s", CreatedAt: serverT0, ExpiresAt: serverT0.Add(15 * time.Minute)}
 	if !reflect.DeepEqual(first, want) {
 		t.Errorf("first create = %+v\nwant %+v", first, want)
@@ -367,7 +368,7 @@ func TestCreateIsIdempotentOnClientID(t *testing.T) {
 	}
 	for _, tt := range conflicts {
 		t.Run(tt.name, func(t *testing.T) {
-			wantError(t, ts.do("POST", "/v1/reservations", tt.body), http.StatusConflict, CodeConflict, "build-1")
+			wantError(t, ts.do("POST", "/v1/reservations", tt.body), http.StatusConflict, api.CodeConflict, "build-1")
 		})
 	}
 
@@ -413,38 +414,38 @@ func TestCreateValidation(t *testing.T) {
 		code   string
 		msg    string // the message must contain this (the field it is about)
 	}{
-		{"malformed JSON", `{"system": "x86_64-linux"`, 400, CodeBadRequest, "invalid JSON body"},
-		{"not an object", `"x86_64-linux"`, 400, CodeBadRequest, "invalid JSON body"},
-		{"unknown field", `{"system": "x86_64-linux", "colour": "blue"}`, 400, CodeBadRequest, `"colour"`},
-		{"wrong type", `{"system": "x86_64-linux", "features": "kvm"}`, 400, CodeBadRequest, "features"},
-		{"trailing object", `{"system": "x86_64-linux"} {"system": "x86_64-linux"}`, 400, CodeBadRequest, "trailing data"},
-		{"trailing garbage", `{"system": "x86_64-linux"} x`, 400, CodeBadRequest, "trailing data"},
+		{"malformed JSON", `{"system": "x86_64-linux"`, 400, api.CodeBadRequest, "invalid JSON body"},
+		{"not an object", `"x86_64-linux"`, 400, api.CodeBadRequest, "invalid JSON body"},
+		{"unknown field", `{"system": "x86_64-linux", "colour": "blue"}`, 400, api.CodeBadRequest, `"colour"`},
+		{"wrong type", `{"system": "x86_64-linux", "features": "kvm"}`, 400, api.CodeBadRequest, "features"},
+		{"trailing object", `{"system": "x86_64-linux"} {"system": "x86_64-linux"}`, 400, api.CodeBadRequest, "trailing data"},
+		{"trailing garbage", `{"system": "x86_64-linux"} x`, 400, api.CodeBadRequest, "trailing data"},
 		// json.Decoder.More reports false before a '}' or ']', so the
 		// server must not rely on it alone to find trailing data.
-		{"trailing close bracket", `{"system": "x86_64-linux"}]`, 400, CodeBadRequest, "trailing data"},
-		{"trailing close brace", `{"system": "x86_64-linux"}}`, 400, CodeBadRequest, "trailing data"},
-		{"empty body", ``, 400, CodeBadRequest, "empty body"},
-		{"whitespace body", " \n", 400, CodeBadRequest, "empty body"},
-		{"missing system", `{"owner": "me"}`, 400, CodeBadRequest, "system"},
-		{"bad system", `{"system": "x86 64 linux"}`, 400, CodeBadRequest, "system"},
-		{"upper-case system", `{"system": "X86_64-Linux"}`, 400, CodeBadRequest, "system"},
-		{"bad feature", `{"system": "x86_64-linux", "features": ["kvm", "Big Parallel"]}`, 400, CodeBadRequest, "features"},
-		{"empty feature", `{"system": "x86_64-linux", "features": [""]}`, 400, CodeBadRequest, "features"},
-		{"bad id", `{"id": "-starts-with-dash", "system": "x86_64-linux"}`, 400, CodeBadRequest, "id"},
-		{"id with space", `{"id": "a b", "system": "x86_64-linux"}`, 400, CodeBadRequest, "id"},
-		{"owner too long", `{"system": "x86_64-linux", "owner": "` + strings.Repeat("o", 513) + `"}`, 400, CodeBadRequest, "owner"},
-		{"bad lease", `{"system": "x86_64-linux", "lease": "10 minutes"}`, 400, CodeBadRequest, "lease"},
-		{"lease without unit", `{"system": "x86_64-linux", "lease": "600"}`, 400, CodeBadRequest, "lease"},
-		{"negative lease", `{"system": "x86_64-linux", "lease": "-5m"}`, 400, CodeBadRequest, "lease"},
-		{"zero lease", `{"system": "x86_64-linux", "lease": "0s"}`, 400, CodeBadRequest, "lease"},
-		{"lease above max_lease", `{"system": "x86_64-linux", "lease": "25h"}`, 400, CodeBadRequest, "max_lease"},
-		{"unknown pool", `{"pool": "riscv", "system": "x86_64-linux"}`, 400, CodeBadRequest, "pool"},
-		{"pool does not serve the system", `{"pool": "arm", "system": "x86_64-linux"}`, 400, CodeBadRequest, "pool"},
-		{"pool lacks a feature", `{"pool": "arm", "system": "aarch64-linux", "features": ["kvm"]}`, 400, CodeBadRequest, "pool"},
-		{"oversized body", `{"system": "x86_64-linux", "owner": "` + strings.Repeat("o", MaxBodyBytes) + `"}`, 413, CodeTooLarge, "larger than"},
+		{"trailing close bracket", `{"system": "x86_64-linux"}]`, 400, api.CodeBadRequest, "trailing data"},
+		{"trailing close brace", `{"system": "x86_64-linux"}}`, 400, api.CodeBadRequest, "trailing data"},
+		{"empty body", ``, 400, api.CodeBadRequest, "empty body"},
+		{"whitespace body", " \n", 400, api.CodeBadRequest, "empty body"},
+		{"missing system", `{"owner": "me"}`, 400, api.CodeBadRequest, "system"},
+		{"bad system", `{"system": "x86 64 linux"}`, 400, api.CodeBadRequest, "system"},
+		{"upper-case system", `{"system": "X86_64-Linux"}`, 400, api.CodeBadRequest, "system"},
+		{"bad feature", `{"system": "x86_64-linux", "features": ["kvm", "Big Parallel"]}`, 400, api.CodeBadRequest, "features"},
+		{"empty feature", `{"system": "x86_64-linux", "features": [""]}`, 400, api.CodeBadRequest, "features"},
+		{"bad id", `{"id": "-starts-with-dash", "system": "x86_64-linux"}`, 400, api.CodeBadRequest, "id"},
+		{"id with space", `{"id": "a b", "system": "x86_64-linux"}`, 400, api.CodeBadRequest, "id"},
+		{"owner too long", `{"system": "x86_64-linux", "owner": "` + strings.Repeat("o", 513) + `"}`, 400, api.CodeBadRequest, "owner"},
+		{"bad lease", `{"system": "x86_64-linux", "lease": "10 minutes"}`, 400, api.CodeBadRequest, "lease"},
+		{"lease without unit", `{"system": "x86_64-linux", "lease": "600"}`, 400, api.CodeBadRequest, "lease"},
+		{"negative lease", `{"system": "x86_64-linux", "lease": "-5m"}`, 400, api.CodeBadRequest, "lease"},
+		{"zero lease", `{"system": "x86_64-linux", "lease": "0s"}`, 400, api.CodeBadRequest, "lease"},
+		{"lease above max_lease", `{"system": "x86_64-linux", "lease": "25h"}`, 400, api.CodeBadRequest, "max_lease"},
+		{"unknown pool", `{"pool": "riscv", "system": "x86_64-linux"}`, 400, api.CodeBadRequest, "pool"},
+		{"pool does not serve the system", `{"pool": "arm", "system": "x86_64-linux"}`, 400, api.CodeBadRequest, "pool"},
+		{"pool lacks a feature", `{"pool": "arm", "system": "aarch64-linux", "features": ["kvm"]}`, 400, api.CodeBadRequest, "pool"},
+		{"oversized body", `{"system": "x86_64-linux", "owner": "` + strings.Repeat("o", MaxBodyBytes) + `"}`, 413, api.CodeTooLarge, "larger than"},
 		// A valid object followed by padding beyond the limit is still a
 		// body larger than MaxBodyBytes.
-		{"oversized by trailing padding", `{"system": "x86_64-linux"}` + strings.Repeat(" ", MaxBodyBytes), 413, CodeTooLarge, "larger than"},
+		{"oversized by trailing padding", `{"system": "x86_64-linux"}` + strings.Repeat(" ", MaxBodyBytes), 413, api.CodeTooLarge, "larger than"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -468,7 +469,7 @@ func TestGetWaitValidation(t *testing.T) {
 	wantReservation(t, ts.do("POST", "/v1/reservations", `{"id": "r1", "system": "x86_64-linux"}`), http.StatusCreated)
 	for _, wait := range []string{"abc", "-1s", "10", "30%20seconds"} {
 		t.Run(wait, func(t *testing.T) {
-			wantError(t, ts.do("GET", "/v1/reservations/r1?wait="+wait, ""), 400, CodeBadRequest, "wait")
+			wantError(t, ts.do("GET", "/v1/reservations/r1?wait="+wait, ""), 400, api.CodeBadRequest, "wait")
 		})
 	}
 }
@@ -491,7 +492,7 @@ func TestWeightValidation(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			wantError(t, ts.do("POST", "/v1/slots/x86/slot1/weight", tt.body), 400, CodeBadRequest, tt.msg)
+			wantError(t, ts.do("POST", "/v1/slots/x86/slot1/weight", tt.body), 400, api.CodeBadRequest, tt.msg)
 		})
 	}
 	sl, err := ts.db.Slot(context.Background(), scaler.SlotKey{Pool: "x86", Slot: "slot1"})
@@ -624,8 +625,8 @@ func TestHeartbeat(t *testing.T) {
 	}
 
 	wantReservation(t, ts.do("DELETE", "/v1/reservations/r1", ""), http.StatusOK)
-	wantError(t, ts.do("POST", "/v1/reservations/r1/heartbeat", ""), http.StatusConflict, CodeConflict, "released")
-	wantError(t, ts.do("POST", "/v1/reservations/nope/heartbeat", ""), http.StatusNotFound, CodeNotFound, "nope")
+	wantError(t, ts.do("POST", "/v1/reservations/r1/heartbeat", ""), http.StatusConflict, api.CodeConflict, "released")
+	wantError(t, ts.do("POST", "/v1/reservations/nope/heartbeat", ""), http.StatusNotFound, api.CodeNotFound, "nope")
 }
 
 // assign commits reservation id as assigned to x86/slot1.
@@ -778,12 +779,12 @@ func TestRequireToken(t *testing.T) {
 			a := doRequest(t, "GET", hs.URL+tt.path, "", h)
 			switch tt.status {
 			case 401:
-				wantError(t, a, 401, CodeUnauthorized, "bearer token")
+				wantError(t, a, 401, api.CodeUnauthorized, "bearer token")
 				if a.header.Get("WWW-Authenticate") == "" {
 					t.Errorf("401 without WWW-Authenticate header")
 				}
 			case 404:
-				wantError(t, a, 404, CodeNotFound, tt.path)
+				wantError(t, a, 404, api.CodeNotFound, tt.path)
 			default:
 				if a.status != tt.status {
 					t.Errorf("status = %d, want %d; body %s", a.status, tt.status, a.body)
@@ -803,7 +804,7 @@ func TestRequireToken(t *testing.T) {
 		}
 		rec := httptest.NewRecorder()
 		open.ServeHTTP(rec, req)
-		wantError(t, answer{status: rec.Code, header: rec.Header(), body: rec.Body.Bytes()}, 401, CodeUnauthorized, "bearer token")
+		wantError(t, answer{status: rec.Code, header: rec.Header(), body: rec.Body.Bytes()}, 401, api.CodeUnauthorized, "bearer token")
 	}
 }
 
@@ -811,12 +812,12 @@ func TestOperatorSlotCommands(t *testing.T) {
 	ts := newTestServer(t)
 	ts.setSlot("slot1", scaler.Ready)
 
-	slot := func(a answer) Slot {
+	slot := func(a answer) api.Slot {
 		t.Helper()
 		if a.status != http.StatusOK {
 			t.Fatalf("status = %d, want 200; body %s", a.status, a.body)
 		}
-		return decodeStrict[Slot](t, a)
+		return decodeStrict[api.Slot](t, a)
 	}
 	ts.clock.Advance(time.Minute)
 	if s := slot(ts.do("POST", "/v1/slots/x86/slot1/drain", "")); s.State != "draining" || s.DrainReason != "operator" {
@@ -839,21 +840,21 @@ func TestOperatorSlotCommands(t *testing.T) {
 		t.Errorf("stored slot1 = %s weight %d, want ready weight 42", st.State, st.Weight)
 	}
 	for _, w := range []int{0, scaler.MaxWeight} {
-		body, _ := json.Marshal(WeightRequest{Weight: &w})
+		body, _ := json.Marshal(api.WeightRequest{Weight: &w})
 		if s := slot(ts.do("POST", "/v1/slots/x86/slot2/weight", string(body))); s.Weight != w {
 			t.Errorf("weight %d answer = %+v", w, s)
 		}
 	}
 
-	wantError(t, ts.do("POST", "/v1/slots/x86/slot2/drain", ""), http.StatusConflict, CodeConflict, "only a ready slot can be drained")
-	wantError(t, ts.do("POST", "/v1/slots/x86/slot2/undrain", ""), http.StatusConflict, CodeConflict, "only a draining slot")
+	wantError(t, ts.do("POST", "/v1/slots/x86/slot2/drain", ""), http.StatusConflict, api.CodeConflict, "only a ready slot can be drained")
+	wantError(t, ts.do("POST", "/v1/slots/x86/slot2/undrain", ""), http.StatusConflict, api.CodeConflict, "only a draining slot")
 	if st := ts.storedSlot("slot2"); st.State != scaler.Empty {
 		t.Errorf("slot2 = %s after a refused drain, want empty", st.State)
 	}
 	for _, path := range []string{"/v1/slots/x86/slot9/drain", "/v1/slots/x86/slot9/undrain", "/v1/slots/riscv/slot1/drain"} {
-		wantError(t, ts.do("POST", path, ""), http.StatusNotFound, CodeNotFound, "no slot")
+		wantError(t, ts.do("POST", path, ""), http.StatusNotFound, api.CodeNotFound, "no slot")
 	}
-	wantError(t, ts.do("POST", "/v1/slots/x86/slot9/weight", `{"weight": 5}`), http.StatusNotFound, CodeNotFound, "x86/slot9")
+	wantError(t, ts.do("POST", "/v1/slots/x86/slot9/weight", `{"weight": 5}`), http.StatusNotFound, api.CodeNotFound, "x86/slot9")
 
 	type ev struct{ kind, slot, actor, reason string }
 	var got []ev
@@ -901,7 +902,7 @@ func TestUnknownPathIsJSON404(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.method+" "+tt.path, func(t *testing.T) {
-			wantError(t, ts.do(tt.method, tt.path, ""), http.StatusNotFound, CodeNotFound, tt.msg)
+			wantError(t, ts.do(tt.method, tt.path, ""), http.StatusNotFound, api.CodeNotFound, tt.msg)
 		})
 	}
 }

@@ -1,4 +1,4 @@
-package api
+package apiserver
 
 import (
 	"bytes"
@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/store"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
@@ -108,7 +109,7 @@ provider = "local"
 		tb.Fatal(err)
 	}
 	st := &fuzzStore{DB: db}
-	s := NewServer(Options{Store: st, Scaler: fuzzScaler{}, Pools: cfg.Pools, Reservations: cfg.Reservations,
+	s := New(Options{Store: st, Scaler: fuzzScaler{}, Pools: cfg.Pools, Reservations: cfg.Reservations,
 		Logger: slog.New(slog.DiscardHandler)})
 	rec := httptest.NewRecorder()
 	req := httptest.NewRequest(http.MethodPost, "/v1/reservations", strings.NewReader(`{"id":"r1","system":"x86_64-linux"}`))
@@ -229,7 +230,7 @@ func FuzzHandler(f *testing.F) {
 			t.Fatalf("%s %q?%q body %q: status %d, answer is not JSON: %q", method, path, query, body, code, rec.Body)
 		}
 		if code >= 400 {
-			var e Error
+			var e api.Error
 			if err := json.Unmarshal(rec.Body.Bytes(), &e); err != nil || e.Error == "" || e.Code == "" {
 				t.Fatalf("%s %q?%q: status %d with an answer that is not an API error: %q", method, path, query, code, rec.Body)
 			}

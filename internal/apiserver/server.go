@@ -1,4 +1,8 @@
-package api
+// Package apiserver serves the daemon's HTTP reservation and operator API
+// (docs/design.md §3.1) over the store and the reconciler. The wire types
+// and the Go client live in internal/api, which API clients such as
+// autoscalerctl import without pulling in the server's dependencies.
+package apiserver
 
 import (
 	"context"
@@ -19,6 +23,7 @@ import (
 	"sync"
 	"time"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/store"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
@@ -55,7 +60,7 @@ type Options struct {
 	Clock        scaler.Clock // nil = wall clock
 	Logger       *slog.Logger
 	// HAProxy reports HAProxy's state for /v1/status (nil: not in use).
-	HAProxy func() HAProxyStatus
+	HAProxy func() api.HAProxyStatus
 	// Held reports connections held for a builder, per pool (nil: none).
 	Held func() map[string]int
 }
@@ -67,8 +72,8 @@ type Server struct {
 	mux    *http.ServeMux
 }
 
-// NewServer returns a server; mount Handler on a listener.
-func NewServer(o Options) *Server {
+// New returns a server; mount Handler on a listener.
+func New(o Options) *Server {
 	if o.Clock == nil {
 		o.Clock = scaler.RealClock{}
 	}
@@ -101,10 +106,10 @@ func (s *Server) Handler() http.Handler {
 		if _, pattern := s.mux.Handler(r); pattern == "" {
 			if allow := s.allowed(r); len(allow) > 0 {
 				w.Header().Set("Allow", strings.Join(allow, ", "))
-				writeError(w, http.StatusMethodNotAllowed, CodeBadRequest, fmt.Sprintf("%s %s: method not allowed; use %s", r.Method, r.URL.Path, strings.Join(allow, " or ")))
+				writeError(w, http.StatusMethodNotAllowed, api.CodeBadRequest, fmt.Sprintf("%s %s: method not allowed; use %s", r.Method, r.URL.Path, strings.Join(allow, " or ")))
 				return
 			}
-			writeError(w, http.StatusNotFound, CodeNotFound, fmt.Sprintf("no endpoint %s %s; see docs/design.md §3.1 for the API", r.Method, r.URL.Path))
+			writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no endpoint %s %s; see docs/design.md §3.1 for the API", r.Method, r.URL.Path))
 			return
 		}
 		s.mux.ServeHTTP(w, r)
@@ -133,7 +138,7 @@ func RequireToken(token string, h http.Handler) http.Handler {
 			got := []byte(r.Header.Get("Authorization"))
 			if token == "" || subtle.ConstantTimeCompare(got, want) != 1 {
 				w.Header().Set("WWW-Authenticate", `Bearer realm="nix-builder-autoscaler"`)
-				writeError(w, http.StatusUnauthorized, CodeUnauthorized, "missing or wrong bearer token; send Authorization: Bearer <token from the daemon's token_file>")
+				writeError(w, http.StatusUnauthorized, api.CodeUnauthorized, "missing or wrong bearer token; send Authorization: Bearer <token from the daemon's token_file>")
 				return
 			}
 		}
@@ -171,12 +176,12 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 }
 
 func writeError(w http.ResponseWriter, status int, code, msg string) {
-	writeJSON(w, status, Error{Error: msg, Code: code})
+	writeJSON(w, status, api.Error{Error: msg, Code: code})
 }
 
 func (s *Server) internal(w http.ResponseWriter, what string, err error) {
 	s.o.Logger.Error("api: "+what, "err", err)
-	writeError(w, http.StatusInternalServerError, CodeInternal, what+": "+err.Error())
+	writeError(w, http.StatusInternalServerError, api.CodeInternal, what+": "+err.Error())
 }
 
 // decode reads a JSON body strictly: size-limited, no unknown fields, one value.
@@ -200,11 +205,11 @@ func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 	var tooBig *http.MaxBytesError
 	switch {
 	case errors.As(err, &tooBig):
-		writeError(w, http.StatusRequestEntityTooLarge, CodeTooLarge, fmt.Sprintf("request body larger than %d bytes", MaxBodyBytes))
+		writeError(w, http.StatusRequestEntityTooLarge, api.CodeTooLarge, fmt.Sprintf("request body larger than %d bytes", MaxBodyBytes))
 	case errors.Is(err, io.EOF):
-		writeError(w, http.StatusBadRequest, CodeBadRequest, "empty body; send a JSON object")
+		writeError(w, http.StatusBadRequest, api.CodeBadRequest, "empty body; send a JSON object")
 	default:
-		writeError(w, http.StatusBadRequest, CodeBadRequest, "invalid JSON body: "+err.Error())
+		writeError(w, http.StatusBadRequest, api.CodeBadRequest, "invalid JSON body: "+err.Error())
 	}
 	return false
 }
@@ -222,13 +227,13 @@ func newID() string {
 }
 
 func (s *Server) create(w http.ResponseWriter, r *http.Request) {
-	var req CreateReservationRequest
+	var req api.CreateReservationRequest
 	if !decode(w, r, &req) {
 		return
 	}
 	lease, msg := s.validateCreate(&req)
 	if msg != "" {
-		writeError(w, http.StatusBadRequest, CodeBadRequest, msg)
+		writeError(w, http.StatusBadRequest, api.CodeBadRequest, msg)
 		return
 	}
 	now := s.o.Clock.Now()
@@ -254,7 +259,7 @@ func (s *Server) create(w http.ResponseWriter, r *http.Request) {
 	if !created {
 		tombstone := got.System == ""
 		if !tombstone && (got.System != res.System || !slices.Equal(got.Features, res.Features) || req.Pool != "" && got.Pool != req.Pool) {
-			writeError(w, http.StatusConflict, CodeConflict, fmt.Sprintf("reservation %s already exists with other parameters (system %s, pool %s); choose a new id", got.ID, got.System, got.Pool))
+			writeError(w, http.StatusConflict, api.CodeConflict, fmt.Sprintf("reservation %s already exists with other parameters (system %s, pool %s); choose a new id", got.ID, got.System, got.Pool))
 			return
 		}
 		writeJSON(w, http.StatusOK, s.view(r.Context(), got, nil))
@@ -272,7 +277,7 @@ func (s *Server) create(w http.ResponseWriter, r *http.Request) {
 
 // validateCreate checks and completes a create request; msg says what is
 // wrong and how to fix it.
-func (s *Server) validateCreate(req *CreateReservationRequest) (lease time.Duration, msg string) {
+func (s *Server) validateCreate(req *api.CreateReservationRequest) (lease time.Duration, msg string) {
 	if req.ID == "" {
 		req.ID = newID()
 	} else if !reID.MatchString(req.ID) {
@@ -346,8 +351,8 @@ func (s *Server) poolSummary() string {
 }
 
 // view renders a reservation; slots (may be nil) saves a lookup per item.
-func (s *Server) view(ctx context.Context, r scaler.Reservation, slots map[scaler.SlotKey]scaler.Slot) Reservation {
-	v := Reservation{ID: r.ID, Pool: r.Pool, System: r.System, Features: r.Features, Owner: r.Owner, State: string(r.State),
+func (s *Server) view(ctx context.Context, r scaler.Reservation, slots map[scaler.SlotKey]scaler.Slot) api.Reservation {
+	v := api.Reservation{ID: r.ID, Pool: r.Pool, System: r.System, Features: r.Features, Owner: r.Owner, State: string(r.State),
 		Slot: r.Slot, Lease: r.Lease.String(), CreatedAt: r.CreatedAt, ExpiresAt: r.ExpiresAt, Reason: r.Reason}
 	if v.Features == nil {
 		v.Features = []string{}
@@ -381,7 +386,7 @@ func (s *Server) view(ctx context.Context, r scaler.Reservation, slots map[scale
 func (s *Server) lookup(w http.ResponseWriter, r *http.Request) (scaler.Reservation, bool) {
 	res, err := s.o.Store.Reservation(r.Context(), r.PathValue("id"))
 	if errors.Is(err, scaler.ErrNotFound) {
-		writeError(w, http.StatusNotFound, CodeNotFound, fmt.Sprintf("no reservation %q", r.PathValue("id")))
+		writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no reservation %q", r.PathValue("id")))
 		return res, false
 	}
 	if err != nil {
@@ -396,7 +401,7 @@ func (s *Server) get(w http.ResponseWriter, r *http.Request) {
 	if q := r.URL.Query().Get("wait"); q != "" {
 		d, err := time.ParseDuration(q)
 		if err != nil || d < 0 {
-			writeError(w, http.StatusBadRequest, CodeBadRequest, fmt.Sprintf("wait: %q is not a duration; write it like \"30s\"", q))
+			writeError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Sprintf("wait: %q is not a duration; write it like \"30s\"", q))
 			return
 		}
 		wait = min(d, s.o.Reservations.MaxPoll.D())
@@ -466,11 +471,11 @@ func (s *Server) heartbeat(w http.ResponseWriter, r *http.Request) {
 	})
 	switch {
 	case errors.Is(err, scaler.ErrNotFound):
-		writeError(w, http.StatusNotFound, CodeNotFound, fmt.Sprintf("no reservation %q", id))
+		writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no reservation %q", id))
 	case err != nil:
 		s.internal(w, "heartbeat", err)
 	case !live:
-		writeError(w, http.StatusConflict, CodeConflict, fmt.Sprintf("reservation %s is %s (%s); create a new one", id, res.State, res.Reason))
+		writeError(w, http.StatusConflict, api.CodeConflict, fmt.Sprintf("reservation %s is %s (%s); create a new one", id, res.State, res.Reason))
 	default:
 		writeJSON(w, http.StatusOK, s.view(r.Context(), res, nil))
 	}
@@ -479,7 +484,7 @@ func (s *Server) heartbeat(w http.ResponseWriter, r *http.Request) {
 func (s *Server) release(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
 	if !reID.MatchString(id) {
-		writeError(w, http.StatusBadRequest, CodeBadRequest, "id: not a valid reservation id")
+		writeError(w, http.StatusBadRequest, api.CodeBadRequest, "id: not a valid reservation id")
 		return
 	}
 	now := s.o.Clock.Now()
@@ -533,7 +538,7 @@ func (s *Server) listReservations(w http.ResponseWriter, r *http.Request) {
 		for _, v := range strings.Split(st, ",") {
 			rs := scaler.ReservationState(strings.TrimSpace(v))
 			if !slices.Contains(scaler.ReservationStates, rs) {
-				writeError(w, http.StatusBadRequest, CodeBadRequest, fmt.Sprintf("state: %q is not one of pending, ready, released, failed, expired", v))
+				writeError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Sprintf("state: %q is not one of pending, ready, released, failed, expired", v))
 				return
 			}
 			f.States = append(f.States, rs)
@@ -552,7 +557,7 @@ func (s *Server) listReservations(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "list slots", err)
 		return
 	}
-	out := ReservationList{Reservations: []Reservation{}}
+	out := api.ReservationList{Reservations: []api.Reservation{}}
 	for _, res := range list {
 		out.Reservations = append(out.Reservations, s.view(r.Context(), res, slots))
 	}
@@ -568,7 +573,7 @@ func queryLimit(w http.ResponseWriter, q url.Values, limit *int) bool {
 	}
 	n, err := strconv.Atoi(l)
 	if err != nil || n < 0 {
-		writeError(w, http.StatusBadRequest, CodeBadRequest, "limit: must be a non-negative integer")
+		writeError(w, http.StatusBadRequest, api.CodeBadRequest, "limit: must be a non-negative integer")
 		return false
 	}
 	*limit = n
@@ -587,8 +592,8 @@ func (s *Server) slotMap(ctx context.Context) (map[scaler.SlotKey]scaler.Slot, e
 	return m, nil
 }
 
-func slotView(sl scaler.Slot, reservations int) Slot {
-	return Slot{Pool: sl.Pool, Slot: sl.Name, State: string(sl.State), InstanceID: sl.InstanceID, LaunchID: sl.LaunchID, Address: sl.Address,
+func slotView(sl scaler.Slot, reservations int) api.Slot {
+	return api.Slot{Pool: sl.Pool, Slot: sl.Name, State: string(sl.State), InstanceID: sl.InstanceID, LaunchID: sl.LaunchID, Address: sl.Address,
 		InstanceType: sl.InstanceType, Market: sl.Market, Zone: sl.Zone, Weight: sl.Weight, Since: sl.StateSince, LastActive: sl.LastActive,
 		DrainReason: sl.DrainReason, Reservations: reservations}
 }
@@ -604,7 +609,7 @@ func (s *Server) slots(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "list reservations", err)
 		return
 	}
-	out := SlotList{Slots: []Slot{}}
+	out := api.SlotList{Slots: []api.Slot{}}
 	for _, sl := range slots {
 		out.Slots = append(out.Slots, slotView(sl, count[sl.Key()]))
 	}
@@ -647,13 +652,13 @@ func (s *Server) operate(w http.ResponseWriter, r *http.Request, kind, reason st
 	})
 	switch {
 	case errors.Is(readErr, scaler.ErrNotFound):
-		writeError(w, http.StatusNotFound, CodeNotFound, fmt.Sprintf("no slot %s; `autoscalerctl slots` lists them", key))
+		writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no slot %s; `autoscalerctl slots` lists them", key))
 		return
 	case readErr != nil:
 		s.internal(w, "read slot", readErr)
 		return
 	case refused != "":
-		writeError(w, http.StatusConflict, CodeConflict, refused)
+		writeError(w, http.StatusConflict, api.CodeConflict, refused)
 		return
 	case err != nil:
 		s.internal(w, kind, err)
@@ -700,12 +705,12 @@ func (s *Server) undrain(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) weight(w http.ResponseWriter, r *http.Request) {
-	var req WeightRequest
+	var req api.WeightRequest
 	if !decode(w, r, &req) {
 		return
 	}
 	if req.Weight == nil || *req.Weight < 0 || *req.Weight > scaler.MaxWeight {
-		writeError(w, http.StatusBadRequest, CodeBadRequest, fmt.Sprintf(`weight: required, an integer 0..%d, e.g. {"weight": 100}`, scaler.MaxWeight))
+		writeError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Sprintf(`weight: required, an integer 0..%d, e.g. {"weight": 100}`, scaler.MaxWeight))
 		return
 	}
 	s.operate(w, r, scaler.EvWeight, fmt.Sprintf("weight %d", *req.Weight), func(sl *scaler.Slot) string {
@@ -725,7 +730,7 @@ func (s *Server) status(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "list reservations", err)
 		return
 	}
-	out := Status{Pools: []PoolStatus{}, Reconcile: reconcileView(s.o.Scaler.Status())}
+	out := api.Status{Pools: []api.PoolStatus{}, Reconcile: reconcileView(s.o.Scaler.Status())}
 	if s.o.HAProxy != nil {
 		out.HAProxy = s.o.HAProxy()
 	}
@@ -734,7 +739,7 @@ func (s *Server) status(w http.ResponseWriter, r *http.Request) {
 		held = s.o.Held()
 	}
 	for _, p := range s.o.Pools {
-		ps := PoolStatus{Name: p.Name, Systems: p.Systems, Features: p.Features, MinBuilders: p.MinBuilders, MaxBuilders: p.MaxBuilders,
+		ps := api.PoolStatus{Name: p.Name, Systems: p.Systems, Features: p.Features, MinBuilders: p.MinBuilders, MaxBuilders: p.MaxBuilders,
 			WarmPool: p.WarmPool, ReservationsPerBuilder: p.ReservationsPerBuilder, Slots: map[string]int{}, Reservations: map[string]int{},
 			HeldConnections: held[p.Name]}
 		if ps.Features == nil {
@@ -755,8 +760,8 @@ func (s *Server) status(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, out)
 }
 
-func reconcileView(st scaler.RoundStatus) ReconcileStatus {
-	v := ReconcileStatus{LastAt: st.At, DurationSeconds: st.Duration.Seconds(), Rounds: st.Rounds}
+func reconcileView(st scaler.RoundStatus) api.ReconcileStatus {
+	v := api.ReconcileStatus{LastAt: st.At, DurationSeconds: st.Duration.Seconds(), Rounds: st.Rounds}
 	if st.Err != nil {
 		v.LastError = st.Err.Error()
 	}
@@ -767,7 +772,7 @@ func (s *Server) reconcile(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Minute)
 	defer cancel()
 	if err := s.o.Scaler.Reconcile(ctx); err != nil && ctx.Err() != nil {
-		writeError(w, http.StatusServiceUnavailable, CodeUnavailable, "reconcile did not finish: "+err.Error())
+		writeError(w, http.StatusServiceUnavailable, api.CodeUnavailable, "reconcile did not finish: "+err.Error())
 		return
 	}
 	writeJSON(w, http.StatusOK, reconcileView(s.o.Scaler.Status()))
@@ -782,7 +787,7 @@ func (s *Server) events(w http.ResponseWriter, r *http.Request) {
 	if since := q.Get("since"); since != "" {
 		t, err := time.Parse(time.RFC3339Nano, since)
 		if err != nil {
-			writeError(w, http.StatusBadRequest, CodeBadRequest, "since: must be an RFC 3339 time like 2026-01-02T15:04:05Z")
+			writeError(w, http.StatusBadRequest, api.CodeBadRequest, "since: must be an RFC 3339 time like 2026-01-02T15:04:05Z")
 			return
 		}
 		f.Since = t
@@ -792,9 +797,9 @@ func (s *Server) events(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "list events", err)
 		return
 	}
-	out := EventList{Events: []Event{}}
+	out := api.EventList{Events: []api.Event{}}
 	for _, e := range evs {
-		out.Events = append(out.Events, Event{At: e.At, Kind: e.Kind, Pool: e.Pool, Slot: e.Slot, InstanceID: e.InstanceID,
+		out.Events = append(out.Events, api.Event{At: e.At, Kind: e.Kind, Pool: e.Pool, Slot: e.Slot, InstanceID: e.InstanceID,
 			ReservationID: e.ReservationID, Actor: e.Actor, Reason: e.Reason})
 	}
 	writeJSON(w, http.StatusOK, out)
@@ -802,7 +807,7 @@ func (s *Server) events(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) health(w http.ResponseWriter, r *http.Request) {
 	if _, err := s.o.Store.Slots(r.Context()); err != nil {
-		writeError(w, http.StatusServiceUnavailable, CodeUnavailable, "database: "+err.Error())
+		writeError(w, http.StatusServiceUnavailable, api.CodeUnavailable, "database: "+err.Error())
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
