@@ -19,6 +19,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
 	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy"
 	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy/haproxytest"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
@@ -69,7 +70,7 @@ check_interval = "%[6]s"`, dir, port(), port(), port(), hold, checkInterval), fm
 	hp := startHAProxy(tb, dir, cfg, edit)
 	reg := prometheus.NewRegistry()
 	h := daemontest.Start(tb, cfg, func(o *daemon.Options) {
-		o.Clock = scaler.RealClock{}
+		o.Clock = clock.Real{}
 		o.Registry = reg
 	})
 	return &benchStack{tb: tb, h: h, hp: hp, cfg: cfg, reg: reg, frontend: frontend}

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
 )
 
 // Store is the persistent state the reconciler reads and changes.
@@ -29,7 +31,7 @@ type Options struct {
 	Providers map[string]Provider
 	Readiness Readiness
 	Policy    Policy
-	Clock     Clock         // nil = RealClock
+	Clock     clock.Clock   // nil = clock.Real
 	Interval  time.Duration // time between rounds without events
 	// FastInterval is the time between rounds while builders change state
 	// (0: DefaultFastInterval); match it to the load balancer's check
@@ -77,7 +79,7 @@ type RoundStatus struct {
 // New returns a reconciler; call Run to start it.
 func New(o Options) *Reconciler {
 	if o.Clock == nil {
-		o.Clock = RealClock{}
+		o.Clock = clock.Real{}
 	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()

@@ -7,9 +7,9 @@ import (
 	"testing"
 	"time"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock/clocktest"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/store"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
-	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/scalertest"
 )
 
 var t0 = time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
@@ -82,7 +82,7 @@ func TestStaleRoundDoesNotRestartIdleTime(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	clock := scalertest.NewClock(t0)
+	clock := clocktest.New(t0)
 	released := t0.Add(time.Minute)
 	clock.Advance(time.Minute)
 	rs := &racingStore{DB: db, during: func() {

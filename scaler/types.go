@@ -204,30 +204,6 @@ type Quiescer interface {
 	Quiesce(ctx context.Context, key SlotKey) (sessions int, err error)
 }
 
-// Clock is the reconciler's time source, injected so tests run on fake time.
-type Clock interface {
-	Now() time.Time
-	NewTicker(d time.Duration) Ticker
-}
-
-// Ticker is the part of time.Ticker the reconciler uses.
-type Ticker interface {
-	C() <-chan time.Time
-	Stop()
-}
-
-// RealClock is the wall clock.
-type RealClock struct{}
-
-func (RealClock) Now() time.Time { return time.Now() }
-
-func (RealClock) NewTicker(d time.Duration) Ticker { return realTicker{time.NewTicker(d)} }
-
-type realTicker struct{ t *time.Ticker }
-
-func (t realTicker) C() <-chan time.Time { return t.t.C }
-func (t realTicker) Stop()               { t.t.Stop() }
-
 // Event is one line of the append-only event log: who did what to which slot,
 // instance or reservation, and why.
 type Event struct {

@@ -11,7 +11,9 @@ import (
 	"sort"
 	"time"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock/clocktest"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/memstore"
 )
 
 // Pool is a pool as the simulator needs it: the policy's view plus the
@@ -88,13 +90,13 @@ func Run(cfg Config, trace []Build) (Result, error) {
 	if cfg.Interval <= 0 {
 		cfg.Interval = 10 * time.Second
 	}
-	clock := &simClock{now: Epoch}
+	clock := clocktest.New(Epoch) // moved by the run loop; the reconciler is driven by ReconcileOnce
 	pol := cfg.Policy
 	pol.Pools = nil
 	for _, p := range cfg.Pools {
 		pol.Pools = append(pol.Pools, p.Policy)
 	}
-	store := newMemStore(pol.Pools, func() scaler.Slot {
+	store := memstore.New(pol.Pools, func() scaler.Slot {
 		return scaler.Slot{State: scaler.Empty, StateSince: Epoch, LastActive: Epoch, Weight: scaler.DefaultWeight}
 	})
 	provs := map[string]*provider{}
@@ -128,7 +130,7 @@ func Run(cfg Config, trace []Build) (Result, error) {
 	for t := time.Duration(0); ; t += time.Second {
 		now := Epoch.Add(t)
 		if t > 0 {
-			clock.now = now
+			clock.Set(now)
 		}
 		if t >= horizon && next == len(jobs) && len(live) == 0 || t >= horizon+24*time.Hour {
 			break
@@ -142,7 +144,10 @@ func Run(cfg Config, trace []Build) (Result, error) {
 		// Builds that end now release their reservation.
 		for _, j := range live {
 			if j.running && !now.Before(j.endAt) {
-				r := store.res[j.id]
+				r, err := store.Reservation(ctx, j.id)
+				if err != nil {
+					return Result{}, err
+				}
 				r.State, r.EndedAt, r.Reason = scaler.Released, now, "released"
 				if err := store.Commit(ctx, scaler.Change{Reservations: []scaler.Reservation{r}}); err != nil {
 					return Result{}, err
@@ -159,8 +164,11 @@ func Run(cfg Config, trace []Build) (Result, error) {
 			j := jobs[next]
 			next++
 			j.created, j.submitted = now, true
-			store.res[j.id] = scaler.Reservation{ID: j.id, Pool: cfg.Pools[j.pool].Policy.Name, System: j.b.System,
-				Features: j.b.Features, Owner: "sim", State: scaler.Pending, CreatedAt: now, Version: 1}
+			res := scaler.Reservation{ID: j.id, Pool: cfg.Pools[j.pool].Policy.Name, System: j.b.System,
+				Features: j.b.Features, Owner: "sim", State: scaler.Pending, CreatedAt: now}
+			if err := store.Commit(ctx, scaler.Change{Reservations: []scaler.Reservation{res}}); err != nil {
+				return Result{}, err
+			}
 			live = append(live, j)
 			accs[j.pool].builds++
 			event = true
@@ -180,7 +188,11 @@ func Run(cfg Config, trace []Build) (Result, error) {
 			}
 			lastRound = now
 			settling = changed
-			for _, s := range store.slots {
+			slots, err := store.Slots(ctx)
+			if err != nil {
+				return Result{}, err
+			}
+			for _, s := range slots {
 				// As the daemon's Run loop: rounds every second (its fast
 				// interval) while builders change state.
 				if s.State != scaler.Empty && s.State != scaler.Ready {
@@ -193,7 +205,10 @@ func Run(cfg Config, trace []Build) (Result, error) {
 				if j.done {
 					continue
 				}
-				r := store.res[j.id]
+				r, err := store.Reservation(ctx, j.id)
+				if err != nil {
+					return Result{}, err
+				}
 				a := &accs[j.pool]
 				switch {
 				case r.State == scaler.Assigned && !j.running:
@@ -226,7 +241,11 @@ func Run(cfg Config, trace []Build) (Result, error) {
 		// queues.
 		if len(live) > 0 {
 			starting := map[string]int{}
-			for _, s := range store.slots {
+			slots, err := store.Slots(ctx)
+			if err != nil {
+				return Result{}, err
+			}
+			for _, s := range slots {
 				if s.State.Starting() {
 					starting[s.Pool]++
 				}

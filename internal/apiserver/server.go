@@ -23,6 +23,7 @@ import (
 	"sync"
 	"time"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/store"
@@ -57,7 +58,7 @@ type Options struct {
 	Scaler       Scaler
 	Pools        []config.Pool
 	Reservations config.Reservations
-	Clock        scaler.Clock // nil = wall clock
+	Clock        clock.Clock // nil = wall clock
 	Logger       *slog.Logger
 	// HAProxy reports HAProxy's state for /v1/status (nil: not in use).
 	HAProxy func() api.HAProxyStatus
@@ -75,7 +76,7 @@ type Server struct {
 // New returns a server; mount Handler on a listener.
 func New(o Options) *Server {
 	if o.Clock == nil {
-		o.Clock = scaler.RealClock{}
+		o.Clock = clock.Real{}
 	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()

@@ -15,12 +15,12 @@ import (
 	"testing"
 	"time"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock/clocktest"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/store"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
-	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/scalertest"
 )
 
 var serverT0 = time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
@@ -120,7 +120,7 @@ type testServer struct {
 	db    *store.DB
 	st    *watchedStore
 	kicks *kickCounter
-	clock *scalertest.Clock
+	clock *clocktest.Clock
 	srv   *Server
 	url   string
 }
@@ -155,7 +155,7 @@ func newTestServer(t *testing.T, opts ...func(*Options)) *testServer {
 		t.Fatal(err)
 	}
 	ts := &testServer{t: t, db: db, st: &watchedStore{DB: db, reads: map[string]chan struct{}{}, holds: map[string]*readHold{}},
-		kicks: &kickCounter{}, clock: scalertest.NewClock(serverT0)}
+		kicks: &kickCounter{}, clock: clocktest.New(serverT0)}
 	o := Options{Store: ts.st, Scaler: ts.kicks, Pools: pools, Reservations: config.Default().Reservations,
 		Clock: ts.clock, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
 	for _, opt := range opts {

@@ -14,12 +14,12 @@ import (
 	"testing"
 	"time"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon/daemontest"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
-	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/local"
 )
 
@@ -207,7 +207,7 @@ func TestNewRefusesUnusableTokenFile(t *testing.T) {
 				}
 			}
 			cfg := tcpConfig(t, "127.0.0.1:8080", tokenFile)
-			d, err := daemon.New(context.Background(), cfg, daemon.Options{Clock: scaler.RealClock{}, BuilderCommand: []string{os.Args[0]}, BuilderEnv: []string{daemontest.EnvBuilder + "=1"}})
+			d, err := daemon.New(context.Background(), cfg, daemon.Options{Clock: clock.Real{}, BuilderCommand: []string{os.Args[0]}, BuilderEnv: []string{daemontest.EnvBuilder + "=1"}})
 			if err == nil {
 				d.Store().Close()
 				t.Fatal("New succeeded; want an error naming token_file")

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon/daemontest"
@@ -44,7 +45,7 @@ func benchDaemon(b *testing.B, pool string, prov scaler.Provider) *daemontest.Ha
 	b.Helper()
 	return daemontest.Start(b, daemontest.Config(b, pool), func(o *daemon.Options) {
 		o.Providers = map[string]scaler.Provider{"x86": prov}
-		o.Clock = scaler.RealClock{}
+		o.Clock = clock.Real{}
 		// Logging every request would measure the terminal.
 		o.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	})

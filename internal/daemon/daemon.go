@@ -24,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/agentcheck"
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
 	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/apiserver"
@@ -43,7 +44,7 @@ const OrphanGrace = 2 * time.Minute
 
 // Options holds what tests (or main) inject; zero values pick the defaults.
 type Options struct {
-	Clock    scaler.Clock
+	Clock    clock.Clock
 	Logger   *slog.Logger
 	Registry *prometheus.Registry
 	// Providers overrides the configured provider per pool.
@@ -86,7 +87,7 @@ type Daemon struct {
 // New opens the state and builds every part; nothing listens until Run.
 func New(ctx context.Context, cfg *config.Config, o Options) (*Daemon, error) {
 	if o.Clock == nil {
-		o.Clock = scaler.RealClock{}
+		o.Clock = clock.Real{}
 	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()

@@ -25,6 +25,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/ec2/types"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock/clocktest"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon"
@@ -33,7 +34,6 @@ import (
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 	ec2prov "guardianproject.dev/ops/nix-builder-autoscaler/scaler/ec2"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/ec2/ec2test"
-	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/scalertest"
 )
 
 // ec2Cluster is the daemon.cluster of these tests: the value of the
@@ -54,7 +54,7 @@ type ec2Daemon struct {
 	*daemontest.Harness
 	t     *testing.T
 	cfg   *config.Config
-	clock *scalertest.Clock
+	clock *clocktest.Clock
 	reach *daemontest.Reachable
 	reg   *prometheus.Registry
 }
@@ -104,7 +104,7 @@ discovery = "ec2-private-ip"
 endpoint = "http://127.0.0.1:9"
 `
 	cfg := daemontest.ConfigProvider(t, config.ProviderEC2, fmt.Sprintf("cluster = %q", ec2Cluster), pool)
-	d, err := daemon.New(context.Background(), cfg, daemon.Options{Clock: scalertest.NewClock(daemontest.T0),
+	d, err := daemon.New(context.Background(), cfg, daemon.Options{Clock: clocktest.New(daemontest.T0),
 		Readiness: daemontest.NewReachable(), Registry: prometheus.NewRegistry()})
 	if err != nil {
 		t.Fatalf("daemon.New, pool with ami and no launch template (launch_template_version left at its default %q): %v; want it to start",
@@ -117,7 +117,7 @@ endpoint = "http://127.0.0.1:9"
 // With fake set, the pool's provider is the EC2 provider over the fake
 // (through Options.EC2); without, the daemon builds its SDK client from
 // [pool.ec2] itself.
-func startEC2(t *testing.T, cfg *config.Config, clock *scalertest.Clock, reach *daemontest.Reachable, fake *ec2test.Fake) *ec2Daemon {
+func startEC2(t *testing.T, cfg *config.Config, clock *clocktest.Clock, reach *daemontest.Reachable, fake *ec2test.Fake) *ec2Daemon {
 	t.Helper()
 	reg := prometheus.NewRegistry()
 	d := &ec2Daemon{t: t, cfg: cfg, clock: clock, reach: reach, reg: reg}
@@ -279,7 +279,7 @@ func eventsOf(evs []api.Event, kind string) []api.Event {
 func TestEC2SpotInterruptionRequeuesAndReplaces(t *testing.T) {
 	fake := ec2test.New()
 	fake.Zones = map[string]string{ec2SubnetA: "us-east-1a", ec2SubnetB: "us-east-1b"}
-	clock := scalertest.NewClock(daemontest.T0)
+	clock := clocktest.New(daemontest.T0)
 	fake.Now = clock.Now
 	d := startEC2(t, ec2Config(t, []string{ec2SubnetA, ec2SubnetB}, "ami-0123456789abcdef0", "", ""),
 		clock, daemontest.NewReachable(), fake)
@@ -367,7 +367,7 @@ func TestEC2CapacityFallbackRecordsWhatWasBought(t *testing.T) {
 			fake := ec2test.New()
 			fake.Zones = map[string]string{ec2SubnetA: "us-east-1a", ec2SubnetB: "us-east-1b"}
 			fake.NoCapacity(tc.noCap[0], tc.noCap[1], tc.noCap[2])
-			clock := scalertest.NewClock(daemontest.T0)
+			clock := clocktest.New(daemontest.T0)
 			fake.Now = clock.Now
 			d := startEC2(t, ec2Config(t, []string{ec2SubnetA, ec2SubnetB}, "ami-0123456789abcdef0", "", tc.ec2Keys),
 				clock, daemontest.NewReachable(), fake)
@@ -488,7 +488,7 @@ func TestEC2MotoLaunchRestartAdoptDrain(t *testing.T) {
 	m := newMotoEC2(t)
 	cfg := m.config(t, "")
 	// The manual clock starts at the real time: moto's launch times are real.
-	clock := scalertest.NewClock(time.Now().UTC().Truncate(time.Second))
+	clock := clocktest.New(time.Now().UTC().Truncate(time.Second))
 	reach := daemontest.NewReachable()
 	d := startEC2(t, cfg, clock, reach, nil)
 
@@ -569,7 +569,7 @@ func TestEC2MotoLaunchRestartAdoptDrain(t *testing.T) {
 // untagged and other clusters' instances are never touched.
 func TestEC2MotoLeakedInstancesTerminatedAfterGrace(t *testing.T) {
 	m := newMotoEC2(t)
-	clock := scalertest.NewClock(time.Now().UTC().Truncate(time.Second))
+	clock := clocktest.New(time.Now().UTC().Truncate(time.Second))
 	reach := daemontest.NewReachable()
 	d := startEC2(t, m.config(t, ""), clock, reach, nil)
 
@@ -647,7 +647,7 @@ func TestEC2MotoLeakedInstancesTerminatedAfterGrace(t *testing.T) {
 func TestDrainedBuilderWithLateSessionIsNotTerminated(t *testing.T) {
 	fake := ec2test.New()
 	fake.Zones = map[string]string{ec2SubnetA: "us-east-1a"}
-	clock := scalertest.NewClock(daemontest.T0)
+	clock := clocktest.New(daemontest.T0)
 	fake.Now = clock.Now
 	reach := daemontest.NewReachable()
 	d := startEC2(t, ec2Config(t, []string{ec2SubnetA}, "ami-0123456789abcdef0", "", ""), clock, reach, fake)

@@ -26,6 +26,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/ec2/types"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock/clocktest"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon"
@@ -34,7 +35,6 @@ import (
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 	ec2prov "guardianproject.dev/ops/nix-builder-autoscaler/scaler/ec2"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/ec2/ec2test"
-	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/scalertest"
 )
 
 // tsBootTimeout is the pool's boot_timeout: below the reservations' 10m
@@ -88,7 +88,7 @@ func startTailscale(t *testing.T, peers ...discoverytest.Peer) *tsDaemon {
 	t.Helper()
 	fake := ec2test.New()
 	fake.Zones = map[string]string{ec2SubnetA: "us-east-1a"}
-	clock := scalertest.NewClock(daemontest.T0)
+	clock := clocktest.New(daemontest.T0)
 	fake.Now = clock.Now
 	ts := discoverytest.Start(t, peers...)
 	cfg := tsConfig(t, ts.Socket)
@@ -471,7 +471,7 @@ subnets = [%[2]q]
 socket = %[3]q
 `, ec2SubnetA, ec2SubnetB, ts.Socket)
 	cfg := daemontest.ConfigProvider(t, config.ProviderEC2, fmt.Sprintf("cluster = %q", ec2Cluster), pool)
-	clock := scalertest.NewClock(daemontest.T0)
+	clock := clocktest.New(daemontest.T0)
 	var regions []string
 	o := daemon.Options{Clock: clock, Readiness: daemontest.NewReachable(), Registry: prometheus.NewRegistry(),
 		Logger: slog.New(slog.DiscardHandler),

@@ -17,6 +17,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock/clocktest"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/discovery/discoverytest"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
@@ -36,7 +37,7 @@ type harness struct {
 	sock  string
 	reg   *prometheus.Registry
 	logs  *logBuffer
-	clock *fakeClock
+	clock *clocktest.Clock
 }
 
 // newHarness wraps a fake provider holding instances; pools "x86" and
@@ -45,7 +46,7 @@ type harness struct {
 func newHarness(t *testing.T, o Options, doc any, instances ...scaler.Instance) *harness {
 	t.Helper()
 	h := &harness{inner: &fakeProvider{instances: instances}, reg: prometheus.NewRegistry(),
-		clock: &fakeClock{now: time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)}}
+		clock: clocktest.New(time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC))}
 	h.sock = filepath.Join(discoverytest.ShortDir(t), "ts.sock")
 	if doc != nil {
 		h.ts = discoverytest.StartAt(t, h.sock, doc)

@@ -17,13 +17,13 @@ import (
 	"testing"
 	"time"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock/clocktest"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/syncbuf"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/local"
-	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/scalertest"
 )
 
 // EnvBuilder, set to "1", makes the test binary run as a local stand-in
@@ -77,7 +77,7 @@ type Option func(*daemon.Options)
 type Harness struct {
 	Daemon *daemon.Daemon
 	// Clock is the daemon's manual clock; nil if an Option replaced it.
-	Clock *scalertest.Clock
+	Clock *clocktest.Clock
 	// Client talks to the daemon over its unix socket.
 	Client *api.Client
 	Socket string
@@ -94,7 +94,7 @@ func Start(tb testing.TB, cfg *config.Config, opts ...Option) *Harness {
 	tb.Helper()
 	logs := &syncbuf.Buffer{}
 	logger := slog.New(slog.NewTextHandler(logs, nil))
-	clock := scalertest.NewClock(T0)
+	clock := clocktest.New(T0)
 	o := daemon.Options{
 		Clock:          clock,
 		Logger:         logger,

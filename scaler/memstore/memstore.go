@@ -1,28 +1,34 @@
-package sim
+// Package memstore is an in-memory scaler.Store: the simulator's state, and
+// the store of tests that need no SQLite.
+package memstore
 
 import (
 	"context"
 	"fmt"
 	"sort"
-	"time"
+	"sync"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
-// memStore is an in-memory scaler.Store with the same optimistic-concurrency
-// contract as the SQLite store: a row is written only if its Version is
-// the stored one, and the stored Version then goes up by one.
-type memStore struct {
+// Store is an in-memory scaler.Store with the same optimistic-concurrency
+// contract as the SQLite store (internal/store): a row is written only if
+// its Version is the stored one, and the stored Version then goes up by one.
+// It is safe for concurrent use.
+type Store struct {
+	mu     sync.Mutex
 	slots  map[scaler.SlotKey]scaler.Slot
 	res    map[string]scaler.Reservation
 	events int
 }
 
-func newMemStore(pools []scaler.PoolPolicy, now func() scaler.Slot) *memStore {
-	m := &memStore{slots: map[scaler.SlotKey]scaler.Slot{}, res: map[string]scaler.Reservation{}}
+// New returns a store with slot1..slotN of every pool (N = MaxBuilders),
+// each made by empty and then named.
+func New(pools []scaler.PoolPolicy, empty func() scaler.Slot) *Store {
+	m := &Store{slots: map[scaler.SlotKey]scaler.Slot{}, res: map[string]scaler.Reservation{}}
 	for _, p := range pools {
 		for i := 1; i <= p.MaxBuilders; i++ {
-			s := now()
+			s := empty()
 			s.Pool, s.Name = p.Name, fmt.Sprintf("slot%d", i)
 			m.slots[s.Key()] = s
 		}
@@ -30,7 +36,9 @@ func newMemStore(pools []scaler.PoolPolicy, now func() scaler.Slot) *memStore {
 	return m
 }
 
-func (m *memStore) Slots(context.Context) ([]scaler.Slot, error) {
+func (m *Store) Slots(context.Context) ([]scaler.Slot, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	out := make([]scaler.Slot, 0, len(m.slots))
 	for _, s := range m.slots {
 		out = append(out, s)
@@ -44,7 +52,9 @@ func (m *memStore) Slots(context.Context) ([]scaler.Slot, error) {
 	return out, nil
 }
 
-func (m *memStore) Slot(_ context.Context, k scaler.SlotKey) (scaler.Slot, error) {
+func (m *Store) Slot(_ context.Context, k scaler.SlotKey) (scaler.Slot, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	s, ok := m.slots[k]
 	if !ok {
 		return s, scaler.ErrNotFound
@@ -52,7 +62,9 @@ func (m *memStore) Slot(_ context.Context, k scaler.SlotKey) (scaler.Slot, error
 	return s, nil
 }
 
-func (m *memStore) LiveReservations(context.Context) ([]scaler.Reservation, error) {
+func (m *Store) LiveReservations(context.Context) ([]scaler.Reservation, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	var out []scaler.Reservation
 	for _, r := range m.res {
 		if r.State.Live() {
@@ -68,7 +80,9 @@ func (m *memStore) LiveReservations(context.Context) ([]scaler.Reservation, erro
 	return out, nil
 }
 
-func (m *memStore) Reservation(_ context.Context, id string) (scaler.Reservation, error) {
+func (m *Store) Reservation(_ context.Context, id string) (scaler.Reservation, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	r, ok := m.res[id]
 	if !ok {
 		return r, scaler.ErrNotFound
@@ -76,7 +90,9 @@ func (m *memStore) Reservation(_ context.Context, id string) (scaler.Reservation
 	return r, nil
 }
 
-func (m *memStore) Commit(_ context.Context, c scaler.Change) error {
+func (m *Store) Commit(_ context.Context, c scaler.Change) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	for _, s := range c.Slots {
 		if cur, ok := m.slots[s.Key()]; !ok || cur.Version != s.Version {
 			return scaler.ErrConflict
@@ -99,14 +115,9 @@ func (m *memStore) Commit(_ context.Context, c scaler.Change) error {
 	return nil
 }
 
-// simClock is the simulation's time: it moves only when the run loop sets
-// it. The reconciler is driven with ReconcileOnce, so its tickers never fire.
-type simClock struct{ now time.Time }
-
-func (c *simClock) Now() time.Time                        { return c.now }
-func (c *simClock) NewTicker(time.Duration) scaler.Ticker { return stoppedTicker{} }
-
-type stoppedTicker struct{}
-
-func (stoppedTicker) C() <-chan time.Time { return nil }
-func (stoppedTicker) Stop()               {}
+// Events is how many events were committed.
+func (m *Store) Events() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.events
+}
