@@ -62,7 +62,7 @@ func FuzzIdentityLine(f *testing.F) {
 		if len(data) > 4*MaxLine {
 			t.Skip()
 		}
-		s := New(fuzzSlots{}, map[string]int{"x86": 4, "broken": 1}, nil, nil)
+		s := New(fuzzSlots{}, map[string]int{"x86": 4, "broken": 1}, nil, nil, nil)
 		conn := &sentConn{in: bytes.NewReader(data)}
 		s.handle(context.Background(), conn)
 		if !conn.closed {

@@ -207,7 +207,7 @@ func TestHAProxy(t *testing.T) {
 		// slot3 is not in the store: an unknown identity.
 	)
 	reg := prometheus.NewRegistry()
-	s := New(f, map[string]int{"x86": 4}, testLogger(t), reg)
+	s := New(f, map[string]int{"x86": 4}, testLogger(t), reg, nil)
 	// Hang guards only: the limits are not under test here, and a read
 	// timeout on a busy machine would answer "maint".
 	s.readTimeout, s.lookupTimeout, s.writeTimeout = testwait.Bound, testwait.Bound, testwait.Bound

@@ -63,6 +63,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
@@ -104,6 +105,7 @@ type Slots interface {
 // Server is the agent-check responder.
 type Server struct {
 	slots   Slots
+	clock   clock.Clock
 	maxJobs map[string]int
 	log     *slog.Logger
 	checks  *prometheus.CounterVec
@@ -122,11 +124,15 @@ const warnEvery = 10 * time.Second
 // max_jobs, which becomes each ready server's maxconn). A pool missing from
 // maxJobs is unknown: its servers are told "maint". log may be nil (no
 // logging); the metrics are registered on reg unless it is nil.
-func New(slots Slots, maxJobs map[string]int, log *slog.Logger, reg prometheus.Registerer) *Server {
+func New(slots Slots, maxJobs map[string]int, log *slog.Logger, reg prometheus.Registerer, clk clock.Clock) *Server {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	if clk == nil {
+		clk = clock.Real{}
+	}
 	s := &Server{
+		clock:         clk,
 		slots:         slots,
 		maxJobs:       maps.Clone(maxJobs),
 		log:           log,
@@ -177,9 +183,9 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 				// Out of file descriptors and the like: back off, bounded.
 				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
 				s.log.Warn("agent check: accept failed, retrying", "err", err, "in", delay)
-				t := time.NewTimer(delay)
+				t := s.clock.NewTimer(delay)
 				select {
-				case <-t.C:
+				case <-t.C():
 				case <-ctx.Done():
 					t.Stop()
 					return nil
@@ -255,7 +261,7 @@ func (s *Server) answer(ctx context.Context, conn net.Conn) (string, string) {
 }
 
 func (s *Server) storeError(key scaler.SlotKey, err error) {
-	now := time.Now().UnixNano()
+	now := s.clock.Now().UnixNano()
 	last := s.lastWarn.Load()
 	if now-last >= int64(warnEvery) && s.lastWarn.CompareAndSwap(last, now) {
 		s.log.Warn("agent check: store lookup failed; not answering, HAProxy keeps the last state",

@@ -132,7 +132,7 @@ var readySlot = scaler.Slot{Pool: "x86", Name: "slot1", State: scaler.Ready, Wei
 func newTestServer(t *testing.T, slots Slots) (*Server, *prometheus.Registry) {
 	t.Helper()
 	reg := prometheus.NewRegistry()
-	s := New(slots, map[string]int{"x86": 4}, testLogger(t), reg)
+	s := New(slots, map[string]int{"x86": 4}, testLogger(t), reg, nil)
 	s.readTimeout = testwait.Bound
 	s.lookupTimeout = testwait.Bound
 	s.writeTimeout = testwait.Bound
@@ -400,7 +400,7 @@ func TestServeAcceptError(t *testing.T) {
 
 func TestNewCopiesMaxJobs(t *testing.T) {
 	mj := map[string]int{"x86": 4}
-	s := New(newFakeSlots(readySlot), mj, nil, nil)
+	s := New(newFakeSlots(readySlot), mj, nil, nil, nil)
 	mj["x86"] = 99
 	mj["arm"] = 1
 	if s.maxJobs["x86"] != 4 || len(s.maxJobs) != 1 {

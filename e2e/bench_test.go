@@ -71,6 +71,7 @@ check_interval = "%[6]s"`, dir, port(), port(), port(), hold, checkInterval), fm
 	reg := prometheus.NewRegistry()
 	h := daemontest.Start(tb, cfg, func(o *daemon.Options) {
 		o.Clock = clock.Real{}
+		o.KickBatch = 0 // the product's batch window, on the real clock
 		o.Registry = reg
 	})
 	return &benchStack{tb: tb, h: h, hp: hp, cfg: cfg, reg: reg, frontend: frontend}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
@@ -52,6 +53,7 @@ const statServersCmd = "show stat -1 4 -1"
 type Readiness struct {
 	c     *Client
 	pools map[string]string // backend name → pool
+	clock clock.Clock
 
 	mu        sync.Mutex
 	haproxyUp bool
@@ -92,11 +94,14 @@ var (
 // look healthy before the new builder answers. A passing check counts for a
 // newly bound address only after a check of it failed or ran, or after
 // 3 × checkInterval.
-func NewReadiness(c *Client, pools []string, placeholder string, checkInterval time.Duration, reg prometheus.Registerer) *Readiness {
+func NewReadiness(c *Client, pools []string, placeholder string, checkInterval time.Duration, clk clock.Clock, reg prometheus.Registerer) *Readiness {
 	if checkInterval <= 0 {
 		checkInterval = time.Second
 	}
-	r := &Readiness{c: c, pools: make(map[string]string, len(pools)), placeholder: placeholder, checkInterval: checkInterval}
+	if clk == nil {
+		clk = clock.Real{}
+	}
+	r := &Readiness{c: c, pools: make(map[string]string, len(pools)), placeholder: placeholder, checkInterval: checkInterval, clock: clk}
 	for _, p := range pools {
 		r.pools[Backend(p)] = p
 	}
@@ -137,7 +142,7 @@ func (r *Readiness) Bind(ctx context.Context, key scaler.SlotKey, addr string) e
 			r.bound = map[scaler.SlotKey]*boundAddr{}
 		}
 		if b := r.bound[key]; b == nil || b.addr != addr {
-			r.bound[key] = &boundAddr{addr: addr, at: time.Now()}
+			r.bound[key] = &boundAddr{addr: addr, at: r.clock.Now()}
 		}
 		r.mu.Unlock()
 	}
@@ -213,7 +218,7 @@ func (r *Readiness) servers(ctx context.Context) (out map[scaler.SlotKey]scaler.
 			running := strings.HasPrefix(s.Str("check_status"), "* ")
 			outOfMaint := !strings.HasPrefix(s.Status(), "MAINT")
 			switch {
-			case time.Since(b.at) >= 3*r.checkInterval:
+			case clock.Since(r.clock, b.at) >= 3*r.checkInterval:
 				b.verified = true
 			case outOfMaint && (!healthy || running):
 				b.seen = true // a check of the new address failed or is running

@@ -58,7 +58,7 @@ func TestReadinessAgainstHAProxy(t *testing.T) {
 		testGlobal+poolBackend("x86", fe, 2)+poolBackend("arm", 0, 1)+spoaBackend(b.Addr))
 	reg := prometheus.NewPedanticRegistry()
 	c := NewClient(h.Socket, testwait.Bound)
-	r := NewReadiness(c, []string{"x86", "arm"}, "192.0.2.1:22", time.Second, reg)
+	r := NewReadiness(c, []string{"x86", "arm"}, "192.0.2.1:22", time.Second, nil, reg)
 	ctx := t.Context()
 	slot1 := scaler.SlotKey{Pool: "x86", Slot: "slot1"}
 	slot2 := scaler.SlotKey{Pool: "x86", Slot: "slot2"}
@@ -268,7 +268,7 @@ func TestReadinessWithAgent(t *testing.T) {
 		cfg += fmt.Sprintf("    server slot%d slot.nba.invalid:22 init-addr last,%s disabled agent-send \"x86/slot%d\\n\"\n", i, Placeholder, i)
 	}
 	h := haproxytest.Start(t, haproxytest.Dir(t), cfg)
-	r := NewReadiness(NewClient(h.Socket, testwait.Bound), []string{"x86"}, "192.0.2.1:22", time.Second, nil)
+	r := NewReadiness(NewClient(h.Socket, testwait.Bound), []string{"x86"}, "192.0.2.1:22", time.Second, nil, nil)
 	for i := 1; i <= 5; i++ {
 		if err := r.Bind(t.Context(), scaler.SlotKey{Pool: "x86", Slot: fmt.Sprintf("slot%d", i)}, b.Addr); err != nil {
 			t.Fatal(err)
@@ -326,7 +326,7 @@ func TestReadinessSPOA(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			h := haproxytest.Start(t, haproxytest.Dir(t), testGlobal+poolBackend("x86", 0, 1)+tc.spoa)
 			reg := prometheus.NewPedanticRegistry()
-			r := NewReadiness(NewClient(h.Socket, testwait.Bound), []string{"x86"}, "192.0.2.1:22", time.Second, reg)
+			r := NewReadiness(NewClient(h.Socket, testwait.Bound), []string{"x86"}, "192.0.2.1:22", time.Second, nil, reg)
 			var up, known bool
 			// The check needs a round (inter 100ms) to see the agent down.
 			if !testwait.Poll(testwait.Bound, func() bool {
@@ -377,7 +377,7 @@ func TestReadinessOneCallPerRound(t *testing.T) {
 				return "Unknown command\n\n"
 			})
 			reg := prometheus.NewPedanticRegistry()
-			r := NewReadiness(NewClient(f.Path, testwait.Bound), []string{"x86"}, "192.0.2.1:22", time.Second, reg)
+			r := NewReadiness(NewClient(f.Path, testwait.Bound), []string{"x86"}, "192.0.2.1:22", time.Second, nil, reg)
 			servers, err := r.Servers(t.Context())
 			if err != nil {
 				t.Fatal(err)
@@ -404,7 +404,7 @@ func TestReadinessBindCommands(t *testing.T) {
 		}
 		return "IP changed from '192.0.2.1' to 'x', port changed from '22' to 'y' by 'stats socket command'\n\n"
 	})
-	r := NewReadiness(NewClient(f.Path, testwait.Bound), []string{"x86"}, "192.0.2.1:22", time.Second, nil)
+	r := NewReadiness(NewClient(f.Path, testwait.Bound), []string{"x86"}, "192.0.2.1:22", time.Second, nil, nil)
 	for _, tc := range []struct {
 		slot, addr, cmd string
 	}{
@@ -431,7 +431,7 @@ func TestReadinessHAProxyRefuses(t *testing.T) {
 	// show stat works; an answer that is no table fails Servers with a quote.
 	f := startFakeSocket(t, func(cmd string) string { return "Permission denied\n\n" })
 	reg := prometheus.NewPedanticRegistry()
-	r := NewReadiness(NewClient(f.Path, testwait.Bound), []string{"x86"}, "192.0.2.1:22", time.Second, reg)
+	r := NewReadiness(NewClient(f.Path, testwait.Bound), []string{"x86"}, "192.0.2.1:22", time.Second, nil, reg)
 	_, err := r.Servers(t.Context())
 	var ce *CommandError
 	if !errors.As(err, &ce) || !strings.Contains(err.Error(), "Permission denied") {
@@ -505,7 +505,7 @@ func TestReusedSlotNotHealthyFromStaleCheck(t *testing.T) {
 		row = status + "," + check
 		mu.Unlock()
 	}
-	r := NewReadiness(NewClient(f.Path, testwait.Bound), []string{"x86"}, "192.0.2.1:22", time.Hour, nil)
+	r := NewReadiness(NewClient(f.Path, testwait.Bound), []string{"x86"}, "192.0.2.1:22", time.Hour, nil, nil)
 	key := scaler.SlotKey{Pool: "x86", Slot: "slot1"}
 	healthy := func() bool {
 		t.Helper()
@@ -564,7 +564,7 @@ backend nba_x86
     server slot1 slot.nba.invalid:22 init-addr last,%s disabled agent-send "x86/slot1\n"
 `, fe, l.Addr().(*net.TCPAddr).Port, Placeholder)
 	h := haproxytest.Start(t, haproxytest.Dir(t), cfg)
-	r := NewReadiness(NewClient(h.Socket, testwait.Bound), []string{"x86"}, placeholderAddr, time.Second, nil)
+	r := NewReadiness(NewClient(h.Socket, testwait.Bound), []string{"x86"}, placeholderAddr, time.Second, nil, nil)
 	key := scaler.SlotKey{Pool: "x86", Slot: "slot1"}
 	if err := r.Bind(t.Context(), key, b.Addr); err != nil {
 		t.Fatal(err)

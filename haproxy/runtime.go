@@ -95,7 +95,6 @@ func (c *Client) Exec(ctx context.Context, cmd string) (string, error) {
 	if err := ctx.Err(); err != nil {
 		return "", fmt.Errorf("haproxy %q: %w", cmd, err)
 	}
-	start := time.Now()
 	cctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
 	var d net.Dialer
@@ -105,7 +104,7 @@ func (c *Client) Exec(ctx context.Context, cmd string) (string, error) {
 			return "", fmt.Errorf("haproxy %q: %w", cmd, ctx.Err())
 		}
 		if isTimeoutErr(err) || cctx.Err() != nil {
-			return "", c.timeoutError(cmd, "connecting", start, err)
+			return "", c.timeoutError(cmd, "connecting", err)
 		}
 		return "", c.dialError(err)
 	}
@@ -118,11 +117,11 @@ func (c *Client) Exec(ctx context.Context, cmd string) (string, error) {
 	defer stop()
 
 	if _, err := io.WriteString(conn, cmd+"\n"); err != nil {
-		return "", c.ioError(ctx, cctx, cmd, "sending", start, err)
+		return "", c.ioError(ctx, cctx, cmd, "sending", err)
 	}
 	b, err := io.ReadAll(io.LimitReader(conn, maxAnswer+1))
 	if err != nil {
-		return "", c.ioError(ctx, cctx, cmd, "reading the answer", start, err)
+		return "", c.ioError(ctx, cctx, cmd, "reading the answer", err)
 	}
 	if len(b) > maxAnswer {
 		return "", fmt.Errorf("haproxy %q: answer longer than %d bytes", cmd, maxAnswer)
@@ -136,17 +135,17 @@ func isTimeoutErr(err error) bool {
 		(errors.As(err, &ne) && ne.Timeout())
 }
 
-func (c *Client) timeoutError(cmd, doing string, start time.Time, err error) error {
-	return fmt.Errorf("haproxy runtime socket %s: timed out %s after %s (command %q; limit %s or the caller's deadline): %w: %w",
-		c.socket, doing, time.Since(start).Round(time.Millisecond), cmd, c.timeout, ErrUnreachable, err)
+func (c *Client) timeoutError(cmd, doing string, err error) error {
+	return fmt.Errorf("haproxy runtime socket %s: timed out %s (command %q; limit %s or the caller's deadline): %w: %w",
+		c.socket, doing, cmd, c.timeout, ErrUnreachable, err)
 }
 
-func (c *Client) ioError(parent, cctx context.Context, cmd, doing string, start time.Time, err error) error {
+func (c *Client) ioError(parent, cctx context.Context, cmd, doing string, err error) error {
 	if parent.Err() == context.Canceled {
 		return fmt.Errorf("haproxy %q: %w", cmd, parent.Err())
 	}
 	if cctx.Err() != nil || isTimeoutErr(err) {
-		return c.timeoutError(cmd, doing, start, err)
+		return c.timeoutError(cmd, doing, err)
 	}
 	return fmt.Errorf("haproxy runtime socket %s: connection broke while %s (command %q): %w: %w",
 		c.socket, doing, cmd, ErrUnreachable, err)

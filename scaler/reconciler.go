@@ -49,6 +49,10 @@ type Options struct {
 	Held func() map[string]int
 	// CallTimeout bounds each provider and readiness call.
 	CallTimeout time.Duration
+	// KickBatch is how long a kicked round waits for more events (0:
+	// KickBatch; negative: not at all, for a manual clock that no test
+	// advances by milliseconds).
+	KickBatch time.Duration
 }
 
 // Reconciler runs Plan and applies its actions: on a ticker, and at once
@@ -95,6 +99,9 @@ func New(o Options) *Reconciler {
 	}
 	if o.CallTimeout <= 0 {
 		o.CallTimeout = 2 * time.Minute
+	}
+	if o.KickBatch == 0 {
+		o.KickBatch = KickBatch
 	}
 	return &Reconciler{
 		o:        o,
@@ -168,7 +175,9 @@ func (r *Reconciler) Run(ctx context.Context) error {
 		case <-r.kick:
 			// Let a burst of events (a push starting many builds, a
 			// create quickly followed by its release) land in one round.
-			time.Sleep(KickBatch)
+			if r.o.KickBatch > 0 && clock.Sleep(ctx, r.o.Clock, r.o.KickBatch) != nil {
+				return nil
+			}
 			select {
 			case <-r.kick:
 			default:

@@ -25,6 +25,7 @@ import (
 	"github.com/negasus/haproxy-spoe-go/request"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
@@ -57,6 +58,8 @@ type Options struct {
 	Logger *slog.Logger
 	// Registerer takes the agent's metrics (nil: not registered).
 	Registerer prometheus.Registerer
+	// Clock times decisions and holds (nil: clock.Real).
+	Clock clock.Clock
 }
 
 // slotView is what the agent knows of one slot between two reconcile rounds.
@@ -88,6 +91,9 @@ func New(o Options) *Agent {
 	}
 	if o.Kick == nil {
 		o.Kick = func() {}
+	}
+	if o.Clock == nil {
+		o.Clock = clock.Real{}
 	}
 	return &Agent{o: o, m: newMetrics(o.Registerer), pools: map[string][]slotView{},
 		picks: map[scaler.SlotKey]int{}, held: map[string]int{}, changed: make(chan struct{})}
@@ -227,9 +233,9 @@ func (a *Agent) handle(req *request.Request) {
 		a.m.nbSrv.WithLabelValues(pool).Set(float64(n))
 	}
 	a.m.connections.WithLabelValues(pool).Inc()
-	start := time.Now()
+	start := a.o.Clock.Now()
 	slot, held := a.Decide(pool)
-	a.m.decisionSeconds.Observe(time.Since(start).Seconds())
+	a.m.decisionSeconds.Observe(clock.Since(a.o.Clock, start).Seconds())
 	if slot == "" {
 		src, _ := argString(msg.KV.Get(ArgSrc))
 		sport, _ := argInt(msg.KV.Get(ArgSport))
@@ -239,7 +245,7 @@ func (a *Agent) handle(req *request.Request) {
 		return
 	}
 	if held {
-		a.o.Logger.Info("spoa: held connection routed", "pool", pool, "slot", slot, "waited", time.Since(start).Round(time.Millisecond))
+		a.o.Logger.Info("spoa: held connection routed", "pool", pool, "slot", slot, "waited", clock.Since(a.o.Clock, start).Round(time.Millisecond))
 	}
 	req.Actions.SetVar(action.ScopeSession, VarSlot, slot)
 }
@@ -283,12 +289,12 @@ func (a *Agent) Decide(pool string) (slot string, held bool) {
 		a.m.held.WithLabelValues(pool).Dec()
 	}()
 	a.o.Kick()
-	timer := time.NewTimer(a.o.Hold)
+	timer := a.o.Clock.NewTimer(a.o.Hold)
 	defer timer.Stop()
 	for {
 		select {
 		case <-changed:
-		case <-timer.C:
+		case <-timer.C():
 			a.m.decisions.WithLabelValues(pool, "rejected").Inc()
 			return "", true
 		}

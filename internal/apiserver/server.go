@@ -407,7 +407,7 @@ func (s *Server) get(w http.ResponseWriter, r *http.Request) {
 		}
 		wait = min(d, s.o.Reservations.MaxPoll.D())
 	}
-	timer := time.NewTimer(wait)
+	timer := s.o.Clock.NewTimer(wait)
 	defer timer.Stop()
 	for {
 		// Take the channel before reading, so a change between the read
@@ -423,7 +423,7 @@ func (s *Server) get(w http.ResponseWriter, r *http.Request) {
 		}
 		select {
 		case <-changed:
-		case <-timer.C:
+		case <-timer.C():
 			wait = 0
 		case <-r.Context().Done():
 			return

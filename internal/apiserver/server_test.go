@@ -698,6 +698,8 @@ func TestLongPollAnswersPendingAfterWait(t *testing.T) {
 	if err := ts.db.Commit(context.Background(), scaler.Change{Reservations: []scaler.Reservation{stored}}); err != nil {
 		t.Fatal(err)
 	}
+	// The wait runs on the server's clock: only moving it ends the wait.
+	ts.clock.Advance(200 * time.Millisecond)
 	release()
 	res := <-p
 	if res.err != nil {

@@ -46,6 +46,7 @@ func benchDaemon(b *testing.B, pool string, prov scaler.Provider) *daemontest.Ha
 	return daemontest.Start(b, daemontest.Config(b, pool), func(o *daemon.Options) {
 		o.Providers = map[string]scaler.Provider{"x86": prov}
 		o.Clock = clock.Real{}
+		o.KickBatch = 0 // the product's batch window, on the real clock
 		// Logging every request would measure the terminal.
 		o.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	})

@@ -58,6 +58,9 @@ type Options struct {
 	// EC2 builds the EC2 provider of a region instead of the AWS SDK (tests
 	// pass one over a fake).
 	EC2 func(region, endpoint string, pools map[string]ec2prov.PoolOptions) scaler.Provider
+	// KickBatch is the reconciler's batch window for events (0:
+	// scaler.KickBatch; negative: none, for a manual clock).
+	KickBatch time.Duration
 }
 
 // Daemon is a running (or ready to run) autoscaler.
@@ -133,7 +136,7 @@ func New(ctx context.Context, cfg *config.Config, o Options) (*Daemon, error) {
 	sopts := scaler.Options{
 		Store: db, Providers: providers, Policy: Policy(cfg), Clock: o.Clock,
 		Interval: cfg.Daemon.ReconcileInterval.D(), Logger: o.Logger, Recorder: metrics.NewReconciler(o.Registry),
-		OnChange: func() { d.api.Notify() },
+		OnChange: func() { d.api.Notify() }, KickBatch: o.KickBatch,
 	}
 	aopts := apiserver.Options{Store: db, Pools: cfg.Pools, Reservations: cfg.Reservations, Clock: o.Clock, Logger: o.Logger}
 	if cfg.HAProxy.Enabled() {
@@ -143,13 +146,13 @@ func New(ctx context.Context, cfg *config.Config, o Options) (*Daemon, error) {
 			names = append(names, p.Name)
 			maxJobs[p.Name] = p.MaxJobs
 		}
-		d.hap = haproxy.NewReadiness(haproxy.NewClient(cfg.HAProxy.RuntimeSocket, cfg.HAProxy.Timeout.D()), names, cfg.HAProxy.Placeholder, cfg.HAProxy.CheckInterval.D(), o.Registry)
+		d.hap = haproxy.NewReadiness(haproxy.NewClient(cfg.HAProxy.RuntimeSocket, cfg.HAProxy.Timeout.D()), names, cfg.HAProxy.Placeholder, cfg.HAProxy.CheckInterval.D(), o.Clock, o.Registry)
 		if readiness == nil {
 			readiness = d.hap
 		}
-		d.spoa = spoa.New(spoa.Options{MaxJobs: maxJobs, Hold: cfg.HAProxy.Hold.D(), Kick: func() { d.rec.Kick() },
+		d.spoa = spoa.New(spoa.Options{MaxJobs: maxJobs, Hold: cfg.HAProxy.Hold.D(), Kick: func() { d.rec.Kick() }, Clock: o.Clock,
 			Logger: o.Logger, Registerer: o.Registry})
-		d.agent = agentcheck.New(db, maxJobs, o.Logger, o.Registry)
+		d.agent = agentcheck.New(db, maxJobs, o.Logger, o.Registry, o.Clock)
 		sopts.OnObserved, sopts.Held = d.spoa.Update, d.spoa.Held
 		// Poll HAProxy as often as it checks builders while they settle.
 		sopts.FastInterval = min(cfg.HAProxy.CheckInterval.D(), scaler.DefaultFastInterval)

@@ -100,6 +100,8 @@ func Start(tb testing.TB, cfg *config.Config, opts ...Option) *Harness {
 		Logger:         logger,
 		BuilderCommand: []string{os.Args[0]},
 		BuilderEnv:     []string{EnvBuilder + "=1"},
+		// Nothing advances the manual clock by the batch window.
+		KickBatch: -1,
 	}
 	for _, opt := range opts {
 		opt(&o)
