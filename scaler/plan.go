@@ -80,8 +80,12 @@ const (
 	// ActDrain stops new work going to a slot.
 	ActDrain ActionKind = "drain"
 	// ActTerminate terminates a slot's instance (or an orphan instance when
-	// Slot is empty).
+	// Slot is empty) for Cause.
 	ActTerminate ActionKind = "terminate"
+	// ActRetryTerminate asks the provider again to terminate the instance
+	// of a slot already terminating (a failed call, or one whose answer
+	// was lost); the slot and its counts do not change.
+	ActRetryTerminate ActionKind = "retry-terminate"
 	// ActAssign gives reservation Reservation the slot Slot.
 	ActAssign ActionKind = "assign"
 	// ActRequeue sends an assigned reservation back to pending.
@@ -101,7 +105,9 @@ type Action struct {
 	Instance    string
 	Addr        string
 	To          SlotState
-	Reason      string
+	Reason      string // for people: logs and the event log
+	// Cause, on a terminate, is why, for metrics and code to branch on.
+	Cause Cause
 	// IfIdle, on a terminate, asks the reconciler to close the builder to
 	// new connections and terminate it only if no session is open then
 	// (see Quiescer).
@@ -112,13 +118,32 @@ func (a Action) String() string {
 	var b strings.Builder
 	b.WriteString(string(a.Kind))
 	for _, kv := range [][2]string{{"pool", a.Pool}, {"slot", a.Slot}, {"reservation", a.Reservation},
-		{"instance", a.Instance}, {"addr", a.Addr}, {"to", string(a.To)}, {"reason", a.Reason}, {"if_idle", map[bool]string{true: "true"}[a.IfIdle]}} {
+		{"instance", a.Instance}, {"addr", a.Addr}, {"to", string(a.To)}, {"cause", string(a.Cause)}, {"reason", a.Reason},
+		{"if_idle", map[bool]string{true: "true"}[a.IfIdle]}} {
 		if kv[1] != "" {
 			fmt.Fprintf(&b, " %s=%q", kv[0], kv[1])
 		}
 	}
 	return b.String()
 }
+
+// Cause is why a builder is terminated, in terms code and metrics branch on
+// (Action.Reason says it for people).
+type Cause string
+
+const (
+	CauseLaunchTimeout Cause = "launch_timeout"
+	CauseBootTimeout   Cause = "boot_timeout"
+	CauseBindTimeout   Cause = "bind_timeout"
+	CauseDrainTimeout  Cause = "drain_timeout"
+	// CauseDrained: drained (idle, operator, max lifetime, ...) and no
+	// session left.
+	CauseDrained Cause = "drained"
+	// CauseOrphan: an instance of this cluster that no slot tracks.
+	CauseOrphan Cause = "orphan"
+	// CauseOther: anything else (a launch cut off by a crash, ...).
+	CauseOther Cause = "other"
+)
 
 // touchEvery bounds how often a busy slot's LastActive is rewritten.
 const touchEvery = time.Second
@@ -264,12 +289,12 @@ func (p *planner) advance(s *Slot, to SlotState, reason string) {
 	p.setState(s, to)
 }
 
-func (p *planner) terminate(s *Slot, reason string) { p.stop(s, reason, false) }
+func (p *planner) terminate(s *Slot, cause Cause, reason string) { p.stop(s, cause, reason, false) }
 
 // stop terminates s's builder; with ifIdle only if it has no session once
 // closed to new ones (Action.IfIdle).
-func (p *planner) stop(s *Slot, reason string, ifIdle bool) {
-	p.emit(Action{Kind: ActTerminate, Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, Reason: reason, IfIdle: ifIdle})
+func (p *planner) stop(s *Slot, cause Cause, reason string, ifIdle bool) {
+	p.emit(Action{Kind: ActTerminate, Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, Reason: reason, Cause: cause, IfIdle: ifIdle})
 	p.requeueSlot(s, reason)
 	if s.InstanceID == "" {
 		// Nothing was ever launched that we can name: the slot is free now.
@@ -346,16 +371,16 @@ func (p *planner) slotTransitions() {
 					p.bind(s, in.Address)
 				}
 			case !found && s.InstanceID == "" && age >= LostLaunchAfter:
-				p.terminate(s, "launch lost: no instance has launch id "+s.LaunchID+" (the daemon stopped during the launch)")
+				p.terminate(s, CauseOther, "launch lost: no instance has launch id "+s.LaunchID+" (the daemon stopped during the launch)")
 			case configured && age >= pp.LaunchTimeout:
-				p.terminate(s, "launch timeout ("+pp.LaunchTimeout.String()+")")
+				p.terminate(s, CauseLaunchTimeout, "launch timeout ("+pp.LaunchTimeout.String()+")")
 			}
 		case Booting:
 			switch {
 			case found && in.Address != "":
 				p.bind(s, in.Address)
 			case configured && age >= pp.BootTimeout:
-				p.terminate(s, "boot timeout ("+pp.BootTimeout.String()+")")
+				p.terminate(s, CauseBootTimeout, "boot timeout ("+pp.BootTimeout.String()+")")
 			}
 		case Binding:
 			switch {
@@ -365,7 +390,7 @@ func (p *planner) slotTransitions() {
 				p.advance(s, Ready, "server healthy")
 				s.LastActive = p.now
 			case configured && age >= pp.BindTimeout:
-				p.terminate(s, "bind timeout ("+pp.BindTimeout.String()+")")
+				p.terminate(s, CauseBindTimeout, "bind timeout ("+pp.BindTimeout.String()+")")
 			}
 		case Ready, Draining:
 			if p.obs.ServersKnown && srv.Addr != s.Address {
@@ -393,14 +418,14 @@ func (p *planner) slotTransitions() {
 			}
 			switch {
 			case p.perSlot[s.Key()] == 0 && srv.Sessions == 0:
-				p.stop(s, "drained ("+s.DrainReason+")", true)
+				p.stop(s, CauseDrained, "drained ("+s.DrainReason+")", true)
 			case configured && age >= pp.DrainTimeout:
-				p.terminate(s, "drain timeout ("+pp.DrainTimeout.String()+")")
+				p.terminate(s, CauseDrainTimeout, "drain timeout ("+pp.DrainTimeout.String()+")")
 			}
 		case Terminating:
 			if found && !in.State.Gone() {
 				// Terminate is idempotent; a failed call is retried here.
-				p.emit(Action{Kind: ActTerminate, Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, Reason: "retry: " + s.DrainReason})
+				p.emit(Action{Kind: ActRetryTerminate, Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, Reason: s.DrainReason})
 			}
 		}
 	}
@@ -434,7 +459,7 @@ func (p *planner) orphans() {
 			continue
 		}
 		if stopped {
-			p.emit(Action{Kind: ActTerminate, Pool: in.Pool, Instance: id, Reason: "orphan: stopped outside the daemon"})
+			p.emit(Action{Kind: ActTerminate, Pool: in.Pool, Instance: id, Cause: CauseOrphan, Reason: "orphan: stopped outside the daemon"})
 			continue
 		}
 		if s := p.freeSlot(in); s != nil {
@@ -449,7 +474,7 @@ func (p *planner) orphans() {
 		if p.now.Sub(in.LaunchedAt) < p.pol.OrphanGrace {
 			continue
 		}
-		p.emit(Action{Kind: ActTerminate, Pool: in.Pool, Instance: id, Reason: "orphan: no slot tracks it"})
+		p.emit(Action{Kind: ActTerminate, Pool: in.Pool, Instance: id, Cause: CauseOrphan, Reason: "orphan: no slot tracks it"})
 	}
 }
 

@@ -322,7 +322,7 @@ func TestPlan(t *testing.T) {
 			w: world{slots: []Slot{slot("slot1", Launching, func(s *Slot) { s.StateSince = t0.Add(-5 * time.Minute) }), slot("slot2", Empty), slot("slot3", Empty)},
 				instances: []Instance{inst("slot1", InstancePending)}, res: []Reservation{pending("r1", 0)}},
 			want: []string{
-				`terminate pool="x86" slot="slot1" instance="i-slot1" reason="launch timeout (5m0s)"`,
+				`terminate pool="x86" slot="slot1" instance="i-slot1" cause="launch_timeout" reason="launch timeout (5m0s)"`,
 				`launch pool="x86" slot="slot2" reason="1 need a builder, 1 builders wanted, 0 active"`,
 			},
 		},
@@ -331,7 +331,7 @@ func TestPlan(t *testing.T) {
 			w: world{slots: []Slot{slot("slot1", Booting, func(s *Slot) { s.StateSince = t0.Add(-10 * time.Minute) }), slot("slot2", Empty), slot("slot3", Empty)},
 				instances: []Instance{inst("slot1", InstanceRunning, func(in *Instance) { in.Address = "" })}, res: []Reservation{pending("r1", 0)}},
 			want: []string{
-				`terminate pool="x86" slot="slot1" instance="i-slot1" reason="boot timeout (10m0s)"`,
+				`terminate pool="x86" slot="slot1" instance="i-slot1" cause="boot_timeout" reason="boot timeout (10m0s)"`,
 				`launch pool="x86" slot="slot2" reason="1 need a builder, 1 builders wanted, 0 active"`,
 			},
 		},
@@ -340,7 +340,7 @@ func TestPlan(t *testing.T) {
 			w: world{slots: []Slot{slot("slot1", Binding, func(s *Slot) { s.StateSince = t0.Add(-5 * time.Minute) }), slot("slot2", Empty), slot("slot3", Empty)},
 				res: []Reservation{pending("r1", 0)}, servers: map[SlotKey]ServerStatus{key("slot1"): {Addr: "10.0.0.1:22", Up: false}}},
 			want: []string{
-				`terminate pool="x86" slot="slot1" instance="i-slot1" reason="bind timeout (5m0s)"`,
+				`terminate pool="x86" slot="slot1" instance="i-slot1" cause="bind_timeout" reason="bind timeout (5m0s)"`,
 				`launch pool="x86" slot="slot2" reason="1 need a builder, 1 builders wanted, 0 active"`,
 			},
 		},
@@ -349,7 +349,7 @@ func TestPlan(t *testing.T) {
 			w: world{slots: []Slot{slot("slot1", Launching, func(s *Slot) { s.InstanceID = ""; s.StateSince = t0.Add(-LostLaunchAfter) }), slot("slot2", Empty), slot("slot3", Empty)},
 				instances: []Instance{}, res: []Reservation{pending("r1", time.Minute)}},
 			want: []string{
-				`terminate pool="x86" slot="slot1" reason="launch lost: no instance has launch id l-slot1 (the daemon stopped during the launch)"`,
+				`terminate pool="x86" slot="slot1" cause="other" reason="launch lost: no instance has launch id l-slot1 (the daemon stopped during the launch)"`,
 				`launch pool="x86" slot="slot1" reason="1 need a builder, 1 builders wanted, 0 active"`,
 			},
 		},
@@ -373,7 +373,7 @@ func TestPlan(t *testing.T) {
 		{
 			name: "draining slot terminates when empty",
 			w:    world{slots: []Slot{slot("slot1", Draining, func(s *Slot) { s.DrainReason = "idle" }), slot("slot2", Empty), slot("slot3", Empty)}},
-			want: []string{`terminate pool="x86" slot="slot1" instance="i-slot1" reason="drained (idle)" if_idle="true"`},
+			want: []string{`terminate pool="x86" slot="slot1" instance="i-slot1" cause="drained" reason="drained (idle)" if_idle="true"`},
 		},
 		{
 			name: "draining slot with sessions waits",
@@ -393,7 +393,7 @@ func TestPlan(t *testing.T) {
 				res:     []Reservation{assigned("r1", "slot1")},
 				servers: map[SlotKey]ServerStatus{key("slot1"): {Addr: "10.0.0.1:22", Up: true, Sessions: 1}}},
 			want: []string{
-				`terminate pool="x86" slot="slot1" instance="i-slot1" reason="drain timeout (1h0m0s)"`,
+				`terminate pool="x86" slot="slot1" instance="i-slot1" cause="drain_timeout" reason="drain timeout (1h0m0s)"`,
 				`requeue pool="x86" slot="slot1" reservation="r1" reason="drain timeout (1h0m0s)"`,
 				`launch pool="x86" slot="slot2" reason="1 need a builder, 1 builders wanted, 0 active"`,
 			},
@@ -412,7 +412,7 @@ func TestPlan(t *testing.T) {
 		{
 			name: "terminating slot whose instance still runs is terminated again",
 			w:    world{slots: []Slot{slot("slot1", Terminating, func(s *Slot) { s.DrainReason = "idle" }), slot("slot2", Empty), slot("slot3", Empty)}},
-			want: []string{`terminate pool="x86" slot="slot1" instance="i-slot1" reason="retry: idle"`},
+			want: []string{`retry-terminate pool="x86" slot="slot1" instance="i-slot1" reason="idle"`},
 		},
 		// Instances lost outside the daemon.
 		{
@@ -432,7 +432,7 @@ func TestPlan(t *testing.T) {
 				instances: []Instance{inst("slot1", InstanceStopped, func(in *Instance) { in.StateReason = "Client.UserInitiatedShutdown" })}},
 			want: []string{
 				`advance pool="x86" slot="slot1" instance="i-slot1" to="empty" reason="instance i-slot1 is stopped: Client.UserInitiatedShutdown"`,
-				`terminate pool="x86" instance="i-slot1" reason="orphan: stopped outside the daemon"`,
+				`terminate pool="x86" instance="i-slot1" cause="orphan" reason="orphan: stopped outside the daemon"`,
 			},
 		},
 		{
@@ -452,8 +452,8 @@ func TestPlan(t *testing.T) {
 				}},
 			want: []string{
 				`touch pool="x86" slot="slot1"`,
-				`terminate pool="x86" instance="i-noslot" reason="orphan: no slot tracks it"`,
-				`terminate pool="x86" instance="i-stray" reason="orphan: no slot tracks it"`,
+				`terminate pool="x86" instance="i-noslot" cause="orphan" reason="orphan: no slot tracks it"`,
+				`terminate pool="x86" instance="i-stray" cause="orphan" reason="orphan: no slot tracks it"`,
 			},
 		},
 		{
@@ -462,7 +462,7 @@ func TestPlan(t *testing.T) {
 				instances: []Instance{inst("slot2", InstanceRunning), inst("slot3", InstanceStopped)}},
 			want: []string{
 				`adopt pool="x86" slot="slot2" instance="i-slot2" to="booting" reason="untracked instance tagged for this free slot"`,
-				`terminate pool="x86" instance="i-slot3" reason="orphan: stopped outside the daemon"`,
+				`terminate pool="x86" instance="i-slot3" cause="orphan" reason="orphan: stopped outside the daemon"`,
 			},
 		},
 		{

@@ -476,7 +476,7 @@ func (a *applier) apply(ctx context.Context, act Action) error {
 		}, a.event(EvDrained, act))
 		a.log().Info("slot draining", "slot", key, "instance", act.Instance, "reason", act.Reason)
 		return err
-	case ActTerminate:
+	case ActTerminate, ActRetryTerminate:
 		return a.terminate(ctx, act)
 	case ActAssign:
 		var wait time.Duration
@@ -624,7 +624,7 @@ func (a *applier) quiet(ctx context.Context, key SlotKey, act Action) bool {
 
 func (a *applier) terminate(ctx context.Context, act Action) error {
 	key := SlotKey{act.Pool, act.Slot}
-	retry := strings.HasPrefix(act.Reason, "retry: ")
+	retry := act.Kind == ActRetryTerminate
 	if act.IfIdle && !a.quiet(ctx, key, act) {
 		return nil // the slot stays draining; a later round decides again
 	}
@@ -670,7 +670,7 @@ func (a *applier) terminate(ctx context.Context, act Action) error {
 		return nil
 	}
 	if !retry {
-		a.r.o.Recorder.Terminated(act.Pool, ReasonClass(act.Reason))
+		a.r.o.Recorder.Terminated(act.Pool, act.Cause)
 	}
 	a.log().Info("builder terminated", "slot", key, "instance", act.Instance, "reason", act.Reason)
 	return nil
@@ -691,15 +691,25 @@ func launchedEvent(ev Event, in Instance) Event {
 	return ev
 }
 
-// launchFailed backs the pool off exponentially: 5s, 10s, ... up to 5m.
+// launchFailed backs the pool off: exponentially (5s, 10s, ... up to 5m)
+// for a provider without capacity or failing, but only ThrottleBackoff for
+// one that throttled (it has capacity; its API wants fewer calls).
 func (r *Reconciler) launchFailed(pool string, now time.Time, err error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	r.lastErr[pool] = err.Error()
+	if errors.Is(err, ErrThrottled) {
+		r.backoff[pool] = now.Add(ThrottleBackoff)
+		return
+	}
 	r.failures[pool]++
 	d := 5 * time.Second << min(r.failures[pool]-1, 6)
 	r.backoff[pool] = now.Add(min(d, 5*time.Minute))
-	r.lastErr[pool] = err.Error()
 }
+
+// ThrottleBackoff is how long a pool waits to launch again after its
+// provider throttled a launch.
+const ThrottleBackoff = 5 * time.Second
 
 func (r *Reconciler) launchSucceeded(pool string) {
 	r.mu.Lock()
@@ -707,14 +717,4 @@ func (r *Reconciler) launchSucceeded(pool string) {
 	delete(r.failures, pool)
 	delete(r.backoff, pool)
 	delete(r.lastErr, pool)
-}
-
-// ReasonClass maps a free-text reason to a small set of metric label values.
-func ReasonClass(reason string) string {
-	for _, c := range []string{"launch timeout", "boot timeout", "bind timeout", "drain timeout", "drained", "orphan", "operator"} {
-		if strings.HasPrefix(reason, c) {
-			return strings.ReplaceAll(c, " ", "_")
-		}
-	}
-	return "other"
 }

@@ -2,6 +2,7 @@ package scaler_test
 
 import (
 	"context"
+	"fmt"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -10,6 +11,7 @@ import (
 	"guardianproject.dev/ops/nix-builder-autoscaler/clock/clocktest"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/store"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/memstore"
 )
 
 var t0 = time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
@@ -127,5 +129,57 @@ func TestStaleRoundDoesNotRestartIdleTime(t *testing.T) {
 	}
 	if s, _ = db.Slot(ctx, key); s.State != scaler.Draining {
 		t.Errorf("slot = %s five minutes after the release with idle_timeout 5m; want draining", s.State)
+	}
+}
+
+// failingProvider fails every launch with err.
+type failingProvider struct{ err error }
+
+func (p *failingProvider) Launch(context.Context, scaler.LaunchRequest) (scaler.Instance, error) {
+	return scaler.Instance{}, p.err
+}
+func (p *failingProvider) Terminate(context.Context, string) error         { return nil }
+func (p *failingProvider) List(context.Context) ([]scaler.Instance, error) { return nil, nil }
+
+// TestLaunchBackoffByErrorKind: a throttled launch is retried after
+// ThrottleBackoff every time; a pool without capacity backs off further
+// with each failure.
+func TestLaunchBackoffByErrorKind(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		err  error
+		want []time.Duration // backoff after each failed launch
+	}{
+		{"throttled", fmt.Errorf("RunInstances: %w", scaler.ErrThrottled), []time.Duration{5 * time.Second, 5 * time.Second, 5 * time.Second}},
+		{"no capacity", fmt.Errorf("all offerings: %w", scaler.ErrNoCapacity), []time.Duration{5 * time.Second, 10 * time.Second, 20 * time.Second}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			pools := []scaler.PoolPolicy{{Name: "x86", MaxBuilders: 1, ReservationsPerBuilder: 1, IdleTimeout: time.Hour,
+				DrainTimeout: time.Hour, LaunchTimeout: time.Hour, BootTimeout: time.Hour, BindTimeout: time.Hour}}
+			st := memstore.New(pools, func() scaler.Slot { return scaler.Slot{State: scaler.Empty, StateSince: t0} })
+			if err := st.Commit(ctx, scaler.Change{Reservations: []scaler.Reservation{{ID: "r1", Pool: "x86", State: scaler.Pending,
+				CreatedAt: t0, ExpiresAt: t0.Add(24 * time.Hour)}}}); err != nil {
+				t.Fatal(err)
+			}
+			clock := clocktest.New(t0)
+			var backoff time.Time
+			rec := scaler.New(scaler.Options{Store: st, Providers: map[string]scaler.Provider{"x86": &failingProvider{tc.err}},
+				Clock: clock, Policy: scaler.Policy{Pools: pools},
+				OnObserved: func(obs scaler.Observed) { backoff = obs.LaunchBackoff["x86"] }})
+			for i, want := range tc.want {
+				launchedAt := clock.Now()
+				if _, err := rec.ReconcileOnce(ctx); err != nil { // launches and fails
+					t.Fatal(err)
+				}
+				if _, err := rec.ReconcileOnce(ctx); err != nil { // observes the backoff
+					t.Fatal(err)
+				}
+				if got := backoff.Sub(launchedAt); got != want {
+					t.Fatalf("after failure %d: backoff %v, want %v", i+1, got, want)
+				}
+				clock.Set(backoff)
+			}
+		})
 	}
 }

@@ -21,8 +21,8 @@ type Recorder interface {
 	LeaseExpired(pool string)
 	// Launched: a launch in pool was tried; err is its failure, if any.
 	Launched(pool string, err error)
-	// Terminated: a builder of pool was terminated, for reason (ReasonClass).
-	Terminated(pool, reason string)
+	// Terminated: a builder of pool was terminated, for cause.
+	Terminated(pool string, cause Cause)
 }
 
 // NopRecorder records nothing.
@@ -35,7 +35,7 @@ func (NopRecorder) LoadBalancer(bool)              {}
 func (NopRecorder) Assigned(string, time.Duration) {}
 func (NopRecorder) LeaseExpired(string)            {}
 func (NopRecorder) Launched(string, error)         {}
-func (NopRecorder) Terminated(string, string)      {}
+func (NopRecorder) Terminated(string, Cause)       {}
 
 // MetricsNamespace prefixes every metric of the autoscaler, whichever part
 // registers it.

@@ -264,5 +264,16 @@ func RetryOnConflict(attempts int, attempt func() error) error {
 	return err
 }
 
+// Errors a Provider's Launch wraps, so that the reconciler (and metrics)
+// can tell a provider that is out of capacity or rate from one that fails.
+var (
+	// ErrNoCapacity: nothing the pool may use can be had now (every
+	// instance type, zone and market refused). Retry later.
+	ErrNoCapacity = errors.New("no capacity")
+	// ErrThrottled: the provider's API refused the call for its rate;
+	// nothing was launched. Retry soon.
+	ErrThrottled = errors.New("throttled")
+)
+
 // ErrNotFound is returned for an unknown reservation or slot.
 var ErrNotFound = errors.New("not found")

@@ -3,6 +3,7 @@
 package metrics
 
 import (
+	"errors"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -39,7 +40,7 @@ func NewReconciler(reg prometheus.Registerer) *Reconciler {
 			Help:    "Time from reservation creation to slot assignment.",
 			Buckets: []float64{0.05, 0.25, 1, 5, 15, 30, 60, 120, 300, 600, 1800}}, []string{"pool"}),
 		launches: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "launches_total",
-			Help: "Builder launches by pool and result."}, []string{"pool", "result"}),
+			Help: "Builder launches by pool and result (ok, capacity, throttled, error)."}, []string{"pool", "result"}),
 		terminations: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "terminations_total",
 			Help: "Builder terminations by pool and reason."}, []string{"pool", "reason"}),
 		reconcileSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Name: "reconcile_duration_seconds",
@@ -81,14 +82,19 @@ func (m *Reconciler) LeaseExpired(pool string) { m.leaseExpiries.WithLabelValues
 
 func (m *Reconciler) Launched(pool string, err error) {
 	result := "ok"
-	if err != nil {
+	switch {
+	case errors.Is(err, scaler.ErrNoCapacity):
+		result = "capacity"
+	case errors.Is(err, scaler.ErrThrottled):
+		result = "throttled"
+	case err != nil:
 		result = "error"
 	}
 	m.launches.WithLabelValues(pool, result).Inc()
 }
 
-func (m *Reconciler) Terminated(pool, reason string) {
-	m.terminations.WithLabelValues(pool, reason).Inc()
+func (m *Reconciler) Terminated(pool string, cause scaler.Cause) {
+	m.terminations.WithLabelValues(pool, string(cause)).Inc()
 }
 
 // Observed sets the slot and reservation gauges of every configured pool.

@@ -79,10 +79,10 @@ const maxUserData = 16 << 10
 var (
 	// ErrNoCapacity: every offering of the pool failed with a capacity
 	// error or is remembered as unavailable. Retry later.
-	ErrNoCapacity = errors.New("no capacity")
+	ErrNoCapacity = scaler.ErrNoCapacity
 	// ErrThrottled: EC2 kept throttling after the SDK's retries. Nothing
 	// was launched by this call; retry later.
-	ErrThrottled = errors.New("throttled by EC2")
+	ErrThrottled = fmt.Errorf("%w by EC2", scaler.ErrThrottled)
 	// ErrNotOwned: Terminate was asked to stop an instance that does not
 	// carry this cluster's tag; it was left alone.
 	ErrNotOwned = errors.New("instance is not tagged for this cluster")
