@@ -13,7 +13,8 @@ import (
 // belongs to the daemon shows up.
 //
 // autoscalerctl is an API client. It may use this module's internal/api (the
-// wire types and the client) and nothing else of the module: not the server
+// wire types and the client) and clock (the time source, standard library
+// only) and nothing else of the module: not the server
 // (internal/apiserver), the store (internal/store, cgo SQLite), the config
 // parser (internal/config, TOML), the reconciler (scaler) nor anything else
 // under the module path. Third-party packages the daemon needs are banned
@@ -32,16 +33,16 @@ var banned = []struct{ path, why string }{
 
 func TestAutoscalerctlDeps(t *testing.T) {
 	checkDeps(t, module+"/cmd/autoscalerctl", depRules{
-		moduleAllowed: []string{module + "/cmd/autoscalerctl", module + "/internal/api"},
-		moduleWhy: "autoscalerctl may use only internal/api of this module; everything else under " + module +
+		moduleAllowed: []string{module + "/cmd/autoscalerctl", module + "/internal/api", module + "/clock"},
+		moduleWhy: "autoscalerctl may use only internal/api and clock of this module; everything else under " + module +
 			"/ is forbidden (e.g. internal/config, internal/store, internal/apiserver, scaler)",
 	})
 }
 
 func TestAPIDeps(t *testing.T) {
 	checkDeps(t, module+"/internal/api", depRules{
-		moduleAllowed: []string{module + "/internal/api"},
-		moduleWhy:     "internal/api holds the wire types and the client and depends on nothing of this module; the server is internal/apiserver",
+		moduleAllowed: []string{module + "/internal/api", module + "/clock"},
+		moduleWhy:     "internal/api holds the wire types and the client and depends on nothing of this module but clock; the server is internal/apiserver",
 		stdOnly:       true,
 	})
 }

@@ -13,6 +13,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
 )
 
 // DefaultSocket is where the daemon serves the API by default.
@@ -34,6 +36,8 @@ type Client struct {
 	// Timeout bounds each request, from sending it to reading the whole
 	// answer. A long poll gets its wait on top. Zero means DefaultTimeout.
 	Timeout time.Duration
+	// Clock paces WaitReady's polls (nil: clock.Real).
+	Clock clock.Clock
 
 	base     string // scheme://host[/prefix], no trailing slash
 	token    string
@@ -150,9 +154,13 @@ func (c *Client) WaitReady(ctx context.Context, id string, poll time.Duration) (
 	// A daemon answering a long poll at once while still pending must not
 	// make this loop spin.
 	minGap := min(poll, time.Second)
+	clk := c.Clock
+	if clk == nil {
+		clk = clock.Real{}
+	}
 	var last Reservation
 	for {
-		start := time.Now()
+		start := clk.Now()
 		r, err := c.Reservation(ctx, id, poll)
 		if err != nil {
 			return last, err
@@ -161,14 +169,7 @@ func (c *Client) WaitReady(ctx context.Context, id string, poll time.Duration) (
 		if r.State != "pending" {
 			return r, nil
 		}
-		if d := minGap - time.Since(start); d > 0 {
-			t := time.NewTimer(d)
-			select {
-			case <-ctx.Done():
-				t.Stop()
-			case <-t.C:
-			}
-		}
+		_ = clock.Sleep(ctx, clk, minGap-clock.Since(clk, start))
 		if err := ctx.Err(); err != nil {
 			return last, fmt.Errorf("reservation %s still pending: %w", id, err)
 		}

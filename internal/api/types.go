@@ -1,6 +1,6 @@
 // Package api is the client side of the daemon's HTTP reservation and
 // operator API (docs/design.md §3.1): its wire types and the Go client
-// autoscalerctl uses. It imports only the standard library, so API clients
+// autoscalerctl uses. It imports only the standard library and clock, so API clients
 // do not pull in the server (internal/apiserver), the store (cgo SQLite),
 // the config parser or Prometheus; cmd/autoscalerctl's deps_test.go checks
 // that.

@@ -113,7 +113,7 @@ func New(ctx context.Context, cfg *config.Config, o Options) (*Daemon, error) {
 	if err := os.MkdirAll(cfg.Daemon.StateDir, 0o750); err != nil {
 		return nil, fmt.Errorf("create state_dir: %w", err)
 	}
-	db, err := store.Open(ctx, cfg.Daemon.DatabasePath())
+	db, err := store.Open(ctx, cfg.Daemon.DatabasePath(), store.WithClock(o.Clock))
 	if err != nil {
 		return nil, err
 	}

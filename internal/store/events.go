@@ -23,7 +23,7 @@ type EventFilter struct {
 
 // insertEvents appends evs inside tx. An event without a time gets the
 // current one, so callers that do not care need not fetch a clock.
-func insertEvents(ctx context.Context, tx *sql.Tx, evs []scaler.Event) error {
+func (db *DB) insertEvents(ctx context.Context, tx *sql.Tx, evs []scaler.Event) error {
 	if len(evs) == 0 {
 		return nil
 	}
@@ -37,7 +37,7 @@ func insertEvents(ctx context.Context, tx *sql.Tx, evs []scaler.Event) error {
 	for _, ev := range evs {
 		at := ev.At
 		if at.IsZero() {
-			at = time.Now()
+			at = db.clock.Now()
 		}
 		if _, err := stmt.ExecContext(ctx, at.UnixNano(), ev.Kind, ev.Pool, ev.Slot,
 			ev.InstanceID, ev.ReservationID, ev.Actor, ev.Reason); err != nil {

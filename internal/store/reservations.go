@@ -182,7 +182,7 @@ func (db *DB) CreateReservation(ctx context.Context, r scaler.Reservation, ev sc
 	if err != nil {
 		return scaler.Reservation{}, false, fmt.Errorf("create reservation %s: %w", r.ID, err)
 	}
-	if err := insertEvents(ctx, tx, []scaler.Event{ev}); err != nil {
+	if err := db.insertEvents(ctx, tx, []scaler.Event{ev}); err != nil {
 		return scaler.Reservation{}, false, fmt.Errorf("create reservation %s: %w", r.ID, err)
 	}
 	if err := tx.Commit(); err != nil {
@@ -241,7 +241,7 @@ func (db *DB) Commit(ctx context.Context, c scaler.Change) error {
 			return fmt.Errorf("commit: reservation %s at version %d: %w", r.ID, r.Version, err)
 		}
 	}
-	if err := insertEvents(ctx, tx, c.Events); err != nil {
+	if err := db.insertEvents(ctx, tx, c.Events); err != nil {
 		return fmt.Errorf("commit: %w", err)
 	}
 	if err := tx.Commit(); err != nil {

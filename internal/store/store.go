@@ -24,6 +24,8 @@ import (
 	"time"
 
 	_ "github.com/mattn/go-sqlite3" // registers the "sqlite3" driver
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
 )
 
 //go:embed migrations/*.sql
@@ -31,14 +33,22 @@ var migrationFS embed.FS
 
 // DB is the daemon's state database. Its methods are safe for concurrent use.
 type DB struct {
-	path string
-	w    *sql.DB // one connection: all writes queue here
-	r    *sql.DB // read-only pool
+	clock clock.Clock
+	path  string
+	w     *sql.DB // one connection: all writes queue here
+	r     *sql.DB // read-only pool
 }
+
+// Option changes how Open sets up the store.
+type Option func(*DB)
+
+// WithClock stamps migrations, and events given without a time, from c
+// (default clock.Real).
+func WithClock(c clock.Clock) Option { return func(db *DB) { db.clock = c } }
 
 // Open opens (creating if needed) the database at path and brings its schema
 // up to date.
-func Open(ctx context.Context, path string) (*DB, error) {
+func Open(ctx context.Context, path string, opts ...Option) (*DB, error) {
 	if path == "" {
 		return nil, errors.New("open store: empty path")
 	}
@@ -82,7 +92,10 @@ func Open(ctx context.Context, path string) (*DB, error) {
 	w.SetConnMaxLifetime(0)
 	w.SetConnMaxIdleTime(0)
 
-	db := &DB{path: path, w: w}
+	db := &DB{path: path, w: w, clock: clock.Real{}}
+	for _, o := range opts {
+		o(db)
+	}
 	if err := db.checkJournal(ctx); err != nil {
 		w.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
@@ -266,7 +279,7 @@ func (db *DB) apply(ctx context.Context, m migration) error {
 	if _, err := tx.ExecContext(ctx, m.sql); err != nil {
 		return fmt.Errorf("migration %s: %w", m.name, err)
 	}
-	if _, err := tx.ExecContext(ctx, "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)", m.version, time.Now().UnixNano()); err != nil {
+	if _, err := tx.ExecContext(ctx, "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)", m.version, db.clock.Now().UnixNano()); err != nil {
 		return fmt.Errorf("migration %s: record: %w", m.name, err)
 	}
 	if err := tx.Commit(); err != nil {
