@@ -5,7 +5,9 @@
 // waits on the wall clock where a test means fake time.
 //
 // Network deadlines (net.Conn.SetDeadline) stay on the wall clock: the
-// kernel enforces them, and a manual clock cannot move them.
+// kernel enforces them, and a manual clock cannot move them. Waits on other
+// processes (a stand-in builder writing its address, a SIGTERM's grace) use
+// Real explicitly for the same reason: a manual clock cannot hurry them.
 package clock
 
 import (

@@ -12,6 +12,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
 )
 
 // Banner is the SSH identification line a stand-in sends on every
@@ -64,13 +66,9 @@ func BuilderMain(args []string) int {
 	log.Info("stand-in listening", "addr", addr, "boot_delay", *bootDelay)
 
 	if *bootDelay > 0 {
-		t := time.NewTimer(*bootDelay)
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if clock.Sleep(ctx, clock.Real{}, *bootDelay) != nil {
 			log.Info("stand-in stopped while booting")
 			return 0
-		case <-t.C:
 		}
 	}
 	log.Info("stand-in serving")
@@ -120,7 +118,7 @@ func serveBanner(ctx context.Context, ln net.Listener, log *slog.Logger) error {
 				return err
 			}
 			log.Warn("accept", "err", err) // e.g. out of file descriptors
-			time.Sleep(50 * time.Millisecond)
+			_ = clock.Sleep(ctx, clock.Real{}, 50*time.Millisecond)
 			continue
 		}
 		mu.Lock()

@@ -13,6 +13,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
 )
 
 // launchStandin starts the stand-in process of r, records its pid, waits for
@@ -98,7 +100,7 @@ func (p *Provider) launchStandin(ctx context.Context, r *record, pl pool) (err e
 func waitAddrFile(ctx context.Context, path string, exited <-chan struct{}) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, addrWait)
 	defer cancel()
-	t := time.NewTicker(pollInterval)
+	t := osClock.NewTicker(pollInterval)
 	defer t.Stop()
 	for {
 		if addr, err := readAddrFile(path); err == nil {
@@ -112,10 +114,14 @@ func waitAddrFile(ctx context.Context, path string, exited <-chan struct{}) (str
 			return "", errors.New("exited before reporting its address")
 		case <-ctx.Done():
 			return "", fmt.Errorf("no address after %s: %w", addrWait, ctx.Err())
-		case <-t.C:
+		case <-t.C():
 		}
 	}
 }
+
+// osClock times waits on other processes: they run on the wall clock
+// whatever the provider's clock says, as a manual clock cannot hurry them.
+var osClock clock.Clock = clock.Real{}
 
 func readAddrFile(path string) (string, error) {
 	b, err := os.ReadFile(path)
@@ -224,15 +230,15 @@ func signalGroup(pid int, sig syscall.Signal) {
 // waitGone polls until pid no longer is our process (reaped, or reused) or
 // d has passed; it reports whether it went.
 func waitGone(pid int, marker string, d time.Duration) bool {
-	deadline := time.Now().Add(d)
+	deadline := osClock.Now().Add(d)
 	for {
 		if inspect(pid, marker) == procGone {
 			return true
 		}
-		if time.Now().After(deadline) {
+		if osClock.Now().After(deadline) {
 			return false
 		}
-		time.Sleep(pollInterval)
+		_ = clock.Sleep(context.Background(), osClock, pollInterval)
 	}
 }
 

@@ -34,6 +34,7 @@ import (
 	"text/template"
 	"time"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
@@ -49,8 +50,8 @@ type Options struct {
 	// BuilderEnv is extra environment ("KEY=value") for stand-ins and for
 	// command hooks, on top of the daemon's own environment.
 	BuilderEnv []string
-	Logger     *slog.Logger     // nil discards
-	Now        func() time.Time // nil = time.Now
+	Logger     *slog.Logger // nil discards
+	Clock      clock.Clock  // stamps records (nil = clock.Real)
 }
 
 // PoolOptions configures one pool of a Provider.
@@ -135,7 +136,7 @@ type Provider struct {
 	builderCmd []string
 	builderEnv []string
 	log        *slog.Logger
-	now        func() time.Time
+	clock      clock.Clock
 
 	mu          sync.Mutex // guards record files and the maps below
 	launching   map[string]bool
@@ -165,7 +166,7 @@ func New(opts Options) (*Provider, error) {
 		builderCmd:  slices.Clone(opts.BuilderCommand),
 		builderEnv:  slices.Clone(opts.BuilderEnv),
 		log:         opts.Logger,
-		now:         opts.Now,
+		clock:       opts.Clock,
 		launching:   map[string]bool{},
 		terminating: map[string]bool{},
 		locks:       map[string]*instanceLock{},
@@ -173,8 +174,8 @@ func New(opts Options) (*Provider, error) {
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
 	}
-	if p.now == nil {
-		p.now = time.Now
+	if p.clock == nil {
+		p.clock = clock.Real{}
 	}
 	for name, po := range opts.Pools {
 		pl, err := p.parsePool(name, po)
@@ -246,7 +247,7 @@ func (p *Provider) Launch(ctx context.Context, req scaler.LaunchRequest) (scaler
 		Pool:       req.Pool,
 		Slot:       req.Slot,
 		LaunchID:   req.LaunchID,
-		LaunchedAt: p.now().UTC(),
+		LaunchedAt: p.clock.Now().UTC(),
 		Type:       instanceType,
 		Market:     marketLocal,
 		Mode:       modeStandin,
@@ -293,7 +294,7 @@ func (p *Provider) Launch(ctx context.Context, req scaler.LaunchRequest) (scaler
 
 // failLaunch records r as terminated because its launch failed.
 func (p *Provider) failLaunch(r *record, cause error) {
-	r.TerminatedAt = p.now().UTC()
+	r.TerminatedAt = p.clock.Now().UTC()
 	r.StateReason = "launch failed: " + cause.Error()
 	p.mu.Lock()
 	err := p.writeRecord(*r)
@@ -361,7 +362,7 @@ func (p *Provider) Terminate(ctx context.Context, instanceID string) error {
 	if cur, err := p.readRecord(instanceID); err == nil {
 		r = cur
 	}
-	r.TerminatedAt = p.now().UTC()
+	r.TerminatedAt = p.clock.Now().UTC()
 	r.StateReason = ReasonRequested
 	err = p.writeRecord(r)
 	p.mu.Unlock()
@@ -393,7 +394,7 @@ func (p *Provider) List(ctx context.Context) ([]scaler.Instance, error) {
 	if err != nil {
 		return nil, fmt.Errorf("local provider: %w", err)
 	}
-	now := p.now()
+	now := p.clock.Now()
 	var out []scaler.Instance
 	for _, e := range entries {
 		name := e.Name()

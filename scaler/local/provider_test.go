@@ -50,7 +50,7 @@ func TestStandinLifecycle(t *testing.T) {
 	dir := t.TempDir()
 	clock := newFakeClock()
 	opts := standinOptions(t, "c1", dir, nil)
-	opts.Now = clock.Now
+	opts.Clock = clock
 	p := newProvider(t, opts)
 	ctx := context.Background()
 
@@ -316,7 +316,7 @@ func TestListStates(t *testing.T) {
 	dir := t.TempDir()
 	clock := newFakeClock()
 	opts := standinOptions(t, "c1", dir, nil)
-	opts.Now = clock.Now
+	opts.Clock = clock
 	p := newProvider(t, opts)
 	now := clock.Now()
 
