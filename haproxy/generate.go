@@ -14,54 +14,27 @@ import (
 	"time"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+	"guardianproject.dev/ops/nix-builder-autoscaler/spoa/wire"
 )
 
-// The SPOE message the generated configuration sends for every new
-// connection to a pool's frontend, and the variables the agent may set in
-// reply (docs/design.md §3.3). The SPOA matches on these names.
+// The SPOE wire contract with the agent (the message, its arguments, the
+// variables the agent sets and the variable prefix) is package wire's
+// (docs/design.md §3.3); the generated files spell those names only through
+// it. The names below are the configuration's own.
 //
-// Each pool's SPOE scope sends one message, SPOEMessage, through the group
-// SPOEGroup, triggered by `tcp-request content send-spoe-group`. Its
-// arguments, in this order:
-//
-//	pool=str(<pool>)       the pool name (string)
-//	src=src                the client address (IPv4 or IPv6)
-//	sport=src_port         the client port (integer)
-//	be=str(nba_<pool>)     the pool's backend name (string)
-//	q=queue(nba_<pool>)    connections queued in the backend (integer)
-//	beconn=be_conn(nba_<pool>)  connections in the backend (integer)
-//	nbsrv=nbsrv(nba_<pool>)     usable (UP) servers in the backend (integer)
-//	id=uuid()              a fresh UUIDv4 for this connection (string), for
-//	                       correlation: with HAProxy ≥ 3.1 each NOTIFY may
-//	                       arrive on its own SPOP stream
-const (
-	SPOEMessage = "nba-conn"
-	SPOEGroup   = "nba-steer"
+// Each pool's SPOE scope sends one message, wire.Message, through the group
+// SPOEGroup, triggered by `tcp-request content send-spoe-group`.
+const SPOEGroup = "nba-steer"
 
-	SPOEArgPool    = "pool"
-	SPOEArgSrc     = "src"
-	SPOEArgSport   = "sport"
-	SPOEArgBackend = "be"
-	SPOEArgQueue   = "q"
-	SPOEArgBeConn  = "beconn"
-	SPOEArgNbSrv   = "nbsrv"
-	SPOEArgID      = "id"
-)
-
-// Variables: the agent sets SPOEVarSlot or SPOEVarVerdict in the session
-// scope (sess.nba.slot, sess.nba.verdict); HAProxy itself sets
-// SPOEVarError (txn.nba.err, an integer: 1 timeout, 256+N SPOP error N, see
-// HAProxy's SPOE.txt) when the agent did not answer, and SPOEVarProcessTime
-// (txn.nba.ptime, milliseconds the agent took, i.e. how long a connection was
-// held). All four appear in the traffic log.
+// HAProxy itself sets SPOEVarError (txn.nba.err, an integer: 1 timeout,
+// 256+N SPOP error N, see HAProxy's SPOE.txt) when the agent did not answer,
+// and SPOEVarProcessTime (txn.nba.ptime, milliseconds the agent took, i.e.
+// how long a connection was held), under wire.VarPrefix in the transaction
+// scope. Both appear in the traffic log, with the agent's sess.nba.slot and
+// sess.nba.verdict.
 const (
-	SPOEVarSlot        = "slot"
-	SPOEVarVerdict     = "verdict"
 	SPOEVarError       = "err"
 	SPOEVarProcessTime = "ptime"
-	// SPOEVerdictReject, as sess.nba.verdict, makes the frontend close the
-	// connection at once.
-	SPOEVerdictReject = "reject"
 )
 
 // PlaceholderHost is the host name written on every slot's server line. It
@@ -323,21 +296,21 @@ func newTemplateData(h Spec, opts Options) (*templateData, error) {
 		SPOEIdle:         SPOEIdleTimeout,
 		CheckInterval:    h.CheckInterval,
 		SPOABackend:      SPOABackend,
-		VarPrefix:        VarPrefix,
-		Message:          SPOEMessage,
+		VarPrefix:        wire.VarPrefix,
+		Message:          wire.Message,
 		Group:            SPOEGroup,
-		VarSlot:          "sess." + VarPrefix + "." + SPOEVarSlot,
-		VarVerdict:       "sess." + VarPrefix + "." + SPOEVarVerdict,
-		VarError:         "txn." + VarPrefix + "." + SPOEVarError,
-		VarPTime:         "txn." + VarPrefix + "." + SPOEVarProcessTime,
-		NameSlot:         SPOEVarSlot,
-		NameVerdict:      SPOEVarVerdict,
+		VarSlot:          wire.SessionVar(wire.VarSlot),
+		VarVerdict:       wire.SessionVar(wire.VarVerdict),
+		VarError:         txnVar(SPOEVarError),
+		VarPTime:         txnVar(SPOEVarProcessTime),
+		NameSlot:         wire.VarSlot,
+		NameVerdict:      wire.VarVerdict,
 		NameError:        SPOEVarError,
 		NamePTime:        SPOEVarProcessTime,
-		Reject:           SPOEVerdictReject,
+		Reject:           wire.VerdictReject,
 		Args: argNames{
-			Pool: SPOEArgPool, Src: SPOEArgSrc, Sport: SPOEArgSport, Backend: SPOEArgBackend,
-			Queue: SPOEArgQueue, BeConn: SPOEArgBeConn, NbSrv: SPOEArgNbSrv, ID: SPOEArgID,
+			Pool: wire.ArgPool, Src: wire.ArgSrc, Sport: wire.ArgSport, Backend: wire.ArgBackend,
+			Queue: wire.ArgQueue, BeConn: wire.ArgBeConn, NbSrv: wire.ArgNbSrv, ID: wire.ArgID,
 		},
 	}
 
@@ -468,6 +441,10 @@ func newTemplateData(h Spec, opts Options) (*templateData, error) {
 	}
 	return d, nil
 }
+
+// txnVar is the transaction-scope name of a variable HAProxy's SPOE filter
+// sets itself under the agent's prefix: txnVar(SPOEVarError) is txn.nba.err.
+func txnVar(name string) string { return "txn." + wire.VarPrefix + "." + name }
 
 // poolKey names the i'th pool as the daemon's config problems do:
 // pool[1] or, when the pool has a name, pool[1] (name "arm").

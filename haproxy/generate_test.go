@@ -27,6 +27,7 @@ import (
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy/haproxytest"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
+	"guardianproject.dev/ops/nix-builder-autoscaler/spoa/wire"
 )
 
 var updateGolden = flag.Bool("update", false, "rewrite testdata/golden/*.cfg and *.spoe.conf from the generator's output")
@@ -178,13 +179,13 @@ func TestGenerateContract(t *testing.T) {
 		"[" + Engine("x86") + "]\n",
 		"[" + Engine("arm") + "]\n",
 		"timeout processing 310s\n",
-		"option var-prefix " + VarPrefix + "\n",
+		"option var-prefix " + wire.VarPrefix + "\n",
 		"option set-on-error " + SPOEVarError + "\n",
 		"option continue-on-error\n",
 		"use-backend " + SPOABackend + "\n",
-		"spoe-message " + SPOEMessage + "\n",
+		"spoe-message " + wire.Message + "\n",
 		"    args pool=str(arm) src=src sport=src_port be=str(nba_arm) q=queue(nba_arm) beconn=be_conn(nba_arm) nbsrv=nbsrv(nba_arm) id=uuid()\n",
-		"spoe-group " + SPOEGroup + "\n    messages " + SPOEMessage + "\n",
+		"spoe-group " + SPOEGroup + "\n    messages " + wire.Message + "\n",
 	} {
 		if !strings.Contains(spoe, want) {
 			t.Errorf("SPOE file lacks %q", want)
@@ -601,7 +602,7 @@ func startFakeSPOA(t *testing.T, addr string) *fakeSPOA {
 }
 
 func (s *fakeSPOA) handle(req *request.Request) {
-	msg, err := req.Messages.GetByName(SPOEMessage)
+	msg, err := req.Messages.GetByName(wire.Message)
 	if err != nil {
 		return
 	}
@@ -746,7 +747,7 @@ func TestGeneratedSPOE(t *testing.T) {
 
 	t.Run("held until a slot is ready", func(t *testing.T) {
 		release := make(chan string)
-		l.spoa.setAnswer(func(map[string]string) (string, string) { return SPOEVarSlot, <-release })
+		l.spoa.setAnswer(func(map[string]string) (string, string) { return wire.VarSlot, <-release })
 		type result struct {
 			line string
 			port int
@@ -759,15 +760,15 @@ func TestGeneratedSPOE(t *testing.T) {
 			done <- result{line, port, err}
 		}()
 		args := l.spoa.next(t)
-		want := map[string]string{SPOEArgPool: "x86", SPOEArgSrc: "127.0.0.1", SPOEArgBackend: "nba_x86",
-			SPOEArgQueue: "0", SPOEArgBeConn: "0", SPOEArgNbSrv: "0"}
+		want := map[string]string{wire.ArgPool: "x86", wire.ArgSrc: "127.0.0.1", wire.ArgBackend: "nba_x86",
+			wire.ArgQueue: "0", wire.ArgBeConn: "0", wire.ArgNbSrv: "0"}
 		for k, v := range want {
 			if args[k] != v {
 				t.Errorf("message arg %s = %q, want %q (all: %v)", k, args[k], v, args)
 			}
 		}
-		if len(args[SPOEArgID]) != 36 || args[SPOEArgSport] == "" {
-			t.Errorf("message args %s/%s = %q/%q, want a UUID and a port", SPOEArgID, SPOEArgSport, args[SPOEArgID], args[SPOEArgSport])
+		if len(args[wire.ArgID]) != 36 || args[wire.ArgSport] == "" {
+			t.Errorf("message args %s/%s = %q/%q, want a UUID and a port", wire.ArgID, wire.ArgSport, args[wire.ArgID], args[wire.ArgSport])
 		}
 
 		// While the agent holds its answer, the builder boots: its address
@@ -786,8 +787,8 @@ func TestGeneratedSPOE(t *testing.T) {
 			t.Fatalf("held connection got %q, %v; want the builder's SSH banner", r.line, r.err)
 		}
 		t.Logf("banner %s after the connect", time.Since(start))
-		if args[SPOEArgSport] != strconv.Itoa(r.port) {
-			t.Errorf("message sport %q, want the client's port %d", args[SPOEArgSport], r.port)
+		if args[wire.ArgSport] != strconv.Itoa(r.port) {
+			t.Errorf("message sport %q, want the client's port %d", args[wire.ArgSport], r.port)
 		}
 		line := waitLog(t, l.h, regexp.MustCompile(fmt.Sprintf(`127\.0\.0\.1:%d .* nba_x86 nba_x86/slot2 .*`, r.port)))
 		for _, want := range []string{" slot=slot2 ", " verdict=- ", " spoe_err=-"} {
@@ -805,7 +806,7 @@ func TestGeneratedSPOE(t *testing.T) {
 	})
 
 	t.Run("reject", func(t *testing.T) {
-		l.spoa.setAnswer(func(map[string]string) (string, string) { return SPOEVarVerdict, SPOEVerdictReject })
+		l.spoa.setAnswer(func(map[string]string) (string, string) { return wire.VarVerdict, wire.VerdictReject })
 		line, port, err := dialBanner(l.frontend, testwait.Bound)
 		l.spoa.next(t)
 		if line != "" || !errors.Is(err, io.EOF) {

@@ -12,9 +12,10 @@ const (
 	SPOABackend = Prefix + "spoa"
 	// SPOEEngine prefixes each pool's SPOE engine id.
 	SPOEEngine = "nba"
-	// VarPrefix is the SPOE variable prefix: sess.nba.slot, sess.nba.verdict.
-	VarPrefix = "nba"
 )
+
+// The names of the SPOE contract with the agent (message, arguments,
+// variables and their prefix) are package spoa/wire's.
 
 // Backend is the backend (and frontend) name of a pool.
 func Backend(pool string) string { return Prefix + pool }

@@ -2,7 +2,8 @@
 // connection (docs/design.md §3.3). It records demand, picks the slot the
 // connection should go to, and when a pool has no room it asks the scaler
 // for a builder and holds the connection until one is ready or the hold
-// limit passes.
+// limit passes. The message, its arguments and the variables it sets are
+// package wire's, which the HAProxy configuration generator writes.
 //
 // github.com/negasus/haproxy-spoe-go v1.0.7 encodes only some values safely:
 // a negative integer panics its encoder (killing the process), and net.IP or
@@ -27,23 +28,7 @@ import (
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
-)
-
-// The SPOE message and its arguments, as the generated HAProxy config sends
-// them (haproxy.Generate).
-const (
-	Message   = "nba-conn"
-	ArgPool   = "pool"
-	ArgSrc    = "src"
-	ArgSport  = "sport"
-	ArgQueue  = "q"
-	ArgBeConn = "beconn"
-	ArgNbSrv  = "nbsrv"
-	// VarSlot and VarVerdict are set in the session scope; with HAProxy's
-	// var-prefix they read sess.nba.slot and sess.nba.verdict.
-	VarSlot    = "slot"
-	VarVerdict = "verdict"
-	Reject     = "reject"
+	"guardianproject.dev/ops/nix-builder-autoscaler/spoa/wire"
 )
 
 // Options configures an Agent.
@@ -212,24 +197,24 @@ func (a *Agent) handle(req *request.Request) {
 			a.o.Logger.Error("spoa: handler panic; HAProxy falls back to leastconn for this connection", "panic", r)
 		}
 	}()
-	msg, err := req.Messages.GetByName(Message)
+	msg, err := req.Messages.GetByName(wire.Message)
 	if err != nil {
 		return // not ours; HAProxy goes on without variables
 	}
-	pool, _ := argString(msg.KV.Get(ArgPool))
+	pool, _ := argString(msg.KV.Get(wire.ArgPool))
 	if _, ok := a.o.MaxJobs[pool]; !ok {
 		a.m.decisions.WithLabelValues(pool, "unknown_pool").Inc()
 		a.o.Logger.Warn("spoa: message for an unknown pool; regenerate the HAProxy config", "pool", pool)
 		return
 	}
-	if q, ok := argInt(msg.KV.Get(ArgQueue)); ok {
+	if q, ok := argInt(msg.KV.Get(wire.ArgQueue)); ok {
 		a.m.queue.WithLabelValues(pool).Set(float64(q))
 	}
-	if c, ok := argInt(msg.KV.Get(ArgBeConn)); ok {
+	if c, ok := argInt(msg.KV.Get(wire.ArgBeConn)); ok {
 		a.m.beConn.WithLabelValues(pool).Set(float64(c))
 		a.forgetClosed(pool, int(c))
 	}
-	if n, ok := argInt(msg.KV.Get(ArgNbSrv)); ok {
+	if n, ok := argInt(msg.KV.Get(wire.ArgNbSrv)); ok {
 		a.m.nbSrv.WithLabelValues(pool).Set(float64(n))
 	}
 	a.m.connections.WithLabelValues(pool).Inc()
@@ -237,17 +222,17 @@ func (a *Agent) handle(req *request.Request) {
 	slot, held := a.Decide(pool)
 	a.m.decisionSeconds.Observe(clock.Since(a.o.Clock, start).Seconds())
 	if slot == "" {
-		src, _ := argString(msg.KV.Get(ArgSrc))
-		sport, _ := argInt(msg.KV.Get(ArgSport))
+		src, _ := argString(msg.KV.Get(wire.ArgSrc))
+		sport, _ := argInt(msg.KV.Get(wire.ArgSport))
 		a.o.Logger.Warn("spoa: no builder became ready within the hold; connection rejected",
 			"pool", pool, "client", fmt.Sprintf("%s:%d", src, sport), "hold", a.o.Hold)
-		req.Actions.SetVar(action.ScopeSession, VarVerdict, Reject)
+		req.Actions.SetVar(action.ScopeSession, wire.VarVerdict, wire.VerdictReject)
 		return
 	}
 	if held {
 		a.o.Logger.Info("spoa: held connection routed", "pool", pool, "slot", slot, "waited", clock.Since(a.o.Clock, start).Round(time.Millisecond))
 	}
-	req.Actions.SetVar(action.ScopeSession, VarSlot, slot)
+	req.Actions.SetVar(action.ScopeSession, wire.VarSlot, slot)
 }
 
 // forgetClosed drops the pool's picks when HAProxy's count of the backend's

@@ -12,6 +12,7 @@ import (
 	"github.com/negasus/haproxy-spoe-go/request"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+	"guardianproject.dev/ops/nix-builder-autoscaler/spoa/wire"
 )
 
 func readySlot(name string, weight int) scaler.Slot {
@@ -166,7 +167,7 @@ func TestHoldLimitRejects(t *testing.T) {
 func notify(args map[string]any) *request.Request {
 	req := request.AcquireRequest()
 	m := message.AcquireMessage()
-	m.Name = Message
+	m.Name = wire.Message
 	for k, v := range args {
 		m.KV.Add(k, v)
 	}
@@ -187,11 +188,11 @@ func setVars(req *request.Request) map[string]any {
 func TestHandle(t *testing.T) {
 	a := newAgent(10*time.Millisecond, nil)
 	a.Update(observed([]scaler.Slot{readySlot("slot1", 100)}, nil))
-	args := map[string]any{ArgPool: "x86", ArgSrc: net.ParseIP("127.0.0.1"), ArgSport: int32(40000), ArgQueue: int32(0), ArgBeConn: int32(1), ArgNbSrv: int32(1)}
+	args := map[string]any{wire.ArgPool: "x86", wire.ArgSrc: net.ParseIP("127.0.0.1"), wire.ArgSport: int32(40000), wire.ArgQueue: int32(0), wire.ArgBeConn: int32(1), wire.ArgNbSrv: int32(1)}
 
 	req := notify(args)
 	a.handle(req)
-	if got := setVars(req); len(got) != 1 || got[VarSlot] != "slot1" {
+	if got := setVars(req); len(got) != 1 || got[wire.VarSlot] != "slot1" {
 		t.Fatalf("vars = %v, want slot=slot1", got)
 	}
 	// Only strings are ever sent (v1.0.7 cannot encode net.IP or floats,
@@ -205,11 +206,11 @@ func TestHandle(t *testing.T) {
 	a.Update(observed(nil, nil))
 	req = notify(args)
 	a.handle(req)
-	if got := setVars(req); got[VarVerdict] != Reject || got[VarSlot] != nil {
+	if got := setVars(req); got[wire.VarVerdict] != wire.VerdictReject || got[wire.VarSlot] != nil {
 		t.Fatalf("vars with no builder = %v, want verdict=reject", got)
 	}
 
-	args[ArgPool] = "nope"
+	args[wire.ArgPool] = "nope"
 	req = notify(args)
 	a.handle(req)
 	if got := setVars(req); len(got) != 0 {
@@ -219,7 +220,7 @@ func TestHandle(t *testing.T) {
 
 func TestHandleRecoversPanics(t *testing.T) {
 	a := newAgent(0, func() { panic("boom") })
-	req := notify(map[string]any{ArgPool: "x86"})
+	req := notify(map[string]any{wire.ArgPool: "x86"})
 	a.handle(req) // Kick panics inside Decide; handle must survive it
 	if n := a.Held()["x86"]; n != 0 {
 		t.Fatalf("Held after a panic = %d, want 0", n)
@@ -232,20 +233,20 @@ func TestHandleRecoversPanics(t *testing.T) {
 func TestClosedConnectionsFreeRoom(t *testing.T) {
 	a := newAgent(20*time.Millisecond, nil) // max_jobs 2
 	a.Update(observed([]scaler.Slot{readySlot("slot1", 100)}, nil))
-	args := map[string]any{ArgPool: "x86", ArgBeConn: int32(0)}
+	args := map[string]any{wire.ArgPool: "x86", wire.ArgBeConn: int32(0)}
 	for i := 0; i < 2; i++ {
 		req := notify(args)
 		a.handle(req)
-		if got := setVars(req)[VarSlot]; got != "slot1" {
+		if got := setVars(req)[wire.VarSlot]; got != "slot1" {
 			t.Fatalf("connection %d: vars %v, want slot1", i, setVars(req))
 		}
-		args[ArgBeConn] = int32(i + 1)
+		args[wire.ArgBeConn] = int32(i + 1)
 	}
 	// Both connections closed: HAProxy reports 0 on the backend.
-	args[ArgBeConn] = int32(0)
+	args[wire.ArgBeConn] = int32(0)
 	req := notify(args)
 	a.handle(req)
-	if got := setVars(req); got[VarSlot] != "slot1" {
+	if got := setVars(req); got[wire.VarSlot] != "slot1" {
 		t.Fatalf("after both closed: vars %v, want slot1 (not held or rejected)", got)
 	}
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/negasus/haproxy-spoe-go/varint"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+	"guardianproject.dev/ops/nix-builder-autoscaler/spoa/wire"
 )
 
 // Benchmarks of the SPOE agent's decision when capacity exists (docs/design.md
@@ -109,7 +110,7 @@ func BenchmarkDecideParallel(b *testing.B) {
 func benchNotify() *request.Request {
 	req := request.AcquireRequest()
 	m := message.AcquireMessage()
-	m.Name = Message
+	m.Name = wire.Message
 	for _, kv := range benchArgs {
 		m.KV.Add(kv.name, kv.value)
 	}
@@ -121,9 +122,9 @@ var benchArgs = []struct {
 	name  string
 	value any
 }{
-	{ArgPool, "x86"}, {ArgSrc, net.IPv4(127, 0, 0, 1).To4()}, {ArgSport, int32(40000)}, {"be", "nba_x86"},
-	{ArgQueue, int32(0)}, {ArgBeConn, int32(3)}, {ArgNbSrv, int32(8)},
-	{"id", "0f8fad5b-d9cb-469f-a165-70867728950e"},
+	{wire.ArgPool, "x86"}, {wire.ArgSrc, net.IPv4(127, 0, 0, 1).To4()}, {wire.ArgSport, int32(40000)}, {wire.ArgBackend, "nba_x86"},
+	{wire.ArgQueue, int32(0)}, {wire.ArgBeConn, int32(3)}, {wire.ArgNbSrv, int32(8)},
+	{wire.ArgID, "0f8fad5b-d9cb-469f-a165-70867728950e"},
 }
 
 // BenchmarkHandle is the whole NOTIFY handler (argument parsing, metrics,
@@ -202,7 +203,7 @@ func BenchmarkSPOPRoundTrip(b *testing.B) {
 	reportPercentiles(b, lat)
 }
 
-// encodeNotify writes a NOTIFY frame carrying message Message with
+// encodeNotify writes a NOTIFY frame carrying message wire.Message with
 // benchArgs (the library cannot encode messages itself).
 func encodeNotify(id uint64) ([]byte, error) {
 	var body []byte
@@ -210,8 +211,8 @@ func encodeNotify(id uint64) ([]byte, error) {
 	body = binary.BigEndian.AppendUint32(body, 1) // FIN
 	body = appendVarint(body, id)                 // stream id
 	body = appendVarint(body, 1)                  // frame id
-	body = appendVarint(body, uint64(len(Message)))
-	body = append(body, Message...)
+	body = appendVarint(body, uint64(len(wire.Message)))
+	body = append(body, wire.Message...)
 	body = append(body, byte(len(benchArgs)))
 	for _, kv := range benchArgs {
 		body = appendVarint(body, uint64(len(kv.name)))
