@@ -5,6 +5,7 @@ package scaler
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"time"
 )
@@ -47,6 +48,33 @@ func ParseSlotKey(s string) (SlotKey, error) {
 		return SlotKey{}, errors.New("slot must be written <pool>/<slot>, e.g. x86/slot1")
 	}
 	return SlotKey{Pool: pool, Slot: slot}, nil
+}
+
+// Route is what sends a build to a pool: the Nix systems the pool builds for
+// and the features it offers.
+type Route struct {
+	Systems  []string
+	Features []string
+}
+
+// Serves reports whether the route takes a build for system that needs every
+// one of features.
+func (r Route) Serves(system string, features []string) bool {
+	if !slices.Contains(r.Systems, system) {
+		return false
+	}
+	for _, f := range features {
+		if !slices.Contains(r.Features, f) {
+			return false
+		}
+	}
+	return true
+}
+
+// MatchPool returns the index of the first of pools whose route serves a
+// build for system that needs features, or -1 if none does.
+func MatchPool[P any](pools []P, route func(P) Route, system string, features []string) int {
+	return slices.IndexFunc(pools, func(p P) bool { return route(p).Serves(system, features) })
 }
 
 // DefaultWeight is the HAProxy weight of a slot no operator has changed.

@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"math"
 	"math/rand/v2"
-	"slices"
 	"sort"
 	"time"
 
@@ -55,19 +54,12 @@ type job struct {
 
 // route picks the first pool that serves the build's system and features.
 func route(pools []Pool, b Build) int {
-	for i, p := range pools {
-		if !slices.Contains(p.Systems, b.System) {
-			continue
-		}
-		ok := true
-		for _, f := range b.Features {
-			ok = ok && slices.Contains(p.Features, f)
-		}
-		if ok {
-			return i
-		}
-	}
-	return -1
+	return scaler.MatchPool(pools, Pool.route, b.System, b.Features)
+}
+
+// route is what sends a build to the pool.
+func (p Pool) route() scaler.Route {
+	return scaler.Route{Systems: p.Systems, Features: p.Features}
 }
 
 // Horizon is how long a run lasts: whole days covering every build's end.

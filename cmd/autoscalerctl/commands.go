@@ -402,7 +402,9 @@ func plural(n int, word string) string {
 	return strconv.Itoa(n) + " " + word + "s"
 }
 
-// parseSlot parses "<pool>/<slot>".
+// parseSlot parses "<pool>/<slot>" as scaler.ParseSlotKey does, with
+// autoscalerctl's usage error; autoscalerctl may not import scaler
+// (deps_test.go), and mirror_test.go keeps the two in step.
 func parseSlot(s string) (pool, slot string, err error) {
 	pool, slot, ok := strings.Cut(s, "/")
 	if !ok || pool == "" || slot == "" || strings.Contains(slot, "/") {

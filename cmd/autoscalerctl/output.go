@@ -104,7 +104,9 @@ func seconds(s float64) time.Duration {
 // list joins a string list for a cell.
 func list(l []string) string { return strings.Join(l, ",") }
 
-// slotStateOrder is the lifecycle order of slot states, for counts.
+// slotStateOrder is the lifecycle order of slot states, for counts. It is
+// scaler.SlotStates as strings, written out because autoscalerctl may not
+// import scaler (deps_test.go); mirror_test.go keeps the two equal.
 var slotStateOrder = []string{"empty", "launching", "booting", "binding", "ready", "draining", "terminating"}
 
 // counts shows a by-state count map as "ready=2 booting=1", known states in

@@ -335,10 +335,8 @@ func (s *Server) pool(name string) (config.Pool, bool) {
 }
 
 func (s *Server) matchPool(system string, features []string) string {
-	for _, p := range s.o.Pools {
-		if p.Serves(system, features) {
-			return p.Name
-		}
+	if i := scaler.MatchPool(s.o.Pools, config.Pool.Route, system, features); i >= 0 {
+		return s.o.Pools[i].Name
 	}
 	return ""
 }

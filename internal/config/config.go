@@ -19,6 +19,8 @@ import (
 	"github.com/BurntSushi/toml"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy"
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+	ec2prov "guardianproject.dev/ops/nix-builder-autoscaler/scaler/ec2"
 )
 
 // ProviderLocal is the provider that runs stand-in builders (or operator
@@ -130,15 +132,10 @@ type EC2 struct {
 	SSHPort   int    `toml:"ssh_port"`
 }
 
-// EffectiveMarket is the market launches start in.
+// EffectiveMarket is the market launches start in, as the EC2 provider
+// decides it (ec2.PoolOptions.EffectiveMarket).
 func (e EC2) EffectiveMarket() string {
-	switch {
-	case e.Market != "":
-		return e.Market
-	case e.NestedVirtualization:
-		return "on-demand"
-	}
-	return "spot"
+	return ec2prov.PoolOptions{Market: e.Market, NestedVirtualization: e.NestedVirtualization}.EffectiveMarket()
 }
 
 // Tailscale is the [tailscale] table: how builders are found on the tailnet.
@@ -154,18 +151,15 @@ type Tailscale struct {
 	APIURL     string `toml:"api_url"`
 }
 
+// Route is what sends a build to the pool: its systems and features.
+func (p Pool) Route() scaler.Route {
+	return scaler.Route{Systems: p.Systems, Features: p.Features}
+}
+
 // Serves reports whether the pool builds for system and offers every one of
 // features.
 func (p Pool) Serves(system string, features []string) bool {
-	if !slices.Contains(p.Systems, system) {
-		return false
-	}
-	for _, f := range features {
-		if !slices.Contains(p.Features, f) {
-			return false
-		}
-	}
-	return true
+	return p.Route().Serves(system, features)
 }
 
 // HAProxy is the [haproxy] table: how the daemon and HAProxy reach each
