@@ -251,7 +251,7 @@ func (d *Daemon) ec2Providers(pools []config.Pool, out map[string]scaler.Provide
 		}
 		groups[k] = append(groups[k], p)
 	}
-	dopts := discovery.Options{Pools: map[string]discovery.PoolSource{}, Cluster: d.cfg.Daemon.Cluster, Logger: d.log, Registerer: d.reg}
+	dopts := discovery.Options{Pools: map[string]discovery.PoolSource{}, Cluster: d.cfg.Daemon.Cluster, Logger: d.log, Registerer: d.reg, Clock: d.o.Clock}
 	for _, k := range order {
 		var prov scaler.Provider
 		popts := map[string]ec2prov.PoolOptions{}
@@ -276,7 +276,7 @@ func (d *Daemon) ec2Providers(pools []config.Pool, out map[string]scaler.Provide
 				return fmt.Errorf("ec2 region %s: %w", k.region, err)
 			}
 			p, err := ec2prov.New(client, ec2prov.Options{Cluster: d.cfg.Daemon.Cluster, Pools: popts, Logger: d.log,
-				Registerer: d.reg, Now: d.o.Clock.Now})
+				Registerer: d.reg, Clock: d.o.Clock})
 			if err != nil {
 				return err
 			}

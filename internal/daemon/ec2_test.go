@@ -131,7 +131,7 @@ func startEC2(t *testing.T, cfg *config.Config, clock *clocktest.Clock, reach *d
 				if region != "us-east-1" || endpoint != "" || !slices.Equal(slices.Sorted(maps.Keys(pools)), []string{"x86"}) {
 					t.Errorf("EC2 hook called with region %q, endpoint %q, pools %v; want us-east-1, none, [x86]", region, endpoint, pools)
 				}
-				p, err := ec2prov.New(fake, ec2prov.Options{Cluster: cfg.Daemon.Cluster, Pools: pools, Now: clock.Now, Registerer: reg})
+				p, err := ec2prov.New(fake, ec2prov.Options{Cluster: cfg.Daemon.Cluster, Pools: pools, Clock: clock, Registerer: reg})
 				if err != nil {
 					t.Fatalf("ec2 provider over the fake: %v", err)
 				}

@@ -109,7 +109,7 @@ func startTailscale(t *testing.T, peers ...discoverytest.Peer) *tsDaemon {
 		o.Registry = reg
 		o.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 		o.EC2 = func(region, endpoint string, pools map[string]ec2prov.PoolOptions) scaler.Provider {
-			p, err := ec2prov.New(fake, ec2prov.Options{Cluster: cfg.Daemon.Cluster, Pools: pools, Now: clock.Now, Registerer: reg})
+			p, err := ec2prov.New(fake, ec2prov.Options{Cluster: cfg.Daemon.Cluster, Pools: pools, Clock: clock, Registerer: reg})
 			if err != nil {
 				t.Fatalf("ec2 provider over the fake: %v", err)
 			}
@@ -479,7 +479,7 @@ socket = %[3]q
 			regions = append(regions, region)
 			fake := ec2test.New()
 			fake.Now = clock.Now
-			p, err := ec2prov.New(fake, ec2prov.Options{Cluster: ec2Cluster, Pools: pools, Now: clock.Now})
+			p, err := ec2prov.New(fake, ec2prov.Options{Cluster: ec2Cluster, Pools: pools, Clock: clock})
 			if err != nil {
 				t.Fatalf("ec2 provider over the fake: %v", err)
 			}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
 	promshare "guardianproject.dev/ops/nix-builder-autoscaler/internal/metrics"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
@@ -82,6 +83,8 @@ type Options struct {
 	Logger *slog.Logger
 	// Registerer takes the metrics (not registered when nil).
 	Registerer prometheus.Registerer
+	// Clock paces the error log (nil: clock.Real).
+	Clock clock.Clock
 	// DeleteDevice, when set, is called with a terminated builder's
 	// tailnet node ID, e.g. (*TailscaleAPI).DeleteDevice.
 	DeleteDevice func(ctx context.Context, deviceID string) error
@@ -108,7 +111,7 @@ type Provider struct {
 	log          *slog.Logger
 	lookups      *prometheus.CounterVec
 	deletions    *prometheus.CounterVec
-	now          func() time.Time
+	clock        clock.Clock
 
 	mu      sync.Mutex
 	seen    map[string][]string  // instance id → tailnet node ids bound for it
@@ -131,12 +134,15 @@ func Wrap(inner scaler.Provider, o Options) *Provider {
 		tag:          o.Tag,
 		deleteDevice: o.DeleteDevice,
 		log:          o.Logger,
-		now:          time.Now,
+		clock:        o.Clock,
 		seen:         map[string][]string{},
 		logged:       map[string]time.Time{},
 	}
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
+	}
+	if p.clock == nil {
+		p.clock = clock.Real{}
 	}
 	if p.hostname == nil {
 		p.hostname = template.Must(template.New("hostname").Parse(DefaultHostname))
@@ -396,7 +402,7 @@ func (p *Provider) forget(list []scaler.Instance) {
 			delete(p.seen, id)
 		}
 	}
-	cutoff := p.now().Add(-10 * errorLogEvery)
+	cutoff := p.clock.Now().Add(-10 * errorLogEvery)
 	for k, at := range p.logged {
 		if at.Before(cutoff) {
 			delete(p.logged, k)
@@ -413,7 +419,7 @@ func (p *Provider) throttle(key string) bool {
 }
 
 func (p *Provider) throttleLocked(key string) bool {
-	now := p.now()
+	now := p.clock.Now()
 	if last, ok := p.logged[key]; ok && now.Sub(last) < errorLogEvery {
 		return false
 	}

@@ -62,7 +62,7 @@ func newHarness(t *testing.T, o Options, doc any, instances ...scaler.Instance) 
 	o.Logger = log
 	o.Registerer = h.reg
 	h.p = Wrap(h.inner, o)
-	h.p.now = h.clock.Now
+	h.p.clock = h.clock
 	return h
 }
 

@@ -16,6 +16,8 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/ec2"
 	"github.com/aws/smithy-go"
 	"github.com/aws/smithy-go/middleware"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
 )
 
 // API is the part of the EC2 API the provider calls. *ec2.Client
@@ -169,7 +171,10 @@ type bucket struct {
 }
 
 func newBucket(burst int, rate float64) *bucket {
-	return &bucket{burst: float64(burst), rate: rate, tokens: float64(burst), now: time.Now, sleep: sleepCtx}
+	// EC2 counts its request rate on the wall clock, whatever the
+	// provider's clock says.
+	return &bucket{burst: float64(burst), rate: rate, tokens: float64(burst), now: clock.Real{}.Now,
+		sleep: func(ctx context.Context, d time.Duration) error { return clock.Sleep(ctx, clock.Real{}, d) }}
 }
 
 // reserve takes a token and says how long the caller must wait for it.
@@ -205,15 +210,4 @@ func (b *bucket) wait(ctx context.Context) error {
 		return err
 	}
 	return nil
-}
-
-func sleepCtx(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
 }

@@ -44,6 +44,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/ec2/types"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
@@ -167,7 +168,7 @@ type Options struct {
 	Pools      map[string]PoolOptions // by pool name
 	Logger     *slog.Logger           // nil discards
 	Registerer prometheus.Registerer  // nil: metrics are not registered
-	Now        func() time.Time       // nil = time.Now
+	Clock      clock.Clock            // nil = clock.Real
 }
 
 type pool struct {
@@ -190,7 +191,7 @@ type Provider struct {
 	cluster string
 	pools   map[string]*pool
 	log     *slog.Logger
-	now     func() time.Time
+	clock   clock.Clock
 	m       *metrics
 	limits  map[string]*bucket
 	// pageSize is DescribeInstances' MaxResults (5..1000).
@@ -221,7 +222,7 @@ func New(api API, o Options) (*Provider, error) {
 		cluster:     o.Cluster,
 		pools:       map[string]*pool{},
 		log:         o.Logger,
-		now:         o.Now,
+		clock:       o.Clock,
 		m:           newMetrics(o.Registerer),
 		limits:      map[string]*bucket{},
 		pageSize:    500,
@@ -231,8 +232,8 @@ func New(api API, o Options) (*Provider, error) {
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
 	}
-	if p.now == nil {
-		p.now = time.Now
+	if p.clock == nil {
+		p.clock = clock.Real{}
 	}
 	for op, l := range defaultLimits {
 		p.limits[op] = newBucket(l.burst, l.rate)
@@ -422,7 +423,7 @@ func (e *capacityError) Unwrap() error { return ErrNoCapacity }
 func (p *Provider) unavailableUntil(off offering) (time.Time, bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	now := p.now()
+	now := p.clock.Now()
 	for _, k := range []offering{off, {market: off.market}} {
 		until, ok := p.unavailable[k]
 		if !ok {
@@ -439,7 +440,7 @@ func (p *Provider) unavailableUntil(off offering) (time.Time, bool) {
 func (p *Provider) markUnavailable(off offering, d time.Duration) time.Time {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	until := p.now().Add(d)
+	until := p.clock.Now().Add(d)
 	p.unavailable[off] = until
 	return until
 }
@@ -470,7 +471,7 @@ func (p *Provider) runInstance(ctx context.Context, pl *pool, req scaler.LaunchR
 		inst.State = scaler.InstancePending
 	}
 	if inst.LaunchedAt.IsZero() {
-		inst.LaunchedAt = p.now().UTC()
+		inst.LaunchedAt = p.clock.Now().UTC()
 	}
 	return inst, nil
 }
@@ -654,7 +655,7 @@ func (p *Provider) List(ctx context.Context) ([]scaler.Instance, error) {
 func (p *Provider) observe(ins []scaler.Instance) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	now := p.now()
+	now := p.clock.Now()
 	var elapsed float64
 	if !p.lastList.IsZero() && now.After(p.lastList) {
 		elapsed = now.Sub(p.lastList).Seconds()

@@ -48,7 +48,7 @@ func newEnv(t *testing.T, pools map[string]PoolOptions) *env {
 	e.fake.Zones["subnet-a"] = "us-east-1a"
 	e.fake.Zones["subnet-b"] = "us-east-1b"
 	e.fake.Zones["subnet-c"] = "us-east-1c"
-	p, err := New(e.fake, Options{Cluster: cluster, Pools: pools, Registerer: e.reg, Now: e.clock.Now})
+	p, err := New(e.fake, Options{Cluster: cluster, Pools: pools, Registerer: e.reg, Clock: e.clock})
 	if err != nil {
 		t.Fatal(err)
 	}
