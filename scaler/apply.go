@@ -1,0 +1,420 @@
+package scaler
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"log/slog"
+	"strings"
+	"time"
+)
+
+// applier carries one round's context while actions are applied.
+type applier struct {
+	r       *Reconciler
+	now     time.Time
+	owner   map[string]Provider // instance id → provider that listed it
+	changed bool
+}
+
+const actor = "reconciler"
+
+func (a *applier) event(kind string, act Action) Event {
+	return Event{At: a.now, Kind: kind, Pool: act.Pool, Slot: act.Slot, InstanceID: act.Instance,
+		ReservationID: act.Reservation, Actor: actor, Reason: act.Reason}
+}
+
+// conflictAttempts bounds how often the reconciler re-reads a row that a
+// concurrent writer changed; after that the round ends and is kicked again.
+const conflictAttempts = 5
+
+// updateSlot re-reads a slot and applies fn until the commit does not
+// conflict, so a concurrent operator change is merged, never overwritten.
+// fn returns false to skip (the slot no longer needs the change).
+func (a *applier) updateSlot(ctx context.Context, key SlotKey, fn func(*Slot) bool, evs ...Event) (Slot, error) {
+	var s Slot
+	err := RetryOnConflict(conflictAttempts, func() error {
+		var err error
+		if s, err = a.r.o.Store.Slot(ctx, key); err != nil {
+			return err
+		}
+		if !fn(&s) {
+			return nil
+		}
+		if err := a.r.o.Store.Commit(ctx, Change{Slots: []Slot{s}, Events: evs}); err != nil {
+			return err
+		}
+		a.changed = true
+		s.Version++
+		return nil
+	})
+	return s, err
+}
+
+// updateReservation is updateSlot for a reservation; it reports whether it
+// committed a change.
+func (a *applier) updateReservation(ctx context.Context, id string, fn func(*Reservation) bool, evs ...Event) (bool, error) {
+	committed := false
+	err := RetryOnConflict(conflictAttempts, func() error {
+		res, err := a.r.o.Store.Reservation(ctx, id)
+		if err != nil {
+			return err
+		}
+		if !fn(&res) {
+			return nil
+		}
+		if err := a.r.o.Store.Commit(ctx, Change{Reservations: []Reservation{res}, Events: evs}); err != nil {
+			return err
+		}
+		a.changed, committed = true, true
+		return nil
+	})
+	return committed, err
+}
+
+func (a *applier) log() *slog.Logger { return a.r.o.Logger }
+
+// apply carries out one action; each kind has its own method below.
+func (a *applier) apply(ctx context.Context, act Action) error {
+	switch act.Kind {
+	case ActLaunch:
+		return a.launch(ctx, act)
+	case ActAdopt:
+		return a.adopt(ctx, act)
+	case ActAdvance:
+		return a.advance(ctx, act)
+	case ActBind:
+		return a.bind(ctx, act)
+	case ActTouch:
+		return a.touch(ctx, act)
+	case ActDrain:
+		return a.drain(ctx, act)
+	case ActTerminate, ActRetryTerminate:
+		return a.terminate(ctx, act)
+	case ActAssign:
+		return a.assign(ctx, act)
+	case ActRequeue:
+		return a.requeue(ctx, act)
+	case ActFail, ActExpire:
+		return a.end(ctx, act)
+	}
+	return fmt.Errorf("unknown action %q", act.Kind)
+}
+
+func (a *applier) adopt(ctx context.Context, act Action) error {
+	key := SlotKey{act.Pool, act.Slot}
+	_, err := a.updateSlot(ctx, key, func(s *Slot) bool {
+		switch {
+		case act.To == Booting && s.State == Empty:
+			// An untracked builder taken back into its free slot.
+			*s = Slot{Pool: s.Pool, Name: s.Name, State: Booting, InstanceID: act.Instance, StateSince: a.now,
+				LastActive: a.now, Weight: s.Weight, Version: s.Version}
+			return true
+		case act.To == "" && s.State == Launching && s.InstanceID == "":
+			s.InstanceID = act.Instance
+			return true
+		}
+		return false
+	}, a.event(EvAdopted, act))
+	a.log().Info("instance adopted", "slot", key, "instance", act.Instance, "reason", act.Reason)
+	return err
+}
+
+func (a *applier) advance(ctx context.Context, act Action) error {
+	key := SlotKey{act.Pool, act.Slot}
+	kind := map[SlotState]string{Booting: EvBooted, Ready: EvReady, Empty: EvEmptied}[act.To]
+	var from SlotState
+	_, err := a.updateSlot(ctx, key, func(s *Slot) bool {
+		if s.InstanceID != act.Instance {
+			return false
+		}
+		from = s.State
+		s.State, s.StateSince = act.To, a.now
+		switch act.To {
+		case Ready:
+			s.LastActive = a.now
+		case Empty:
+			*s = Slot{Pool: s.Pool, Name: s.Name, State: Empty, StateSince: a.now, LastActive: s.LastActive, Weight: s.Weight, Version: s.Version}
+		}
+		return true
+	}, a.event(kind, act))
+	if err != nil {
+		return err
+	}
+	a.log().Info("slot "+string(act.To), "slot", key, "from", from, "instance", act.Instance, "reason", act.Reason)
+	if act.To == Empty && a.r.o.Readiness != nil {
+		a.unbind(ctx, key)
+	}
+	return nil
+}
+
+func (a *applier) bind(ctx context.Context, act Action) error {
+	if a.r.o.Readiness == nil {
+		return nil
+	}
+	key := SlotKey{act.Pool, act.Slot}
+	cctx, cancel := context.WithTimeout(ctx, a.r.o.CallTimeout)
+	err := a.r.o.Readiness.Bind(cctx, key, act.Addr)
+	cancel()
+	if err != nil {
+		// Not fatal for the round: retried next round, and the slot's
+		// bind timeout replaces a builder that can never be bound.
+		a.log().Error("bind failed", "slot", key, "instance", act.Instance, "addr", act.Addr, "err", err)
+		a.r.o.Recorder.CallFailed("bind")
+		return nil
+	}
+	_, err = a.updateSlot(ctx, key, func(s *Slot) bool {
+		if s.InstanceID != act.Instance {
+			return false
+		}
+		if s.State == Booting {
+			s.State, s.StateSince = Binding, a.now
+		}
+		s.Address = act.Addr
+		return true
+	}, a.event(EvBound, act))
+	a.log().Info("slot bound", "slot", key, "instance", act.Instance, "addr", act.Addr)
+	return err
+}
+
+func (a *applier) touch(ctx context.Context, act Action) error {
+	_, err := a.updateSlot(ctx, SlotKey{act.Pool, act.Slot}, func(s *Slot) bool {
+		if s.LastActive.After(a.now) || s.LastActive.Equal(a.now) {
+			return false
+		}
+		s.LastActive = a.now
+		return true
+	})
+	return err
+}
+
+func (a *applier) drain(ctx context.Context, act Action) error {
+	key := SlotKey{act.Pool, act.Slot}
+	_, err := a.updateSlot(ctx, key, func(s *Slot) bool {
+		if s.State != Ready {
+			return false
+		}
+		s.State, s.StateSince, s.DrainReason = Draining, a.now, act.Reason
+		return true
+	}, a.event(EvDrained, act))
+	a.log().Info("slot draining", "slot", key, "instance", act.Instance, "reason", act.Reason)
+	return err
+}
+
+func (a *applier) assign(ctx context.Context, act Action) error {
+	key := SlotKey{act.Pool, act.Slot}
+	var wait time.Duration
+	ok, err := a.updateReservation(ctx, act.Reservation, func(res *Reservation) bool {
+		if res.State != Pending {
+			return false
+		}
+		res.State, res.Slot, res.AssignedAt = Assigned, act.Slot, a.now
+		wait = max(a.now.Sub(res.CreatedAt), 0) // created after the round began
+		return true
+	}, a.event(EvAssigned, act))
+	if err != nil || !ok {
+		return err
+	}
+	a.r.o.Recorder.Assigned(act.Pool, wait)
+	a.log().Info("reservation assigned", "reservation", act.Reservation, "slot", key, "instance", act.Instance, "wait", wait)
+	_, err = a.updateSlot(ctx, key, func(s *Slot) bool {
+		s.LastActive = a.now
+		return true
+	})
+	return err
+}
+
+func (a *applier) requeue(ctx context.Context, act Action) error {
+	_, err := a.updateReservation(ctx, act.Reservation, func(res *Reservation) bool {
+		if res.State != Assigned || res.Slot != act.Slot {
+			return false
+		}
+		res.State, res.Slot, res.AssignedAt = Pending, "", time.Time{}
+		return true
+	}, a.event(EvRequeued, act))
+	a.log().Warn("reservation back to pending", "reservation", act.Reservation, "slot", SlotKey{act.Pool, act.Slot}, "reason", act.Reason)
+	return err
+}
+
+// end ends a live reservation as failed (ActFail) or expired (ActExpire).
+func (a *applier) end(ctx context.Context, act Action) error {
+	state, kind := Failed, EvFailed
+	if act.Kind == ActExpire {
+		state, kind = Expired, EvExpired
+	}
+	ok, err := a.updateReservation(ctx, act.Reservation, func(res *Reservation) bool {
+		if !res.State.Live() {
+			return false
+		}
+		res.State, res.EndedAt, res.Reason = state, a.now, act.Reason
+		return true
+	}, a.event(kind, act))
+	if ok && act.Kind == ActExpire {
+		a.r.o.Recorder.LeaseExpired(act.Pool)
+	}
+	if ok {
+		a.log().Warn("reservation "+string(state), "reservation", act.Reservation, "pool", act.Pool, "slot", act.Slot, "reason", act.Reason)
+	}
+	return err
+}
+
+func (a *applier) unbind(ctx context.Context, key SlotKey) {
+	cctx, cancel := context.WithTimeout(ctx, a.r.o.CallTimeout)
+	defer cancel()
+	if err := a.r.o.Readiness.Bind(cctx, key, ""); err != nil {
+		a.log().Warn("could not reset the server address of an empty slot", "slot", key, "err", err)
+	}
+}
+
+func newLaunchID() string {
+	b := make([]byte, 8)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+func (a *applier) launch(ctx context.Context, act Action) error {
+	key := SlotKey{act.Pool, act.Slot}
+	p := a.r.o.Providers[act.Pool]
+	if p == nil {
+		return fmt.Errorf("no provider for pool %s", act.Pool)
+	}
+	launchID := newLaunchID()
+	// The slot says "launching" with its launch id before the provider is
+	// called: after a crash the instance is found again by that id.
+	_, err := a.updateSlot(ctx, key, func(s *Slot) bool {
+		if s.State != Empty {
+			return false
+		}
+		*s = Slot{Pool: s.Pool, Name: s.Name, State: Launching, LaunchID: launchID, StateSince: a.now,
+			LastActive: s.LastActive, Weight: s.Weight, Version: s.Version}
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	cctx, cancel := context.WithTimeout(ctx, a.r.o.CallTimeout)
+	in, lerr := p.Launch(cctx, LaunchRequest{Pool: act.Pool, Slot: act.Slot, LaunchID: launchID})
+	cancel()
+	if lerr != nil {
+		a.r.launchFailed(act.Pool, a.now, lerr)
+		a.r.o.Recorder.Launched(act.Pool, lerr)
+		a.log().Error("launch failed", "slot", key, "err", lerr)
+		ev := a.event(EvFailed, act)
+		ev.Reason = "launch failed: " + lerr.Error()
+		_, err = a.updateSlot(ctx, key, func(s *Slot) bool {
+			if s.State != Launching || s.LaunchID != launchID || s.InstanceID != "" {
+				return false
+			}
+			*s = Slot{Pool: s.Pool, Name: s.Name, State: Empty, StateSince: a.now, LastActive: s.LastActive, Weight: s.Weight, Version: s.Version}
+			return true
+		}, ev)
+		return err
+	}
+	a.r.launchSucceeded(act.Pool)
+	a.r.o.Recorder.Launched(act.Pool, nil)
+	act.Instance = in.ID
+	_, err = a.updateSlot(ctx, key, func(s *Slot) bool {
+		if s.LaunchID != launchID {
+			return false
+		}
+		s.InstanceID, s.InstanceType, s.Market, s.Zone = in.ID, in.Type, in.Market, in.Zone
+		return true
+	}, launchedEvent(a.event(EvLaunched, act), in))
+	a.log().Info("builder launched", "slot", key, "instance", in.ID, "type", in.Type, "market", in.Market, "zone", in.Zone, "reason", act.Reason)
+	return err
+}
+
+// quiet closes a drained builder to new connections and reports whether
+// no session is open on it, so it may be terminated (Quiescer). Without a
+// Quiescer, Plan's observation is all there is.
+func (a *applier) quiet(ctx context.Context, key SlotKey, act Action) bool {
+	q, ok := a.r.o.Readiness.(Quiescer)
+	if !ok {
+		return true
+	}
+	cctx, cancel := context.WithTimeout(ctx, a.r.o.CallTimeout)
+	n, err := q.Quiesce(cctx, key)
+	cancel()
+	switch {
+	case err != nil:
+		a.log().Warn("not terminating a drained builder yet: cannot close it to new connections first (retried next round)",
+			"slot", key, "instance", act.Instance, "err", err)
+		a.r.o.Recorder.CallFailed("quiesce")
+		return false
+	case n > 0:
+		a.log().Info("a session reached the drained builder after it was seen idle; terminating it once the session ends",
+			"slot", key, "instance", act.Instance, "sessions", n)
+		return false
+	}
+	return true
+}
+
+func (a *applier) terminate(ctx context.Context, act Action) error {
+	key := SlotKey{act.Pool, act.Slot}
+	retry := act.Kind == ActRetryTerminate
+	if act.IfIdle && !a.quiet(ctx, key, act) {
+		return nil // the slot stays draining; a later round decides again
+	}
+	if act.Slot != "" && !retry {
+		_, err := a.updateSlot(ctx, key, func(s *Slot) bool {
+			if s.InstanceID != act.Instance || s.State == Terminating || s.State == Empty {
+				return false
+			}
+			if s.InstanceID == "" {
+				*s = Slot{Pool: s.Pool, Name: s.Name, State: Empty, StateSince: a.now, LastActive: s.LastActive, Weight: s.Weight, Version: s.Version}
+			} else {
+				s.State, s.StateSince, s.DrainReason = Terminating, a.now, act.Reason
+			}
+			return true
+		}, a.event(EvTerminated, act))
+		if err != nil {
+			return err
+		}
+	}
+	if act.Instance == "" {
+		a.log().Info("slot freed", "slot", key, "reason", act.Reason)
+		return nil
+	}
+	p := a.owner[act.Instance]
+	if p == nil {
+		p = a.r.o.Providers[act.Pool]
+	}
+	if p == nil {
+		return fmt.Errorf("no provider knows instance %s", act.Instance)
+	}
+	if act.Slot == "" {
+		if err := a.r.o.Store.Commit(ctx, Change{Events: []Event{a.event(EvTerminated, act)}}); err != nil {
+			return err
+		}
+	}
+	cctx, cancel := context.WithTimeout(ctx, a.r.o.CallTimeout)
+	err := p.Terminate(cctx, act.Instance)
+	cancel()
+	if err != nil {
+		// The slot stays terminating; Plan asks again next round.
+		a.r.o.Recorder.CallFailed("terminate")
+		a.log().Error("terminate failed; will retry", "slot", key, "instance", act.Instance, "err", err)
+		return nil
+	}
+	if !retry {
+		a.r.o.Recorder.Terminated(act.Pool, act.Cause)
+	}
+	a.log().Info("builder terminated", "slot", key, "instance", act.Instance, "reason", act.Reason)
+	return nil
+}
+
+// launchedEvent records what was bought (market, type, zone) with the
+// reason it was launched, so costs can be traced from the event log.
+func launchedEvent(ev Event, in Instance) Event {
+	var what []string
+	for _, w := range []string{in.Market, in.Type, in.Zone} {
+		if w != "" {
+			what = append(what, w)
+		}
+	}
+	if len(what) > 0 {
+		ev.Reason = strings.Join(what, " ") + ": " + ev.Reason
+	}
+	return ev
+}

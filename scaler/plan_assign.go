@@ -1,0 +1,88 @@
+package scaler
+
+import "fmt"
+
+func (p *planner) reservationDeadlines() {
+	for i := range p.res {
+		r := &p.res[i]
+		switch {
+		case !r.ExpiresAt.IsZero() && !p.now.Before(r.ExpiresAt):
+			p.end(r, Action{Kind: ActExpire, Reason: "lease expired without heartbeat"})
+		case r.State == Pending && p.pol.PendingTimeout > 0 && p.now.Sub(r.CreatedAt) >= p.pol.PendingTimeout:
+			p.end(r, Action{Kind: ActFail, Reason: p.pendingFailure(r)})
+		case p.poolIndex[r.Pool].Name == "":
+			p.end(r, Action{Kind: ActFail, Reason: "pool " + r.Pool + " is no longer configured"})
+		}
+	}
+}
+
+func (p *planner) pendingFailure(r *Reservation) string {
+	pp := p.poolIndex[r.Pool]
+	if msg := p.obs.LaunchError[r.Pool]; msg != "" {
+		return "no builder after " + p.pol.PendingTimeout.String() + ": launch failing: " + msg
+	}
+	if p.active(r.Pool) >= pp.MaxBuilders {
+		return fmt.Sprintf("no builder after %s: pool %s at max_builders (%d)", p.pol.PendingTimeout, r.Pool, pp.MaxBuilders)
+	}
+	return "no builder became ready within pending_timeout " + p.pol.PendingTimeout.String()
+}
+
+func (p *planner) end(r *Reservation, a Action) {
+	a.Pool, a.Slot, a.Reservation = r.Pool, r.Slot, r.ID
+	p.emit(a)
+	p.ended[r.ID] = true
+	if r.State == Assigned {
+		p.perSlot[SlotKey{r.Pool, r.Slot}]--
+	}
+}
+
+func (p *planner) requeueSlot(s *Slot, reason string) {
+	for i := range p.res {
+		r := &p.res[i]
+		if r.State == Assigned && r.Pool == s.Pool && r.Slot == s.Name && !p.ended[r.ID] {
+			p.emit(Action{Kind: ActRequeue, Pool: r.Pool, Slot: r.Slot, Reservation: r.ID, Reason: reason})
+			r.State, r.Slot = Pending, ""
+		}
+	}
+	p.perSlot[s.Key()] = 0
+}
+
+// assign gives pending reservations to ready slots with room, packing
+// builders so that the others can go idle and be released.
+func (p *planner) assign(pp PoolPolicy) {
+	for i := range p.res {
+		r := &p.res[i]
+		if r.Pool != pp.Name || r.State != Pending || p.ended[r.ID] {
+			continue
+		}
+		best := -1
+		for j := range p.slots {
+			s := &p.slots[j]
+			if s.Pool != pp.Name || s.State != Ready || s.Weight <= 0 || p.perSlot[s.Key()] >= pp.ReservationsPerBuilder {
+				continue
+			}
+			if best < 0 || p.better(s, &p.slots[best]) {
+				best = j
+			}
+		}
+		if best < 0 {
+			return // no room left; later reservations wait too (FIFO)
+		}
+		s := &p.slots[best]
+		p.emit(Action{Kind: ActAssign, Pool: pp.Name, Slot: s.Name, Reservation: r.ID, Instance: s.InstanceID})
+		r.State, r.Slot = Assigned, s.Name
+		p.perSlot[s.Key()]++
+		s.LastActive = p.now
+	}
+}
+
+// better prefers the fuller slot (packing), then fewer sessions.
+func (p *planner) better(a, b *Slot) bool {
+	ra, rb := p.perSlot[a.Key()], p.perSlot[b.Key()]
+	if ra != rb {
+		return ra > rb
+	}
+	sa, _ := p.server(a.Key())
+	sb, _ := p.server(b.Key())
+	return sa.Sessions < sb.Sessions
+}
