@@ -212,22 +212,7 @@ func (r *Readiness) servers(ctx context.Context) (out map[scaler.SlotKey]scaler.
 			needAddr = true
 		}
 		key := scaler.SlotKey{Pool: pool, Slot: s.Server()}
-		healthy := checkPassed(s.Str("check_status"))
-		r.mu.Lock()
-		if b := r.bound[key]; b != nil && !b.verified {
-			running := strings.HasPrefix(s.Str("check_status"), "* ")
-			outOfMaint := !strings.HasPrefix(s.Status(), "MAINT")
-			switch {
-			case clock.Since(r.clock, b.at) >= 3*r.checkInterval:
-				b.verified = true
-			case outOfMaint && (!healthy || running):
-				b.seen = true // a check of the new address failed or is running
-			case outOfMaint && b.seen && healthy:
-				b.verified = true
-			}
-			healthy = healthy && b.verified
-		}
-		r.mu.Unlock()
+		healthy := r.healthy(key, s)
 		out[key] = scaler.ServerStatus{
 			Addr:     s.Addr(),
 			Up:       serverUp(s.Status(), s.Str("check_status")) && healthy,
@@ -236,23 +221,55 @@ func (r *Readiness) servers(ctx context.Context) (out map[scaler.SlotKey]scaler.
 		}
 	}
 	if needAddr && len(out) > 0 {
-		states, err := r.c.ShowServersState(ctx, "")
-		if err != nil {
-			return nil, false, false, fmt.Errorf("show stat has no addr column, and: %w", err)
-		}
-		for _, st := range states {
-			pool, ok := r.pools[st.Backend()]
-			if !ok {
-				continue
-			}
-			k := scaler.SlotKey{Pool: pool, Slot: st.Server()}
-			if v, ok := out[k]; ok {
-				v.Addr = st.Addr()
-				out[k] = v
-			}
+		if err := r.fillAddrs(ctx, out); err != nil {
+			return nil, false, false, err
 		}
 	}
 	return out, spoaUp, spoaKnown, nil
+}
+
+// healthy reports whether the health check of the slot's server (row s of
+// show stat) passed, and, for an address bound since, whether a check of
+// the new address has been seen.
+func (r *Readiness) healthy(key scaler.SlotKey, s Stat) bool {
+	healthy := checkPassed(s.Str("check_status"))
+	r.mu.Lock()
+	if b := r.bound[key]; b != nil && !b.verified {
+		running := strings.HasPrefix(s.Str("check_status"), "* ")
+		outOfMaint := !strings.HasPrefix(s.Status(), "MAINT")
+		switch {
+		case clock.Since(r.clock, b.at) >= 3*r.checkInterval:
+			b.verified = true
+		case outOfMaint && (!healthy || running):
+			b.seen = true // a check of the new address failed or is running
+		case outOfMaint && b.seen && healthy:
+			b.verified = true
+		}
+		healthy = healthy && b.verified
+	}
+	r.mu.Unlock()
+	return healthy
+}
+
+// fillAddrs sets the addresses of out's servers from `show servers state`,
+// for a HAProxy whose show stat lacks the addr column.
+func (r *Readiness) fillAddrs(ctx context.Context, out map[scaler.SlotKey]scaler.ServerStatus) error {
+	states, err := r.c.ShowServersState(ctx, "")
+	if err != nil {
+		return fmt.Errorf("show stat has no addr column, and: %w", err)
+	}
+	for _, st := range states {
+		pool, ok := r.pools[st.Backend()]
+		if !ok {
+			continue
+		}
+		k := scaler.SlotKey{Pool: pool, Slot: st.Server()}
+		if v, ok := out[k]; ok {
+			v.Addr = st.Addr()
+			out[k] = v
+		}
+	}
+	return nil
 }
 
 // serverUp decides ServerStatus.Up from show stat's status and check_status

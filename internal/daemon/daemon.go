@@ -10,13 +10,8 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/user"
-	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
-	"syscall"
-	"text/template"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -29,7 +24,6 @@ import (
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/apiserver"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
-	"guardianproject.dev/ops/nix-builder-autoscaler/internal/discovery"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/metrics"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/store"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
@@ -176,144 +170,6 @@ func (d *Daemon) haproxyStatus() api.HAProxyStatus {
 		st.SPOAUp = &up
 	}
 	return st
-}
-
-// Policy turns the configuration into the scaling policy's terms.
-func Policy(cfg *config.Config) scaler.Policy {
-	pol := scaler.Policy{PendingTimeout: cfg.Reservations.PendingTimeout.D(), OrphanGrace: OrphanGrace}
-	for _, p := range cfg.Pools {
-		pol.Pools = append(pol.Pools, scaler.PoolPolicy{
-			Name: p.Name, MaxBuilders: p.MaxBuilders, MinBuilders: p.MinBuilders, WarmPool: p.WarmPool,
-			ReservationsPerBuilder: p.ReservationsPerBuilder, IdleTimeout: p.IdleTimeout.D(), DrainTimeout: p.DrainTimeout.D(),
-			LaunchTimeout: p.LaunchTimeout.D(), BootTimeout: p.BootTimeout.D(), BindTimeout: p.BindTimeout.D(),
-			MaxLifetime: p.MaxLifetime.D(), WarmFor: p.WarmFor.D(),
-		})
-	}
-	return pol
-}
-
-func (d *Daemon) providers() (map[string]scaler.Provider, error) {
-	out := map[string]scaler.Provider{}
-	localPools := map[string]local.PoolOptions{}
-	var ec2Pools []config.Pool
-	for _, p := range d.cfg.Pools {
-		if prov, ok := d.o.Providers[p.Name]; ok {
-			out[p.Name] = prov
-			continue
-		}
-		switch p.Provider {
-		case config.ProviderLocal:
-			localPools[p.Name] = local.PoolOptions{Address: p.Local.Address, BootDelay: p.Local.BootDelay.D(),
-				LaunchCommand: p.Local.LaunchCommand, TerminateCommand: p.Local.TerminateCommand}
-		case config.ProviderEC2:
-			ec2Pools = append(ec2Pools, p)
-		default:
-			return nil, fmt.Errorf("pool %s: provider %q is not available in this build", p.Name, p.Provider)
-		}
-	}
-	if len(localPools) > 0 {
-		cmd := d.o.BuilderCommand
-		if cmd == nil {
-			exe, err := os.Executable()
-			if err != nil {
-				return nil, fmt.Errorf("find own executable for local builders: %w", err)
-			}
-			cmd = []string{exe, "local-builder"}
-		}
-		lp, err := local.New(local.Options{Cluster: d.cfg.Daemon.Cluster, StateDir: filepath.Join(d.cfg.Daemon.StateDir, "local"),
-			Pools: localPools, BuilderCommand: cmd, BuilderEnv: d.o.BuilderEnv, Logger: d.log, Clock: d.o.Clock})
-		if err != nil {
-			return nil, err
-		}
-		for name := range localPools {
-			out[name] = lp
-		}
-	}
-	if len(ec2Pools) > 0 {
-		if err := d.ec2Providers(ec2Pools, out); err != nil {
-			return nil, err
-		}
-	}
-	return out, nil
-}
-
-// ec2Providers builds one EC2 provider per region (and endpoint): each
-// lists every instance of the cluster in its region in one call. Builder
-// addresses come from discovery (Tailscale or the instance's IPs).
-func (d *Daemon) ec2Providers(pools []config.Pool, out map[string]scaler.Provider) error {
-	type regionKey struct{ region, endpoint string }
-	groups := map[regionKey][]config.Pool{}
-	var order []regionKey
-	for _, p := range pools {
-		k := regionKey{p.EC2.Region, p.EC2.Endpoint}
-		if _, ok := groups[k]; !ok {
-			order = append(order, k)
-		}
-		groups[k] = append(groups[k], p)
-	}
-	dopts := discovery.Options{Pools: map[string]discovery.PoolSource{}, Cluster: d.cfg.Daemon.Cluster, Logger: d.log, Registerer: d.reg, Clock: d.o.Clock}
-	for _, k := range order {
-		var prov scaler.Provider
-		popts := map[string]ec2prov.PoolOptions{}
-		for _, p := range groups[k] {
-			e := p.EC2
-			version := e.LaunchTemplateVersion
-			if e.LaunchTemplateID == "" && e.LaunchTemplateName == "" {
-				version = "" // the default "$Default" means nothing without a template
-			}
-			popts[p.Name] = ec2prov.PoolOptions{LaunchTemplateID: e.LaunchTemplateID, LaunchTemplateName: e.LaunchTemplateName,
-				LaunchTemplateVersion: version, AMI: e.AMI, InstanceTypes: e.InstanceTypes, Subnets: e.Subnets,
-				SecurityGroups: e.SecurityGroups, InstanceProfile: e.InstanceProfile, KeyName: e.KeyName,
-				RootVolumeGB: e.RootVolumeGB, RootDeviceName: e.RootDeviceName, UserData: e.UserData, Market: e.Market,
-				OnDemandFallback: e.OnDemandFallback, NestedVirtualization: e.NestedVirtualization, UnavailableFor: e.UnavailableFor.D()}
-			dopts.Pools[p.Name] = discovery.PoolSource{Source: e.Discovery, Port: e.SSHPort}
-		}
-		if d.o.EC2 != nil {
-			prov = d.o.EC2(k.region, k.endpoint, popts)
-		} else {
-			client, err := ec2prov.NewClient(context.Background(), k.region, k.endpoint)
-			if err != nil {
-				return fmt.Errorf("ec2 region %s: %w", k.region, err)
-			}
-			p, err := ec2prov.New(client, ec2prov.Options{Cluster: d.cfg.Daemon.Cluster, Pools: popts, Logger: d.log,
-				Registerer: d.reg, Clock: d.o.Clock})
-			if err != nil {
-				return err
-			}
-			prov = p
-		}
-		for _, p := range groups[k] {
-			out[p.Name] = prov
-		}
-	}
-	ts := d.cfg.Tailscale
-	dopts.LocalAPI = discovery.NewLocalAPI(ts.Socket)
-	tmpl, err := template.New("tailscale.hostname").Parse(ts.Hostname)
-	if err != nil {
-		return fmt.Errorf("tailscale.hostname: %w", err)
-	}
-	dopts.Hostname = tmpl
-	if ts.APIKeyFile != "" {
-		key, err := os.ReadFile(ts.APIKeyFile)
-		if err != nil {
-			return fmt.Errorf("tailscale.api_key_file: %w", err)
-		}
-		dopts.DeleteDevice = discovery.NewTailscaleAPI(ts.APIURL, ts.Tailnet, strings.TrimSpace(string(key))).DeleteDevice
-	}
-	// One decorator per distinct provider, so that each is still listed
-	// once per round.
-	wrapped := map[scaler.Provider]scaler.Provider{}
-	for _, p := range pools {
-		inner := out[p.Name]
-		if w, ok := wrapped[inner]; ok {
-			out[p.Name] = w
-			continue
-		}
-		w := discovery.Wrap(inner, dopts)
-		wrapped[inner] = w
-		out[p.Name] = w
-	}
-	return nil
 }
 
 // TerminateAll terminates every instance the providers list. Only for
@@ -514,73 +370,3 @@ func (d *Daemon) StopSPOA() {
 // agent listen once Run started them (nil without HAProxy).
 func (d *Daemon) AgentAddr() net.Addr { return d.agentAddr }
 func (d *Daemon) SPOAAddr() net.Addr  { return d.spoaAddr }
-
-// listenLoopback listens on addr, warning when it is not a loopback address:
-// the agent-check and SPOE protocols trust their peer.
-func listenLoopback(key, addr string, log *slog.Logger) (net.Listener, error) {
-	l, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("listen on %s %s: %w", key, addr, err)
-	}
-	if ta, ok := l.Addr().(*net.TCPAddr); ok && !ta.IP.IsLoopback() {
-		log.Warn(key+" is not a loopback address; anyone who can reach it can steer or stop builders", "addr", l.Addr())
-	}
-	return l, nil
-}
-
-// ListenUnix listens on a unix socket with mode 0660, owned by group (if
-// set). A stale socket file from a crashed daemon is replaced; a live one is
-// an error, so two daemons never share one state.
-func ListenUnix(path, group string) (net.Listener, error) {
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, fmt.Errorf("create socket directory %s: %w", dir, err)
-	}
-	if fi, err := os.Stat(dir); err == nil && fi.Mode().Perm()&0o002 != 0 {
-		// Anyone could remove the socket and put their own in its place.
-		return nil, fmt.Errorf("socket directory %s is writable by everyone (mode %v); put daemon.socket in a directory only the daemon's user can write, like /run/nix-builder-autoscaler", dir, fi.Mode().Perm())
-	}
-	if _, err := os.Lstat(path); err == nil {
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("another daemon is listening on %s; stop it first", path)
-		}
-		if err := os.Remove(path); err != nil {
-			return nil, fmt.Errorf("remove stale socket %s: %w", path, err)
-		}
-	}
-	old := syscall.Umask(0o117)
-	l, err := net.Listen("unix", path)
-	syscall.Umask(old)
-	if err != nil {
-		return nil, fmt.Errorf("listen on socket %s: %w", path, err)
-	}
-	l.(*net.UnixListener).SetUnlinkOnClose(true)
-	if err := os.Chmod(path, 0o660); err != nil {
-		l.Close()
-		return nil, fmt.Errorf("chmod socket %s: %w", path, err)
-	}
-	if group != "" {
-		gid, err := lookupGroup(group)
-		if err != nil {
-			l.Close()
-			return nil, fmt.Errorf("daemon.socket_group: %w", err)
-		}
-		if err := os.Chown(path, -1, gid); err != nil {
-			l.Close()
-			return nil, fmt.Errorf("chown socket %s to group %s: %w", path, group, err)
-		}
-	}
-	return l, nil
-}
-
-func lookupGroup(name string) (int, error) {
-	if gid, err := strconv.Atoi(name); err == nil {
-		return gid, nil
-	}
-	g, err := user.LookupGroup(name)
-	if err != nil {
-		return 0, fmt.Errorf("group %q: %w", name, err)
-	}
-	return strconv.Atoi(g.Gid)
-}

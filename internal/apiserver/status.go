@@ -1,0 +1,105 @@
+package apiserver
+
+import (
+	"context"
+	"net/http"
+	"time"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/store"
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+)
+
+func (s *Server) status(w http.ResponseWriter, r *http.Request) {
+	slots, err := s.o.Store.Slots(r.Context())
+	if err != nil {
+		s.internal(w, "list slots", err)
+		return
+	}
+	live, err := s.o.Store.LiveReservations(r.Context())
+	if err != nil {
+		s.internal(w, "list reservations", err)
+		return
+	}
+	out := api.Status{Pools: []api.PoolStatus{}, Reconcile: reconcileView(s.o.Scaler.Status())}
+	if s.o.HAProxy != nil {
+		out.HAProxy = s.o.HAProxy()
+	}
+	var held map[string]int
+	if s.o.Held != nil {
+		held = s.o.Held()
+	}
+	for _, p := range s.o.Pools {
+		ps := api.PoolStatus{Name: p.Name, Systems: p.Systems, Features: p.Features, MinBuilders: p.MinBuilders, MaxBuilders: p.MaxBuilders,
+			WarmPool: p.WarmPool, ReservationsPerBuilder: p.ReservationsPerBuilder, Slots: map[string]int{}, Reservations: map[string]int{},
+			HeldConnections: held[p.Name]}
+		if ps.Features == nil {
+			ps.Features = []string{}
+		}
+		for _, sl := range slots {
+			if sl.Pool == p.Name {
+				ps.Slots[string(sl.State)]++
+			}
+		}
+		for _, res := range live {
+			if res.Pool == p.Name {
+				ps.Reservations[string(res.State)]++
+			}
+		}
+		out.Pools = append(out.Pools, ps)
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func reconcileView(st scaler.RoundStatus) api.ReconcileStatus {
+	v := api.ReconcileStatus{LastAt: st.At, DurationSeconds: st.Duration.Seconds(), Rounds: st.Rounds}
+	if st.Err != nil {
+		v.LastError = st.Err.Error()
+	}
+	return v
+}
+
+func (s *Server) reconcile(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Minute)
+	defer cancel()
+	if err := s.o.Scaler.Reconcile(ctx); err != nil && ctx.Err() != nil {
+		writeError(w, http.StatusServiceUnavailable, api.CodeUnavailable, "reconcile did not finish: "+err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, reconcileView(s.o.Scaler.Status()))
+}
+
+func (s *Server) events(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	f := store.EventFilter{Pool: q.Get("pool"), Slot: q.Get("slot"), ReservationID: q.Get("reservation"), Limit: 100}
+	if !queryLimit(w, q, &f.Limit) {
+		return
+	}
+	if since := q.Get("since"); since != "" {
+		t, err := time.Parse(time.RFC3339Nano, since)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, api.CodeBadRequest, "since: must be an RFC 3339 time like 2026-01-02T15:04:05Z")
+			return
+		}
+		f.Since = t
+	}
+	evs, err := s.o.Store.Events(r.Context(), f)
+	if err != nil {
+		s.internal(w, "list events", err)
+		return
+	}
+	out := api.EventList{Events: []api.Event{}}
+	for _, e := range evs {
+		out.Events = append(out.Events, api.Event{At: e.At, Kind: e.Kind, Pool: e.Pool, Slot: e.Slot, InstanceID: e.InstanceID,
+			ReservationID: e.ReservationID, Actor: e.Actor, Reason: e.Reason})
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) health(w http.ResponseWriter, r *http.Request) {
+	if _, err := s.o.Store.Slots(r.Context()); err != nil {
+		writeError(w, http.StatusServiceUnavailable, api.CodeUnavailable, "database: "+err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+}
