@@ -90,181 +90,245 @@ func RunBaseline(cfg Config, bl Baseline, trace []Build) Result {
 	return r
 }
 
+// baselinePool is one pool's state while a baseline policy runs on it.
+type baselinePool struct {
+	env      Env
+	rng      *rand.Rand
+	bl       Baseline
+	capacity int // builds per builder
+	maxB     int // builders at most
+	builds   []Build
+	next     int // next build to submit
+	a        *acc
+	alive    []*bBuilder
+	queue    []*bJob
+	running  []*bJob
+}
+
 func runBaselinePool(env Env, rng *rand.Rand, p Pool, bl Baseline, builds []Build, horizon time.Duration, a *acc) time.Duration {
-	capacity := max(p.Policy.ReservationsPerBuilder, 1)
-	maxB := max(p.Policy.MaxBuilders, 1)
+	bp := &baselinePool{env: env, rng: rng, bl: bl, builds: builds, a: a,
+		capacity: max(p.Policy.ReservationsPerBuilder, 1), maxB: max(p.Policy.MaxBuilders, 1)}
 	if bl.Kind == "per-build" {
-		capacity = 1
+		bp.capacity = 1
 	}
 	if bl.Kind == "always-on" {
-		maxB = bl.N
-	}
-	var alive []*bBuilder
-	var queue, running []*bJob
-	bill := func(b *bBuilder, at time.Duration) {
-		b.ended = true
-		if at >= b.runningAt {
-			a.billedSec += env.Bill(Epoch.Add(b.runningAt), Epoch.Add(at)).Seconds()
-		}
-	}
-	launch := func(t time.Duration, warm bool) bool {
-		if !warm && rng.Float64() < env.CapacityErrorRate {
-			a.capErr++
-			return false
-		}
-		a.launches++
-		b := &bBuilder{launchAt: t, interruptAt: -1, idleSince: t}
-		if warm {
-			b.runningAt, b.readyAt = t, t
-		} else {
-			b.runningAt = t + env.LaunchToRunning.draw(rng)
-			b.readyAt = b.runningAt + env.RunningToReachable.draw(rng)
-		}
-		if env.Market == "spot" && env.InterruptionsPerHour > 0 {
-			if h := rng.ExpFloat64() / env.InterruptionsPerHour; h < 24*365 {
-				b.interruptAt = b.runningAt + time.Duration(math.Round(h*float64(time.Hour))).Round(time.Second)
-			}
-		}
-		alive = append(alive, b)
-		return true
-	}
-	if bl.Kind == "always-on" {
+		bp.maxB = bl.N
 		for range bl.N {
-			launch(0, true)
+			bp.launch(0, true)
 		}
 	}
-	next := 0
 	t := time.Duration(0)
 	for ; ; t += time.Second {
-		if t >= horizon && next == len(builds) && len(queue) == 0 && len(running) == 0 || t >= horizon+24*time.Hour {
+		if t >= horizon && bp.next == len(builds) && len(bp.queue) == 0 && len(bp.running) == 0 || t >= horizon+24*time.Hour {
 			break
 		}
-		// Interruptions: running builds go back to the head of the queue.
-		for _, b := range alive {
-			if b.interruptAt >= 0 && t >= b.interruptAt && !b.ended {
-				a.intr++
-				bill(b, t)
-				keep := running[:0]
-				var back []*bJob
-				for _, j := range running {
-					if j.builder == b {
-						back = append(back, j)
-						a.reruns++
-					} else {
-						keep = append(keep, j)
-					}
-				}
-				running = keep
-				queue = append(back, queue...)
-			}
-		}
-		keep := running[:0]
-		for _, j := range running {
-			if t >= j.endAt {
-				j.builder.busy--
-				if j.builder.busy == 0 {
-					j.builder.idleSince = t
-				}
-				a.completed++
-				a.buildSec += j.b.Duration.Seconds()
-				continue
-			}
-			keep = append(keep, j)
-		}
-		running = keep
-		for next < len(builds) && builds[next].Submit <= t {
-			queue = append(queue, &bJob{b: builds[next], created: t})
-			a.builds++
-			next++
-		}
-		liveB := alive[:0]
-		for _, b := range alive {
-			if !b.ended {
-				liveB = append(liveB, b)
-			}
-		}
-		alive = liveB
-		// Assign FIFO, fullest ready builder first.
-		for len(queue) > 0 {
-			var best *bBuilder
-			for _, b := range alive {
-				if b.readyAt <= t && b.busy < capacity && (best == nil || b.busy > best.busy) {
-					best = b
-				}
-			}
-			if best == nil {
-				break
-			}
-			j := queue[0]
-			queue = queue[1:]
-			best.busy++
-			j.builder, j.endAt = best, t+j.b.Duration
-			running = append(running, j)
-			if !j.assigned {
-				j.assigned = true
-				a.wait(t-j.created, j.bootWait)
-			}
-		}
-		starting, idle := 0, 0
-		for _, b := range alive {
-			switch {
-			case b.readyAt > t:
-				starting++
-			case b.busy == 0:
-				idle++
-			}
-		}
-		switch bl.Kind {
-		case "always-on":
-			for len(alive) < bl.N && launch(t, false) {
-			}
-		case "per-build", "idle-count":
-			need := (max(len(queue)-starting*capacity, 0) + capacity - 1) / capacity
-			if bl.Kind == "idle-count" {
-				need += max(bl.K-idle-max(starting-need, 0), 0)
-			}
-			for ; need > 0 && len(alive) < maxB; need-- {
-				if !launch(t, false) {
-					break
-				}
-			}
-			limit, keepIdle := bl.WaitTimeout, 0
-			if bl.Kind == "idle-count" {
-				limit, keepIdle = bl.IdleTime, bl.K
-			}
-			for _, b := range alive {
-				if idle <= keepIdle {
-					break
-				}
-				if b.readyAt <= t && b.busy == 0 && t-b.idleSince >= limit {
-					bill(b, t)
-					idle--
-				}
-			}
-		}
-		// Wait accounting, as in Run: covered by a starting builder's room
-		// (FIFO) is boot wait, the rest is queueing.
-		starting = 0
-		for _, b := range alive {
-			if !b.ended && b.readyAt > t {
-				starting++
-			}
-		}
-		for i, j := range queue {
-			if !j.assigned && i < starting*capacity {
-				j.bootWait += time.Second
-			} else if !j.assigned {
-				j.queueWait += time.Second
-			}
-		}
+		bp.interrupt(t)
+		bp.releaseFinished(t)
+		bp.submit(t)
+		bp.pruneEnded()
+		bp.assign(t)
+		bp.scale(t)
+		bp.accountWaits(t)
 	}
-	for _, b := range alive {
+	for _, b := range bp.alive {
 		if !b.ended {
-			bill(b, t)
+			bp.bill(b, t)
 		}
 	}
-	a.capSec = a.billedSec * float64(capacity)
+	a.capSec = a.billedSec * float64(bp.capacity)
 	return t
+}
+
+// bill ends builder b at time at and bills it from running to at.
+func (bp *baselinePool) bill(b *bBuilder, at time.Duration) {
+	b.ended = true
+	if at >= b.runningAt {
+		bp.a.billedSec += bp.env.Bill(Epoch.Add(b.runningAt), Epoch.Add(at)).Seconds()
+	}
+}
+
+// launch starts a builder at t, already up if warm; it reports false when
+// the launch failed for capacity.
+func (bp *baselinePool) launch(t time.Duration, warm bool) bool {
+	env, rng := bp.env, bp.rng
+	if !warm && rng.Float64() < env.CapacityErrorRate {
+		bp.a.capErr++
+		return false
+	}
+	bp.a.launches++
+	b := &bBuilder{launchAt: t, interruptAt: -1, idleSince: t}
+	if warm {
+		b.runningAt, b.readyAt = t, t
+	} else {
+		b.runningAt = t + env.LaunchToRunning.draw(rng)
+		b.readyAt = b.runningAt + env.RunningToReachable.draw(rng)
+	}
+	if env.Market == "spot" && env.InterruptionsPerHour > 0 {
+		if h := rng.ExpFloat64() / env.InterruptionsPerHour; h < 24*365 {
+			b.interruptAt = b.runningAt + time.Duration(math.Round(h*float64(time.Hour))).Round(time.Second)
+		}
+	}
+	bp.alive = append(bp.alive, b)
+	return true
+}
+
+// interrupt ends builders interrupted at t.
+func (bp *baselinePool) interrupt(t time.Duration) {
+	// Interruptions: running builds go back to the head of the queue.
+	for _, b := range bp.alive {
+		if b.interruptAt >= 0 && t >= b.interruptAt && !b.ended {
+			bp.a.intr++
+			bp.bill(b, t)
+			keep := bp.running[:0]
+			var back []*bJob
+			for _, j := range bp.running {
+				if j.builder == b {
+					back = append(back, j)
+					bp.a.reruns++
+				} else {
+					keep = append(keep, j)
+				}
+			}
+			bp.running = keep
+			bp.queue = append(back, bp.queue...)
+		}
+	}
+}
+
+// releaseFinished frees the room of builds that end at t.
+func (bp *baselinePool) releaseFinished(t time.Duration) {
+	keep := bp.running[:0]
+	for _, j := range bp.running {
+		if t >= j.endAt {
+			j.builder.busy--
+			if j.builder.busy == 0 {
+				j.builder.idleSince = t
+			}
+			bp.a.completed++
+			bp.a.buildSec += j.b.Duration.Seconds()
+			continue
+		}
+		keep = append(keep, j)
+	}
+	bp.running = keep
+}
+
+// submit queues the builds submitted by t.
+func (bp *baselinePool) submit(t time.Duration) {
+	for bp.next < len(bp.builds) && bp.builds[bp.next].Submit <= t {
+		bp.queue = append(bp.queue, &bJob{b: bp.builds[bp.next], created: t})
+		bp.a.builds++
+		bp.next++
+	}
+}
+
+// pruneEnded forgets ended builders.
+func (bp *baselinePool) pruneEnded() {
+	liveB := bp.alive[:0]
+	for _, b := range bp.alive {
+		if !b.ended {
+			liveB = append(liveB, b)
+		}
+	}
+	bp.alive = liveB
+}
+
+// assign starts queued builds on ready builders with room.
+func (bp *baselinePool) assign(t time.Duration) {
+	// Assign FIFO, fullest ready builder first.
+	for len(bp.queue) > 0 {
+		var best *bBuilder
+		for _, b := range bp.alive {
+			if b.readyAt <= t && b.busy < bp.capacity && (best == nil || b.busy > best.busy) {
+				best = b
+			}
+		}
+		if best == nil {
+			break
+		}
+		j := bp.queue[0]
+		bp.queue = bp.queue[1:]
+		best.busy++
+		j.builder, j.endAt = best, t+j.b.Duration
+		bp.running = append(bp.running, j)
+		if !j.assigned {
+			j.assigned = true
+			bp.a.wait(t-j.created, j.bootWait)
+		}
+	}
+}
+
+// scale launches and retires builders as the baseline's policy says.
+func (bp *baselinePool) scale(t time.Duration) {
+	starting, idle := 0, 0
+	for _, b := range bp.alive {
+		switch {
+		case b.readyAt > t:
+			starting++
+		case b.busy == 0:
+			idle++
+		}
+	}
+	switch bp.bl.Kind {
+	case "always-on":
+		for len(bp.alive) < bp.bl.N && bp.launch(t, false) {
+		}
+	case "per-build", "idle-count":
+		bp.scaleUp(t, starting, idle)
+		bp.retireIdle(t, idle)
+	}
+}
+
+// scaleUp launches builders for the queue not covered by starting ones and,
+// for "idle-count", to keep K idle.
+func (bp *baselinePool) scaleUp(t time.Duration, starting, idle int) {
+	capacity := bp.capacity
+	need := (max(len(bp.queue)-starting*capacity, 0) + capacity - 1) / capacity
+	if bp.bl.Kind == "idle-count" {
+		need += max(bp.bl.K-idle-max(starting-need, 0), 0)
+	}
+	for ; need > 0 && len(bp.alive) < bp.maxB; need-- {
+		if !bp.launch(t, false) {
+			break
+		}
+	}
+}
+
+// retireIdle ends builders idle past the baseline's limit while more than
+// it keeps are idle.
+func (bp *baselinePool) retireIdle(t time.Duration, idle int) {
+	limit, keepIdle := bp.bl.WaitTimeout, 0
+	if bp.bl.Kind == "idle-count" {
+		limit, keepIdle = bp.bl.IdleTime, bp.bl.K
+	}
+	for _, b := range bp.alive {
+		if idle <= keepIdle {
+			break
+		}
+		if b.readyAt <= t && b.busy == 0 && t-b.idleSince >= limit {
+			bp.bill(b, t)
+			idle--
+		}
+	}
+}
+
+// accountWaits adds the coming second to each queued build's wait.
+func (bp *baselinePool) accountWaits(t time.Duration) {
+	// Wait accounting, as in Run: covered by a starting builder's room
+	// (FIFO) is boot wait, the rest is queueing.
+	starting := 0
+	for _, b := range bp.alive {
+		if !b.ended && b.readyAt > t {
+			starting++
+		}
+	}
+	for i, j := range bp.queue {
+		if !j.assigned && i < starting*bp.capacity {
+			j.bootWait += time.Second
+		} else if !j.assigned {
+			j.queueWait += time.Second
+		}
+	}
 }
 
 // LowerBound is the cheapest any policy could be: every build-second packed

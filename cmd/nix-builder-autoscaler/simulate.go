@@ -27,101 +27,45 @@ idle_timeout, warm_pool, min_builders, max_builders, reservations_per_builder,
 reconcile_interval. See docs/simulation.md.
 `
 
+// simulateOpts are simulate's flags.
+type simulateOpts struct {
+	cfgPath, tracePath, sweep, svg, market *string
+	seed                                   *uint64
+	asJSON, noBaselines, gen               *bool
+	spot, od                               *float64
+	env                                    sim.Env
+	g                                      sim.GenOptions
+}
+
 func simulateCmd(args []string, stdout, stderr io.Writer) int {
-	fs := pflag.NewFlagSet("simulate", pflag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() { fmt.Fprint(stderr, simulateUsage); fs.PrintDefaults() }
-	cfgPath := fs.String("config", "", "the daemon's config file (its pools and timeouts are simulated)")
-	tracePath := fs.String("trace", "", "trace CSV: "+sim.TraceHeader)
-	seed := fs.Uint64("seed", 1, "random seed (same trace and seed: byte-identical output)")
-	asJSON := fs.Bool("json", false, "print the report as JSON")
-	sweep := fs.String("sweep", "", "KEY=V1,V2,... run the policy once per value")
-	svg := fs.String("svg", "", "write a chart of cost against p95 wait to this SVG file")
-	noBaselines := fs.Bool("no-baselines", false, "skip the baseline policies")
-	env := sim.DefaultEnv
-	market := fs.String("market", "", "spot or on-demand (default: the first pool's ec2.market, else spot)")
-	spot := fs.Float64("price-spot", env.PricePerHour["spot"], "hourly price of a spot builder")
-	od := fs.Float64("price-on-demand", env.PricePerHour["on-demand"], "hourly price of an on-demand builder")
-	fs.Float64Var(&env.InterruptionsPerHour, "interruptions-per-hour", env.InterruptionsPerHour, "spot interruption rate per builder-hour")
-	fs.Float64Var(&env.CapacityErrorRate, "capacity-error-rate", env.CapacityErrorRate, "fraction of launches failing for capacity")
-	fs.DurationVar(&env.LaunchToRunning.Min, "running-min", env.LaunchToRunning.Min, "launch to running: minimum")
-	fs.DurationVar(&env.LaunchToRunning.Mean, "running-mean", env.LaunchToRunning.Mean, "launch to running: mean")
-	fs.DurationVar(&env.RunningToReachable.Min, "ssh-min", env.RunningToReachable.Min, "running to sshd answering: minimum")
-	fs.DurationVar(&env.RunningToReachable.Mean, "ssh-mean", env.RunningToReachable.Mean, "running to sshd answering: mean (NixOS AMIs: ~60s)")
-	gen := fs.Bool("generate", false, "write a generated trace to stdout instead of simulating")
-	g := sim.DefaultGen
-	fs.IntVar(&g.Days, "days", g.Days, "generate: days of trace (day 0 is a Monday)")
-	fs.Float64Var(&g.PushesPerHour, "pushes-per-hour", g.PushesPerHour, "generate: pushes per working hour")
-	fs.Float64Var(&g.BuildsPerPush, "builds-per-push", g.BuildsPerPush, "generate: mean builds per push")
-	fs.DurationVar(&g.MedianBuild, "median-build", g.MedianBuild, "generate: median build duration")
-	fs.DurationVar(&g.Spread, "spread", g.Spread, "generate: a push's builds are submitted within this time")
-	fs.Float64Var(&g.NightFactor, "night-factor", g.NightFactor, "generate: night push rate, relative")
-	fs.Float64Var(&g.WeekendFactor, "weekend-factor", g.WeekendFactor, "generate: weekend push rate, relative")
-	fs.StringVar(&g.System, "system", g.System, "generate: system of every build")
+	fs, o := simulateFlags(stderr)
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
-	if *gen {
-		g.Seed = *seed
-		if err := sim.WriteTrace(stdout, sim.Generate(g)); err != nil {
+	if *o.gen {
+		o.g.Seed = *o.seed
+		if err := sim.WriteTrace(stdout, sim.Generate(o.g)); err != nil {
 			fmt.Fprintln(stderr, "simulate:", err)
 			return 1
 		}
 		return 0
 	}
-	if *cfgPath == "" || *tracePath == "" || fs.NArg() != 0 {
+	if *o.cfgPath == "" || *o.tracePath == "" || fs.NArg() != 0 {
 		fs.Usage()
 		return 2
 	}
-	cfg, err := config.Load(*cfgPath)
-	if err != nil {
-		fmt.Fprintf(stderr, "simulate: %s: %v\n", *cfgPath, err)
-		return 1
+	cfg, trace, code := loadSimulation(o, stderr)
+	if code != 0 {
+		return code
 	}
-	f, err := os.Open(*tracePath)
-	if err != nil {
-		fmt.Fprintln(stderr, "simulate:", err)
-		return 1
+	base := simConfig(cfg, o.env, *o.seed)
+	rep := sim.Report{Trace: filepath.Base(*o.tracePath), Seed: *o.seed, Env: o.env}
+	runs, labels, code := sweepRuns(base, *o.sweep, stderr)
+	if code != 0 {
+		return code
 	}
-	trace, err := sim.ReadTrace(f)
-	f.Close()
-	if err != nil {
-		fmt.Fprintf(stderr, "simulate: %s: %v\n", *tracePath, err)
-		return 1
-	}
-	env.PricePerHour = map[string]float64{"spot": *spot, "on-demand": *od}
-	env.Market = *market
-	if env.Market == "" {
-		env.Market = "spot"
-		if len(cfg.Pools) > 0 && cfg.Pools[0].EC2.Market != "" {
-			env.Market = cfg.Pools[0].EC2.Market
-		}
-	}
-	if _, ok := env.PricePerHour[env.Market]; !ok {
-		fmt.Fprintf(stderr, "simulate: --market must be spot or on-demand, not %q\n", env.Market)
-		return 2
-	}
-	base := simConfig(cfg, env, *seed)
-	rep := sim.Report{Trace: filepath.Base(*tracePath), Seed: *seed, Env: env}
-	runs := []sim.Config{base}
-	labels := []string{"policy (config)"}
-	if *sweep != "" {
-		key, vals, ok := strings.Cut(*sweep, "=")
-		if !ok || vals == "" {
-			fmt.Fprintln(stderr, "simulate: --sweep wants KEY=V1,V2,...")
-			return 2
-		}
-		rep.Sweep = *sweep
-		runs, labels = nil, nil
-		for _, v := range strings.Split(vals, ",") {
-			c, err := applySweep(base, key, strings.TrimSpace(v))
-			if err != nil {
-				fmt.Fprintln(stderr, "simulate:", err)
-				return 2
-			}
-			runs = append(runs, c)
-			labels = append(labels, "policy "+key+"="+strings.TrimSpace(v))
-		}
+	if *o.sweep != "" {
+		rep.Sweep = *o.sweep
 	}
 	for i, c := range runs {
 		r, err := sim.Run(c, trace)
@@ -132,7 +76,7 @@ func simulateCmd(args []string, stdout, stderr io.Writer) int {
 		r.Policy = labels[i]
 		rep.Policy = append(rep.Policy, r)
 	}
-	if !*noBaselines {
+	if !*o.noBaselines {
 		maxB := 1
 		if len(base.Pools) > 0 {
 			maxB = base.Pools[0].Policy.MaxBuilders
@@ -142,17 +86,123 @@ func simulateCmd(args []string, stdout, stderr io.Writer) int {
 		}
 	}
 	rep.LowerBound = sim.LowerBound(base, trace)
-	if *svg != "" {
+	return writeSimReport(&rep, o, stdout, stderr)
+}
+
+// simulateFlags defines simulate's flags on a new flag set.
+func simulateFlags(stderr io.Writer) (*pflag.FlagSet, *simulateOpts) {
+	fs := pflag.NewFlagSet("simulate", pflag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { fmt.Fprint(stderr, simulateUsage); fs.PrintDefaults() }
+	o := &simulateOpts{env: sim.DefaultEnv, g: sim.DefaultGen}
+	o.cfgPath = fs.String("config", "", "the daemon's config file (its pools and timeouts are simulated)")
+	o.tracePath = fs.String("trace", "", "trace CSV: "+sim.TraceHeader)
+	o.seed = fs.Uint64("seed", 1, "random seed (same trace and seed: byte-identical output)")
+	o.asJSON = fs.Bool("json", false, "print the report as JSON")
+	o.sweep = fs.String("sweep", "", "KEY=V1,V2,... run the policy once per value")
+	o.svg = fs.String("svg", "", "write a chart of cost against p95 wait to this SVG file")
+	o.noBaselines = fs.Bool("no-baselines", false, "skip the baseline policies")
+	env := &o.env
+	o.market = fs.String("market", "", "spot or on-demand (default: the first pool's ec2.market, else spot)")
+	o.spot = fs.Float64("price-spot", env.PricePerHour["spot"], "hourly price of a spot builder")
+	o.od = fs.Float64("price-on-demand", env.PricePerHour["on-demand"], "hourly price of an on-demand builder")
+	fs.Float64Var(&env.InterruptionsPerHour, "interruptions-per-hour", env.InterruptionsPerHour, "spot interruption rate per builder-hour")
+	fs.Float64Var(&env.CapacityErrorRate, "capacity-error-rate", env.CapacityErrorRate, "fraction of launches failing for capacity")
+	fs.DurationVar(&env.LaunchToRunning.Min, "running-min", env.LaunchToRunning.Min, "launch to running: minimum")
+	fs.DurationVar(&env.LaunchToRunning.Mean, "running-mean", env.LaunchToRunning.Mean, "launch to running: mean")
+	fs.DurationVar(&env.RunningToReachable.Min, "ssh-min", env.RunningToReachable.Min, "running to sshd answering: minimum")
+	fs.DurationVar(&env.RunningToReachable.Mean, "ssh-mean", env.RunningToReachable.Mean, "running to sshd answering: mean (NixOS AMIs: ~60s)")
+	o.gen = fs.Bool("generate", false, "write a generated trace to stdout instead of simulating")
+	g := &o.g
+	fs.IntVar(&g.Days, "days", g.Days, "generate: days of trace (day 0 is a Monday)")
+	fs.Float64Var(&g.PushesPerHour, "pushes-per-hour", g.PushesPerHour, "generate: pushes per working hour")
+	fs.Float64Var(&g.BuildsPerPush, "builds-per-push", g.BuildsPerPush, "generate: mean builds per push")
+	fs.DurationVar(&g.MedianBuild, "median-build", g.MedianBuild, "generate: median build duration")
+	fs.DurationVar(&g.Spread, "spread", g.Spread, "generate: a push's builds are submitted within this time")
+	fs.Float64Var(&g.NightFactor, "night-factor", g.NightFactor, "generate: night push rate, relative")
+	fs.Float64Var(&g.WeekendFactor, "weekend-factor", g.WeekendFactor, "generate: weekend push rate, relative")
+	fs.StringVar(&g.System, "system", g.System, "generate: system of every build")
+	return fs, o
+}
+
+// loadSimulation reads the config and the trace and settles the market
+// and prices in o.env; a non-zero code is the exit status of a failure,
+// already reported on stderr.
+func loadSimulation(o *simulateOpts, stderr io.Writer) (*config.Config, []sim.Build, int) {
+	cfg, err := config.Load(*o.cfgPath)
+	if err != nil {
+		fmt.Fprintf(stderr, "simulate: %s: %v\n", *o.cfgPath, err)
+		return nil, nil, 1
+	}
+	f, err := os.Open(*o.tracePath)
+	if err != nil {
+		fmt.Fprintln(stderr, "simulate:", err)
+		return nil, nil, 1
+	}
+	trace, err := sim.ReadTrace(f)
+	f.Close()
+	if err != nil {
+		fmt.Fprintf(stderr, "simulate: %s: %v\n", *o.tracePath, err)
+		return nil, nil, 1
+	}
+	env := &o.env
+	env.PricePerHour = map[string]float64{"spot": *o.spot, "on-demand": *o.od}
+	env.Market = *o.market
+	if env.Market == "" {
+		env.Market = "spot"
+		if len(cfg.Pools) > 0 && cfg.Pools[0].EC2.Market != "" {
+			env.Market = cfg.Pools[0].EC2.Market
+		}
+	}
+	if _, ok := env.PricePerHour[env.Market]; !ok {
+		fmt.Fprintf(stderr, "simulate: --market must be spot or on-demand, not %q\n", env.Market)
+		return nil, nil, 2
+	}
+	return cfg, trace, 0
+}
+
+// sweepRuns are the policy runs and their labels: base alone, or one per
+// value of sweep (KEY=V1,V2,...); a non-zero code is the exit status of a
+// bad sweep, already reported on stderr.
+func sweepRuns(base sim.Config, sweep string, stderr io.Writer) ([]sim.Config, []string, int) {
+	if sweep == "" {
+		return []sim.Config{base}, []string{"policy (config)"}, 0
+	}
+	key, vals, ok := strings.Cut(sweep, "=")
+	if !ok || vals == "" {
+		fmt.Fprintln(stderr, "simulate: --sweep wants KEY=V1,V2,...")
+		return nil, nil, 2
+	}
+	var runs []sim.Config
+	var labels []string
+	for _, v := range strings.Split(vals, ",") {
+		c, err := applySweep(base, key, strings.TrimSpace(v))
+		if err != nil {
+			fmt.Fprintln(stderr, "simulate:", err)
+			return nil, nil, 2
+		}
+		runs = append(runs, c)
+		labels = append(labels, "policy "+key+"="+strings.TrimSpace(v))
+	}
+	return runs, labels, 0
+}
+
+// writeSimReport writes the SVG chart if asked for, and the report as text
+// or JSON; it returns the exit status.
+func writeSimReport(rep *sim.Report, o *simulateOpts, stdout, stderr io.Writer) int {
+	if *o.svg != "" {
 		var b strings.Builder
-		if err := rep.WriteSVG(&b); err == nil {
-			err = os.WriteFile(*svg, []byte(b.String()), 0o644)
+		err := rep.WriteSVG(&b)
+		if err == nil {
+			err = os.WriteFile(*o.svg, []byte(b.String()), 0o644)
 		}
 		if err != nil {
 			fmt.Fprintln(stderr, "simulate:", err)
 			return 1
 		}
 	}
-	if *asJSON {
+	var err error
+	if *o.asJSON {
 		err = rep.WriteJSON(stdout)
 	} else {
 		err = rep.WriteText(stdout)
