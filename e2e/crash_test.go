@@ -52,7 +52,7 @@ terminate_command = '''%s'''`, launch, terminate))
 		t.Fatalf("create: %+v %v", r, err)
 	}
 	// Kill as soon as the launch command has started (the slot is launching).
-	waitFor(t, "launch command started", func() bool {
+	testwait.Until(t, "launch command started", func() bool {
 		m, _ := filepath.Glob(filepath.Join(hook, "*.started"))
 		return len(m) == 1
 	})
@@ -92,7 +92,7 @@ terminate_command = '''%s'''`, launch, terminate))
 	if adopted == "" {
 		t.Errorf("no adoption event; events: %+v", evs.Events)
 	}
-	waitFor(t, "only the serving builder alive", func() bool { return len(aliveBuilders(t, hook)) == 1 })
+	testwait.Until(t, "only the serving builder alive", func() bool { return len(aliveBuilders(t, hook)) == 1 })
 	slots, err := c.Slots(ctx)
 	if err != nil {
 		t.Fatal(err)

@@ -171,7 +171,7 @@ func TestSteeringAndSPOAFailure(t *testing.T) {
 	}
 
 	s.h.Daemon.StopSPOA()
-	waitFor(t, "daemon reports the SPOE agent down", func() bool {
+	testwait.Until(t, "daemon reports the SPOE agent down", func() bool {
 		st, err := s.h.Client.Status(context.Background())
 		return err == nil && st.HAProxy.SPOAUp != nil && !*st.HAProxy.SPOAUp
 	})
@@ -207,7 +207,7 @@ func TestHoldLimitRejects(t *testing.T) {
 		t.Fatalf("connection got %q; want it closed after the hold", banner)
 	}
 	c.Close()
-	waitFor(t, "HAProxy's log line for the rejected connection", func() bool {
+	testwait.Until(t, "HAProxy's log line for the rejected connection", func() bool {
 		return strings.Contains(s.hp.Log(), "verdict=reject")
 	})
 }

@@ -116,7 +116,7 @@ func startDaemon(t *testing.T, cfg, dir string) *daemonProc {
 		}
 	})
 	c := api.NewUnixClient(filepath.Join(dir, "d.sock"))
-	waitFor(t, "daemon API", func() bool {
+	testwait.Until(t, "daemon API", func() bool {
 		select {
 		case err := <-d.done:
 			d.done <- err
@@ -150,13 +150,6 @@ func (d *daemonProc) stop(t *testing.T) {
 		t.Errorf("daemon still running %v after SIGTERM: stuck", testwait.Bound)
 		d.kill()
 	}
-}
-
-// waitFor polls cond until it holds (testwait.Until: the bound is a hang
-// guard, not an assertion about speed).
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	testwait.Until(t, what, cond)
 }
 
 // killBuilders stops every builder process a test's daemon started: the

@@ -90,7 +90,7 @@ terminate_command = '''%s'''`, env.LaunchCommand(), env.TerminateCommand())
 	if instance == "" {
 		t.Fatalf("no builder was launched on slot1; events: %+v", evs())
 	}
-	waitFor(t, "the idle builder drained and terminated", func() bool {
+	testwait.Until(t, "the idle builder drained and terminated", func() bool {
 		slots, err := s.h.Client.Slots(context.Background())
 		return err == nil && slots.Slots[0].State == "empty"
 	})

@@ -71,7 +71,11 @@ func (m *Reconciler) Round(took time.Duration, failed bool) {
 func (m *Reconciler) CallFailed(op string) { m.providerErrors.WithLabelValues(op).Inc() }
 
 func (m *Reconciler) LoadBalancer(answered bool) {
-	m.readinessUp.Set(map[bool]float64{false: 0, true: 1}[answered])
+	if answered {
+		m.readinessUp.Set(1)
+	} else {
+		m.readinessUp.Set(0)
+	}
 }
 
 func (m *Reconciler) Assigned(pool string, wait time.Duration) {

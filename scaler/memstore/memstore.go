@@ -16,10 +16,9 @@ import (
 // its Version is the stored one, and the stored Version then goes up by one.
 // It is safe for concurrent use.
 type Store struct {
-	mu     sync.Mutex
-	slots  map[scaler.SlotKey]scaler.Slot
-	res    map[string]scaler.Reservation
-	events int
+	mu    sync.Mutex
+	slots map[scaler.SlotKey]scaler.Slot
+	res   map[string]scaler.Reservation
 }
 
 // New returns a store with slot1..slotN of every pool (N = MaxBuilders),
@@ -111,13 +110,5 @@ func (m *Store) Commit(_ context.Context, c scaler.Change) error {
 		r.Version++
 		m.res[r.ID] = r
 	}
-	m.events += len(c.Events)
 	return nil
-}
-
-// Events is how many events were committed.
-func (m *Store) Events() int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.events
 }
