@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
@@ -16,13 +17,22 @@ type applier struct {
 	now     time.Time
 	owner   map[string]Provider // instance id → provider that listed it
 	changed bool
+	// results of the intents applied or refused this round, by id.
+	results map[string]IntentResult
+	// pushes are the slots whose load balancer state changed this round.
+	pushes []SlotKey
 }
 
 const actor = "reconciler"
 
 func (a *applier) event(kind string, act Action) Event {
-	return Event{At: a.now, Kind: kind, Pool: act.Pool, Slot: act.Slot, InstanceID: act.Instance,
+	ev := Event{At: a.now, Kind: kind, Pool: act.Pool, Slot: act.Slot, InstanceID: act.Instance,
 		ReservationID: act.Reservation, Actor: actor, Reason: act.Reason}
+	if act.Intent != "" {
+		// Applied by the reconciler, decided by the operator who asked.
+		ev.Actor = "operator"
+	}
+	return ev
 }
 
 // conflictAttempts bounds how often the reconciler re-reads a row that a
@@ -30,27 +40,57 @@ func (a *applier) event(kind string, act Action) Event {
 const conflictAttempts = 5
 
 // updateSlot re-reads a slot and applies fn until the commit does not
-// conflict, so a concurrent operator change is merged, never overwritten.
-// fn returns false to skip (the slot no longer needs the change).
+// conflict, so a concurrent change is merged, never overwritten. fn returns
+// false to skip (the slot no longer needs the change).
 func (a *applier) updateSlot(ctx context.Context, key SlotKey, fn func(*Slot) bool, evs ...Event) (Slot, error) {
+	return a.updateSlotFor(ctx, key, "", fn, evs...)
+}
+
+// updateSlotFor is updateSlot for an action that applies intent (when not
+// empty): the intent is deleted in the same commit, and its result (the
+// slot as committed, or as it was when fn skipped) is recorded for the API.
+func (a *applier) updateSlotFor(ctx context.Context, key SlotKey, intent string, fn func(*Slot) bool, evs ...Event) (Slot, error) {
 	var s Slot
 	err := RetryOnConflict(conflictAttempts, func() error {
 		var err error
 		if s, err = a.r.o.Store.Slot(ctx, key); err != nil {
 			return err
 		}
-		if !fn(&s) {
+		c := Change{Events: evs}
+		if intent != "" {
+			c.DoneIntents = []string{intent}
+		}
+		if fn(&s) {
+			c.Slots = []Slot{s}
+		} else if intent == "" {
 			return nil
 		}
-		if err := a.r.o.Store.Commit(ctx, Change{Slots: []Slot{s}, Events: evs}); err != nil {
+		if err := a.r.o.Store.Commit(ctx, c); err != nil {
 			return err
 		}
 		a.changed = true
-		s.Version++
+		if len(c.Slots) > 0 {
+			s.Version++
+		}
 		return nil
 	})
+	if err == nil && intent != "" {
+		a.result(intent, IntentResult{Slot: s})
+	}
 	return s, err
 }
+
+// result records how an intent was dealt with, for Reconciler.Result.
+func (a *applier) result(intent string, res IntentResult) {
+	if a.results == nil {
+		a.results = map[string]IntentResult{}
+	}
+	a.results[intent] = res
+}
+
+// push asks the load balancer to take s's state and weight at once, after
+// the round has published its view (see Pusher).
+func (a *applier) push(s Slot) { a.pushes = append(a.pushes, s.Key()) }
 
 // updateReservation is updateSlot for a reservation; it reports whether it
 // committed a change.
@@ -90,6 +130,12 @@ func (a *applier) apply(ctx context.Context, act Action) error {
 		return a.touch(ctx, act)
 	case ActDrain:
 		return a.drain(ctx, act)
+	case ActUndrain:
+		return a.undrain(ctx, act)
+	case ActWeight:
+		return a.weight(ctx, act)
+	case ActForget:
+		return a.forget(ctx, act)
 	case ActTerminate, ActRetryTerminate:
 		return a.terminate(ctx, act)
 	case ActAssign:
@@ -125,7 +171,7 @@ func (a *applier) advance(ctx context.Context, act Action) error {
 	key := SlotKey{act.Pool, act.Slot}
 	kind := map[SlotState]string{Booting: EvBooted, Ready: EvReady, Empty: EvEmptied}[act.To]
 	var from SlotState
-	_, err := a.updateSlot(ctx, key, func(s *Slot) bool {
+	s, err := a.updateSlot(ctx, key, func(s *Slot) bool {
 		if s.InstanceID != act.Instance {
 			return false
 		}
@@ -143,6 +189,9 @@ func (a *applier) advance(ctx context.Context, act Action) error {
 		return err
 	}
 	a.log().Info("slot "+string(act.To), "slot", key, "from", from, "instance", act.Instance, "reason", act.Reason)
+	if act.To == Ready && s.State == Ready {
+		a.push(s)
+	}
 	if act.To == Empty && a.r.o.Readiness != nil {
 		a.unbind(ctx, key)
 	}
@@ -164,26 +213,40 @@ func (a *applier) bind(ctx context.Context, act Action) error {
 		a.r.o.Recorder.CallFailed("bind")
 		return nil
 	}
-	_, err = a.updateSlot(ctx, key, func(s *Slot) bool {
+	var from SlotState
+	s, err := a.updateSlot(ctx, key, func(s *Slot) bool {
 		if s.InstanceID != act.Instance {
 			return false
 		}
+		from = s.State
 		if s.State == Booting {
 			s.State, s.StateSince = Binding, a.now
 		}
 		s.Address = act.Addr
 		return true
 	}, a.event(EvBound, act))
+	if err != nil {
+		return err
+	}
+	if from == Booting && s.State == Binding {
+		// Out of maintenance now, so that HAProxy's health checks of the
+		// builder start without waiting for the agent's next check.
+		a.push(s)
+	}
 	a.log().Info("slot bound", "slot", key, "instance", act.Instance, "addr", act.Addr)
-	return err
+	return nil
 }
 
 func (a *applier) touch(ctx context.Context, act Action) error {
-	_, err := a.updateSlot(ctx, SlotKey{act.Pool, act.Slot}, func(s *Slot) bool {
-		if s.LastActive.After(a.now) || s.LastActive.Equal(a.now) {
+	at := a.now
+	if !act.At.IsZero() {
+		at = act.At
+	}
+	_, err := a.updateSlotFor(ctx, SlotKey{act.Pool, act.Slot}, act.Intent, func(s *Slot) bool {
+		if !at.After(s.LastActive) {
 			return false
 		}
-		s.LastActive = a.now
+		s.LastActive = at
 		return true
 	})
 	return err
@@ -191,15 +254,90 @@ func (a *applier) touch(ctx context.Context, act Action) error {
 
 func (a *applier) drain(ctx context.Context, act Action) error {
 	key := SlotKey{act.Pool, act.Slot}
-	_, err := a.updateSlot(ctx, key, func(s *Slot) bool {
-		if s.State != Ready {
+	var refused string
+	s, err := a.updateSlotFor(ctx, key, act.Intent, func(s *Slot) bool {
+		switch {
+		case s.State == Ready:
+			s.State, s.StateSince, s.DrainReason = Draining, a.now, act.Reason
+			return true
+		case s.State == Draining && act.Intent != "":
+			s.DrainReason = act.Reason
+			return true
+		}
+		refused = fmt.Sprintf("slot %s is %s; only a ready slot can be drained", key, s.State)
+		return false
+	}, a.event(EvDrained, act))
+	if err != nil {
+		return err
+	}
+	if refused != "" {
+		if act.Intent != "" {
+			a.result(act.Intent, IntentResult{Refused: refused, Slot: s})
+		}
+		return nil
+	}
+	a.push(s)
+	a.log().Info("slot draining", "slot", key, "instance", act.Instance, "reason", act.Reason)
+	return nil
+}
+
+func (a *applier) undrain(ctx context.Context, act Action) error {
+	key := SlotKey{act.Pool, act.Slot}
+	var refused string
+	ev := a.event(EvUndrained, act)
+	s, err := a.updateSlotFor(ctx, key, act.Intent, func(s *Slot) bool {
+		if s.State != Draining {
+			refused = fmt.Sprintf("slot %s is %s; only a draining slot can be undrained", key, s.State)
 			return false
 		}
-		s.State, s.StateSince, s.DrainReason = Draining, a.now, act.Reason
+		s.State, s.StateSince, s.DrainReason, s.LastActive = Ready, a.now, "", a.now
 		return true
-	}, a.event(EvDrained, act))
-	a.log().Info("slot draining", "slot", key, "instance", act.Instance, "reason", act.Reason)
-	return err
+	}, ev)
+	if err != nil {
+		return err
+	}
+	if refused != "" {
+		a.result(act.Intent, IntentResult{Refused: refused, Slot: s})
+		return nil
+	}
+	a.push(s)
+	a.log().Info("slot undrained", "slot", key, "instance", act.Instance)
+	return nil
+}
+
+func (a *applier) weight(ctx context.Context, act Action) error {
+	key := SlotKey{act.Pool, act.Slot}
+	s, err := a.updateSlotFor(ctx, key, act.Intent, func(s *Slot) bool {
+		if s.Weight == act.Weight {
+			return false
+		}
+		s.Weight = act.Weight
+		return true
+	}, a.event(EvWeight, act))
+	if err != nil {
+		return err
+	}
+	a.push(s)
+	a.log().Info("slot weight set", "slot", key, "instance", act.Instance, "weight", act.Weight)
+	return nil
+}
+
+// forget deletes an intent that changes nothing, recording why it was
+// refused (if it was).
+func (a *applier) forget(ctx context.Context, act Action) error {
+	s, err := a.r.o.Store.Slot(ctx, SlotKey{act.Pool, act.Slot})
+	if err != nil && !errors.Is(err, ErrNotFound) {
+		return err
+	}
+	if err := a.r.o.Store.Commit(ctx, Change{DoneIntents: []string{act.Intent}}); err != nil {
+		return err
+	}
+	a.changed = true
+	a.result(act.Intent, IntentResult{Refused: act.Reason, Slot: s})
+	if act.Reason != "" {
+		a.log().Info("intent refused", "intent", act.Intent, "slot", SlotKey{act.Pool, act.Slot}, "reason", act.Reason)
+	}
+	return nil
 }
 
 func (a *applier) assign(ctx context.Context, act Action) error {

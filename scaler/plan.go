@@ -61,6 +61,9 @@ type Observed struct {
 	// builder has room for them: demand that came without a reservation
 	// (evaluation-time builds, other Nix clients).
 	Held map[string]int
+	// Intents are the operators' and clients' requests not applied yet,
+	// oldest first.
+	Intents []Intent
 }
 
 // ActionKind names what an Action does.
@@ -79,6 +82,13 @@ const (
 	ActTouch ActionKind = "touch"
 	// ActDrain stops new work going to a slot.
 	ActDrain ActionKind = "drain"
+	// ActUndrain takes a draining slot back into service (an intent).
+	ActUndrain ActionKind = "undrain"
+	// ActWeight sets a slot's load balancer weight to Weight (an intent).
+	ActWeight ActionKind = "weight"
+	// ActForget drops intent Intent without changing its slot: refused
+	// (Reason says why) or already true.
+	ActForget ActionKind = "forget"
 	// ActTerminate terminates a slot's instance (or an orphan instance when
 	// Slot is empty) for Cause.
 	ActTerminate ActionKind = "terminate"
@@ -112,6 +122,13 @@ type Action struct {
 	// new connections and terminate it only if no session is open then
 	// (see Quiescer).
 	IfIdle bool
+	// Intent is the id of the intent this action applies (drain, undrain,
+	// weight, touch, forget); the reconciler deletes it in the same commit.
+	Intent string
+	// Weight, on ActWeight, is the new weight.
+	Weight int
+	// At, on a touch, is the slot's new LastActive (zero: the round's time).
+	At time.Time
 }
 
 func (a Action) String() string {
@@ -119,12 +136,19 @@ func (a Action) String() string {
 	b.WriteString(string(a.Kind))
 	for _, kv := range [][2]string{{"pool", a.Pool}, {"slot", a.Slot}, {"reservation", a.Reservation},
 		{"instance", a.Instance}, {"addr", a.Addr}, {"to", string(a.To)}, {"cause", string(a.Cause)}, {"reason", a.Reason},
-		{"if_idle", map[bool]string{true: "true"}[a.IfIdle]}} {
+		{"if_idle", map[bool]string{true: "true"}[a.IfIdle]}, {"intent", a.Intent}, {"weight", weightString(a)}} {
 		if kv[1] != "" {
 			fmt.Fprintf(&b, " %s=%q", kv[0], kv[1])
 		}
 	}
 	return b.String()
+}
+
+func weightString(a Action) string {
+	if a.Kind != ActWeight {
+		return ""
+	}
+	return strconv.Itoa(a.Weight)
 }
 
 // Cause is why a builder is terminated, in terms code and metrics branch on
@@ -152,6 +176,7 @@ const (
 func Plan(now time.Time, pol Policy, obs Observed) []Action {
 	p := planner{now: now, pol: pol, obs: obs}
 	p.index()
+	p.intents()
 	p.reservationDeadlines()
 	p.slotTransitions()
 	p.orphans()
@@ -276,8 +301,8 @@ func (p *planner) bind(s *Slot, addr string) {
 	}
 }
 
-func (p *planner) drain(s *Slot, reason string) {
-	p.emit(Action{Kind: ActDrain, Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, Reason: reason})
+func (p *planner) drain(s *Slot, reason, intent string) {
+	p.emit(Action{Kind: ActDrain, Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, Reason: reason, Intent: intent})
 	p.setState(s, Draining)
 	s.DrainReason = reason
 }

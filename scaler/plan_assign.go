@@ -58,7 +58,7 @@ func (p *planner) assign(pp PoolPolicy) {
 		best := -1
 		for j := range p.slots {
 			s := &p.slots[j]
-			if s.Pool != pp.Name || s.State != Ready || s.Weight <= 0 || p.perSlot[s.Key()] >= pp.ReservationsPerBuilder {
+			if s.Pool != pp.Name || s.State != Ready || s.Weight <= 0 || p.perSlot[s.Key()] >= pp.ReservationsPerBuilder || !p.routable(s) {
 				continue
 			}
 			if best < 0 || p.better(s, &p.slots[best]) {
@@ -85,4 +85,17 @@ func (p *planner) better(a, b *Slot) bool {
 	sa, _ := p.server(a.Key())
 	sb, _ := p.server(b.Key())
 	return sa.Sessions < sb.Sessions
+}
+
+// routable reports whether the load balancer routes new connections to the
+// slot's builder: a reservation is ready only when its builder can be used
+// (docs/design.md §3.1). A slot that has just become ready is pushed UP by
+// the same round and assigned by the next one, once it is seen UP. When the
+// load balancer cannot be read, the slot's own state is all there is.
+func (p *planner) routable(s *Slot) bool {
+	if !p.obs.ServersKnown {
+		return true
+	}
+	srv, ok := p.obs.Servers[s.Key()]
+	return ok && srv.Up && srv.Addr == s.Address
 }

@@ -174,10 +174,10 @@ func (p *planner) readySlot(v slotView) {
 	switch {
 	case !v.configured || SlotNumber(s.Name) > pp.MaxBuilders:
 		// The pool, or this slot, left the configuration.
-		p.drain(s, "slot no longer configured")
+		p.drain(s, "slot no longer configured", "")
 	case pp.MaxLifetime > 0 && v.found && !v.in.LaunchedAt.IsZero() && p.now.Sub(v.in.LaunchedAt) >= pp.MaxLifetime:
 		// Old builders go; demand brings a fresh one.
-		p.drain(s, "max lifetime ("+pp.MaxLifetime.String()+")")
+		p.drain(s, "max lifetime ("+pp.MaxLifetime.String()+")", "")
 	}
 }
 

@@ -120,7 +120,7 @@ func (p *planner) drainIdle(pp PoolPolicy, target, active int) {
 		if active <= target {
 			break
 		}
-		p.drain(s, "idle")
+		p.drain(s, "idle", "")
 		active--
 	}
 }

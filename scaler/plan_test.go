@@ -75,11 +75,12 @@ type world struct {
 	servers   map[SlotKey]ServerStatus
 	unknown   bool // load balancer unreachable
 	noList    bool // provider list failed
+	intents   []Intent
 }
 
 func (w world) observed() Observed {
 	obs := Observed{Slots: w.slots, Reservations: w.res, InstancesKnown: map[string]bool{"x86": !w.noList, "arm": !w.noList},
-		ServersKnown: !w.unknown, Servers: map[SlotKey]ServerStatus{}}
+		ServersKnown: !w.unknown, Servers: map[SlotKey]ServerStatus{}, Intents: w.intents}
 	haveInst := map[string]bool{}
 	for _, in := range w.instances {
 		haveInst[in.ID] = true
@@ -475,6 +476,75 @@ func TestPlan(t *testing.T) {
 				`drain pool="x86" slot="slot1" instance="i-slot1" reason="max lifetime (24h0m0s)"`,
 				`launch pool="x86" slot="slot2" reason="1 need a builder, 1 builders wanted, 0 active"`,
 			},
+		},
+		// Intents: applied first, so the round plans with them.
+		{
+			name: "operator drain of a ready slot: it takes no reservation, and a builder is launched instead",
+			w: world{slots: []Slot{slot("slot1", Ready), slot("slot2", Empty), slot("slot3", Empty)}, res: []Reservation{pending("r1", 0)},
+				intents: []Intent{{ID: "in1", Kind: IntentDrain, Pool: "x86", Slot: "slot1", Actor: "operator"}},
+				servers: map[SlotKey]ServerStatus{key("slot1"): {Addr: "10.0.0.1:22", Up: true, Healthy: true, Sessions: 1}}},
+			want: []string{
+				`drain pool="x86" slot="slot1" instance="i-slot1" reason="operator" intent="in1"`,
+				`launch pool="x86" slot="slot2" reason="1 need a builder, 1 builders wanted, 0 active"`,
+			},
+		},
+		{
+			name: "operator drain of a draining slot takes over its reason",
+			w: world{slots: []Slot{slot("slot1", Draining, func(s *Slot) { s.DrainReason = "idle" })},
+				intents: []Intent{{ID: "in1", Kind: IntentDrain, Pool: "x86", Slot: "slot1"}},
+				servers: map[SlotKey]ServerStatus{key("slot1"): {Addr: "10.0.0.1:22", Up: true, Healthy: true, Sessions: 1}}},
+			want: []string{`drain pool="x86" slot="slot1" instance="i-slot1" reason="operator" intent="in1"`},
+		},
+		{
+			name: "refused intents: drain of an empty slot, undrain of a ready one is already true, unknown slot",
+			w: world{slots: []Slot{slot("slot1", Ready), slot("slot2", Empty)}, intents: []Intent{
+				{ID: "in1", Kind: IntentDrain, Pool: "x86", Slot: "slot2"},
+				{ID: "in2", Kind: IntentUndrain, Pool: "x86", Slot: "slot1"},
+				{ID: "in3", Kind: IntentWeight, Pool: "x86", Slot: "slot9", Weight: 5},
+			}},
+			want: []string{
+				`forget pool="x86" slot="slot2" reason="slot x86/slot2 is empty; only a ready slot can be drained" intent="in1"`,
+				`forget pool="x86" slot="slot1" intent="in2"`,
+				`forget pool="x86" slot="slot9" reason="no slot x86/slot9" intent="in3"`,
+			},
+		},
+		{
+			name: "undrain takes a reservation the same round; weight 0 takes none",
+			w: world{slots: []Slot{slot("slot1", Draining, func(s *Slot) { s.DrainReason = "operator" }), slot("slot2", Ready)},
+				res: []Reservation{pending("r1", 0)},
+				intents: []Intent{
+					{ID: "in1", Kind: IntentWeight, Pool: "x86", Slot: "slot2", Weight: 0},
+					{ID: "in2", Kind: IntentUndrain, Pool: "x86", Slot: "slot1"},
+				}},
+			want: []string{
+				`weight pool="x86" slot="slot2" instance="i-slot2" reason="weight 0" intent="in1" weight="0"`,
+				`undrain pool="x86" slot="slot1" instance="i-slot1" reason="operator" intent="in2"`,
+				`assign pool="x86" slot="slot1" reservation="r1" instance="i-slot1"`,
+			},
+		},
+		{
+			name: "a release counts idle time from its own time, once",
+			w: world{slots: []Slot{slot("slot1", Ready, func(s *Slot) { s.LastActive = t0.Add(-time.Hour) })}, intents: []Intent{
+				{ID: "in1", Kind: IntentReleased, Pool: "x86", Slot: "slot1", At: t0.Add(-time.Minute)},
+				{ID: "in2", Kind: IntentReleased, Pool: "x86", Slot: "slot1", At: t0.Add(-2 * time.Minute)},
+			}},
+			want: []string{
+				`touch pool="x86" slot="slot1" intent="in1"`,
+				`forget pool="x86" slot="slot1" intent="in2"`,
+			},
+		},
+		// Ready means UP in the load balancer.
+		{
+			name: "a ready slot whose server is not up yet gets no reservation",
+			w: world{slots: []Slot{slot("slot1", Ready)}, res: []Reservation{pending("r1", 0)},
+				servers: map[SlotKey]ServerStatus{key("slot1"): {Addr: "10.0.0.1:22", Healthy: true}}},
+			want: nil,
+		},
+		{
+			name: "binding slot whose check passed becomes ready, and is assigned only once UP (next round)",
+			w: world{slots: []Slot{slot("slot1", Binding)}, res: []Reservation{pending("r1", 0)},
+				servers: map[SlotKey]ServerStatus{key("slot1"): {Addr: "10.0.0.1:22", Healthy: true}}},
+			want: []string{`advance pool="x86" slot="slot1" instance="i-slot1" to="ready" reason="server healthy"`},
 		},
 		// Reservation deadlines.
 		{

@@ -17,6 +17,8 @@ type Store interface {
 	Slot(ctx context.Context, key SlotKey) (Slot, error)
 	LiveReservations(ctx context.Context) ([]Reservation, error)
 	Reservation(ctx context.Context, id string) (Reservation, error)
+	// Intents returns the intents not yet applied, oldest first.
+	Intents(ctx context.Context) ([]Intent, error)
 	Commit(ctx context.Context, c Change) error
 }
 
@@ -34,13 +36,19 @@ type Options struct {
 	// (0: DefaultFastInterval); match it to the load balancer's check
 	// interval.
 	FastInterval time.Duration
-	Logger       *slog.Logger
-	Recorder     Recorder // nil = NopRecorder
-	// OnChange is called after a round that changed state (long polls wake).
-	OnChange func()
-	// OnObserved gets every round's observation (the SPOE agent's view of
-	// the fleet is refreshed from it).
-	OnObserved func(Observed)
+	// BindPoll is how often the load balancer is asked, between rounds,
+	// whether a binding builder passed its health check (0:
+	// DefaultBindPoll). It runs only while some slot is binding: the check
+	// result has no event, and a round costs a provider List.
+	BindPoll time.Duration
+	Logger   *slog.Logger
+	Recorder Recorder // nil = NopRecorder
+	// Views receives the view every round publishes (nil: the reconciler
+	// keeps its own; see Views).
+	Views *Views
+	// OnPublish is called with every view right after it is published
+	// (the SPOE agent refreshes its routing table from it).
+	OnPublish func(*View)
 	// Held reports connections the load balancer holds for want of a
 	// builder, per pool (nil: none).
 	Held func() map[string]int
@@ -58,15 +66,19 @@ type Reconciler struct {
 	o    Options
 	kick chan struct{}
 	reqs chan chan error
-	// settling is true while some slot is between stable states; only the
-	// Run goroutine touches it.
-	settling bool
+	// settling is true while some slot is between stable states, binding
+	// while some slot waits for its builder's health check; only the Run
+	// goroutine touches them.
+	settling, binding bool
+	views             *Views
+	version           uint64 // of the last view published; Run goroutine only
 
 	mu       sync.Mutex
 	backoff  map[string]time.Time
 	failures map[string]int
 	lastErr  map[string]string
 	status   RoundStatus
+	results  map[string]IntentResult
 }
 
 // RoundStatus tells how the last reconcile round went.
@@ -100,8 +112,16 @@ func New(o Options) *Reconciler {
 	if o.KickBatch == 0 {
 		o.KickBatch = KickBatch
 	}
+	if o.BindPoll <= 0 {
+		o.BindPoll = DefaultBindPoll
+	}
+	if o.Views == nil {
+		o.Views = &Views{}
+	}
 	return &Reconciler{
 		o:        o,
+		views:    o.Views,
+		results:  map[string]IntentResult{},
 		kick:     make(chan struct{}, 1),
 		reqs:     make(chan chan error),
 		backoff:  map[string]time.Time{},
@@ -141,6 +161,41 @@ func (r *Reconciler) Status() RoundStatus {
 	return r.status
 }
 
+// Views returns where the reconciler publishes its view of the fleet.
+func (r *Reconciler) Views() *Views { return r.views }
+
+// Result returns, once, how the intent id was dealt with, if a round has
+// applied or refused it since the last call for it.
+func (r *Reconciler) Result(id string) (IntentResult, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	res, ok := r.results[id]
+	delete(r.results, id)
+	return res, ok
+}
+
+// maxResults bounds the results kept for API requests that wait for them;
+// a request that gave up never collects its result.
+const maxResults = 4096
+
+func (r *Reconciler) keepResults(m map[string]IntentResult) {
+	if len(m) == 0 {
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.results)+len(m) > maxResults {
+		clear(r.results)
+	}
+	for id, res := range m {
+		r.results[id] = res
+	}
+}
+
+// DefaultBindPoll is how often a binding builder's health check is looked
+// at between rounds (Options.BindPoll).
+const DefaultBindPoll = 100 * time.Millisecond
+
 // DefaultFastInterval is the round rate while any builder is changing state
 // (starting, draining, terminating, held connections waiting): there is no
 // event for "the builder's sshd answers", so it is polled, but only while
@@ -160,10 +215,23 @@ func (r *Reconciler) Run(ctx context.Context) error {
 	defer t.Stop()
 	r.round(ctx)
 	last := r.o.Clock.Now()
+	var bind clock.Ticker
+	defer func() {
+		if bind != nil {
+			bind.Stop()
+		}
+	}()
 	for {
+		var bindC <-chan time.Time
+		bind, bindC = r.bindTicker(bind)
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-bindC:
+			if !r.bindingPassed(ctx) {
+				continue
+			}
+			r.round(ctx)
 		case now := <-t.C():
 			if !r.settling && now.Sub(last) < r.o.Interval {
 				continue
@@ -187,6 +255,42 @@ func (r *Reconciler) Run(ctx context.Context) error {
 	}
 }
 
+// bindTicker starts the bind poll's ticker while a slot is binding and
+// stops it otherwise; it returns the ticker and its channel (nil: none).
+func (r *Reconciler) bindTicker(t clock.Ticker) (clock.Ticker, <-chan time.Time) {
+	if !r.binding || r.o.Readiness == nil {
+		if t != nil {
+			t.Stop()
+		}
+		return nil, nil
+	}
+	if t == nil {
+		t = r.o.Clock.NewTicker(r.o.BindPoll)
+	}
+	return t, t.C()
+}
+
+// bindingPassed asks the load balancer whether a binding slot's builder
+// passed its health check (or lost its address), which is worth a round.
+func (r *Reconciler) bindingPassed(ctx context.Context) bool {
+	v := r.views.Current()
+	if v == nil {
+		return false
+	}
+	cctx, cancel := context.WithTimeout(ctx, r.o.CallTimeout)
+	servers, err := r.o.Readiness.Servers(cctx)
+	cancel()
+	if err != nil {
+		return false // the next round reports it
+	}
+	for _, s := range v.Slots {
+		if srv := servers[s.Key()]; s.State == Binding && (srv.Healthy || srv.Addr != s.Address) {
+			return true
+		}
+	}
+	return false
+}
+
 func (r *Reconciler) round(ctx context.Context) error {
 	start := r.o.Clock.Now()
 	changed, err := r.ReconcileOnce(ctx)
@@ -203,16 +307,14 @@ func (r *Reconciler) round(ctx context.Context) error {
 	r.status = RoundStatus{At: r.o.Clock.Now(), Duration: d, Err: err, Rounds: r.status.Rounds + 1}
 	r.mu.Unlock()
 	if changed {
-		if r.o.OnChange != nil {
-			r.o.OnChange()
-		}
 		r.Kick()
 	}
 	return err
 }
 
-// ReconcileOnce observes, plans and applies once. It reports whether any
-// state changed. Callers other than Run must not run it concurrently.
+// ReconcileOnce observes, plans, applies, publishes the new view and pushes
+// the load balancer states it decided. It reports whether any state
+// changed. Callers other than Run must not run it concurrently.
 func (r *Reconciler) ReconcileOnce(ctx context.Context) (changed bool, err error) {
 	// The round's time is when its observation began, not when it ended: a
 	// round whose provider or load balancer calls took a while acts on what
@@ -220,6 +322,7 @@ func (r *Reconciler) ReconcileOnce(ctx context.Context) (changed bool, err error
 	// assigned would mark its builder active after the release that a
 	// concurrent request committed meanwhile, and restart its idle time.
 	now := r.o.Clock.Now()
+	gen := r.generation()
 	obs, owner, err := r.observe(ctx)
 	if err != nil {
 		return false, err
@@ -228,26 +331,95 @@ func (r *Reconciler) ReconcileOnce(ctx context.Context) (changed bool, err error
 	r.settling = len(actions) > 0 || len(obs.Held) > 0
 	for _, s := range obs.Slots {
 		srv := obs.Servers[s.Key()]
-		// A ready slot the load balancer does not route to yet (the agent's
-		// next check brings it up) is still settling too.
+		// A ready slot the load balancer does not route to yet (the push,
+		// or the agent's next check, brings it up) is still settling too.
 		r.settling = r.settling || s.State != Empty && s.State != Ready || s.State == Ready && obs.ServersKnown && !srv.Up
 	}
 	r.o.Recorder.Observed(r.o.Policy, obs)
-	if r.o.OnObserved != nil {
-		r.o.OnObserved(obs)
-	}
 	a := applier{r: r, now: now, owner: owner}
 	for _, act := range actions {
-		if err := a.apply(ctx, act); err != nil {
+		if err = a.apply(ctx, act); err != nil {
 			if errors.Is(err, ErrConflict) {
 				// Someone changed a row meanwhile; the plan is stale. Go again.
 				r.Kick()
-				return a.changed, nil
+				err = nil
+			} else {
+				err = fmt.Errorf("%s: %w", act, err)
 			}
-			return a.changed, fmt.Errorf("%s: %w", act, err)
+			break
 		}
 	}
-	return a.changed, nil
+	r.publish(ctx, now, gen, obs, a.changed)
+	r.keepResults(a.results)
+	r.pushAll(ctx, a.pushes)
+	return a.changed, err
+}
+
+// generation is the store's write count, if it keeps one (Generationer).
+func (r *Reconciler) generation() uint64 {
+	if g, ok := r.o.Store.(Generationer); ok {
+		return g.Generation()
+	}
+	return 0
+}
+
+// Generationer is a Store that counts its committed writes; the view
+// records the count it was read at (View.Generation).
+type Generationer interface {
+	Generation() uint64
+}
+
+// publish makes this round's outcome the current view. A round that
+// changed rows reads them again, so readers see what it did at once rather
+// than after the next round.
+func (r *Reconciler) publish(ctx context.Context, now time.Time, gen uint64, obs Observed, changed bool) {
+	slots, live := obs.Slots, obs.Reservations
+	if changed {
+		g := r.generation()
+		s, err1 := r.o.Store.Slots(ctx)
+		l, err2 := r.o.Store.LiveReservations(ctx)
+		if err1 == nil && err2 == nil {
+			slots, live, gen = s, l, g
+		}
+	}
+	r.binding = false
+	for _, s := range slots {
+		r.binding = r.binding || s.State == Binding
+	}
+	r.version++
+	v := NewView(r.version, now, gen, slots, live, obs.Servers, obs.ServersKnown)
+	r.views.publish(v)
+	if r.o.OnPublish != nil {
+		r.o.OnPublish(v)
+	}
+}
+
+// pushAll sets the load balancer's state of each slot whose state or weight
+// this round changed (Pusher), as the published view has it: the round's
+// last word on the slot (a slot drained and then terminated in one round is
+// pushed terminating, never drain after its quiesce). A failed push is
+// logged; the agent check brings the same state within its interval.
+func (r *Reconciler) pushAll(ctx context.Context, keys []SlotKey) {
+	p, ok := r.o.Readiness.(Pusher)
+	v := r.views.Current()
+	if !ok || v == nil {
+		return
+	}
+	done := map[SlotKey]bool{}
+	for _, k := range keys {
+		s, ok := v.Slot(k)
+		if !ok || done[k] {
+			continue
+		}
+		done[k] = true
+		cctx, cancel := context.WithTimeout(ctx, r.o.CallTimeout)
+		err := p.Push(cctx, s)
+		cancel()
+		if err != nil {
+			r.o.Recorder.CallFailed("push")
+			r.o.Logger.Warn("could not push a slot's state to the load balancer; its agent check brings it", "slot", k, "state", s.State, "err", err)
+		}
+	}
 }
 
 func (r *Reconciler) observe(ctx context.Context) (Observed, map[string]Provider, error) {
@@ -297,6 +469,9 @@ func (r *Reconciler) observe(ctx context.Context) (Observed, map[string]Provider
 			r.o.Recorder.LoadBalancer(true)
 			obs.Servers, obs.ServersKnown = servers, true
 		}
+	}
+	if obs.Intents, err = r.o.Store.Intents(ctx); err != nil {
+		return obs, nil, fmt.Errorf("load intents: %w", err)
 	}
 	r.mu.Lock()
 	obs.LaunchBackoff = copyMap(r.backoff)

@@ -166,7 +166,7 @@ func TestLaunchBackoffByErrorKind(t *testing.T) {
 			var backoff time.Time
 			rec := scaler.New(scaler.Options{Store: st, Providers: map[string]scaler.Provider{"x86": &failingProvider{tc.err}},
 				Clock: clock, Policy: scaler.Policy{Pools: pools},
-				OnObserved: func(obs scaler.Observed) { backoff = obs.LaunchBackoff["x86"] }})
+				Recorder: observeRecorder{f: func(obs scaler.Observed) { backoff = obs.LaunchBackoff["x86"] }}})
 			for i, want := range tc.want {
 				launchedAt := clock.Now()
 				if _, err := rec.ReconcileOnce(ctx); err != nil { // launches and fails
@@ -181,5 +181,95 @@ func TestLaunchBackoffByErrorKind(t *testing.T) {
 				clock.Set(backoff)
 			}
 		})
+	}
+}
+
+// observeRecorder is a Recorder that hands every round's observation to f.
+type observeRecorder struct {
+	scaler.NopRecorder
+	f func(scaler.Observed)
+}
+
+func (r observeRecorder) Observed(_ scaler.Policy, obs scaler.Observed) { r.f(obs) }
+
+// pushRecorder is a load balancer that reports every slot it was given up
+// and records each push with the state the published view had for the slot
+// at that moment.
+type pushRecorder struct {
+	upServers
+	views  *scaler.Views
+	pushed []string // "slot state (view: state)"
+}
+
+func (p *pushRecorder) Push(_ context.Context, s scaler.Slot) error {
+	inView, _ := p.views.Current().Slot(s.Key())
+	p.pushed = append(p.pushed, fmt.Sprintf("%s %s (view: %s)", s.Name, s.State, inView.State))
+	return nil
+}
+
+// TestIntentsAppliedPublishedThenPushed: an operator's drain and weight,
+// recorded as intents, are applied by one round, deleted in the commit that
+// applies them, answered through Result, published in the round's view,
+// and pushed to the load balancer only after that view was published (an
+// agent check answering from the view in between must not undo the push).
+func TestIntentsAppliedPublishedThenPushed(t *testing.T) {
+	ctx := context.Background()
+	pools := []scaler.PoolPolicy{{Name: "x86", MaxBuilders: 2, ReservationsPerBuilder: 1, IdleTimeout: time.Hour,
+		DrainTimeout: time.Hour, LaunchTimeout: time.Hour, BootTimeout: time.Hour, BindTimeout: time.Hour}}
+	st := memstore.New(pools, func() scaler.Slot { return scaler.Slot{State: scaler.Empty, StateSince: t0, Weight: scaler.DefaultWeight} })
+	ready := func(name string) scaler.Slot {
+		s, _ := st.Slot(ctx, scaler.SlotKey{Pool: "x86", Slot: name})
+		s.State, s.InstanceID, s.Address, s.LastActive = scaler.Ready, "i-"+name, "10.0.0.1:22", t0
+		return s
+	}
+	if err := st.Commit(ctx, scaler.Change{Slots: []scaler.Slot{ready("slot1"), ready("slot2")}}); err != nil {
+		t.Fatal(err)
+	}
+	views := &scaler.Views{}
+	lb := &pushRecorder{upServers: upServers{{Pool: "x86", Slot: "slot1"}: "10.0.0.1:22", {Pool: "x86", Slot: "slot2"}: "10.0.0.1:22"}, views: views}
+	rec := scaler.New(scaler.Options{Store: st, Clock: clocktest.New(t0), Policy: scaler.Policy{Pools: pools}, Readiness: lb, Views: views,
+		Providers: map[string]scaler.Provider{"x86": &runningProvider{ins: []scaler.Instance{
+			{ID: "i-slot1", Pool: "x86", Slot: "slot1", State: scaler.InstanceRunning, Address: "10.0.0.1:22"},
+			{ID: "i-slot2", Pool: "x86", Slot: "slot2", State: scaler.InstanceRunning, Address: "10.0.0.1:22"}}}}})
+	if _, err := rec.ReconcileOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	before := views.Current()
+	if before == nil || len(lb.pushed) != 0 {
+		t.Fatalf("a quiet round: view %v, pushes %v; want a view and no push", before, lb.pushed)
+	}
+	if err := st.Commit(ctx, scaler.Change{Intents: []scaler.Intent{
+		{ID: "drain1", Kind: scaler.IntentDrain, Pool: "x86", Slot: "slot1", At: t0, Actor: "operator"},
+		{ID: "weight2", Kind: scaler.IntentWeight, Pool: "x86", Slot: "slot2", Weight: 7, At: t0, Actor: "operator"},
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rec.ReconcileOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if left, _ := st.Intents(ctx); len(left) != 0 {
+		t.Errorf("intents left after the round: %+v", left)
+	}
+	if res, ok := rec.Result("drain1"); !ok || res.Refused != "" || res.Slot.State != scaler.Draining || res.Slot.DrainReason != "operator" {
+		t.Errorf("Result(drain1) = %+v, %v; want the slot drained by the operator", res, ok)
+	}
+	if _, ok := rec.Result("drain1"); ok {
+		t.Error("Result(drain1) answered twice")
+	}
+	v := views.Current()
+	if v.Version <= before.Version {
+		t.Errorf("view version %d after %d; want it to grow", v.Version, before.Version)
+	}
+	if s, _ := v.Slot(scaler.SlotKey{Pool: "x86", Slot: "slot1"}); s.State != scaler.Terminating || s.DrainReason != "drained (operator)" {
+		t.Errorf("view has slot1 %s (%s), want terminating, drained by the operator", s.State, s.DrainReason)
+	}
+	if s, _ := v.Slot(scaler.SlotKey{Pool: "x86", Slot: "slot2"}); s.Weight != 7 {
+		t.Errorf("view has slot2 weight %d, want 7", s.Weight)
+	}
+	// slot1 had no session: drained and terminated in the same round, and
+	// pushed as the round left it.
+	want := []string{"slot1 terminating (view: terminating)", "slot2 ready (view: ready)"}
+	if fmt.Sprint(lb.pushed) != fmt.Sprint(want) {
+		t.Errorf("pushes = %q, want %q", lb.pushed, want)
 	}
 }

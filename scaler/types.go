@@ -232,6 +232,17 @@ type Quiescer interface {
 	Quiesce(ctx context.Context, key SlotKey) (sessions int, err error)
 }
 
+// Pusher is a Readiness that can set a slot's server to the slot's state and
+// weight at once (for HAProxy: its runtime API), instead of at the agent
+// check's next answer. The agent check stays the authority: it answers from
+// the same view, and it is what restores the state after HAProxy reloads or
+// restarts. The reconciler pushes after publishing the view that holds the
+// change, so an agent check between the two cannot undo a push, and
+// confirms by observing the server in the next round.
+type Pusher interface {
+	Push(ctx context.Context, s Slot) error
+}
+
 // Event is one line of the append-only event log: who did what to which slot,
 // instance or reservation, and why.
 type Event struct {
@@ -267,12 +278,54 @@ const (
 )
 
 // Change is one atomic write: slots and reservations to update (compared on
-// Version, so a concurrent writer's change is never overwritten) and the
-// events that explain them.
+// Version, so a concurrent writer's change is never overwritten), intents
+// recorded and intents done, and the events that explain them.
 type Change struct {
 	Slots        []Slot
 	Reservations []Reservation
 	Events       []Event
+	// Intents are recorded for the reconciler to apply (API writers only).
+	Intents []Intent
+	// DoneIntents are the ids of intents this change applied or refused
+	// (the reconciler only); they are deleted with it.
+	DoneIntents []string
+}
+
+// IntentKind is what an operator or client asked of a slot.
+type IntentKind string
+
+const (
+	// IntentDrain: stop new work going to the slot (operator).
+	IntentDrain IntentKind = "drain"
+	// IntentUndrain: take a draining slot back into service (operator).
+	IntentUndrain IntentKind = "undrain"
+	// IntentWeight: set the slot's load balancer weight (operator).
+	IntentWeight IntentKind = "weight"
+	// IntentReleased: a reservation on the slot was released at At, so the
+	// builder's idle time counts from then (client).
+	IntentReleased IntentKind = "released"
+)
+
+// Intent is a request to change a slot, recorded durably by the API and
+// applied by the reconciler, the only writer of slot rows (docs/design.md
+// §1.2). The reconciler deletes it in the commit that applies or refuses it.
+type Intent struct {
+	ID     string
+	Kind   IntentKind
+	Pool   string
+	Slot   string
+	Weight int // IntentWeight
+	At     time.Time
+	Actor  string // "operator", "api"
+}
+
+func (in Intent) Key() SlotKey { return SlotKey{Pool: in.Pool, Slot: in.Slot} }
+
+// IntentResult is how the reconciler dealt with an intent: applied (Refused
+// empty) or refused, and the slot as that round left it.
+type IntentResult struct {
+	Refused string
+	Slot    Slot
 }
 
 // ErrConflict is returned by a Store when a row changed since it was read.

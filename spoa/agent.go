@@ -84,23 +84,17 @@ func New(o Options) *Agent {
 		picks: map[scaler.SlotKey]int{}, held: map[string]int{}, changed: make(chan struct{})}
 }
 
-// Update replaces the agent's view of the fleet with one reconcile round's
-// observation and wakes held connections.
-func (a *Agent) Update(obs scaler.Observed) {
-	perSlot := map[scaler.SlotKey]int{}
-	for _, r := range obs.Reservations {
-		if r.State == scaler.Assigned {
-			perSlot[scaler.SlotKey{Pool: r.Pool, Slot: r.Slot}]++
-		}
-	}
+// Update replaces the agent's routing table with the fleet as the
+// reconciler's latest view shows it, and wakes held connections.
+func (a *Agent) Update(v *scaler.View) {
 	pools := map[string][]slotView{}
-	for _, s := range obs.Slots {
-		v := slotView{name: s.Name, reservations: perSlot[s.Key()]}
-		srv, ok := obs.Servers[s.Key()]
+	for _, s := range v.Slots {
+		sv := slotView{name: s.Name, reservations: v.Assigned(s.Key())}
+		srv, ok := v.Servers[s.Key()]
 		// Without the load balancer's word a slot is not known to be up.
-		v.usable = s.State == scaler.Ready && s.Weight > 0 && obs.ServersKnown && ok && srv.Up && srv.Addr == s.Address
-		v.sessions = srv.Sessions
-		pools[s.Pool] = append(pools[s.Pool], v)
+		sv.usable = s.State == scaler.Ready && s.Weight > 0 && v.ServersKnown && ok && srv.Up && srv.Addr == s.Address
+		sv.sessions = srv.Sessions
+		pools[s.Pool] = append(pools[s.Pool], sv)
 	}
 	a.mu.Lock()
 	a.pools = pools

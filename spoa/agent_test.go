@@ -27,6 +27,11 @@ func observed(slots []scaler.Slot, sessions map[string]int, res ...scaler.Reserv
 	return obs
 }
 
+// viewOf publishes an observation as the reconciler would: as a view.
+func viewOf(obs scaler.Observed) *scaler.View {
+	return scaler.NewView(1, time.Time{}, 0, obs.Slots, obs.Reservations, obs.Servers, obs.ServersKnown)
+}
+
 func assignedTo(slot string) scaler.Reservation {
 	return scaler.Reservation{ID: "r-" + slot, Pool: "x86", State: scaler.Assigned, Slot: slot}
 }
@@ -71,7 +76,7 @@ func TestChoose(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			a := newAgent(0, nil)
-			a.Update(observed(tt.slots, tt.sessions, tt.res...))
+			a.Update(viewOf(observed(tt.slots, tt.sessions, tt.res...)))
 			for i, want := range tt.want {
 				a.mu.Lock()
 				got := a.choose("x86")
@@ -88,7 +93,7 @@ func TestUnknownServerStateIsNotUsable(t *testing.T) {
 	a := newAgent(0, nil)
 	obs := observed([]scaler.Slot{readySlot("slot1", 100)}, nil)
 	obs.ServersKnown = false
-	a.Update(obs)
+	a.Update(viewOf(obs))
 	if slot, _ := a.Decide("x86"); slot != "" {
 		t.Fatalf("Decide = %q while HAProxy's view is unknown; want none", slot)
 	}
@@ -103,7 +108,7 @@ func TestHoldUntilReady(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		var kicks atomic.Int32
 		a := newAgent(time.Minute, func() { kicks.Add(1) })
-		a.Update(observed(nil, nil))
+		a.Update(viewOf(observed(nil, nil)))
 		got := make(chan string, 1)
 		// Should a check fail while Decide still holds, the bubble's fake
 		// clock runs out the hold (at once) so that it returns.
@@ -124,7 +129,7 @@ func TestHoldUntilReady(t *testing.T) {
 			t.Fatalf("Held = %d, want 1", n)
 		}
 		// A round that sees a builder not yet up changes nothing for it.
-		a.Update(observed([]scaler.Slot{{Pool: "x86", Name: "slot1", State: scaler.Binding, Weight: 100}}, nil))
+		a.Update(viewOf(observed([]scaler.Slot{{Pool: "x86", Name: "slot1", State: scaler.Binding, Weight: 100}}, nil)))
 		synctest.Wait()
 		select {
 		case s := <-got:
@@ -134,7 +139,7 @@ func TestHoldUntilReady(t *testing.T) {
 		if n := a.Held()["x86"]; n != 1 {
 			t.Fatalf("Held after a round without a ready slot = %d, want 1", n)
 		}
-		a.Update(observed([]scaler.Slot{readySlot("slot1", 100)}, nil))
+		a.Update(viewOf(observed([]scaler.Slot{readySlot("slot1", 100)}, nil)))
 		synctest.Wait()
 		select {
 		case s := <-got:
@@ -187,7 +192,7 @@ func setVars(req *request.Request) map[string]any {
 
 func TestHandle(t *testing.T) {
 	a := newAgent(10*time.Millisecond, nil)
-	a.Update(observed([]scaler.Slot{readySlot("slot1", 100)}, nil))
+	a.Update(viewOf(observed([]scaler.Slot{readySlot("slot1", 100)}, nil)))
 	args := map[string]any{wire.ArgPool: "x86", wire.ArgSrc: net.ParseIP("127.0.0.1"), wire.ArgSport: int32(40000), wire.ArgQueue: int32(0), wire.ArgBeConn: int32(1), wire.ArgNbSrv: int32(1)}
 
 	req := notify(args)
@@ -203,7 +208,7 @@ func TestHandle(t *testing.T) {
 		}
 	}
 
-	a.Update(observed(nil, nil))
+	a.Update(viewOf(observed(nil, nil)))
 	req = notify(args)
 	a.handle(req)
 	if got := setVars(req); got[wire.VarVerdict] != wire.VerdictReject || got[wire.VarSlot] != nil {
@@ -232,7 +237,7 @@ func TestHandleRecoversPanics(t *testing.T) {
 // longer make slots look full (the next connection is routed, not held).
 func TestClosedConnectionsFreeRoom(t *testing.T) {
 	a := newAgent(20*time.Millisecond, nil) // max_jobs 2
-	a.Update(observed([]scaler.Slot{readySlot("slot1", 100)}, nil))
+	a.Update(viewOf(observed([]scaler.Slot{readySlot("slot1", 100)}, nil)))
 	args := map[string]any{wire.ArgPool: "x86", wire.ArgBeConn: int32(0)}
 	for i := 0; i < 2; i++ {
 		req := notify(args)

@@ -49,7 +49,7 @@ func benchAgent(n int) *Agent {
 		{ID: "r1", Pool: "x86", State: scaler.Assigned, Slot: "slot1"},
 		{ID: "r2", Pool: "x86", State: scaler.Assigned, Slot: obs.Slots[n-1].Name},
 	}
-	a.Update(obs)
+	a.Update(viewOf(obs))
 	return a
 }
 

@@ -189,7 +189,7 @@ func TestGeneratedConfigAgreesWithAgent(t *testing.T) {
 			reg := prometheus.NewRegistry()
 			a := New(Options{MaxJobs: maxJobs, Hold: time.Millisecond, Registerer: reg,
 				Logger: slog.New(slog.NewTextHandler(&logs, nil))})
-			a.Update(observed([]scaler.Slot{{Pool: pool, Name: "slot1", State: scaler.Ready, Weight: 100, Address: "10.0.0.1:22"}}, nil))
+			a.Update(viewOf(observed([]scaler.Slot{{Pool: pool, Name: "slot1", State: scaler.Ready, Weight: 100, Address: "10.0.0.1:22"}}, nil)))
 			be, ok := cfg.backends[fe.backend]
 			if !ok || be.useServerVar == "" {
 				t.Fatalf("haproxy.cfg backend %s has no use-server %%[var(...)]", fe.backend)
@@ -216,7 +216,7 @@ func TestGeneratedConfigAgreesWithAgent(t *testing.T) {
 			// No builder comes up within the hold: the agent answers the
 			// verdict the frontend rejects on, and logs the client address
 			// and port from the message.
-			a.Update(observed(nil, nil))
+			a.Update(viewOf(observed(nil, nil)))
 			if got := answer(a); len(got) != 1 || fe.rejectVar == "" || got[fe.rejectVar] != fe.rejectValue {
 				t.Errorf("agent set %v when no builder came up; want only %s=%s (frontend %s's reject rule)", got, fe.rejectVar, fe.rejectValue, fe.name)
 			}

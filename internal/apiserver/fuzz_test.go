@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
 	"io"
 	"log/slog"
 	"net/http"
@@ -74,12 +75,6 @@ func (s *fuzzStore) Events(ctx context.Context, f store.EventFilter) ([]scaler.E
 	return r, s.note(err)
 }
 
-type fuzzScaler struct{}
-
-func (fuzzScaler) Kick()                           {}
-func (fuzzScaler) Reconcile(context.Context) error { return nil }
-func (fuzzScaler) Status() scaler.RoundStatus      { return scaler.RoundStatus{} }
-
 // fuzzServer is an API over a fresh store with one pool of two slots, one
 // pending reservation "r1" and a short max_poll so long polls end quickly.
 func fuzzServer(tb testing.TB) (*Server, *fuzzStore) {
@@ -109,7 +104,8 @@ provider = "local"
 		tb.Fatal(err)
 	}
 	st := &fuzzStore{DB: db}
-	s := New(Options{Store: st, Scaler: fuzzScaler{}, Pools: cfg.Pools, Reservations: cfg.Reservations,
+	sc := newTestScaler(tb, st, cfg.Pools, clock.Real{})
+	s := New(Options{Store: st, Scaler: sc, Views: sc.Views(), Pools: cfg.Pools, Reservations: cfg.Reservations,
 		Logger: slog.New(slog.DiscardHandler)})
 	rec := httptest.NewRecorder()
 	req := httptest.NewRequest(http.MethodPost, "/v1/reservations", strings.NewReader(`{"id":"r1","system":"x86_64-linux"}`))

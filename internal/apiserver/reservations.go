@@ -60,6 +60,9 @@ func (s *Server) create(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "create reservation", err)
 		return
 	}
+	if created {
+		s.wrote(got.ID)
+	}
 	if !created {
 		tombstone := got.System == ""
 		if !tombstone && (got.System != res.System || !slices.Equal(got.Features, res.Features) || req.Pool != "" && got.Pool != req.Pool) {
@@ -152,8 +155,9 @@ func (s *Server) poolSummary() string {
 	return strings.Join(parts, ", ")
 }
 
-// view renders a reservation; slots (may be nil) saves a lookup per item.
-func (s *Server) view(ctx context.Context, r scaler.Reservation, slots map[scaler.SlotKey]scaler.Slot) api.Reservation {
+// view renders a reservation, with its builder's address from the fleet f
+// (nil: the current view, or the store before the first).
+func (s *Server) view(ctx context.Context, r scaler.Reservation, f *scaler.View) api.Reservation {
 	v := api.Reservation{ID: r.ID, Pool: r.Pool, System: r.System, Features: r.Features, Owner: r.Owner, State: string(r.State),
 		Slot: r.Slot, Lease: r.Lease.String(), CreatedAt: r.CreatedAt, ExpiresAt: r.ExpiresAt, Reason: r.Reason}
 	if v.Features == nil {
@@ -171,22 +175,18 @@ func (s *Server) view(ctx context.Context, r scaler.Reservation, slots map[scale
 		v.EndedAt = &t
 	}
 	if r.State == scaler.Assigned && r.Slot != "" {
-		key := scaler.SlotKey{Pool: r.Pool, Slot: r.Slot}
-		sl, ok := slots[key]
-		if slots == nil {
-			var err error
-			sl, err = s.o.Store.Slot(ctx, key)
-			ok = err == nil
+		if f == nil {
+			f = s.o.Views.Current()
 		}
-		if ok {
+		if sl, ok := s.slotOf(ctx, f, scaler.SlotKey{Pool: r.Pool, Slot: r.Slot}); ok {
 			v.Address, v.InstanceID = sl.Address, sl.InstanceID
 		}
 	}
 	return v
 }
 
-func (s *Server) lookup(w http.ResponseWriter, r *http.Request) (scaler.Reservation, bool) {
-	res, err := s.o.Store.Reservation(r.Context(), r.PathValue("id"))
+func (s *Server) lookup(w http.ResponseWriter, r *http.Request, f *scaler.View) (scaler.Reservation, bool) {
+	res, err := s.reservation(r.Context(), f, r.PathValue("id"))
 	if errors.Is(err, scaler.ErrNotFound) {
 		writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no reservation %q", r.PathValue("id")))
 		return res, false
@@ -211,19 +211,21 @@ func (s *Server) get(w http.ResponseWriter, r *http.Request) {
 	timer := s.o.Clock.NewTimer(wait)
 	defer timer.Stop()
 	for {
-		// Take the channel before reading, so a change between the read
-		// and the wait still wakes us.
-		changed := s.notify.wait()
-		res, ok := s.lookup(w, r)
+		// Take the channels before reading, so a change between the read
+		// and the wait still wakes us: a new view, or a write of this API.
+		f, published := s.o.Views.Next()
+		written := s.notify.wait()
+		res, ok := s.lookup(w, r, f)
 		if !ok {
 			return
 		}
 		if res.State != scaler.Pending || wait == 0 {
-			writeJSON(w, http.StatusOK, s.view(r.Context(), res, nil))
+			writeJSON(w, http.StatusOK, s.view(r.Context(), res, f))
 			return
 		}
 		select {
-		case <-changed:
+		case <-published:
+		case <-written:
 		case <-timer.C():
 			wait = 0
 		case <-r.Context().Done():
@@ -271,6 +273,9 @@ func (s *Server) heartbeat(w http.ResponseWriter, r *http.Request) {
 		res.ExpiresAt = now.Add(res.Lease)
 		return scaler.Change{}, true
 	})
+	if err == nil && live {
+		s.wrote(id)
+	}
 	switch {
 	case errors.Is(err, scaler.ErrNotFound):
 		writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no reservation %q", id))
@@ -300,11 +305,10 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request) {
 		c := scaler.Change{}
 		ev.Pool, ev.Slot = res.Pool, res.Slot
 		if res.State == scaler.Assigned {
-			// Idle time of the builder counts from this release.
-			sl, err := s.o.Store.Slot(r.Context(), scaler.SlotKey{Pool: res.Pool, Slot: res.Slot})
-			if err == nil {
-				sl.LastActive = now
-				c.Slots = append(c.Slots, sl)
+			// The builder's idle time counts from this release; the
+			// reconciler, the slot's only writer, records that.
+			c.Intents = []scaler.Intent{{ID: newIntentID(), Kind: scaler.IntentReleased, Pool: res.Pool, Slot: res.Slot, At: now, Actor: "api"}}
+			if sl, ok := s.slotOf(r.Context(), s.o.Views.Current(), scaler.SlotKey{Pool: res.Pool, Slot: res.Slot}); ok {
 				ev.InstanceID = sl.InstanceID
 			}
 		}
@@ -326,6 +330,7 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if released {
+		s.wrote(id)
 		s.o.Logger.Info("reservation released", "reservation", id, "pool", res.Pool, "slot", freed)
 		s.o.Scaler.Kick()
 		s.Notify()
@@ -354,14 +359,14 @@ func (s *Server) listReservations(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "list reservations", err)
 		return
 	}
-	slots, err := s.slotMap(r.Context())
+	fleet, err := s.fleet(r.Context())
 	if err != nil {
-		s.internal(w, "list slots", err)
+		s.internal(w, "read the fleet", err)
 		return
 	}
 	out := api.ReservationList{Reservations: []api.Reservation{}}
 	for _, res := range list {
-		out.Reservations = append(out.Reservations, s.view(r.Context(), res, slots))
+		out.Reservations = append(out.Reservations, s.view(r.Context(), res, fleet))
 	}
 	writeJSON(w, http.StatusOK, out)
 }

@@ -38,13 +38,18 @@ type Store interface {
 	Slot(ctx context.Context, key scaler.SlotKey) (scaler.Slot, error)
 	Commit(ctx context.Context, c scaler.Change) error
 	Events(ctx context.Context, f store.EventFilter) ([]scaler.Event, error)
+	// Generation counts committed writes (store.DB.Generation).
+	Generation() uint64
 }
 
 // Scaler is the reconciler as the API drives it.
 type Scaler interface {
 	Kick()
+	// Reconcile runs a round that starts after the call and waits for it.
 	Reconcile(ctx context.Context) error
 	Status() scaler.RoundStatus
+	// Result returns how a round dealt with an intent (once).
+	Result(id string) (scaler.IntentResult, bool)
 }
 
 // Options configures a Server.
@@ -59,6 +64,9 @@ type Options struct {
 	HAProxy func() api.HAProxyStatus
 	// Held reports connections held for a builder, per pool (nil: none).
 	Held func() map[string]int
+	// Views is where the reconciler publishes the fleet; reads and long
+	// polls are answered from it (nil: from the store).
+	Views *scaler.Views
 }
 
 // Server serves the reservation and operator API.
@@ -66,6 +74,13 @@ type Server struct {
 	o      Options
 	notify notifier
 	mux    *http.ServeMux
+
+	// The API's own writes, by generation (Store.Generation after the
+	// write): a view older than a write does not show it, so what the
+	// write touched is read from the store until a view catches up.
+	mu        sync.Mutex
+	lastWrite uint64            // any reservation
+	written   map[string]uint64 // per reservation id
 }
 
 // New returns a server; mount Handler on a listener.
@@ -76,7 +91,10 @@ func New(o Options) *Server {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
-	s := &Server{o: o, notify: notifier{ch: make(chan struct{})}, mux: http.NewServeMux()}
+	if o.Views == nil {
+		o.Views = &scaler.Views{}
+	}
+	s := &Server{o: o, notify: notifier{ch: make(chan struct{})}, mux: http.NewServeMux(), written: map[string]uint64{}}
 	s.mux.HandleFunc("POST /v1/reservations", s.create)
 	s.mux.HandleFunc("GET /v1/reservations", s.listReservations)
 	s.mux.HandleFunc("GET /v1/reservations/{id}", s.get)

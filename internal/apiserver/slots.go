@@ -2,25 +2,15 @@ package apiserver
 
 import (
 	"context"
-	"errors"
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"net/http"
+	"time"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
-
-func (s *Server) slotMap(ctx context.Context) (map[scaler.SlotKey]scaler.Slot, error) {
-	slots, err := s.o.Store.Slots(ctx)
-	if err != nil {
-		return nil, err
-	}
-	m := make(map[scaler.SlotKey]scaler.Slot, len(slots))
-	for _, sl := range slots {
-		m[sl.Key()] = sl
-	}
-	return m, nil
-}
 
 func slotView(sl scaler.Slot, reservations int) api.Slot {
 	return api.Slot{Pool: sl.Pool, Slot: sl.Name, State: string(sl.State), InstanceID: sl.InstanceID, LaunchID: sl.LaunchID, Address: sl.Address,
@@ -29,109 +19,77 @@ func slotView(sl scaler.Slot, reservations int) api.Slot {
 }
 
 func (s *Server) slots(w http.ResponseWriter, r *http.Request) {
-	slots, err := s.o.Store.Slots(r.Context())
+	f, err := s.fleet(r.Context())
 	if err != nil {
-		s.internal(w, "list slots", err)
-		return
-	}
-	count, err := s.assignedCount(r.Context())
-	if err != nil {
-		s.internal(w, "list reservations", err)
+		s.internal(w, "read the fleet", err)
 		return
 	}
 	out := api.SlotList{Slots: []api.Slot{}}
-	for _, sl := range slots {
-		out.Slots = append(out.Slots, slotView(sl, count[sl.Key()]))
+	for _, sl := range f.Slots {
+		out.Slots = append(out.Slots, slotView(sl, f.Assigned(sl.Key())))
 	}
 	writeJSON(w, http.StatusOK, out)
 }
 
-// assignedCount counts live assigned reservations per slot.
-func (s *Server) assignedCount(ctx context.Context) (map[scaler.SlotKey]int, error) {
-	live, err := s.o.Store.LiveReservations(ctx)
-	if err != nil {
-		return nil, err
-	}
-	count := map[scaler.SlotKey]int{}
-	for _, res := range live {
-		if res.State == scaler.Assigned {
-			count[scaler.SlotKey{Pool: res.Pool, Slot: res.Slot}]++
-		}
-	}
-	return count, nil
-}
+// IntentTimeout bounds how long an operator command waits for the
+// reconciler to apply it. The intent is durable: one that is not applied in
+// time is applied by a later round, and the answer says so.
+const IntentTimeout = 30 * time.Second
 
-// operate applies an operator change to one slot.
-func (s *Server) operate(w http.ResponseWriter, r *http.Request, kind, reason string, fn func(*scaler.Slot) string) {
+// operate records an operator's intent for one slot, runs a reconcile round
+// (the reconciler is the only writer of slots) and answers with the slot as
+// that round left it, or why the reconciler refused.
+func (s *Server) operate(w http.ResponseWriter, r *http.Request, kind scaler.IntentKind, weight int) {
 	key := scaler.SlotKey{Pool: r.PathValue("pool"), Slot: r.PathValue("slot")}
-	now := s.o.Clock.Now()
-	var (
-		sl      scaler.Slot
-		readErr error  // the slot could not be read
-		refused string // why fn refused the change
-	)
-	err := scaler.RetryOnConflict(conflictAttempts, func() error {
-		if sl, readErr = s.o.Store.Slot(r.Context(), key); readErr != nil {
-			return readErr
-		}
-		if refused = fn(&sl); refused != "" {
-			return nil
-		}
-		ev := scaler.Event{At: now, Kind: kind, Pool: key.Pool, Slot: key.Slot, InstanceID: sl.InstanceID, Actor: "operator", Reason: reason}
-		return s.o.Store.Commit(r.Context(), scaler.Change{Slots: []scaler.Slot{sl}, Events: []scaler.Event{ev}})
-	})
-	switch {
-	case errors.Is(readErr, scaler.ErrNotFound):
+	f, err := s.fleet(r.Context())
+	if err != nil {
+		s.internal(w, "read the fleet", err)
+		return
+	}
+	if _, ok := f.Slot(key); !ok {
 		writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no slot %s; `autoscalerctl slots` lists them", key))
 		return
-	case readErr != nil:
-		s.internal(w, "read slot", readErr)
-		return
-	case refused != "":
-		writeError(w, http.StatusConflict, api.CodeConflict, refused)
-		return
-	case err != nil:
-		s.internal(w, kind, err)
+	}
+	in := scaler.Intent{ID: newIntentID(), Kind: kind, Pool: key.Pool, Slot: key.Slot, Weight: weight, At: s.o.Clock.Now(), Actor: "operator"}
+	if err := s.o.Store.Commit(r.Context(), scaler.Change{Intents: []scaler.Intent{in}}); err != nil {
+		s.internal(w, "record "+string(kind), err)
 		return
 	}
-	sl.Version++
-	s.o.Logger.Info("operator: slot "+kind, "slot", key, "instance", sl.InstanceID, "reason", reason)
-	s.o.Scaler.Kick()
-	count, err := s.assignedCount(r.Context())
-	if err != nil {
-		s.internal(w, "list reservations", err)
-		return
+	s.o.Logger.Info("operator: slot "+string(kind), "slot", key, "weight", weight, "intent", in.ID)
+	ctx, cancel := context.WithTimeout(r.Context(), IntentTimeout)
+	defer cancel()
+	rerr := s.o.Scaler.Reconcile(ctx)
+	res, ok := s.o.Scaler.Result(in.ID)
+	switch {
+	case !ok:
+		msg := fmt.Sprintf("%s of slot %s is recorded, and the reconciler will apply it, but it has not yet", kind, key)
+		if rerr != nil {
+			msg += ": " + rerr.Error()
+		}
+		writeError(w, http.StatusServiceUnavailable, api.CodeUnavailable, msg)
+	case res.Refused != "":
+		writeError(w, http.StatusConflict, api.CodeConflict, res.Refused)
+	default:
+		assigned := 0
+		if f, err := s.fleet(r.Context()); err == nil {
+			assigned = f.Assigned(key)
+		}
+		writeJSON(w, http.StatusOK, slotView(res.Slot, assigned))
 	}
-	writeJSON(w, http.StatusOK, slotView(sl, count[key]))
+}
+
+func newIntentID() string {
+	b := make([]byte, 12)
+	_, _ = rand.Read(b)
+	return "i-" + hex.EncodeToString(b)
 }
 
 func (s *Server) drain(w http.ResponseWriter, r *http.Request) {
-	now := s.o.Clock.Now()
-	s.operate(w, r, scaler.EvDrained, "operator", func(sl *scaler.Slot) string {
-		switch sl.State {
-		case scaler.Ready:
-			sl.State, sl.StateSince, sl.DrainReason = scaler.Draining, now, "operator"
-			return ""
-		case scaler.Draining:
-			sl.DrainReason = "operator"
-			return ""
-		}
-		return fmt.Sprintf("slot %s/%s is %s; only a ready slot can be drained", sl.Pool, sl.Name, sl.State)
-	})
+	s.operate(w, r, scaler.IntentDrain, 0)
 }
 
 func (s *Server) undrain(w http.ResponseWriter, r *http.Request) {
-	now := s.o.Clock.Now()
-	s.operate(w, r, scaler.EvUndrained, "operator", func(sl *scaler.Slot) string {
-		switch sl.State {
-		case scaler.Draining:
-			sl.State, sl.StateSince, sl.DrainReason, sl.LastActive = scaler.Ready, now, "", now
-			return ""
-		case scaler.Ready:
-			return ""
-		}
-		return fmt.Sprintf("slot %s/%s is %s; only a draining slot can be undrained", sl.Pool, sl.Name, sl.State)
-	})
+	s.operate(w, r, scaler.IntentUndrain, 0)
 }
 
 func (s *Server) weight(w http.ResponseWriter, r *http.Request) {
@@ -143,8 +101,5 @@ func (s *Server) weight(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Sprintf(`weight: required, an integer 0..%d, e.g. {"weight": 100}`, scaler.MaxWeight))
 		return
 	}
-	s.operate(w, r, scaler.EvWeight, fmt.Sprintf("weight %d", *req.Weight), func(sl *scaler.Slot) string {
-		sl.Weight = *req.Weight
-		return ""
-	})
+	s.operate(w, r, scaler.IntentWeight, *req.Weight)
 }

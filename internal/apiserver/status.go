@@ -11,16 +11,12 @@ import (
 )
 
 func (s *Server) status(w http.ResponseWriter, r *http.Request) {
-	slots, err := s.o.Store.Slots(r.Context())
+	f, err := s.fleet(r.Context())
 	if err != nil {
-		s.internal(w, "list slots", err)
+		s.internal(w, "read the fleet", err)
 		return
 	}
-	live, err := s.o.Store.LiveReservations(r.Context())
-	if err != nil {
-		s.internal(w, "list reservations", err)
-		return
-	}
+	slots, live := f.Slots, f.Reservations
 	out := api.Status{Pools: []api.PoolStatus{}, Reconcile: reconcileView(s.o.Scaler.Status())}
 	if s.o.HAProxy != nil {
 		out.HAProxy = s.o.HAProxy()

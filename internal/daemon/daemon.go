@@ -130,7 +130,7 @@ func New(ctx context.Context, cfg *config.Config, o Options) (*Daemon, error) {
 	sopts := scaler.Options{
 		Store: db, Providers: providers, Policy: Policy(cfg), Clock: o.Clock,
 		Interval: cfg.Daemon.ReconcileInterval.D(), Logger: o.Logger, Recorder: metrics.NewReconciler(o.Registry),
-		OnChange: func() { d.api.Notify() }, KickBatch: o.KickBatch,
+		KickBatch: o.KickBatch, Views: &scaler.Views{},
 	}
 	aopts := apiserver.Options{Store: db, Pools: cfg.Pools, Reservations: cfg.Reservations, Clock: o.Clock, Logger: o.Logger}
 	if cfg.HAProxy.Enabled() {
@@ -146,8 +146,8 @@ func New(ctx context.Context, cfg *config.Config, o Options) (*Daemon, error) {
 		}
 		d.spoa = spoa.New(spoa.Options{MaxJobs: maxJobs, Hold: cfg.HAProxy.Hold.D(), Kick: func() { d.rec.Kick() }, Clock: o.Clock,
 			Logger: o.Logger, Registerer: o.Registry})
-		d.agent = agentcheck.New(db, maxJobs, o.Logger, o.Registry, o.Clock)
-		sopts.OnObserved, sopts.Held = d.spoa.Update, d.spoa.Held
+		d.agent = agentcheck.New(sopts.Views, maxJobs, o.Logger, o.Registry, o.Clock)
+		sopts.OnPublish, sopts.Held = d.spoa.Update, d.spoa.Held
 		// Poll HAProxy as often as it checks builders while they settle.
 		sopts.FastInterval = min(cfg.HAProxy.CheckInterval.D(), scaler.DefaultFastInterval)
 		aopts.Held = d.spoa.Held
@@ -158,7 +158,7 @@ func New(ctx context.Context, cfg *config.Config, o Options) (*Daemon, error) {
 	}
 	sopts.Readiness = readiness
 	d.rec = scaler.New(sopts)
-	aopts.Scaler = d.rec
+	aopts.Scaler, aopts.Views = d.rec, sopts.Views
 	d.api = apiserver.New(aopts)
 	return d, nil
 }

@@ -188,6 +188,7 @@ func (db *DB) CreateReservation(ctx context.Context, r scaler.Reservation, ev sc
 	if err := tx.Commit(); err != nil {
 		return scaler.Reservation{}, false, fmt.Errorf("create reservation %s: commit: %w", r.ID, err)
 	}
+	db.gen.Add(1)
 	r.Features, _ = decodeFeatures(features)
 	r.CreatedAt = fromNanos(nanos(r.CreatedAt))
 	r.ExpiresAt = fromNanos(nanos(r.ExpiresAt))
@@ -204,7 +205,7 @@ func (db *DB) CreateReservation(ctx context.Context, r scaler.Reservation, ev sc
 // place (the slices share the caller's arrays), so the caller's copies match
 // the stored rows. The change is on disk when Commit returns.
 func (db *DB) Commit(ctx context.Context, c scaler.Change) error {
-	if len(c.Slots) == 0 && len(c.Reservations) == 0 && len(c.Events) == 0 {
+	if len(c.Slots) == 0 && len(c.Reservations) == 0 && len(c.Events) == 0 && len(c.Intents) == 0 && len(c.DoneIntents) == 0 {
 		return nil
 	}
 	tx, err := db.w.BeginTx(ctx, nil)
@@ -244,9 +245,13 @@ func (db *DB) Commit(ctx context.Context, c scaler.Change) error {
 	if err := db.insertEvents(ctx, tx, c.Events); err != nil {
 		return fmt.Errorf("commit: %w", err)
 	}
+	if err := writeIntents(ctx, tx, c.Intents, c.DoneIntents); err != nil {
+		return fmt.Errorf("commit: %w", err)
+	}
 	if err := tx.Commit(); err != nil {
 		return fmt.Errorf("commit: %w", err)
 	}
+	db.gen.Add(1)
 	for i := range c.Slots {
 		c.Slots[i].Version++
 	}

@@ -21,6 +21,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	_ "github.com/mattn/go-sqlite3" // registers the "sqlite3" driver
@@ -37,6 +38,9 @@ type DB struct {
 	path  string
 	w     *sql.DB // one connection: all writes queue here
 	r     *sql.DB // read-only pool
+	// gen counts committed writes of slots, reservations and intents (see
+	// Generation).
+	gen atomic.Uint64
 }
 
 // Option changes how Open sets up the store.

@@ -5,6 +5,7 @@ package memstore
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sort"
 	"sync"
 
@@ -16,9 +17,11 @@ import (
 // its Version is the stored one, and the stored Version then goes up by one.
 // It is safe for concurrent use.
 type Store struct {
-	mu    sync.Mutex
-	slots map[scaler.SlotKey]scaler.Slot
-	res   map[string]scaler.Reservation
+	mu      sync.Mutex
+	slots   map[scaler.SlotKey]scaler.Slot
+	res     map[string]scaler.Reservation
+	intents []scaler.Intent // oldest first
+	gen     uint64
 }
 
 // New returns a store with slot1..slotN of every pool (N = MaxBuilders),
@@ -102,13 +105,35 @@ func (m *Store) Commit(_ context.Context, c scaler.Change) error {
 			return scaler.ErrConflict
 		}
 	}
-	for _, s := range c.Slots {
-		s.Version++
-		m.slots[s.Key()] = s
+	for _, in := range c.Intents {
+		if slices.ContainsFunc(m.intents, func(x scaler.Intent) bool { return x.ID == in.ID }) || in.ID == "" {
+			return fmt.Errorf("intent %q: empty or already recorded", in.ID)
+		}
 	}
-	for _, r := range c.Reservations {
-		r.Version++
-		m.res[r.ID] = r
+	for i := range c.Slots {
+		c.Slots[i].Version++
+		m.slots[c.Slots[i].Key()] = c.Slots[i]
 	}
+	for i := range c.Reservations {
+		c.Reservations[i].Version++
+		m.res[c.Reservations[i].ID] = c.Reservations[i]
+	}
+	m.intents = append(m.intents, c.Intents...)
+	m.intents = slices.DeleteFunc(m.intents, func(x scaler.Intent) bool { return slices.Contains(c.DoneIntents, x.ID) })
+	m.gen++
 	return nil
+}
+
+// Intents returns the intents not yet done, oldest first.
+func (m *Store) Intents(context.Context) ([]scaler.Intent, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return slices.Clone(m.intents), nil
+}
+
+// Generation counts committed changes (see internal/store's Generation).
+func (m *Store) Generation() uint64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.gen
 }
