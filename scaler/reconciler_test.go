@@ -216,7 +216,9 @@ func TestIntentsAppliedPublishedThenPushed(t *testing.T) {
 	ctx := context.Background()
 	pools := []scaler.PoolPolicy{{Name: "x86", MaxBuilders: 2, ReservationsPerBuilder: 1, IdleTimeout: time.Hour,
 		DrainTimeout: time.Hour, LaunchTimeout: time.Hour, BootTimeout: time.Hour, BindTimeout: time.Hour}}
-	st := memstore.New(pools, func() scaler.Slot { return scaler.Slot{State: scaler.Empty, StateSince: t0, Weight: scaler.DefaultWeight} })
+	st := memstore.New(pools, func() scaler.Slot {
+		return scaler.Slot{State: scaler.Empty, StateSince: t0, Weight: scaler.DefaultWeight}
+	})
 	ready := func(name string) scaler.Slot {
 		s, _ := st.Slot(ctx, scaler.SlotKey{Pool: "x86", Slot: name})
 		s.State, s.InstanceID, s.Address, s.LastActive = scaler.Ready, "i-"+name, "10.0.0.1:22", t0
