@@ -46,7 +46,7 @@
 //     reply set (agent_status reads CHECKED "No status change" for an empty
 //     line, L7RSP "TCPCHK got an empty response at step 2" for no reply). An
 //     agent that fails never marks a server down. Serve relies on this when
-//     the store fails.
+//     the fleet view is not there yet (before the daemon's first round).
 package agentcheck
 
 import (
@@ -73,7 +73,7 @@ import (
 const (
 	// ReadTimeout bounds reading the identity line.
 	ReadTimeout = 2 * time.Second
-	// LookupTimeout bounds the store lookup.
+	// LookupTimeout bounds the slot lookup.
 	LookupTimeout = time.Second
 	// WriteTimeout bounds writing the reply.
 	WriteTimeout = 2 * time.Second
@@ -90,13 +90,15 @@ const (
 	ResultOK          = "ok"           // a slot's reply was sent
 	ResultUnknown     = "unknown"      // unknown pool or slot: "maint" was sent
 	ResultBadIdentity = "bad_identity" // unreadable or malformed line: "maint" was sent
-	ResultError       = "error"        // the store failed: nothing was sent
+	ResultError       = "error"        // the lookup failed (no fleet view yet): nothing was sent
 )
 
 // maint is the reply to every identity that names no slot.
 const maint = "maint"
 
-// Slots is the part of the store the responder reads. Slot returns an error
+// Slots is where the responder reads slots: the daemon passes the
+// reconciler's published fleet view (scaler.Views), so a check costs a map
+// lookup, never a database read. Slot returns an error
 // wrapping scaler.ErrNotFound for a slot that does not exist.
 type Slots interface {
 	Slot(ctx context.Context, key scaler.SlotKey) (scaler.Slot, error)
@@ -112,12 +114,12 @@ type Server struct {
 
 	readTimeout, lookupTimeout, writeTimeout time.Duration
 
-	// lastWarn (unix nanoseconds) limits store-error warnings to one per
+	// lastWarn (unix nanoseconds) limits lookup-error warnings to one per
 	// warnEvery; the others are logged at debug level.
 	lastWarn atomic.Int64
 }
 
-// warnEvery is the least time between two store-error warnings.
+// warnEvery is the least time between two lookup-error warnings.
 const warnEvery = 10 * time.Second
 
 // New returns a responder for the pools in maxJobs (pool name → the pool's
@@ -252,23 +254,23 @@ func (s *Server) answer(ctx context.Context, conn net.Conn) (string, string) {
 	}
 	if err != nil {
 		// Say nothing: HAProxy keeps the state of the last answer. "maint"
-		// would stop every builder at once on a passing store hiccup, and
-		// anything else might send traffic where the store would not.
-		s.storeError(key, err)
+		// would stop every builder at once while the daemon starts, and
+		// anything else might send traffic where the reconciler would not.
+		s.lookupError(key, err)
 		return "", ResultError
 	}
 	return Reply(slot, maxJobs), ResultOK
 }
 
-func (s *Server) storeError(key scaler.SlotKey, err error) {
+func (s *Server) lookupError(key scaler.SlotKey, err error) {
 	now := s.clock.Now().UnixNano()
 	last := s.lastWarn.Load()
 	if now-last >= int64(warnEvery) && s.lastWarn.CompareAndSwap(last, now) {
-		s.log.Warn("agent check: store lookup failed; not answering, HAProxy keeps the last state",
+		s.log.Warn("agent check: slot lookup failed; not answering, HAProxy keeps the last state",
 			"slot", key.String(), "err", err)
 		return
 	}
-	s.log.Debug("agent check: store lookup failed", "slot", key.String(), "err", err)
+	s.log.Debug("agent check: slot lookup failed", "slot", key.String(), "err", err)
 }
 
 var errLineTooLong = errors.New("identity line too long")

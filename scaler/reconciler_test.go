@@ -2,6 +2,7 @@ package scaler_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"sync"
@@ -10,6 +11,7 @@ import (
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/clock/clocktest"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/store"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/memstore"
 )
@@ -273,5 +275,76 @@ func TestIntentsAppliedPublishedThenPushed(t *testing.T) {
 	want := []string{"slot1 terminating (view: terminating)", "slot2 ready (view: ready)"}
 	if fmt.Sprint(lb.pushed) != fmt.Sprint(want) {
 		t.Errorf("pushes = %q, want %q", lb.pushed, want)
+	}
+}
+
+// flipServers is a load balancer whose one server turns healthy when told.
+type flipServers struct {
+	mu      sync.Mutex
+	key     scaler.SlotKey
+	addr    string
+	healthy bool
+	up      bool
+	calls   int
+}
+
+func (f *flipServers) Bind(context.Context, scaler.SlotKey, string) error { return nil }
+func (f *flipServers) Servers(context.Context) (map[scaler.SlotKey]scaler.ServerStatus, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls++
+	return map[scaler.SlotKey]scaler.ServerStatus{f.key: {Addr: f.addr, Healthy: f.healthy, Up: f.up}}, nil
+}
+
+// TestBindingSlotReadyOnTheBindPoll: while a slot is binding, the Run loop
+// asks the load balancer every BindPoll whether its health check passed and
+// runs a round as soon as it has, instead of waiting for the next round
+// (here an hour away). A view is published by every round; the agent check
+// reads slots from it (Views.Slot).
+func TestBindingSlotReadyOnTheBindPoll(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	pools := []scaler.PoolPolicy{{Name: "x86", MaxBuilders: 1, ReservationsPerBuilder: 1, IdleTimeout: time.Hour,
+		DrainTimeout: time.Hour, LaunchTimeout: time.Hour, BootTimeout: time.Hour, BindTimeout: time.Hour}}
+	st := memstore.New(pools, func() scaler.Slot { return scaler.Slot{State: scaler.Empty, StateSince: t0, Weight: scaler.DefaultWeight} })
+	key := scaler.SlotKey{Pool: "x86", Slot: "slot1"}
+	s, _ := st.Slot(ctx, key)
+	s.State, s.InstanceID, s.Address, s.StateSince = scaler.Binding, "i-1", "10.0.0.1:22", t0
+	if err := st.Commit(ctx, scaler.Change{Slots: []scaler.Slot{s}}); err != nil {
+		t.Fatal(err)
+	}
+	lb := &flipServers{key: key, addr: "10.0.0.1:22"}
+	clk := clocktest.New(t0)
+	views := &scaler.Views{}
+	if _, err := views.Slot(ctx, key); !errors.Is(err, scaler.ErrNoView) {
+		t.Fatalf("Views.Slot before any round = %v, want ErrNoView", err)
+	}
+	rec := scaler.New(scaler.Options{Store: st, Clock: clk, Policy: scaler.Policy{Pools: pools}, Readiness: lb, Views: views,
+		Interval: time.Hour, FastInterval: time.Hour, BindPoll: 100 * time.Millisecond, KickBatch: -1,
+		Providers: map[string]scaler.Provider{"x86": &runningProvider{ins: []scaler.Instance{
+			{ID: "i-1", Pool: "x86", Slot: "slot1", State: scaler.InstanceRunning, Address: "10.0.0.1:22"}}}}})
+	done := make(chan error, 1)
+	go func() { done <- rec.Run(ctx) }()
+	testwait.Until(t, "the first round's view", func() bool { return views.Current() != nil })
+	if sl, err := views.Slot(ctx, key); err != nil || sl.State != scaler.Binding {
+		t.Fatalf("Views.Slot after the first round = %+v, %v; want binding", sl, err)
+	}
+	if _, err := views.Slot(ctx, scaler.SlotKey{Pool: "x86", Slot: "slot9"}); !errors.Is(err, scaler.ErrNotFound) {
+		t.Errorf("Views.Slot of an unknown slot = %v, want ErrNotFound", err)
+	}
+	lb.mu.Lock()
+	lb.healthy = true
+	lb.mu.Unlock()
+	testwait.Until(t, "slot ready after a bind poll", func() bool {
+		clk.Advance(100 * time.Millisecond)
+		sl, _ := views.Slot(ctx, key)
+		return sl.State == scaler.Ready
+	})
+	if clk.Now().Sub(t0) >= time.Hour {
+		t.Errorf("became ready only after %v of the test clock; want it on a bind poll", clk.Now().Sub(t0))
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
 	}
 }

@@ -894,3 +894,60 @@ func TestWrongMethodIs405(t *testing.T) {
 		t.Fatalf("PUT /v1/reservations = %d Allow %q; want 405 Allow \"GET, POST\"", rec.Code, rec.Header().Get("Allow"))
 	}
 }
+
+// readsOf reports whether f read reservation id from the store (1) or
+// not (0).
+func (s *watchedStore) readsOf(id string, f func()) int {
+	ch := s.readOf(id)
+	f()
+	select {
+	case <-ch:
+		return 1
+	default:
+		s.mu.Lock()
+		delete(s.reads, id)
+		s.mu.Unlock()
+		return 0
+	}
+}
+
+// TestReadsComeFromTheView: once a round has published a view that holds
+// the API's last write of a reservation, reading it (the long poll's hot
+// path) costs no database read; right after a write of it (a heartbeat)
+// the view is stale for it, so the read goes to the store and shows the
+// write, until the next round's view does.
+func TestReadsComeFromTheView(t *testing.T) {
+	ts := newTestServer(t)
+	if a := ts.do("POST", "/v1/reservations", `{"id":"r1","system":"x86_64-linux"}`); a.status != http.StatusCreated {
+		t.Fatalf("create: %d %s", a.status, a.body)
+	}
+	get := func() api.Reservation {
+		t.Helper()
+		a := ts.do("GET", "/v1/reservations/r1", "")
+		if a.status != http.StatusOK {
+			t.Fatalf("get: %d %s", a.status, a.body)
+		}
+		return decodeStrict[api.Reservation](t, a)
+	}
+	if n := ts.st.readsOf("r1", func() { get() }); n != 1 {
+		t.Errorf("get right after the create, before any round: %d store reads, want 1", n)
+	}
+	// The round fails to launch (the test has no provider) after it
+	// published the view.
+	_ = ts.kicks.Reconcile(t.Context())
+	if n := ts.st.readsOf("r1", func() { get() }); n != 0 {
+		t.Errorf("get after a round published the reservation: %d store reads, want 0", n)
+	}
+	ts.clock.Advance(time.Minute)
+	if a := ts.do("POST", "/v1/reservations/r1/heartbeat", ""); a.status != http.StatusOK {
+		t.Fatalf("heartbeat: %d %s", a.status, a.body)
+	}
+	var got api.Reservation
+	if n := ts.st.readsOf("r1", func() { got = get() }); n != 1 || !got.ExpiresAt.Equal(serverT0.Add(time.Minute+10*time.Minute)) {
+		t.Errorf("get after a heartbeat the view does not have yet: %d store reads, expires %v; want 1 read and the new expiry", n, got.ExpiresAt)
+	}
+	_ = ts.kicks.Reconcile(t.Context())
+	if n := ts.st.readsOf("r1", func() { got = get() }); n != 0 || !got.ExpiresAt.Equal(serverT0.Add(11*time.Minute)) {
+		t.Errorf("get after the next round: %d store reads, expires %v; want 0 reads and the new expiry", n, got.ExpiresAt)
+	}
+}
