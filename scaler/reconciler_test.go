@@ -306,7 +306,9 @@ func TestBindingSlotReadyOnTheBindPoll(t *testing.T) {
 	defer cancel()
 	pools := []scaler.PoolPolicy{{Name: "x86", MaxBuilders: 1, ReservationsPerBuilder: 1, IdleTimeout: time.Hour,
 		DrainTimeout: time.Hour, LaunchTimeout: time.Hour, BootTimeout: time.Hour, BindTimeout: time.Hour}}
-	st := memstore.New(pools, func() scaler.Slot { return scaler.Slot{State: scaler.Empty, StateSince: t0, Weight: scaler.DefaultWeight} })
+	st := memstore.New(pools, func() scaler.Slot {
+		return scaler.Slot{State: scaler.Empty, StateSince: t0, Weight: scaler.DefaultWeight}
+	})
 	key := scaler.SlotKey{Pool: "x86", Slot: "slot1"}
 	s, _ := st.Slot(ctx, key)
 	s.State, s.InstanceID, s.Address, s.StateSince = scaler.Binding, "i-1", "10.0.0.1:22", t0
