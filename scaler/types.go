@@ -222,12 +222,13 @@ type Readiness interface {
 }
 
 // Quiescer is a Readiness that can close a slot's server to new
-// connections, leaving open ones alone, and count the sessions still open.
-// The reconciler calls it before terminating a builder Plan found drained:
-// Plan saw no session, but one may have been routed there after that
-// observation (the agent check says "drain" only at its next check, and the
-// SPOE agent routes on the view of the round before). Closed first and
-// counted after, nothing can slip in between.
+// connections, leaving open ones alone, and count the sessions still open:
+// the confirm step before a drained builder is terminated. Plan saw no
+// session, but HAProxy routes on its own between the round's observation
+// and the terminate call (a connection balanced there, or steered by a
+// SPOE answer given just before the view changed). Closed first and counted
+// after, nothing can slip in between; pushing "drain" narrows that window
+// but cannot close it.
 type Quiescer interface {
 	Quiesce(ctx context.Context, key SlotKey) (sessions int, err error)
 }
