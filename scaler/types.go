@@ -309,7 +309,7 @@ const (
 
 // Intent is a request to change a slot, recorded durably by the API and
 // applied by the reconciler, the only writer of slot rows (docs/design.md
-// §1.2). The reconciler deletes it in the commit that applies or refuses it.
+// §1.1). The reconciler deletes it in the commit that applies or refuses it.
 type Intent struct {
 	ID     string
 	Kind   IntentKind
