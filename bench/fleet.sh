@@ -83,9 +83,12 @@ BEGIN {
 	goal["round-p99-ms"] = "(goal <= 10)"
 	n = split("daemon-cpu-% round-p50-ms round-p99-ms round-max-ms round-cpu-ms haproxy-cpu-% builders-cpu-% agent-checks/s idle-rounds/min fleet-up-s", order, " ")
 }
-/^BenchmarkIdleFleet/ {
+# The figures follow the iteration count; anything printed while the
+# benchmark ran (NBA_BENCH_TRACE=1) can sit between its name and them.
+/ ns\/op/ {
+	for (k = 1; k <= NF && $k != "ns/op"; k++) ;
 	runs++
-	for (i = 3; i + 1 <= NF; i += 2) {
+	for (i = k - 1; i + 1 <= NF; i += 2) {
 		u = $(i + 1)
 		if (!(u in nv)) units[++nu] = u
 		v[u, ++nv[u]] = $i

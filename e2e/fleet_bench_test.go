@@ -62,6 +62,9 @@ const fleetSettle = 5 * time.Second
 //
 // fleet-up-s is how long the fleet took to come up, for context. No figure
 // is asserted. bench/fleet.sh runs it and takes medians over runs.
+// NBA_BENCH_TRACE=1 prints the daemon's and HAProxy's pids to stderr when
+// the idle window begins (the daemon serves no pprof; perf -p can profile
+// it).
 //
 // Everything started is stopped (by pid) when the benchmark ends. If
 // NBA_FLEET_PIDS names a file, the pid of every process started (HAProxy,
@@ -80,8 +83,12 @@ func BenchmarkIdleFleet(b *testing.B) {
 		b.Fatal(err)
 	}
 	time.Sleep(fleetSettle)
-	fmt.Fprintf(os.Stderr, "fleet: %d builders ready and UP after %v; daemon pid %d, haproxy pid %d; idle window %v\n",
-		fleetPools*fleetUp, upIn.Round(time.Second), f.daemonPID(), f.haproxyPID, window)
+	if benchTrace {
+		// Now, not in b.Log (shown when the benchmark ends), so that a
+		// profiler can be pointed at the daemon during the window.
+		fmt.Fprintf(os.Stderr, "fleet: %d builders ready and UP after %v; daemon pid %d, haproxy pid %d; idle window %v\n",
+			fleetPools*fleetUp, upIn.Round(time.Second), f.daemonPID(), f.haproxyPID, window)
+	}
 
 	var idle fleetIdle
 	var durs benchDurs
