@@ -48,7 +48,7 @@ const fleetSettle = 5 * time.Second
 // the store and every builder's server UP in HAProxy) and has settled:
 //
 //   - idle window (FLEET_IDLE, default 60s): nothing is asked of the
-//     daemon but two metrics scrapes. Figures: daemon-cpu-%, haproxy-cpu-%
+//     daemon but, at either end, a metrics scrape and a status read. Figures: daemon-cpu-%, haproxy-cpu-%
 //     and builders-cpu-% (all 128 together), each in percent of one core;
 //     agent-checks/s (the daemon's agent_checks_total, all results) and
 //     idle-rounds/min (reconcile rounds the daemon ran by itself).
