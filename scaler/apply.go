@@ -26,9 +26,10 @@ type applier struct {
 const actor = "reconciler"
 
 func (a *applier) event(kind string, act Action) Event {
-	ev := Event{At: a.now, Kind: kind, Pool: act.Pool, Slot: act.Slot, InstanceID: act.Instance,
-		ReservationID: act.Reservation, Actor: actor, Reason: act.Reason}
-	if act.Intent != "" {
+	t := act.describe()
+	ev := Event{At: a.now, Kind: kind, Pool: t.Pool, Slot: t.Slot, InstanceID: t.Instance,
+		ReservationID: t.Reservation, Actor: actor, Reason: t.Reason}
+	if t.Intent != "" {
 		// Applied by the reconciler, decided by the operator who asked.
 		ev.Actor = "operator"
 	}
@@ -115,40 +116,42 @@ func (a *applier) updateReservation(ctx context.Context, id string, fn func(*Res
 
 func (a *applier) log() *slog.Logger { return a.r.o.Logger }
 
-// apply carries out one action; each kind has its own method below.
+// apply carries out one action; each type has its own method below.
 func (a *applier) apply(ctx context.Context, act Action) error {
-	switch act.Kind {
-	case ActLaunch:
+	switch act := act.(type) {
+	case Launch:
 		return a.launch(ctx, act)
-	case ActAdopt:
+	case Adopt:
 		return a.adopt(ctx, act)
-	case ActAdvance:
+	case Advance:
 		return a.advance(ctx, act)
-	case ActBind:
+	case Bind:
 		return a.bind(ctx, act)
-	case ActTouch:
+	case Touch:
 		return a.touch(ctx, act)
-	case ActDrain:
+	case Drain:
 		return a.drain(ctx, act)
-	case ActUndrain:
+	case Undrain:
 		return a.undrain(ctx, act)
-	case ActWeight:
+	case SetWeight:
 		return a.weight(ctx, act)
-	case ActForget:
+	case Forget:
 		return a.forget(ctx, act)
-	case ActTerminate, ActRetryTerminate:
+	case Terminate:
 		return a.terminate(ctx, act)
-	case ActAssign:
+	case RetryTerminate:
+		return a.retryTerminate(ctx, act)
+	case Assign:
 		return a.assign(ctx, act)
-	case ActRequeue:
+	case Requeue:
 		return a.requeue(ctx, act)
-	case ActFail, ActExpire:
+	case EndReservation:
 		return a.end(ctx, act)
 	}
-	return fmt.Errorf("unknown action %q", act.Kind)
+	return fmt.Errorf("no applier for action %T", act)
 }
 
-func (a *applier) adopt(ctx context.Context, act Action) error {
+func (a *applier) adopt(ctx context.Context, act Adopt) error {
 	key := SlotKey{act.Pool, act.Slot}
 	_, err := a.updateSlot(ctx, key, func(s *Slot) bool {
 		switch {
@@ -167,7 +170,7 @@ func (a *applier) adopt(ctx context.Context, act Action) error {
 	return err
 }
 
-func (a *applier) advance(ctx context.Context, act Action) error {
+func (a *applier) advance(ctx context.Context, act Advance) error {
 	key := SlotKey{act.Pool, act.Slot}
 	kind := map[SlotState]string{Booting: EvBooted, Ready: EvReady, Empty: EvEmptied}[act.To]
 	var from SlotState
@@ -198,7 +201,7 @@ func (a *applier) advance(ctx context.Context, act Action) error {
 	return nil
 }
 
-func (a *applier) bind(ctx context.Context, act Action) error {
+func (a *applier) bind(ctx context.Context, act Bind) error {
 	if a.r.o.Readiness == nil {
 		return nil
 	}
@@ -237,7 +240,7 @@ func (a *applier) bind(ctx context.Context, act Action) error {
 	return nil
 }
 
-func (a *applier) touch(ctx context.Context, act Action) error {
+func (a *applier) touch(ctx context.Context, act Touch) error {
 	at := a.now
 	if !act.At.IsZero() {
 		at = act.At
@@ -252,7 +255,7 @@ func (a *applier) touch(ctx context.Context, act Action) error {
 	return err
 }
 
-func (a *applier) drain(ctx context.Context, act Action) error {
+func (a *applier) drain(ctx context.Context, act Drain) error {
 	key := SlotKey{act.Pool, act.Slot}
 	var refused string
 	s, err := a.updateSlotFor(ctx, key, act.Intent, func(s *Slot) bool {
@@ -281,7 +284,7 @@ func (a *applier) drain(ctx context.Context, act Action) error {
 	return nil
 }
 
-func (a *applier) undrain(ctx context.Context, act Action) error {
+func (a *applier) undrain(ctx context.Context, act Undrain) error {
 	key := SlotKey{act.Pool, act.Slot}
 	var refused string
 	ev := a.event(EvUndrained, act)
@@ -305,7 +308,7 @@ func (a *applier) undrain(ctx context.Context, act Action) error {
 	return nil
 }
 
-func (a *applier) weight(ctx context.Context, act Action) error {
+func (a *applier) weight(ctx context.Context, act SetWeight) error {
 	key := SlotKey{act.Pool, act.Slot}
 	s, err := a.updateSlotFor(ctx, key, act.Intent, func(s *Slot) bool {
 		if s.Weight == act.Weight {
@@ -324,7 +327,7 @@ func (a *applier) weight(ctx context.Context, act Action) error {
 
 // forget deletes an intent that changes nothing, recording why it was
 // refused (if it was).
-func (a *applier) forget(ctx context.Context, act Action) error {
+func (a *applier) forget(ctx context.Context, act Forget) error {
 	s, err := a.r.o.Store.Slot(ctx, SlotKey{act.Pool, act.Slot})
 	if err != nil && !errors.Is(err, ErrNotFound) {
 		return err
@@ -333,14 +336,14 @@ func (a *applier) forget(ctx context.Context, act Action) error {
 		return err
 	}
 	a.changed = true
-	a.result(act.Intent, IntentResult{Refused: act.Reason, Slot: s})
-	if act.Reason != "" {
-		a.log().Info("intent refused", "intent", act.Intent, "slot", SlotKey{act.Pool, act.Slot}, "reason", act.Reason)
+	a.result(act.Intent, IntentResult{Refused: act.Refused, Slot: s})
+	if act.Refused != "" {
+		a.log().Info("intent refused", "intent", act.Intent, "slot", SlotKey{act.Pool, act.Slot}, "reason", act.Refused)
 	}
 	return nil
 }
 
-func (a *applier) assign(ctx context.Context, act Action) error {
+func (a *applier) assign(ctx context.Context, act Assign) error {
 	key := SlotKey{act.Pool, act.Slot}
 	var wait time.Duration
 	ok, err := a.updateReservation(ctx, act.Reservation, func(res *Reservation) bool {
@@ -363,7 +366,7 @@ func (a *applier) assign(ctx context.Context, act Action) error {
 	return err
 }
 
-func (a *applier) requeue(ctx context.Context, act Action) error {
+func (a *applier) requeue(ctx context.Context, act Requeue) error {
 	_, err := a.updateReservation(ctx, act.Reservation, func(res *Reservation) bool {
 		if res.State != Assigned || res.Slot != act.Slot {
 			return false
@@ -375,10 +378,10 @@ func (a *applier) requeue(ctx context.Context, act Action) error {
 	return err
 }
 
-// end ends a live reservation as failed (ActFail) or expired (ActExpire).
-func (a *applier) end(ctx context.Context, act Action) error {
+// end ends a live reservation as failed or expired.
+func (a *applier) end(ctx context.Context, act EndReservation) error {
 	state, kind := Failed, EvFailed
-	if act.Kind == ActExpire {
+	if act.State == Expired {
 		state, kind = Expired, EvExpired
 	}
 	ok, err := a.updateReservation(ctx, act.Reservation, func(res *Reservation) bool {
@@ -388,7 +391,7 @@ func (a *applier) end(ctx context.Context, act Action) error {
 		res.State, res.EndedAt, res.Reason = state, a.now, act.Reason
 		return true
 	}, a.event(kind, act))
-	if ok && act.Kind == ActExpire {
+	if ok && state == Expired {
 		a.r.o.Recorder.LeaseExpired(act.Pool)
 	}
 	if ok {
@@ -411,7 +414,7 @@ func newLaunchID() string {
 	return hex.EncodeToString(b)
 }
 
-func (a *applier) launch(ctx context.Context, act Action) error {
+func (a *applier) launch(ctx context.Context, act Launch) error {
 	key := SlotKey{act.Pool, act.Slot}
 	p := a.r.o.Providers[act.Pool]
 	if p == nil {
@@ -451,14 +454,15 @@ func (a *applier) launch(ctx context.Context, act Action) error {
 	}
 	a.r.launchSucceeded(act.Pool)
 	a.r.o.Recorder.Launched(act.Pool, nil)
-	act.Instance = in.ID
+	ev := a.event(EvLaunched, act)
+	ev.InstanceID = in.ID
 	_, err = a.updateSlot(ctx, key, func(s *Slot) bool {
 		if s.LaunchID != launchID {
 			return false
 		}
 		s.InstanceID, s.InstanceType, s.Market, s.Zone = in.ID, in.Type, in.Market, in.Zone
 		return true
-	}, launchedEvent(a.event(EvLaunched, act), in))
+	}, launchedEvent(ev, in))
 	a.log().Info("builder launched", "slot", key, "instance", in.ID, "type", in.Type, "market", in.Market, "zone", in.Zone, "reason", act.Reason)
 	return err
 }
@@ -466,7 +470,7 @@ func (a *applier) launch(ctx context.Context, act Action) error {
 // quiet closes a drained builder to new connections and reports whether
 // no session is open on it, so it may be terminated (Quiescer). Without a
 // Quiescer, Plan's observation is all there is.
-func (a *applier) quiet(ctx context.Context, key SlotKey, act Action) bool {
+func (a *applier) quiet(ctx context.Context, key SlotKey, act Terminate) bool {
 	q, ok := a.r.o.Readiness.(Quiescer)
 	if !ok {
 		return true
@@ -488,13 +492,12 @@ func (a *applier) quiet(ctx context.Context, key SlotKey, act Action) bool {
 	return true
 }
 
-func (a *applier) terminate(ctx context.Context, act Action) error {
+func (a *applier) terminate(ctx context.Context, act Terminate) error {
 	key := SlotKey{act.Pool, act.Slot}
-	retry := act.Kind == ActRetryTerminate
 	if act.IfIdle && !a.quiet(ctx, key, act) {
 		return nil // the slot stays draining; a later round decides again
 	}
-	if act.Slot != "" && !retry {
+	if act.Slot != "" {
 		_, err := a.updateSlot(ctx, key, func(s *Slot) bool {
 			if s.InstanceID != act.Instance || s.State == Terminating || s.State == Empty {
 				return false
@@ -514,32 +517,45 @@ func (a *applier) terminate(ctx context.Context, act Action) error {
 		a.log().Info("slot freed", "slot", key, "reason", act.Reason)
 		return nil
 	}
-	p := a.owner[act.Instance]
-	if p == nil {
-		p = a.r.o.Providers[act.Pool]
-	}
-	if p == nil {
-		return fmt.Errorf("no provider knows instance %s", act.Instance)
-	}
 	if act.Slot == "" {
 		if err := a.r.o.Store.Commit(ctx, Change{Events: []Event{a.event(EvTerminated, act)}}); err != nil {
 			return err
 		}
 	}
-	cctx, cancel := context.WithTimeout(ctx, a.r.o.CallTimeout)
-	err := p.Terminate(cctx, act.Instance)
-	cancel()
-	if err != nil {
-		// The slot stays terminating; Plan asks again next round.
-		a.r.o.Recorder.CallFailed("terminate")
-		a.log().Error("terminate failed; will retry", "slot", key, "instance", act.Instance, "err", err)
-		return nil
-	}
-	if !retry {
+	ok, err := a.callTerminate(ctx, key, act.Instance, act.Reason)
+	if ok {
 		a.r.o.Recorder.Terminated(act.Pool, act.Cause)
 	}
-	a.log().Info("builder terminated", "slot", key, "instance", act.Instance, "reason", act.Reason)
-	return nil
+	return err
+}
+
+func (a *applier) retryTerminate(ctx context.Context, act RetryTerminate) error {
+	_, err := a.callTerminate(ctx, SlotKey{act.Pool, act.Slot}, act.Instance, act.Reason)
+	return err
+}
+
+// callTerminate asks the provider that listed the instance (or the slot's
+// pool's) to terminate it, and reports whether it did. A failed call is
+// not an error of the round: the slot stays terminating and Plan asks
+// again (RetryTerminate).
+func (a *applier) callTerminate(ctx context.Context, key SlotKey, instance, reason string) (bool, error) {
+	p := a.owner[instance]
+	if p == nil {
+		p = a.r.o.Providers[key.Pool]
+	}
+	if p == nil {
+		return false, fmt.Errorf("no provider knows instance %s", instance)
+	}
+	cctx, cancel := context.WithTimeout(ctx, a.r.o.CallTimeout)
+	err := p.Terminate(cctx, instance)
+	cancel()
+	if err != nil {
+		a.r.o.Recorder.CallFailed("terminate")
+		a.log().Error("terminate failed; will retry", "slot", key, "instance", instance, "err", err)
+		return false, nil
+	}
+	a.log().Info("builder terminated", "slot", key, "instance", instance, "reason", reason)
+	return true, nil
 }
 
 // launchedEvent records what was bought (market, type, zone) with the

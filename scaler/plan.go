@@ -1,7 +1,6 @@
 package scaler
 
 import (
-	"fmt"
 	"sort"
 	"strconv"
 	"strings"
@@ -64,91 +63,6 @@ type Observed struct {
 	// Intents are the operators' and clients' requests not applied yet,
 	// oldest first.
 	Intents []Intent
-}
-
-// ActionKind names what an Action does.
-type ActionKind string
-
-const (
-	// ActLaunch starts a builder in an empty slot.
-	ActLaunch ActionKind = "launch"
-	// ActAdopt records an instance found by the slot's launch id.
-	ActAdopt ActionKind = "adopt"
-	// ActAdvance moves a slot to state To because of what was observed.
-	ActAdvance ActionKind = "advance"
-	// ActBind writes the slot's builder address into the load balancer.
-	ActBind ActionKind = "bind"
-	// ActTouch marks a busy slot active now (idle time restarts).
-	ActTouch ActionKind = "touch"
-	// ActDrain stops new work going to a slot.
-	ActDrain ActionKind = "drain"
-	// ActUndrain takes a draining slot back into service (an intent).
-	ActUndrain ActionKind = "undrain"
-	// ActWeight sets a slot's load balancer weight to Weight (an intent).
-	ActWeight ActionKind = "weight"
-	// ActForget drops intent Intent without changing its slot: refused
-	// (Reason says why) or already true.
-	ActForget ActionKind = "forget"
-	// ActTerminate terminates a slot's instance (or an orphan instance when
-	// Slot is empty) for Cause.
-	ActTerminate ActionKind = "terminate"
-	// ActRetryTerminate asks the provider again to terminate the instance
-	// of a slot already terminating (a failed call, or one whose answer
-	// was lost); the slot and its counts do not change.
-	ActRetryTerminate ActionKind = "retry-terminate"
-	// ActAssign gives reservation Reservation the slot Slot.
-	ActAssign ActionKind = "assign"
-	// ActRequeue sends an assigned reservation back to pending.
-	ActRequeue ActionKind = "requeue"
-	// ActFail ends a reservation as failed with Reason.
-	ActFail ActionKind = "fail"
-	// ActExpire ends a reservation whose lease ran out.
-	ActExpire ActionKind = "expire"
-)
-
-// Action is one step the reconciler should take.
-type Action struct {
-	Kind        ActionKind
-	Pool        string
-	Slot        string
-	Reservation string
-	Instance    string
-	Addr        string
-	To          SlotState
-	Reason      string // for people: logs and the event log
-	// Cause, on a terminate, is why, for metrics and code to branch on.
-	Cause Cause
-	// IfIdle, on a terminate, asks the reconciler to close the builder to
-	// new connections and terminate it only if no session is open then
-	// (see Quiescer).
-	IfIdle bool
-	// Intent is the id of the intent this action applies (drain, undrain,
-	// weight, touch, forget); the reconciler deletes it in the same commit.
-	Intent string
-	// Weight, on ActWeight, is the new weight.
-	Weight int
-	// At, on a touch, is the slot's new LastActive (zero: the round's time).
-	At time.Time
-}
-
-func (a Action) String() string {
-	var b strings.Builder
-	b.WriteString(string(a.Kind))
-	for _, kv := range [][2]string{{"pool", a.Pool}, {"slot", a.Slot}, {"reservation", a.Reservation},
-		{"instance", a.Instance}, {"addr", a.Addr}, {"to", string(a.To)}, {"cause", string(a.Cause)}, {"reason", a.Reason},
-		{"if_idle", map[bool]string{true: "true"}[a.IfIdle]}, {"intent", a.Intent}, {"weight", weightString(a)}} {
-		if kv[1] != "" {
-			fmt.Fprintf(&b, " %s=%q", kv[0], kv[1])
-		}
-	}
-	return b.String()
-}
-
-func weightString(a Action) string {
-	if a.Kind != ActWeight {
-		return ""
-	}
-	return strconv.Itoa(a.Weight)
 }
 
 // Cause is why a builder is terminated, in terms code and metrics branch on
@@ -274,7 +188,7 @@ func (p *planner) setState(s *Slot, to SlotState) {
 }
 
 func (p *planner) advance(s *Slot, to SlotState, reason string) {
-	p.emit(Action{Kind: ActAdvance, Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, To: to, Reason: reason})
+	p.emit(Advance{Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, To: to, Reason: reason})
 	p.setState(s, to)
 }
 
@@ -283,7 +197,7 @@ func (p *planner) terminate(s *Slot, cause Cause, reason string) { p.stop(s, cau
 // stop terminates s's builder; with ifIdle only if it has no session once
 // closed to new ones (Action.IfIdle).
 func (p *planner) stop(s *Slot, cause Cause, reason string, ifIdle bool) {
-	p.emit(Action{Kind: ActTerminate, Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, Reason: reason, Cause: cause, IfIdle: ifIdle})
+	p.emit(Terminate{Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, Reason: reason, Cause: cause, IfIdle: ifIdle})
 	p.requeueSlot(s, reason)
 	if s.InstanceID == "" {
 		// Nothing was ever launched that we can name: the slot is free now.
@@ -294,7 +208,7 @@ func (p *planner) stop(s *Slot, cause Cause, reason string, ifIdle bool) {
 }
 
 func (p *planner) bind(s *Slot, addr string) {
-	p.emit(Action{Kind: ActBind, Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, Addr: addr})
+	p.emit(Bind{Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, Addr: addr})
 	s.Address = addr
 	if s.State == Booting {
 		p.setState(s, Binding)
@@ -302,7 +216,7 @@ func (p *planner) bind(s *Slot, addr string) {
 }
 
 func (p *planner) drain(s *Slot, reason, intent string) {
-	p.emit(Action{Kind: ActDrain, Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, Reason: reason, Intent: intent})
+	p.emit(Drain{Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, Reason: reason, Intent: intent})
 	p.setState(s, Draining)
 	s.DrainReason = reason
 }

@@ -7,11 +7,11 @@ func (p *planner) reservationDeadlines() {
 		r := &p.res[i]
 		switch {
 		case !r.ExpiresAt.IsZero() && !p.now.Before(r.ExpiresAt):
-			p.end(r, Action{Kind: ActExpire, Reason: "lease expired without heartbeat"})
+			p.end(r, Expired, "lease expired without heartbeat")
 		case r.State == Pending && p.pol.PendingTimeout > 0 && p.now.Sub(r.CreatedAt) >= p.pol.PendingTimeout:
-			p.end(r, Action{Kind: ActFail, Reason: p.pendingFailure(r)})
+			p.end(r, Failed, p.pendingFailure(r))
 		case p.poolIndex[r.Pool].Name == "":
-			p.end(r, Action{Kind: ActFail, Reason: "pool " + r.Pool + " is no longer configured"})
+			p.end(r, Failed, "pool "+r.Pool+" is no longer configured")
 		}
 	}
 }
@@ -27,9 +27,8 @@ func (p *planner) pendingFailure(r *Reservation) string {
 	return "no builder became ready within pending_timeout " + p.pol.PendingTimeout.String()
 }
 
-func (p *planner) end(r *Reservation, a Action) {
-	a.Pool, a.Slot, a.Reservation = r.Pool, r.Slot, r.ID
-	p.emit(a)
+func (p *planner) end(r *Reservation, state ReservationState, reason string) {
+	p.emit(EndReservation{Pool: r.Pool, Slot: r.Slot, Reservation: r.ID, State: state, Reason: reason})
 	p.ended[r.ID] = true
 	if r.State == Assigned {
 		p.perSlot[SlotKey{r.Pool, r.Slot}]--
@@ -40,7 +39,7 @@ func (p *planner) requeueSlot(s *Slot, reason string) {
 	for i := range p.res {
 		r := &p.res[i]
 		if r.State == Assigned && r.Pool == s.Pool && r.Slot == s.Name && !p.ended[r.ID] {
-			p.emit(Action{Kind: ActRequeue, Pool: r.Pool, Slot: r.Slot, Reservation: r.ID, Reason: reason})
+			p.emit(Requeue{Pool: r.Pool, Slot: r.Slot, Reservation: r.ID, Reason: reason})
 			r.State, r.Slot = Pending, ""
 		}
 	}
@@ -69,7 +68,7 @@ func (p *planner) assign(pp PoolPolicy) {
 			return // no room left; later reservations wait too (FIFO)
 		}
 		s := &p.slots[best]
-		p.emit(Action{Kind: ActAssign, Pool: pp.Name, Slot: s.Name, Reservation: r.ID, Instance: s.InstanceID})
+		p.emit(Assign{Pool: pp.Name, Slot: s.Name, Reservation: r.ID, Instance: s.InstanceID})
 		r.State, r.Slot = Assigned, s.Name
 		p.perSlot[s.Key()]++
 		s.LastActive = p.now

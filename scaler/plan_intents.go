@@ -20,8 +20,7 @@ func (p *planner) intents() {
 		case IntentUndrain:
 			p.undrainIntent(s, in)
 		case IntentWeight:
-			p.emit(Action{Kind: ActWeight, Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, Weight: in.Weight,
-				Reason: fmt.Sprintf("weight %d", in.Weight), Intent: in.ID})
+			p.emit(SetWeight{Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, Weight: in.Weight, Intent: in.ID})
 			s.Weight = in.Weight
 		case IntentReleased:
 			if !in.At.After(s.LastActive) {
@@ -30,7 +29,7 @@ func (p *planner) intents() {
 			}
 			// The builder's idle time counts from the release, not from
 			// the last time a round saw it busy.
-			p.emit(Action{Kind: ActTouch, Pool: s.Pool, Slot: s.Name, At: in.At, Intent: in.ID})
+			p.emit(Touch{Pool: s.Pool, Slot: s.Name, At: in.At, Intent: in.ID})
 			s.LastActive = in.At
 		default:
 			p.forget(in, fmt.Sprintf("unknown intent %q", in.Kind))
@@ -45,7 +44,7 @@ func (p *planner) drainIntent(s *Slot, in Intent) {
 	case Draining:
 		// The operator's reason replaces the policy's; the drain timeout
 		// still counts from when draining began.
-		p.emit(Action{Kind: ActDrain, Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, Reason: "operator", Intent: in.ID})
+		p.emit(Drain{Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, Reason: "operator", Intent: in.ID})
 		s.DrainReason = "operator"
 	default:
 		p.forget(in, fmt.Sprintf("slot %s is %s; only a ready slot can be drained", s.Key(), s.State))
@@ -55,7 +54,7 @@ func (p *planner) drainIntent(s *Slot, in Intent) {
 func (p *planner) undrainIntent(s *Slot, in Intent) {
 	switch s.State {
 	case Draining:
-		p.emit(Action{Kind: ActUndrain, Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, Reason: "operator", Intent: in.ID})
+		p.emit(Undrain{Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, Intent: in.ID})
 		p.setState(s, Ready)
 		s.DrainReason, s.LastActive = "", p.now
 	case Ready:
@@ -68,7 +67,7 @@ func (p *planner) undrainIntent(s *Slot, in Intent) {
 // forget drops an intent that changes nothing; refused says why it was
 // refused ("" when what it asked is already true).
 func (p *planner) forget(in Intent, refused string) {
-	p.emit(Action{Kind: ActForget, Pool: in.Pool, Slot: in.Slot, Intent: in.ID, Reason: refused})
+	p.emit(Forget{Pool: in.Pool, Slot: in.Slot, Intent: in.ID, Refused: refused})
 }
 
 // slot returns the working copy of the slot named key, or nil.

@@ -34,7 +34,7 @@ func (p *planner) instanceOf(s *Slot) (Instance, bool) {
 	}
 	p.claimed[in.ID] = true
 	s.InstanceID = in.ID
-	p.emit(Action{Kind: ActAdopt, Pool: s.Pool, Slot: s.Name, Instance: in.ID, Reason: "found by launch id"})
+	p.emit(Adopt{Pool: s.Pool, Slot: s.Name, Instance: in.ID, Reason: "found by launch id"})
 	return in, true
 }
 
@@ -168,7 +168,7 @@ func (p *planner) readySlot(v slotView) {
 	p.rebind(v)
 	busy := p.perSlot[s.Key()] > 0 || v.srv.Sessions > 0
 	if busy && p.now.Sub(s.LastActive) >= touchEvery {
-		p.emit(Action{Kind: ActTouch, Pool: s.Pool, Slot: s.Name})
+		p.emit(Touch{Pool: s.Pool, Slot: s.Name})
 		s.LastActive = p.now
 	}
 	switch {
@@ -199,6 +199,6 @@ func (p *planner) terminatingSlot(v slotView) {
 	if v.found && !v.in.State.Gone() {
 		// Terminate is idempotent; a failed call is retried here.
 		s := v.s
-		p.emit(Action{Kind: ActRetryTerminate, Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, Reason: s.DrainReason})
+		p.emit(RetryTerminate{Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, Reason: s.DrainReason})
 	}
 }

@@ -16,7 +16,7 @@ func (p *planner) orphans() {
 			continue
 		}
 		if stopped {
-			p.emit(Action{Kind: ActTerminate, Pool: in.Pool, Instance: id, Cause: CauseOrphan, Reason: "orphan: stopped outside the daemon"})
+			p.emit(Terminate{Pool: in.Pool, Instance: id, Cause: CauseOrphan, Reason: "orphan: stopped outside the daemon"})
 			continue
 		}
 		if s := p.freeSlot(in); s != nil {
@@ -24,14 +24,14 @@ func (p *planner) orphans() {
 			// lost): take it back rather than pay for a new one.
 			p.claimed[id] = true
 			s.InstanceID, s.LaunchID = in.ID, in.LaunchID
-			p.emit(Action{Kind: ActAdopt, Pool: s.Pool, Slot: s.Name, Instance: id, To: Booting, Reason: "untracked instance tagged for this free slot"})
+			p.emit(Adopt{Pool: s.Pool, Slot: s.Name, Instance: id, To: Booting, Reason: "untracked instance tagged for this free slot"})
 			p.setState(s, Booting)
 			continue
 		}
 		if p.now.Sub(in.LaunchedAt) < p.pol.OrphanGrace {
 			continue
 		}
-		p.emit(Action{Kind: ActTerminate, Pool: in.Pool, Instance: id, Cause: CauseOrphan, Reason: "orphan: no slot tracks it"})
+		p.emit(Terminate{Pool: in.Pool, Instance: id, Cause: CauseOrphan, Reason: "orphan: no slot tracks it"})
 	}
 }
 

@@ -91,7 +91,7 @@ func (p *planner) launchUpTo(pp PoolPolicy, target, active int) int {
 		if s.Pool != pp.Name || s.State != Empty || SlotNumber(s.Name) > pp.MaxBuilders {
 			continue
 		}
-		p.emit(Action{Kind: ActLaunch, Pool: pp.Name, Slot: s.Name,
+		p.emit(Launch{Pool: pp.Name, Slot: s.Name,
 			Reason: fmt.Sprintf("%d need a builder, %d builders wanted, %d active", p.demand(pp.Name), target, active)})
 		p.setState(s, Launching)
 		active++
