@@ -122,8 +122,11 @@ type Spec struct {
 	// while a builder starts; the SPOE bounds derive from it (HoldTimeouts).
 	Hold time.Duration
 	// CheckInterval (haproxy.check_interval) is the interval of the health
-	// and agent checks.
+	// checks.
 	CheckInterval time.Duration
+	// AgentInterval (haproxy.agent_interval) is the interval of the agent
+	// checks (CheckInterval when 0).
+	AgentInterval time.Duration
 	// Pools are the pools, in config order: pool i is named in problems as
 	// "pool[i]", with its name when it has one.
 	Pools []PoolSpec

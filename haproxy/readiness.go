@@ -213,11 +213,16 @@ func (r *Readiness) servers(ctx context.Context) (out map[scaler.SlotKey]scaler.
 		}
 		key := scaler.SlotKey{Pool: pool, Slot: s.Server()}
 		healthy := r.healthy(key, s)
+		status := s.Status()
 		out[key] = scaler.ServerStatus{
-			Addr:     s.Addr(),
-			Up:       serverUp(s.Status(), s.Str("check_status")) && healthy,
-			Healthy:  healthy,
-			Sessions: int(max(s.Int("scur"), 0)),
+			Addr:      s.Addr(),
+			Up:        serverUp(status, s.Str("check_status")) && healthy,
+			Healthy:   healthy,
+			Sessions:  int(max(s.Int("scur"), 0)),
+			Maint:     strings.HasPrefix(status, "MAINT"),
+			Drain:     strings.HasPrefix(status, "DRAIN"),
+			AgentDown: status == "DOWN (agent)",
+			Weight:    int(s.Int("uweight")),
 		}
 	}
 	if needAddr && len(out) > 0 {

@@ -69,9 +69,9 @@ func TestReadinessAgainstHAProxy(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := map[scaler.SlotKey]scaler.ServerStatus{
-		slot1:                        {Addr: placeholderAddr},
-		slot2:                        {Addr: placeholderAddr},
-		{Pool: "arm", Slot: "slot1"}: {Addr: placeholderAddr},
+		slot1:                        {Addr: placeholderAddr, Maint: true, Weight: 100},
+		slot2:                        {Addr: placeholderAddr, Maint: true, Weight: 100},
+		{Pool: "arm", Slot: "slot1"}: {Addr: placeholderAddr, Maint: true, Weight: 100},
 	}
 	if fmt.Sprint(servers) != fmt.Sprint(want) {
 		t.Errorf("Servers at start = %v, want %v", servers, want)

@@ -13,24 +13,36 @@ import (
 // Stat is one line of `show stat`: a frontend, backend or server of a proxy.
 // Fields are kept by their header name, because HAProxy adds columns between
 // versions (2.6.12 prints 100+ of them); a column the running HAProxy does
-// not print reads as "".
+// not print reads as "". The lines of one answer share the index of its
+// header (a map per line of 100+ columns made a reconcile round's parse
+// cost most of its time, on 256 servers).
 type Stat struct {
-	fields map[string]string
+	index map[string]int // header name → column, shared by the answer's lines
+	vals  []string
+}
+
+// field returns the named column and whether the line has it.
+func (s Stat) field(name string) (string, bool) {
+	i, ok := s.index[name]
+	if !ok || i >= len(s.vals) {
+		return "", false
+	}
+	return s.vals[i], true
 }
 
 // Str returns the named column ("" when absent or empty).
-func (s Stat) Str(name string) string { return s.fields[name] }
+func (s Stat) Str(name string) string { v, _ := s.field(name); return v }
 
 // Has reports whether the running HAProxy printed the named column.
 func (s Stat) Has(name string) bool {
-	_, ok := s.fields[name]
+	_, ok := s.field(name)
 	return ok
 }
 
 // Int returns the named column as an integer; empty, absent or non-numeric
 // columns read as 0 (HAProxy leaves counters empty where they do not apply).
 func (s Stat) Int(name string) int64 {
-	n, err := strconv.ParseInt(strings.TrimSpace(s.fields[name]), 10, 64)
+	n, err := strconv.ParseInt(strings.TrimSpace(s.Str(name)), 10, 64)
 	if err != nil {
 		return 0
 	}
@@ -38,21 +50,21 @@ func (s Stat) Int(name string) int64 {
 }
 
 // Proxy is the frontend or backend name (pxname).
-func (s Stat) Proxy() string { return s.fields["pxname"] }
+func (s Stat) Proxy() string { return s.Str("pxname") }
 
 // Server is the server name (svname), or FRONTEND / BACKEND for the proxy's
 // own lines.
-func (s Stat) Server() string { return s.fields["svname"] }
+func (s Stat) Server() string { return s.Str("svname") }
 
 // Status is HAProxy's status text: "UP", "UP 1/3", "DOWN", "DOWN 1/2",
 // "DOWN (agent)", "DRAIN", "DRAIN (agent)", "NOLB", "MAINT",
 // "MAINT (resolution)", "MAINT (via be/srv)", "no check", "OPEN", ...
-func (s Stat) Status() string { return s.fields["status"] }
+func (s Stat) Status() string { return s.Str("status") }
 
 // IsServer reports whether the line is a server (not a FRONTEND, BACKEND or
 // listener line).
 func (s Stat) IsServer() bool {
-	if t, ok := s.fields["type"]; ok && t != "" {
+	if t, ok := s.field("type"); ok && t != "" {
 		return t == "2" // 0 frontend, 1 backend, 2 server, 3 listener
 	}
 	sv := s.Server()
@@ -63,7 +75,7 @@ func (s Stat) IsServer() bool {
 // for IPv6), from the `addr` column, which HAProxy 2.6.12 prints and updates on
 // `set server addr`. It is "" for a server without an address (init-addr none:
 // "MAINT (resolution)") and for a HAProxy without the column.
-func (s Stat) Addr() string { return canonicalAddr(s.fields["addr"]) }
+func (s Stat) Addr() string { return canonicalAddr(s.Str("addr")) }
 
 // canonicalAddr writes an "ip:port" address the way Go does (netip), so it
 // compares equal to addresses formatted with net.JoinHostPort; anything else
@@ -106,10 +118,15 @@ func ParseStat(out string) ([]Stat, error) {
 	if !statHasColumn(names, "pxname") || !statHasColumn(names, "svname") {
 		return nil, fmt.Errorf("show stat: header has no pxname/svname column: %q", clipAnswer(header))
 	}
+	index := make(map[string]int, len(names))
+	for i, n := range names {
+		if _, dup := index[n]; n != "" && n != "-" && !dup {
+			index[n] = i
+		}
+	}
 	r := csv.NewReader(strings.NewReader(body))
 	r.FieldsPerRecord = -1
 	r.LazyQuotes = true
-	r.ReuseRecord = true
 	var stats []Stat
 	for {
 		rec, err := r.Read()
@@ -122,16 +139,7 @@ func ParseStat(out string) ([]Stat, error) {
 		if len(rec) == 1 && strings.TrimSpace(rec[0]) == "" {
 			continue
 		}
-		f := make(map[string]string, len(names))
-		for i, v := range rec {
-			if i >= len(names) {
-				break
-			}
-			if n := names[i]; n != "" && n != "-" {
-				f[n] = v
-			}
-		}
-		stats = append(stats, Stat{fields: f})
+		stats = append(stats, Stat{index: index, vals: rec[:min(len(rec), len(names))]})
 	}
 	return stats, nil
 }

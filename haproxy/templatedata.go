@@ -1,6 +1,7 @@
 package haproxy
 
 import (
+	"cmp"
 	"fmt"
 	"net"
 	"path/filepath"
@@ -27,6 +28,7 @@ type templateData struct {
 	Session          time.Duration // timeout client/server
 	SPOEIdle         time.Duration
 	CheckInterval    time.Duration
+	AgentInterval    time.Duration
 
 	AgentAddr string // agent-addr: where the agent-check responder is reached
 	AgentPort string
@@ -120,6 +122,7 @@ func baseTemplateData(h Spec, opts Options) *templateData {
 		Session:          SessionTimeout,
 		SPOEIdle:         SPOEIdleTimeout,
 		CheckInterval:    h.CheckInterval,
+		AgentInterval:    cmp.Or(h.AgentInterval, h.CheckInterval),
 		SPOABackend:      SPOABackend,
 		VarPrefix:        wire.VarPrefix,
 		Message:          wire.Message,

@@ -35,7 +35,7 @@ func (u upServers) Bind(context.Context, scaler.SlotKey, string) error { return 
 func (u upServers) Servers(context.Context) (map[scaler.SlotKey]scaler.ServerStatus, error) {
 	out := map[scaler.SlotKey]scaler.ServerStatus{}
 	for k, addr := range u {
-		out[k] = scaler.ServerStatus{Addr: addr, Healthy: true, Up: true}
+		out[k] = scaler.ServerStatus{Addr: addr, Healthy: true, Up: true, Weight: scaler.DefaultWeight}
 	}
 	return out, nil
 }
@@ -207,6 +207,48 @@ func (p *pushRecorder) Push(_ context.Context, s scaler.Slot) error {
 	inView, _ := p.views.Current().Slot(s.Key())
 	p.pushed = append(p.pushed, fmt.Sprintf("%s %s (view: %s)", s.Name, s.State, inView.State))
 	return nil
+}
+
+// maintServers is upServers after a HAProxy restart: every server back in
+// the maintenance of the configuration's `disabled`, its check passing.
+type maintServers struct{ pushRecorder }
+
+func (m *maintServers) Servers(ctx context.Context) (map[scaler.SlotKey]scaler.ServerStatus, error) {
+	out, _ := m.upServers.Servers(ctx)
+	for k, srv := range out {
+		srv.Up, srv.Maint = false, true
+		out[k] = srv
+	}
+	return out, nil
+}
+
+// TestRoundRepushesWhatTheLoadBalancerLost: a round that sees a ready
+// slot's server in maintenance (HAProxy restarted; or someone used the
+// runtime API) pushes the slot's state again, without waiting for the
+// agent check; an empty slot's server in maintenance is left alone.
+func TestRoundRepushesWhatTheLoadBalancerLost(t *testing.T) {
+	ctx := context.Background()
+	pools := []scaler.PoolPolicy{{Name: "x86", MaxBuilders: 2, ReservationsPerBuilder: 1, IdleTimeout: time.Hour,
+		DrainTimeout: time.Hour, LaunchTimeout: time.Hour, BootTimeout: time.Hour, BindTimeout: time.Hour}}
+	st := memstore.New(pools, func() scaler.Slot {
+		return scaler.Slot{State: scaler.Empty, StateSince: t0, Weight: scaler.DefaultWeight}
+	})
+	s, _ := st.Slot(ctx, scaler.SlotKey{Pool: "x86", Slot: "slot1"})
+	s.State, s.InstanceID, s.Address, s.LastActive = scaler.Ready, "i-slot1", "10.0.0.1:22", t0
+	if err := st.Commit(ctx, scaler.Change{Slots: []scaler.Slot{s}}); err != nil {
+		t.Fatal(err)
+	}
+	views := &scaler.Views{}
+	lb := &maintServers{pushRecorder{upServers: upServers{{Pool: "x86", Slot: "slot1"}: "10.0.0.1:22", {Pool: "x86", Slot: "slot2"}: "192.0.2.1:22"}, views: views}}
+	rec := scaler.New(scaler.Options{Store: st, Clock: clocktest.New(t0), Policy: scaler.Policy{Pools: pools}, Readiness: lb, Views: views,
+		Providers: map[string]scaler.Provider{"x86": &runningProvider{ins: []scaler.Instance{
+			{ID: "i-slot1", Pool: "x86", Slot: "slot1", State: scaler.InstanceRunning, Address: "10.0.0.1:22"}}}}})
+	if _, err := rec.ReconcileOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"slot1 ready (view: ready)"}; fmt.Sprint(lb.pushed) != fmt.Sprint(want) {
+		t.Errorf("pushes = %q, want %q", lb.pushed, want)
+	}
 }
 
 // TestIntentsAppliedPublishedThenPushed: an operator's drain and weight,

@@ -89,13 +89,23 @@ func (r *Reconciler) publish(ctx context.Context, now time.Time, gen uint64, obs
 // pushAll sets the load balancer's state of each slot whose state or weight
 // this round changed (Pusher), as the published view has it: the round's
 // last word on the slot (a slot drained and then terminated in one round is
-// pushed terminating, never drain after its quiesce). A failed push is
-// logged; the agent check brings the same state within its interval.
+// pushed terminating, never drain after its quiesce). It also confirms the
+// others: a slot whose server the round saw disagree with it (HAProxy
+// restarted or reloaded, a push was lost, someone used the runtime API) is
+// pushed again. A failed push is logged; the next round or the agent check
+// mends it.
 func (r *Reconciler) pushAll(ctx context.Context, keys []SlotKey) {
 	p, ok := r.o.Readiness.(Pusher)
 	v := r.views.Current()
 	if !ok || v == nil {
 		return
+	}
+	if v.ServersKnown {
+		for _, s := range v.Slots {
+			if srv, ok := v.Servers[s.Key()]; ok && !srv.Agrees(s) {
+				keys = append(keys, s.Key())
+			}
+		}
 	}
 	done := map[SlotKey]bool{}
 	for _, k := range keys {

@@ -211,6 +211,27 @@ type ServerStatus struct {
 	// held down or in maintenance by the agent).
 	Up       bool
 	Sessions int // open connections
+	// The admin side, as far as the load balancer reports it (a Pusher
+	// does): in maintenance, draining, held down by its agent, and its
+	// weight. A round re-pushes a slot whose server disagrees with it.
+	Maint, Drain, AgentDown bool
+	Weight                  int
+}
+
+// Agrees reports whether the load balancer's server is in the admin state
+// and weight that slot s's state asks for (what Pusher.Push sets and the
+// agent check answers). Health is not compared: a ready builder that fails
+// its check is the check's business, not a push's.
+func (srv ServerStatus) Agrees(s Slot) bool {
+	switch s.State {
+	case Binding:
+		return !srv.Maint && !srv.Drain
+	case Ready:
+		return !srv.Maint && !srv.Drain && !srv.AgentDown && srv.Weight == min(max(s.Weight, 0), MaxWeight)
+	case Draining:
+		return srv.Drain || srv.Maint // in maintenance: quiesced before terminating
+	}
+	return srv.Maint
 }
 
 // Readiness binds builder addresses into the load balancer and reports which

@@ -172,6 +172,12 @@ type HAProxy struct {
 	SPOAListen    string   `toml:"spoa_listen"`
 	Hold          Duration `toml:"hold"`
 	CheckInterval Duration `toml:"check_interval"`
+	// AgentInterval is how often HAProxy asks the agent-check responder
+	// for each server's state. The daemon pushes every change through the
+	// runtime API at once and re-pushes what HAProxy shows differently, so
+	// the agent only restores state after a reload, restart or lost push;
+	// each of its checks costs the daemon a connection.
+	AgentInterval Duration `toml:"agent_interval"`
 	StatsListen   string   `toml:"stats_listen"`
 	StateFile     string   `toml:"state_file"`
 	Timeout       Duration `toml:"timeout"`
@@ -199,6 +205,7 @@ func (c *Config) HAProxySpec() haproxy.Spec {
 		StatsListen:   h.StatsListen,
 		Hold:          h.Hold.D(),
 		CheckInterval: h.CheckInterval.D(),
+		AgentInterval: h.AgentInterval.D(),
 	}
 	for _, p := range c.Pools {
 		s.Pools = append(s.Pools, haproxy.PoolSpec{
@@ -238,6 +245,7 @@ func Default() Config {
 			SPOAListen:    "127.0.0.1:12345",
 			Hold:          NewDuration(3 * time.Minute),
 			CheckInterval: NewDuration(time.Second),
+			AgentInterval: NewDuration(5 * time.Second),
 			StatsListen:   "127.0.0.1:8404",
 			StateFile:     "/var/lib/haproxy/nix-builder-autoscaler.state",
 			Timeout:       NewDuration(5 * time.Second),
