@@ -478,8 +478,8 @@ func benchReadLine(c net.Conn, buf []byte) (int, error) {
 // Figures, each from reachable, p50 and max over the iterations:
 // check (the first passing health check after a failing one on the new
 // address), slot (the store says ready), res (the reservation's long poll
-// answered ready), up (HAProxy's server status UP: the agent check said
-// ready), served (the banner came through the frontend); boot is creation →
+// answered ready), up (HAProxy's server status UP: the reconciler pushed
+// it, or the agent check said ready), served (the banner came through the frontend); boot is creation →
 // reachable; ready-before-reachable counts the iterations whose slot was
 // ready before the builder was reachable. NBA_BENCH_TRACE=1 prints each
 // iteration's show stat timeline to stderr.
@@ -564,6 +564,7 @@ cat %[2]s/{{.InstanceID}}.addr`, binary, hook)
 			d = append(d, f(x))
 		}
 		b.ReportMetric(benchMS(d.pct(0.5)), name+"-p50-ms")
+		b.ReportMetric(benchMS(d.pct(0.99)), name+"-p99-ms")
 		b.ReportMetric(benchMS(d.max()), name+"-max-ms")
 	}
 	report("boot", func(x benchReachSample) time.Duration { return x.boot })

@@ -228,11 +228,7 @@ func (m *maintServers) Servers(ctx context.Context) (map[scaler.SlotKey]scaler.S
 // agent check; an empty slot's server in maintenance is left alone.
 func TestRoundRepushesWhatTheLoadBalancerLost(t *testing.T) {
 	ctx := context.Background()
-	pools := []scaler.PoolPolicy{{Name: "x86", MaxBuilders: 2, ReservationsPerBuilder: 1, IdleTimeout: time.Hour,
-		DrainTimeout: time.Hour, LaunchTimeout: time.Hour, BootTimeout: time.Hour, BindTimeout: time.Hour}}
-	st := memstore.New(pools, func() scaler.Slot {
-		return scaler.Slot{State: scaler.Empty, StateSince: t0, Weight: scaler.DefaultWeight}
-	})
+	pools, st := emptyFleet(2)
 	s, _ := st.Slot(ctx, scaler.SlotKey{Pool: "x86", Slot: "slot1"})
 	s.State, s.InstanceID, s.Address, s.LastActive = scaler.Ready, "i-slot1", "10.0.0.1:22", t0
 	if err := st.Commit(ctx, scaler.Change{Slots: []scaler.Slot{s}}); err != nil {
@@ -258,11 +254,7 @@ func TestRoundRepushesWhatTheLoadBalancerLost(t *testing.T) {
 // agent check answering from the view in between must not undo the push).
 func TestIntentsAppliedPublishedThenPushed(t *testing.T) {
 	ctx := context.Background()
-	pools := []scaler.PoolPolicy{{Name: "x86", MaxBuilders: 2, ReservationsPerBuilder: 1, IdleTimeout: time.Hour,
-		DrainTimeout: time.Hour, LaunchTimeout: time.Hour, BootTimeout: time.Hour, BindTimeout: time.Hour}}
-	st := memstore.New(pools, func() scaler.Slot {
-		return scaler.Slot{State: scaler.Empty, StateSince: t0, Weight: scaler.DefaultWeight}
-	})
+	pools, st := emptyFleet(2)
 	ready := func(name string) scaler.Slot {
 		s, _ := st.Slot(ctx, scaler.SlotKey{Pool: "x86", Slot: name})
 		s.State, s.InstanceID, s.Address, s.LastActive = scaler.Ready, "i-"+name, "10.0.0.1:22", t0
@@ -346,11 +338,7 @@ func (f *flipServers) Servers(context.Context) (map[scaler.SlotKey]scaler.Server
 func TestBindingSlotReadyOnTheBindPoll(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	pools := []scaler.PoolPolicy{{Name: "x86", MaxBuilders: 1, ReservationsPerBuilder: 1, IdleTimeout: time.Hour,
-		DrainTimeout: time.Hour, LaunchTimeout: time.Hour, BootTimeout: time.Hour, BindTimeout: time.Hour}}
-	st := memstore.New(pools, func() scaler.Slot {
-		return scaler.Slot{State: scaler.Empty, StateSince: t0, Weight: scaler.DefaultWeight}
-	})
+	pools, st := emptyFleet(1)
 	key := scaler.SlotKey{Pool: "x86", Slot: "slot1"}
 	s, _ := st.Slot(ctx, key)
 	s.State, s.InstanceID, s.Address, s.StateSince = scaler.Binding, "i-1", "10.0.0.1:22", t0
@@ -391,4 +379,14 @@ func TestBindingSlotReadyOnTheBindPoll(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
+}
+
+// emptyFleet is pool x86 of n empty slots, with hour-long timeouts, in an
+// in-memory store.
+func emptyFleet(n int) ([]scaler.PoolPolicy, *memstore.Store) {
+	pools := []scaler.PoolPolicy{{Name: "x86", MaxBuilders: n, ReservationsPerBuilder: 1, IdleTimeout: time.Hour,
+		DrainTimeout: time.Hour, LaunchTimeout: time.Hour, BootTimeout: time.Hour, BindTimeout: time.Hour}}
+	return pools, memstore.New(pools, func() scaler.Slot {
+		return scaler.Slot{State: scaler.Empty, StateSince: t0, Weight: scaler.DefaultWeight}
+	})
 }
