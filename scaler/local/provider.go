@@ -108,6 +108,11 @@ type Provider struct {
 	launching   map[string]bool
 	terminating map[string]bool
 	locks       map[string]*instanceLock
+
+	// cache holds each record as last read, with the file's identity then
+	// (see readRecord); every List reads them all.
+	cacheMu sync.Mutex
+	cache   map[string]cachedRecord
 }
 
 var _ scaler.Provider = (*Provider)(nil)

@@ -2,6 +2,7 @@ package local
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -619,5 +620,61 @@ func TestConcurrentUse(t *testing.T) {
 		if inst.State != scaler.InstanceTerminated || inst.StateReason != ReasonRequested {
 			t.Errorf("List: got %+v, want terminated by request", inst)
 		}
+	}
+}
+
+// TestListSeesRecordsChangedBehindItsBack: List keeps records it has read,
+// but a record file changed since, by another provider (a second daemon
+// process, an operator's edit in place or by rename), is read again.
+func TestListSeesRecordsChangedBehindItsBack(t *testing.T) {
+	t.Parallel()
+	opts := standinOptions(t, "c1", t.TempDir(), nil)
+	opts.Clock = newFakeClock()
+	p := newProvider(t, opts)
+	id, err := newID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := record{ID: id, Cluster: "c1", Pool: "x86", Slot: "slot1", LaunchID: "l-" + id, Type: "local", Market: "local",
+		Mode: modeHook, Address: "127.0.0.1:22", LaunchedAt: opts.Clock.Now().Add(-time.Hour)}
+	if err := p.writeRecord(r); err != nil {
+		t.Fatal(err)
+	}
+	addrOf := func() string {
+		t.Helper()
+		got, ok := findInstance(t, mustList(t, p), id)
+		if !ok {
+			t.Fatalf("instance %s not listed", id)
+		}
+		return got.Address
+	}
+	if got := addrOf(); got != "127.0.0.1:22" {
+		t.Fatalf("address %q, want 127.0.0.1:22", got)
+	}
+	// Another provider on the same state directory replaces it (rename).
+	other := newProvider(t, opts)
+	r.Address = "127.0.0.2:22"
+	if err := other.writeRecord(r); err != nil {
+		t.Fatal(err)
+	}
+	if got := addrOf(); got != "127.0.0.2:22" {
+		t.Errorf("after a rename by another provider: address %q, want 127.0.0.2:22", got)
+	}
+	// An edit in place, to a record of another length.
+	b, err := os.ReadFile(p.recordPath(id))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b = bytes.Replace(b, []byte(`"127.0.0.2:22"`), []byte(`"127.0.0.33:2222"`), 1)
+	f, err := os.OpenFile(p.recordPath(id), os.O_WRONLY|os.O_TRUNC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Write(b); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if got := addrOf(); got != "127.0.0.33:2222" {
+		t.Errorf("after an edit in place: address %q, want 127.0.0.33:2222", got)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -43,8 +44,38 @@ func (p *Provider) recordPath(id string) string { return filepath.Join(p.dir, id
 func (p *Provider) addrPath(id string) string   { return filepath.Join(p.dir, id+".addr") }
 func (p *Provider) logPath(id string) string    { return filepath.Join(p.dir, id+".log") }
 
+// cachedRecord is a record as read from a file with this identity: a
+// record is replaced by rename (writeFileAtomic), which gives it a new
+// inode, and any other edit changes its size or mtime.
+type cachedRecord struct {
+	rec   record
+	ino   uint64
+	size  int64
+	mtime time.Time
+}
+
+// readRecord reads instance id's record. A file unchanged since it was last
+// read (same inode, size and mtime: one lstat) is not read and decoded
+// again: List reads every record every round, and with a hundred builders
+// that was most of a round's time.
 func (p *Provider) readRecord(id string) (record, error) {
-	b, err := os.ReadFile(p.recordPath(id))
+	path := p.recordPath(id)
+	fi, err := os.Lstat(path)
+	if err != nil {
+		p.forget(id)
+		return record{}, err
+	}
+	var ino uint64
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		ino = st.Ino
+	}
+	p.cacheMu.Lock()
+	c, ok := p.cache[id]
+	p.cacheMu.Unlock()
+	if ok && ino != 0 && c.ino == ino && c.size == fi.Size() && c.mtime.Equal(fi.ModTime()) {
+		return c.rec, nil
+	}
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return record{}, err
 	}
@@ -55,7 +86,20 @@ func (p *Provider) readRecord(id string) (record, error) {
 	if r.ID != id {
 		return record{}, fmt.Errorf("record %s: holds id %q", id, r.ID)
 	}
+	p.cacheMu.Lock()
+	if p.cache == nil {
+		p.cache = map[string]cachedRecord{}
+	}
+	p.cache[id] = cachedRecord{rec: r, ino: ino, size: fi.Size(), mtime: fi.ModTime()}
+	p.cacheMu.Unlock()
 	return r, nil
+}
+
+// forget drops the cached record of id.
+func (p *Provider) forget(id string) {
+	p.cacheMu.Lock()
+	delete(p.cache, id)
+	p.cacheMu.Unlock()
 }
 
 func (p *Provider) writeRecord(r record) error {
@@ -63,10 +107,12 @@ func (p *Provider) writeRecord(r record) error {
 	if err != nil {
 		return err
 	}
+	p.forget(r.ID)
 	return writeFileAtomic(p.recordPath(r.ID), append(b, '\n'), 0o640)
 }
 
 func (p *Provider) deleteRecord(id string) {
+	p.forget(id)
 	for _, path := range []string{p.addrPath(id), p.logPath(id), p.recordPath(id)} {
 		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			p.log.Warn("local provider: cannot delete", "file", path, "err", err)
