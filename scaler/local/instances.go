@@ -266,7 +266,7 @@ func (p *Provider) observe(r *record, now time.Time) (inst scaler.Instance, keep
 		state = scaler.InstancePending
 	case r.PID == 0:
 		state, reason = scaler.InstanceTerminated, "process never started"
-	case inspect(r.PID, r.Marker) != procAlive:
+	case !p.alive(r):
 		state, reason = scaler.InstanceTerminated, ReasonExited
 	case r.Address == "":
 		// The daemon may have stopped before it read the address file.
@@ -291,6 +291,22 @@ func (p *Provider) observe(r *record, now time.Time) (inst scaler.Instance, keep
 	inst = r.instance()
 	inst.State = state
 	return inst, true
+}
+
+// alive reports whether r's stand-in process runs. A child of this process
+// is known by its exit channel; another's (started before a daemon restart)
+// is looked up by pid and marker. It runs with p.mu held.
+func (p *Provider) alive(r *record) bool {
+	if exited, ok := p.children[r.ID]; ok {
+		select {
+		case <-exited:
+			delete(p.children, r.ID)
+			return false
+		default:
+			return true
+		}
+	}
+	return inspect(r.PID, r.Marker) == procAlive
 }
 
 func (r record) instance() scaler.Instance {

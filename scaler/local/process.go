@@ -55,6 +55,9 @@ func (p *Provider) launchStandin(ctx context.Context, r *record, pl pool) (err e
 		_ = cmd.Wait()
 		close(exited)
 	}()
+	p.mu.Lock()
+	p.children[r.ID] = exited
+	p.mu.Unlock()
 
 	defer func() {
 		if err == nil {

@@ -108,6 +108,10 @@ type Provider struct {
 	launching   map[string]bool
 	terminating map[string]bool
 	locks       map[string]*instanceLock
+	// children are the stand-ins this process started, by instance id:
+	// each channel is closed when its process has exited and been reaped,
+	// so List knows them alive without looking in /proc.
+	children map[string]<-chan struct{}
 
 	// cache holds each record as last read, with the file's identity then
 	// (see readRecord); every List reads them all.
@@ -140,6 +144,7 @@ func New(opts Options) (*Provider, error) {
 		clock:       opts.Clock,
 		launching:   map[string]bool{},
 		terminating: map[string]bool{},
+		children:    map[string]<-chan struct{}{},
 		locks:       map[string]*instanceLock{},
 	}
 	if p.log == nil {

@@ -678,3 +678,37 @@ func TestListSeesRecordsChangedBehindItsBack(t *testing.T) {
 		t.Errorf("after an edit in place: address %q, want 127.0.0.33:2222", got)
 	}
 }
+
+// TestCrashedStandinListedTerminated: a stand-in that dies on its own (a
+// crashed builder) is listed terminated, with ReasonExited, by the provider
+// that started it (which learns it from the reaped child, not /proc) and by
+// another one on the same state directory.
+func TestCrashedStandinListedTerminated(t *testing.T) {
+	t.Parallel()
+	opts := standinOptions(t, "c1", t.TempDir(), nil)
+	opts.Clock = newFakeClock()
+	p := newProvider(t, opts)
+	inst := launch(t, context.Background(), p, scaler.LaunchRequest{Pool: "x86", Slot: "slot1", LaunchID: "launch-1"})
+	r, err := p.readRecord(inst.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := findInstance(t, mustList(t, p), inst.ID); got.State != scaler.InstanceRunning {
+		t.Fatalf("before the crash: %s, want running", got.State)
+	}
+	if err := syscall.Kill(r.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	other := newProvider(t, opts)
+	var got scaler.Instance
+	testwait.Until(t, "the crashed stand-in listed terminated", func() bool {
+		got, _ = findInstance(t, mustList(t, p), inst.ID)
+		return got.State == scaler.InstanceTerminated
+	})
+	if got.StateReason != ReasonExited {
+		t.Errorf("reason %q, want %q", got.StateReason, ReasonExited)
+	}
+	if o, _ := findInstance(t, mustList(t, other), inst.ID); o.State != scaler.InstanceTerminated {
+		t.Errorf("another provider lists it %s, want terminated", o.State)
+	}
+}
