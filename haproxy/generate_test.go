@@ -57,7 +57,7 @@ func goldenSpec(t *testing.T, name string) *Spec {
 			StatsListen:   "127.0.0.1:8404",
 			Hold:          3 * time.Minute,
 			CheckInterval: time.Second,
-			AgentInterval: 5 * time.Second,
+			AgentInterval: 10 * time.Second,
 			Pools:         []PoolSpec{{Name: "x86", Frontend: "0.0.0.0:2222", MaxBuilders: 3, MaxJobs: 2}},
 		}
 	case "two-pools":
@@ -72,7 +72,7 @@ func goldenSpec(t *testing.T, name string) *Spec {
 			StatsListen:   "127.0.0.1:8405",
 			Hold:          5 * time.Minute,
 			CheckInterval: 2 * time.Second,
-			AgentInterval: 5 * time.Second,
+			AgentInterval: 10 * time.Second,
 			Pools: []PoolSpec{
 				{Name: "x86", Frontend: "0.0.0.0:2222", MaxBuilders: 4, MaxJobs: 4},
 				{Name: "arm", Frontend: "[::]:2223", MaxBuilders: 2, MaxJobs: 1},
@@ -161,7 +161,7 @@ func TestGenerateContract(t *testing.T) {
 		"use-server %[var(sess.nba.slot)] if { var(sess.nba.slot) -m found }\n",
 		"tcp-check expect rstring ^SSH-2\\.0-\n",
 		// 0.0.0.0 (listen everywhere) is reached on loopback.
-		"agent-addr 127.0.0.1 agent-port 5600 agent-inter 5s maxconn 4 weight 100\n",
+		"agent-addr 127.0.0.1 agent-port 5600 agent-inter 10s maxconn 4 weight 100\n",
 		`    server slot4 ` + PlaceholderHost + `:22 init-addr last,` + Placeholder + ` disabled agent-send "x86/slot4\n"` + "\n",
 		`    server slot2 ` + PlaceholderHost + `:22 init-addr last,` + Placeholder + ` disabled agent-send "arm/slot2\n"` + "\n",
 		"backend " + SPOABackend + "\n",

@@ -127,7 +127,12 @@ func ParseStat(out string) ([]Stat, error) {
 	r := csv.NewReader(strings.NewReader(body))
 	r.FieldsPerRecord = -1
 	r.LazyQuotes = true
+	r.ReuseRecord = true
 	var stats []Stat
+	// Each line's fields are substrings of one string csv makes for the
+	// line; copying the slice headers into one array for the whole answer
+	// keeps the per-line garbage at that string.
+	var all []string
 	for {
 		rec, err := r.Read()
 		if err == io.EOF {
@@ -139,7 +144,10 @@ func ParseStat(out string) ([]Stat, error) {
 		if len(rec) == 1 && strings.TrimSpace(rec[0]) == "" {
 			continue
 		}
-		stats = append(stats, Stat{index: index, vals: rec[:min(len(rec), len(names))]})
+		n := min(len(rec), len(names))
+		start := len(all)
+		all = append(all, rec[:n]...)
+		stats = append(stats, Stat{index: index, vals: all[start : start+n : start+n]})
 	}
 	return stats, nil
 }

@@ -245,7 +245,7 @@ func Default() Config {
 			SPOAListen:    "127.0.0.1:12345",
 			Hold:          NewDuration(3 * time.Minute),
 			CheckInterval: NewDuration(time.Second),
-			AgentInterval: NewDuration(5 * time.Second),
+			AgentInterval: NewDuration(10 * time.Second),
 			StatsListen:   "127.0.0.1:8404",
 			StateFile:     "/var/lib/haproxy/nix-builder-autoscaler.state",
 			Timeout:       NewDuration(5 * time.Second),

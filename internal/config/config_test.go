@@ -183,7 +183,7 @@ func fullWant() Config {
 			SPOAListen:    "127.0.0.1:12400",
 			Hold:          d("5m"),
 			CheckInterval: d("2s"),
-			AgentInterval: d("5s"),
+			AgentInterval: d("10s"),
 			StatsListen:   "127.0.0.1:8405",
 			StateFile:     "/var/lib/haproxy/nba.state",
 			Timeout:       d("3s"),
@@ -746,7 +746,7 @@ provider = "local"
 		StatsListen:   "",
 		Hold:          5 * time.Minute,
 		CheckInterval: 2 * time.Second,
-		AgentInterval: 5 * time.Second,
+		AgentInterval: 10 * time.Second,
 		Pools: []haproxy.PoolSpec{
 			{Name: "x86", Frontend: "0.0.0.0:2222", MaxBuilders: 4, MaxJobs: 3},
 			{Name: "arm", Frontend: "[::]:2223", MaxBuilders: 2, MaxJobs: 1},

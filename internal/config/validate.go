@@ -135,7 +135,7 @@ func (v *validator) haproxy(h HAProxy) {
 	if v.duration(p+"check_interval", h.CheckInterval, "1s") && h.CheckInterval.D() < 100*time.Millisecond {
 		v.add(p+"check_interval", "%q is too short; use at least 100ms", h.CheckInterval)
 	}
-	if v.duration(p+"agent_interval", h.AgentInterval, "5s") && h.AgentInterval.D() < 100*time.Millisecond {
+	if v.duration(p+"agent_interval", h.AgentInterval, "10s") && h.AgentInterval.D() < 100*time.Millisecond {
 		v.add(p+"agent_interval", "%q is too short; use at least 100ms", h.AgentInterval)
 	}
 	v.duration(p+"timeout", h.Timeout, "5s")

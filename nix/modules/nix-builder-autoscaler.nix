@@ -232,7 +232,7 @@ let
           spoa_listen = opt hostPort "127.0.0.1:12345" "Where the SPOE agent listens (keep it on loopback).";
           hold = opt duration "3m" "How long a connection is held while a builder starts for it.";
           check_interval = opt duration "1s" "How often HAProxy checks each server.";
-          agent_interval = opt duration "5s" "How often HAProxy asks the daemon's agent for each server's state (the daemon pushes changes at once; the agent restores state after a reload).";
+          agent_interval = opt duration "10s" "How often HAProxy asks the daemon's agent for each server's state (the daemon pushes changes at once; the agent restores state after a reload).";
           stats_listen = opt hostPortOrEmpty "127.0.0.1:8404" ''Where the stats page is served; "" leaves it out.'';
           state_file = opt absolutePath "/var/lib/haproxy/nix-builder-autoscaler.state" "HAProxy's server-state-file.";
           timeout = opt duration "5s" "How long one runtime-API call may take.";
