@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -373,6 +374,32 @@ func FuzzParseStat(f *testing.F) {
 		stats, err := ParseStat(in)
 		if err != nil {
 			return
+		}
+		// The fast path (no quotes, no CR) reads what encoding/csv reads.
+		if header, body, err := splitHeader(in, "show stat", 0); err == nil && !strings.ContainsAny(body, "\"\r") {
+			names, _ := readCSVLine(header)
+			for i := range names {
+				names[i] = strings.TrimSpace(names[i])
+			}
+			index := map[string]int{}
+			for i, n := range names {
+				if _, dup := index[n]; !dup {
+					index[n] = i
+				}
+			}
+			fast := splitStat(body, names, index)
+			slow, err := csvStat(body, names, index)
+			if err != nil {
+				t.Fatalf("csv failed where the fast path did not: %v", err)
+			}
+			if len(fast) != len(slow) {
+				t.Fatalf("fast path: %d lines, csv: %d", len(fast), len(slow))
+			}
+			for i := range fast {
+				if !slices.Equal(fast[i].vals, slow[i].vals) {
+					t.Fatalf("line %d: fast %q, csv %q", i, fast[i].vals, slow[i].vals)
+				}
+			}
 		}
 		for _, s := range stats {
 			_, _, _, _, _ = s.Proxy(), s.Server(), s.Status(), s.Addr(), s.IsServer()
