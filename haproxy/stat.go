@@ -18,16 +18,48 @@ import (
 // cost most of its time, on 256 servers).
 type Stat struct {
 	index map[string]int // header name → column, shared by the answer's lines
-	vals  []string
+	// Either the line's fields (read as CSV), or the line and where each
+	// of its fields ends (split at commas): offsets hold no pointers, so
+	// hundreds of lines of 100+ columns give the collector nothing to scan.
+	vals []string
+	line string
+	ends []int32
 }
 
 // field returns the named column and whether the line has it.
 func (s Stat) field(name string) (string, bool) {
 	i, ok := s.index[name]
-	if !ok || i >= len(s.vals) {
+	if !ok {
 		return "", false
 	}
-	return s.vals[i], true
+	if s.ends == nil {
+		if i >= len(s.vals) {
+			return "", false
+		}
+		return s.vals[i], true
+	}
+	if i >= len(s.ends) {
+		return "", false
+	}
+	start := 0
+	if i > 0 {
+		start = int(s.ends[i-1]) + 1
+	}
+	return s.line[start:s.ends[i]], true
+}
+
+// fields returns every field of the line.
+func (s Stat) fields() []string {
+	if s.ends == nil {
+		return s.vals
+	}
+	out := make([]string, len(s.ends))
+	start := 0
+	for i, e := range s.ends {
+		out[i] = s.line[start:e]
+		start = int(e) + 1
+	}
+	return out
 }
 
 // Str returns the named column ("" when absent or empty).
@@ -161,25 +193,29 @@ func csvStat(body string, names []string, index map[string]int) ([]Stat, error) 
 }
 
 // splitStat is ParseStat's body without quotes or carriage returns, which
-// is what HAProxy prints unless a description holds a comma: every field is
-// a substring of body, split at commas, with no copy. The reconciler reads
-// show stat every round, and with hundreds of servers encoding/csv was a
-// large part of a round's CPU.
+// is what HAProxy prints unless a description holds a comma: each line is
+// kept as a substring of body with the offsets of its commas, so nothing is
+// copied. The reconciler reads show stat every round, and with hundreds of
+// servers encoding/csv, and the garbage of its field strings, was a large
+// part of a round's CPU.
 func splitStat(body string, names []string, index map[string]int) []Stat {
 	var stats []Stat
-	all := make([]string, 0, strings.Count(body, ",")+strings.Count(body, "\n")+1)
+	ends := make([]int32, 0, strings.Count(body, ",")+strings.Count(body, "\n")+1)
 	for line := range strings.SplitSeq(body, "\n") {
 		if strings.TrimSpace(line) == "" {
 			continue
 		}
-		start := len(all)
-		for f := range strings.SplitSeq(line, ",") {
-			if len(all)-start == len(names) {
+		start, pos := len(ends), 0
+		for len(ends)-start < len(names) {
+			j := strings.IndexByte(line[pos:], ',')
+			if j < 0 {
+				ends = append(ends, int32(len(line)))
 				break
 			}
-			all = append(all, f)
+			ends = append(ends, int32(pos+j))
+			pos += j + 1
 		}
-		stats = append(stats, Stat{index: index, vals: all[start:len(all):len(all)]})
+		stats = append(stats, Stat{index: index, line: line, ends: ends[start:len(ends):len(ends)]})
 	}
 	return stats
 }
