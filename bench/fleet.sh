@@ -7,7 +7,8 @@
 #   OUT=dir bench/fleet.sh summary       only summarise earlier raw output
 #
 # Environment: COUNT (default 3), FLEET_IDLE (the idle window, 60s),
-# FLEET_ROUNDS (forced reconcile rounds, 200), OUT (directory for the raw
+# FLEET_ROUNDS (forced reconcile rounds, 200), FLEET_ROUND_GAP (time between
+# them, 100ms), OUT (directory for the raw
 # output; default a new temporary directory).
 set -euo pipefail
 
@@ -48,7 +49,7 @@ if [ "${1:-}" != summary ]; then
 	{
 		echo "# $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 		echo "# cores $(nproc), ulimit -n $(ulimit -n), $(haproxy -v | head -1), $(go version)"
-		echo "# COUNT=$COUNT FLEET_IDLE=${FLEET_IDLE:-60s} FLEET_ROUNDS=${FLEET_ROUNDS:-200}"
+		echo "# COUNT=$COUNT FLEET_IDLE=${FLEET_IDLE:-60s} FLEET_ROUNDS=${FLEET_ROUNDS:-200} FLEET_ROUND_GAP=${FLEET_ROUND_GAP:-100ms}"
 	} >"$OUT/fleet.txt"
 	echo "== go test ./e2e/ -run '^\$' -bench IdleFleet -benchtime 1x -count $COUNT -timeout 60m" >&2
 	NBA_FLEET_PIDS=$pids go test ./e2e/ -run '^$' -bench IdleFleet -benchtime 1x -count "$COUNT" -timeout 60m 2>&1 |
@@ -81,7 +82,7 @@ function show(u,    i, runs) {
 BEGIN {
 	goal["daemon-cpu-%"] = "(goal <= 2)"
 	goal["round-p99-ms"] = "(goal <= 10)"
-	n = split("daemon-cpu-% round-p50-ms round-p99-ms round-max-ms round-cpu-ms haproxy-cpu-% builders-cpu-% agent-checks/s idle-rounds/min fleet-up-s", order, " ")
+	n = split("daemon-cpu-% round-p50-ms round-p99-ms round-max-ms round-cpu-ms burst-p50-ms burst-p99-ms haproxy-cpu-% builders-cpu-% agent-checks/s idle-rounds/min fleet-up-s", order, " ")
 }
 # The figures follow the iteration count; anything printed while the
 # benchmark ran (NBA_BENCH_TRACE=1) can sit between its name and them.

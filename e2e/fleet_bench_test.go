@@ -52,13 +52,17 @@ const fleetSettle = 5 * time.Second
 //     and builders-cpu-% (all 128 together), each in percent of one core;
 //     agent-checks/s (the daemon's agent_checks_total, all results) and
 //     idle-rounds/min (reconcile rounds the daemon ran by itself).
-//   - rounds (FLEET_ROUNDS, default 200): POST /v1/reconcile, one after the
-//     other; its answer is the reconciler's status right after the round it
-//     ran (the same view as GET /v1/status's "reconcile"), whose
+//   - rounds (FLEET_ROUNDS, default 200): POST /v1/reconcile, one every
+//     FLEET_ROUND_GAP (100ms), about ten times as often as a settling fleet
+//     runs them; its answer is the reconciler's status right after the round
+//     it ran (the same view as GET /v1/status's "reconcile"), whose
 //     duration_seconds is that round's wall time, observe + plan + apply, as
 //     the daemon's clock measured it. Figures: round-p50-ms, round-p99-ms,
-//     round-max-ms, and round-cpu-ms, the daemon's CPU time over the whole
-//     phase per round (HTTP, idle load and all).
+//     round-max-ms, and round-cpu-ms, the daemon's CPU time over the phase
+//     per round (HTTP, idle load and all).
+//   - burst (as many rounds, one right after the other): a stress figure,
+//     where each round also competes with the garbage collection of the
+//     ones before it. Figures: burst-p50-ms, burst-p99-ms.
 //
 // fleet-up-s is how long the fleet took to come up, for context. No figure
 // is asserted. bench/fleet.sh runs it and takes medians over runs.
@@ -74,6 +78,7 @@ const fleetSettle = 5 * time.Second
 func BenchmarkIdleFleet(b *testing.B) {
 	window := fleetEnvDuration(b, "FLEET_IDLE", 60*time.Second)
 	rounds := fleetEnvInt(b, "FLEET_ROUNDS", 200)
+	gap := fleetEnvDuration(b, "FLEET_ROUND_GAP", 100*time.Millisecond)
 
 	start := time.Now()
 	f := startFleet(b)
@@ -91,14 +96,15 @@ func BenchmarkIdleFleet(b *testing.B) {
 	}
 
 	var idle fleetIdle
-	var durs benchDurs
+	var durs, burst benchDurs
 	var roundCPU time.Duration
 	for b.Loop() {
 		w := f.idleWindow(window)
 		idle.add(w)
 		cpu0 := benchProcCPU(f.daemonPID())
-		durs = append(durs, f.forceRounds(rounds)...)
+		durs = append(durs, f.forceRounds(rounds, gap)...)
 		roundCPU += benchProcCPU(f.daemonPID()) - cpu0
+		burst = append(burst, f.forceRounds(rounds, 0)...)
 	}
 	pct := func(cpu time.Duration) float64 { return 100 * cpu.Seconds() / idle.wall.Seconds() }
 	b.ReportMetric(pct(idle.daemon), "daemon-cpu-%")
@@ -110,6 +116,8 @@ func BenchmarkIdleFleet(b *testing.B) {
 	b.ReportMetric(benchMS(durs.pct(0.99)), "round-p99-ms")
 	b.ReportMetric(benchMS(durs.max()), "round-max-ms")
 	b.ReportMetric(benchMS(roundCPU)/float64(len(durs)), "round-cpu-ms")
+	b.ReportMetric(benchMS(burst.pct(0.50)), "burst-p50-ms")
+	b.ReportMetric(benchMS(burst.pct(0.99)), "burst-p99-ms")
 	b.ReportMetric(upIn.Seconds(), "fleet-up-s")
 }
 
@@ -462,11 +470,15 @@ func (f *fleet) agentChecks() float64 {
 	return sum
 }
 
-// forceRounds runs n reconcile rounds through the API, one after the other,
-// and returns each one's duration as the daemon measured it.
-func (f *fleet) forceRounds(n int) benchDurs {
+// forceRounds runs n reconcile rounds through the API, gap apart (0: one
+// right after the other), and returns each one's duration as the daemon
+// measured it.
+func (f *fleet) forceRounds(n int, gap time.Duration) benchDurs {
 	durs := make(benchDurs, 0, n)
-	for range n {
+	for i := range n {
+		if i > 0 {
+			time.Sleep(gap)
+		}
 		st, err := f.client.Reconcile(context.Background())
 		if err != nil {
 			f.b.Fatal(err)
