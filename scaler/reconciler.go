@@ -319,56 +319,21 @@ func (r *Reconciler) ReconcileOnce(ctx context.Context) (changed bool, err error
 	return a.changed, err
 }
 
+// observe reads the store, the providers and the load balancer. The three
+// are independent, so they are read at once: a round waits for the slowest
+// (an EC2 DescribeInstances, HAProxy's show stat), not for their sum.
 func (r *Reconciler) observe(ctx context.Context) (Observed, map[string]Provider, error) {
 	var obs Observed
-	var err error
-	if obs.Slots, err = r.o.Store.Slots(ctx); err != nil {
-		return obs, nil, fmt.Errorf("load slots: %w", err)
-	}
-	if obs.Reservations, err = r.o.Store.LiveReservations(ctx); err != nil {
-		return obs, nil, fmt.Errorf("load reservations: %w", err)
-	}
-	obs.InstancesKnown = map[string]bool{}
-	owner := map[string]Provider{}
-	listed := map[Provider]bool{}
-	for _, pp := range r.o.Policy.Pools {
-		p := r.o.Providers[pp.Name]
-		if p == nil || listed[p] {
-			continue
-		}
-		listed[p] = true
-		cctx, cancel := context.WithTimeout(ctx, r.o.CallTimeout)
-		ins, err := p.List(cctx)
-		cancel()
-		if err != nil {
-			r.o.Logger.Error("provider list failed; no instance is judged gone this round", "pool", pp.Name, "err", err)
-			r.o.Recorder.CallFailed("list")
-			continue
-		}
-		for pool, q := range r.o.Providers {
-			if q == p {
-				obs.InstancesKnown[pool] = true
-			}
-		}
-		for _, in := range ins {
-			owner[in.ID] = p
-		}
-		obs.Instances = append(obs.Instances, ins...)
-	}
+	var owner map[string]Provider
+	var wg sync.WaitGroup
+	wg.Go(func() { obs.Instances, obs.InstancesKnown, owner = r.listInstances(ctx) })
 	if r.o.Readiness != nil {
-		cctx, cancel := context.WithTimeout(ctx, r.o.CallTimeout)
-		servers, err := r.o.Readiness.Servers(cctx)
-		cancel()
-		if err != nil {
-			r.o.Logger.Error("load balancer unreachable: no builder is drained or terminated until it answers", "err", err)
-			r.o.Recorder.LoadBalancer(false)
-		} else {
-			r.o.Recorder.LoadBalancer(true)
-			obs.Servers, obs.ServersKnown = servers, true
-		}
+		wg.Go(func() { obs.Servers, obs.ServersKnown = r.readServers(ctx) })
 	}
-	if obs.Intents, err = r.o.Store.Intents(ctx); err != nil {
-		return obs, nil, fmt.Errorf("load intents: %w", err)
+	err := r.readStore(ctx, &obs)
+	wg.Wait()
+	if err != nil {
+		return obs, nil, err
 	}
 	r.mu.Lock()
 	obs.LaunchBackoff = copyMap(r.backoff)
@@ -378,6 +343,69 @@ func (r *Reconciler) observe(ctx context.Context) (Observed, map[string]Provider
 	}
 	r.mu.Unlock()
 	return obs, owner, nil
+}
+
+// readStore reads slots, live reservations and intents into obs.
+func (r *Reconciler) readStore(ctx context.Context, obs *Observed) error {
+	var err error
+	if obs.Slots, err = r.o.Store.Slots(ctx); err != nil {
+		return fmt.Errorf("load slots: %w", err)
+	}
+	if obs.Reservations, err = r.o.Store.LiveReservations(ctx); err != nil {
+		return fmt.Errorf("load reservations: %w", err)
+	}
+	if obs.Intents, err = r.o.Store.Intents(ctx); err != nil {
+		return fmt.Errorf("load intents: %w", err)
+	}
+	return nil
+}
+
+// listInstances lists every provider once. known holds the pools whose
+// provider answered; owner maps each instance to the provider that listed
+// it.
+func (r *Reconciler) listInstances(ctx context.Context) (ins []Instance, known map[string]bool, owner map[string]Provider) {
+	known, owner = map[string]bool{}, map[string]Provider{}
+	listed := map[Provider]bool{}
+	for _, pp := range r.o.Policy.Pools {
+		p := r.o.Providers[pp.Name]
+		if p == nil || listed[p] {
+			continue
+		}
+		listed[p] = true
+		cctx, cancel := context.WithTimeout(ctx, r.o.CallTimeout)
+		got, err := p.List(cctx)
+		cancel()
+		if err != nil {
+			r.o.Logger.Error("provider list failed; no instance is judged gone this round", "pool", pp.Name, "err", err)
+			r.o.Recorder.CallFailed("list")
+			continue
+		}
+		for pool, q := range r.o.Providers {
+			if q == p {
+				known[pool] = true
+			}
+		}
+		for _, in := range got {
+			owner[in.ID] = p
+		}
+		ins = append(ins, got...)
+	}
+	return ins, known, owner
+}
+
+// readServers asks the load balancer for its servers; known is false when
+// it could not be reached.
+func (r *Reconciler) readServers(ctx context.Context) (map[SlotKey]ServerStatus, bool) {
+	cctx, cancel := context.WithTimeout(ctx, r.o.CallTimeout)
+	servers, err := r.o.Readiness.Servers(cctx)
+	cancel()
+	if err != nil {
+		r.o.Logger.Error("load balancer unreachable: no builder is drained or terminated until it answers", "err", err)
+		r.o.Recorder.LoadBalancer(false)
+		return nil, false
+	}
+	r.o.Recorder.LoadBalancer(true)
+	return servers, true
 }
 
 func copyMap[V any](m map[string]V) map[string]V {
