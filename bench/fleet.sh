@@ -58,20 +58,7 @@ fi
 
 echo
 echo "Raw output: $OUT/fleet.txt"
-awk '
-function sort(a, n,    i, j, t) {
-	for (i = 2; i <= n; i++) {
-		t = a[i]
-		for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]
-		a[j + 1] = t
-	}
-}
-function median(u,    a, i, n) {
-	n = nv[u]
-	for (i = 1; i <= n; i++) a[i] = v[u, i] + 0
-	sort(a, n)
-	return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-}
+awk "$(cat bench/stats.awk)"'
 function show(u,    i, runs) {
 	if (!(u in nv) || (u in shown)) return
 	shown[u] = 1

@@ -59,20 +59,7 @@ echo "Raw output: $OUT"
 echo "Figures: median over $COUNT runs (for *max* figures also the largest)."
 for p in spoa conns reach; do
 	if [ -f "$OUT/$p.txt" ]; then cat "$OUT/$p.txt"; fi
-done | awk '
-function sort(a, n,    i, j, t) {
-	for (i = 2; i <= n; i++) {
-		t = a[i]
-		for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]
-		a[j + 1] = t
-	}
-}
-function median(k,    a, i, n) {
-	n = nv[k]
-	for (i = 1; i <= n; i++) a[i] = v[k, i] + 0
-	sort(a, n)
-	return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-}
+done | awk "$(cat bench/stats.awk)"'
 function largest(k,    i, m) {
 	m = v[k, 1] + 0
 	for (i = 2; i <= nv[k]; i++) if (v[k, i] + 0 > m) m = v[k, i] + 0
