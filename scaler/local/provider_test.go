@@ -628,9 +628,7 @@ func TestConcurrentUse(t *testing.T) {
 // process, an operator's edit in place or by rename), is read again.
 func TestListSeesRecordsChangedBehindItsBack(t *testing.T) {
 	t.Parallel()
-	opts := standinOptions(t, "c1", t.TempDir(), nil)
-	opts.Clock = newFakeClock()
-	p := newProvider(t, opts)
+	p, opts := fakeClockProvider(t)
 	id, err := newID()
 	if err != nil {
 		t.Fatal(err)
@@ -685,9 +683,7 @@ func TestListSeesRecordsChangedBehindItsBack(t *testing.T) {
 // another one on the same state directory.
 func TestCrashedStandinListedTerminated(t *testing.T) {
 	t.Parallel()
-	opts := standinOptions(t, "c1", t.TempDir(), nil)
-	opts.Clock = newFakeClock()
-	p := newProvider(t, opts)
+	p, opts := fakeClockProvider(t)
 	inst := launch(t, context.Background(), p, scaler.LaunchRequest{Pool: "x86", Slot: "slot1", LaunchID: "launch-1"})
 	r, err := p.readRecord(inst.ID)
 	if err != nil {
@@ -711,4 +707,12 @@ func TestCrashedStandinListedTerminated(t *testing.T) {
 	if o, _ := findInstance(t, mustList(t, other), inst.ID); o.State != scaler.InstanceTerminated {
 		t.Errorf("another provider lists it %s, want terminated", o.State)
 	}
+}
+
+// fakeClockProvider is a stand-in provider of cluster c1 in a new state
+// directory, on a manual clock; opts makes more on the same directory.
+func fakeClockProvider(t *testing.T) (*Provider, Options) {
+	opts := standinOptions(t, "c1", t.TempDir(), nil)
+	opts.Clock = newFakeClock()
+	return newProvider(t, opts), opts
 }
