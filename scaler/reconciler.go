@@ -71,7 +71,8 @@ type Reconciler struct {
 	// goroutine touches them.
 	settling, binding bool
 	views             *Views
-	version           uint64 // of the last view published; Run goroutine only
+	version           uint64     // of the last view published; Run goroutine only
+	rows              *storeRows // the last rows read (readStore); Run goroutine only
 
 	mu       sync.Mutex
 	backoff  map[string]time.Time
@@ -345,8 +346,21 @@ func (r *Reconciler) observe(ctx context.Context) (Observed, map[string]Provider
 	return obs, owner, nil
 }
 
-// readStore reads slots, live reservations and intents into obs.
+// readStore reads slots, live reservations and intents into obs. A store
+// that counts its writes (Generationer) is not read again while the count
+// has not moved: an idle fleet's rounds then cost no database read. The
+// count is taken before the rows, so a write during the read is seen by
+// the next round. The rows are shared between rounds; nothing changes them.
 func (r *Reconciler) readStore(ctx context.Context, obs *Observed) error {
+	g, counts := r.o.Store.(Generationer)
+	var gen uint64
+	if counts {
+		gen = g.Generation()
+		if c := r.rows; c != nil && c.gen == gen {
+			obs.Slots, obs.Reservations, obs.Intents = c.slots, c.res, c.intents
+			return nil
+		}
+	}
 	var err error
 	if obs.Slots, err = r.o.Store.Slots(ctx); err != nil {
 		return fmt.Errorf("load slots: %w", err)
@@ -357,7 +371,18 @@ func (r *Reconciler) readStore(ctx context.Context, obs *Observed) error {
 	if obs.Intents, err = r.o.Store.Intents(ctx); err != nil {
 		return fmt.Errorf("load intents: %w", err)
 	}
+	if counts {
+		r.rows = &storeRows{gen: gen, slots: obs.Slots, res: obs.Reservations, intents: obs.Intents}
+	}
 	return nil
+}
+
+// storeRows are the rows a round read, at the store's write count gen.
+type storeRows struct {
+	gen     uint64
+	slots   []Slot
+	res     []Reservation
+	intents []Intent
 }
 
 // listInstances lists every provider once. known holds the pools whose

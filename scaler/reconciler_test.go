@@ -390,3 +390,43 @@ func emptyFleet(n int) ([]scaler.PoolPolicy, *memstore.Store) {
 		return scaler.Slot{State: scaler.Empty, StateSince: t0, Weight: scaler.DefaultWeight}
 	})
 }
+
+// countingStore counts the reads of slots.
+type countingStore struct {
+	*memstore.Store
+	slotReads int
+}
+
+func (s *countingStore) Slots(ctx context.Context) ([]scaler.Slot, error) {
+	s.slotReads++
+	return s.Store.Slots(ctx)
+}
+
+// TestIdleRoundsReadNothing: while nothing is written, a round reuses the
+// rows the last one read; a write (here, a reservation) is read by the
+// next round.
+func TestIdleRoundsReadNothing(t *testing.T) {
+	ctx := context.Background()
+	pools, mem := emptyFleet(1)
+	st := &countingStore{Store: mem}
+	rec := scaler.New(scaler.Options{Store: st, Clock: clocktest.New(t0), Policy: scaler.Policy{Pools: pools},
+		Providers: map[string]scaler.Provider{"x86": &failingProvider{scaler.ErrNoCapacity}}})
+	for range 3 {
+		if _, err := rec.ReconcileOnce(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if st.slotReads != 1 {
+		t.Errorf("three rounds without a write read slots %d times, want once", st.slotReads)
+	}
+	if err := st.Commit(ctx, scaler.Change{Reservations: []scaler.Reservation{{ID: "r1", Pool: "x86", State: scaler.Pending,
+		CreatedAt: t0, ExpiresAt: t0.Add(time.Hour)}}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rec.ReconcileOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if v := rec.Views().Current(); st.slotReads < 2 || len(v.Reservations) != 1 {
+		t.Errorf("after a write: %d slot reads in all, view with %d reservations; want a second read and 1", st.slotReads, len(v.Reservations))
+	}
+}

@@ -54,8 +54,10 @@ func writeIntents(ctx context.Context, tx *sql.Tx, add []scaler.Intent, done []s
 	return nil
 }
 
-// Generation counts the writes committed through this DB (Commit,
-// CreateReservation) since it was opened. A reader that saw Generation g
+// Generation counts the writes of slots, reservations and intents committed
+// through this DB (Commit, CreateReservation, EnsureSlots) since it was
+// opened; pruning ended reservations and old events does not count, as no
+// reader of live rows sees it. A reader that saw Generation g
 // before reading rows has seen every write counted up to g; the fleet view
 // records it so that the API can tell whether the view already holds its
 // own latest write.

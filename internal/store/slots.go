@@ -120,6 +120,7 @@ func (db *DB) EnsureSlots(ctx context.Context, pools map[string]int, now time.Ti
 	if err := tx.Commit(); err != nil {
 		return fmt.Errorf("ensure slots: commit: %w", err)
 	}
+	db.gen.Add(1)
 	return nil
 }
 
