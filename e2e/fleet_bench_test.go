@@ -98,11 +98,15 @@ func BenchmarkIdleFleet(b *testing.B) {
 	var idle fleetIdle
 	var durs, burst benchDurs
 	var roundCPU time.Duration
+	var steal, total int64
 	for b.Loop() {
 		w := f.idleWindow(window)
 		idle.add(w)
 		cpu0 := benchProcCPU(f.daemonPID())
+		s0, t0 := machineSteal()
 		durs = append(durs, f.forceRounds(rounds, gap)...)
+		s1, t1 := machineSteal()
+		steal, total = steal+s1-s0, total+t1-t0
 		roundCPU += benchProcCPU(f.daemonPID()) - cpu0
 		burst = append(burst, f.forceRounds(rounds, 0)...)
 	}
@@ -116,6 +120,9 @@ func BenchmarkIdleFleet(b *testing.B) {
 	b.ReportMetric(benchMS(durs.pct(0.99)), "round-p99-ms")
 	b.ReportMetric(benchMS(durs.max()), "round-max-ms")
 	b.ReportMetric(benchMS(roundCPU)/float64(len(durs)), "round-cpu-ms")
+	if total > 0 {
+		b.ReportMetric(100*float64(steal)/float64(total), "steal-%")
+	}
 	b.ReportMetric(benchMS(burst.pct(0.50)), "burst-p50-ms")
 	b.ReportMetric(benchMS(burst.pct(0.99)), "burst-p99-ms")
 	b.ReportMetric(upIn.Seconds(), "fleet-up-s")
@@ -489,6 +496,27 @@ func (f *fleet) forceRounds(n int, gap time.Duration) benchDurs {
 		durs = append(durs, time.Duration(st.DurationSeconds*float64(time.Second)))
 	}
 	return durs
+}
+
+// machineSteal returns the machine's steal time (time a virtual machine's
+// CPUs were ready to run but the host ran something else) and all CPU time,
+// in ticks, from /proc/stat: stalls of the round tail that no process
+// caused show here.
+func machineSteal() (steal, total int64) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, 0
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	for i, v := range f[1:] {
+		n, _ := strconv.ParseInt(v, 10, 64)
+		total += n
+		if i == 7 {
+			steal = n
+		}
+	}
+	return steal, total
 }
 
 func fleetEnvDuration(b *testing.B, name string, def time.Duration) time.Duration {
