@@ -67,11 +67,13 @@ type Generationer interface {
 func (r *Reconciler) publish(ctx context.Context, now time.Time, gen uint64, obs Observed, changed bool) {
 	slots, live := obs.Slots, obs.Reservations
 	if changed {
-		g := r.generation()
-		s, err1 := r.o.Store.Slots(ctx)
-		l, err2 := r.o.Store.LiveReservations(ctx)
-		if err1 == nil && err2 == nil {
-			slots, live, gen = s, l, g
+		// Read like the next round would, so that it reuses these rows.
+		var fresh Observed
+		if err := r.readStore(ctx, &fresh); err == nil {
+			slots, live = fresh.Slots, fresh.Reservations
+			if r.rows != nil {
+				gen = r.rows.gen
+			}
 		}
 	}
 	r.binding = false
