@@ -59,7 +59,9 @@ const fleetSettle = 5 * time.Second
 //     duration_seconds is that round's wall time, observe + plan + apply, as
 //     the daemon's clock measured it. Figures: round-p50-ms, round-p99-ms,
 //     round-max-ms, and round-cpu-ms, the daemon's CPU time over the phase
-//     per round (HTTP, idle load and all).
+//     per round (HTTP, idle load and all); and the p99 of each of the
+//     round's phases (observe-p99-ms ... push-p99-ms, as the status's
+//     reconcile.phases_seconds names them), to tell where a slow tail goes.
 //   - burst (as many rounds, one right after the other): a stress figure,
 //     where each round also competes with the garbage collection of the
 //     ones before it. Figures: burst-p50-ms, burst-p99-ms.
@@ -96,7 +98,7 @@ func BenchmarkIdleFleet(b *testing.B) {
 	}
 
 	var idle fleetIdle
-	var durs, burst benchDurs
+	durs, burst := roundTimes{phases: map[string]benchDurs{}}, roundTimes{phases: map[string]benchDurs{}}
 	var roundCPU time.Duration
 	var steal, total int64
 	for b.Loop() {
@@ -104,11 +106,11 @@ func BenchmarkIdleFleet(b *testing.B) {
 		idle.add(w)
 		cpu0 := benchProcCPU(f.daemonPID())
 		s0, t0 := machineSteal()
-		durs = append(durs, f.forceRounds(rounds, gap)...)
+		durs.merge(f.forceRounds(rounds, gap))
 		s1, t1 := machineSteal()
 		steal, total = steal+s1-s0, total+t1-t0
 		roundCPU += benchProcCPU(f.daemonPID()) - cpu0
-		burst = append(burst, f.forceRounds(rounds, 0)...)
+		burst.merge(f.forceRounds(rounds, 0))
 	}
 	pct := func(cpu time.Duration) float64 { return 100 * cpu.Seconds() / idle.wall.Seconds() }
 	b.ReportMetric(pct(idle.daemon), "daemon-cpu-%")
@@ -116,17 +118,24 @@ func BenchmarkIdleFleet(b *testing.B) {
 	b.ReportMetric(pct(idle.builders), "builders-cpu-%")
 	b.ReportMetric(idle.checks/idle.wall.Seconds(), "agent-checks/s")
 	b.ReportMetric(float64(idle.rounds)/idle.wall.Minutes(), "idle-rounds/min")
-	b.ReportMetric(benchMS(durs.pct(0.50)), "round-p50-ms")
-	b.ReportMetric(benchMS(durs.pct(0.99)), "round-p99-ms")
-	b.ReportMetric(benchMS(durs.max()), "round-max-ms")
-	b.ReportMetric(benchMS(roundCPU)/float64(len(durs)), "round-cpu-ms")
+	b.ReportMetric(benchMS(durs.total.pct(0.50)), "round-p50-ms")
+	b.ReportMetric(benchMS(durs.total.pct(0.99)), "round-p99-ms")
+	b.ReportMetric(benchMS(durs.total.max()), "round-max-ms")
+	b.ReportMetric(benchMS(roundCPU)/float64(len(durs.total)), "round-cpu-ms")
+	for _, ph := range roundPhaseNames {
+		b.ReportMetric(benchMS(durs.phases[ph].pct(0.99)), ph+"-p99-ms")
+	}
 	if total > 0 {
 		b.ReportMetric(100*float64(steal)/float64(total), "steal-%")
 	}
-	b.ReportMetric(benchMS(burst.pct(0.50)), "burst-p50-ms")
-	b.ReportMetric(benchMS(burst.pct(0.99)), "burst-p99-ms")
+	b.ReportMetric(benchMS(burst.total.pct(0.50)), "burst-p50-ms")
+	b.ReportMetric(benchMS(burst.total.pct(0.99)), "burst-p99-ms")
 	b.ReportMetric(upIn.Seconds(), "fleet-up-s")
 }
+
+// roundPhaseNames are the phases of GET /v1/status's
+// reconcile.phases_seconds, in the order a round runs them.
+var roundPhaseNames = []string{"observe", "store", "list", "servers", "plan", "apply", "publish", "push"}
 
 // fleet is the daemon process, its HAProxy and (through the daemon) the
 // stand-in builders.
@@ -478,10 +487,10 @@ func (f *fleet) agentChecks() float64 {
 }
 
 // forceRounds runs n reconcile rounds through the API, gap apart (0: one
-// right after the other), and returns each one's duration as the daemon
-// measured it.
-func (f *fleet) forceRounds(n int, gap time.Duration) benchDurs {
-	durs := make(benchDurs, 0, n)
+// right after the other), and returns each one's duration and phases as the
+// daemon measured them.
+func (f *fleet) forceRounds(n int, gap time.Duration) roundTimes {
+	rt := roundTimes{phases: map[string]benchDurs{}}
 	for i := range n {
 		if i > 0 {
 			time.Sleep(gap)
@@ -493,9 +502,34 @@ func (f *fleet) forceRounds(n int, gap time.Duration) benchDurs {
 		if st.LastError != "" {
 			f.b.Fatalf("reconcile round failed: %s", st.LastError)
 		}
-		durs = append(durs, time.Duration(st.DurationSeconds*float64(time.Second)))
+		rt.add(st)
 	}
-	return durs
+	return rt
+}
+
+// roundTimes are the durations of rounds, whole and per phase.
+type roundTimes struct {
+	total  benchDurs
+	phases map[string]benchDurs
+}
+
+func (rt *roundTimes) add(st api.ReconcileStatus) {
+	d := func(s float64) time.Duration { return time.Duration(s * float64(time.Second)) }
+	rt.total = append(rt.total, d(st.DurationSeconds))
+	ph := st.Phases
+	for name, v := range map[string]float64{
+		"observe": ph.Observe, "store": ph.Store, "list": ph.List, "servers": ph.Servers,
+		"plan": ph.Plan, "apply": ph.Apply, "publish": ph.Publish, "push": ph.Push,
+	} {
+		rt.phases[name] = append(rt.phases[name], d(v))
+	}
+}
+
+func (rt *roundTimes) merge(o roundTimes) {
+	rt.total = append(rt.total, o.total...)
+	for k, v := range o.phases {
+		rt.phases[k] = append(rt.phases[k], v...)
+	}
 }
 
 // machineSteal returns the machine's steal time (time a virtual machine's

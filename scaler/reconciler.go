@@ -71,8 +71,9 @@ type Reconciler struct {
 	// goroutine touches them.
 	settling, binding bool
 	views             *Views
-	version           uint64     // of the last view published; Run goroutine only
-	rows              *storeRows // the last rows read (readStore); Run goroutine only
+	version           uint64      // of the last view published; Run goroutine only
+	rows              *storeRows  // the last rows read (readStore); Run goroutine only
+	phases            RoundPhases // of the round running; Run goroutine only
 
 	mu       sync.Mutex
 	backoff  map[string]time.Time
@@ -86,8 +87,25 @@ type Reconciler struct {
 type RoundStatus struct {
 	At       time.Time
 	Duration time.Duration
+	Phases   RoundPhases
 	Err      error
 	Rounds   uint64
+}
+
+// RoundPhases is where a round's time went. Store, List and Servers run at
+// once (observe), so Observe is the longest of them, not their sum; the
+// rest run one after the other. Readers who find a round slow look here
+// first: a slow List is the provider's API, a slow Servers is HAProxy, a
+// slow Apply is the provider's calls or the store's commits.
+type RoundPhases struct {
+	Observe time.Duration // the three reads below, at once
+	Store   time.Duration // slots, reservations and intents (reused while unchanged)
+	List    time.Duration // every provider's List
+	Servers time.Duration // the load balancer's server states
+	Plan    time.Duration
+	Apply   time.Duration // the actions: provider calls and store commits
+	Publish time.Duration // the new view (and its re-read, if rows changed)
+	Push    time.Duration // the load balancer states this round decided
 }
 
 // New returns a reconciler; call Run to start it.
@@ -269,7 +287,7 @@ func (r *Reconciler) round(ctx context.Context) error {
 		r.o.Logger.Error("reconcile failed", "err", err)
 	}
 	r.mu.Lock()
-	r.status = RoundStatus{At: r.o.Clock.Now(), Duration: d, Err: err, Rounds: r.status.Rounds + 1}
+	r.status = RoundStatus{At: r.o.Clock.Now(), Duration: d, Phases: r.phases, Err: err, Rounds: r.status.Rounds + 1}
 	r.mu.Unlock()
 	if changed {
 		r.Kick()
@@ -287,12 +305,16 @@ func (r *Reconciler) ReconcileOnce(ctx context.Context) (changed bool, err error
 	// assigned would mark its builder active after the release that a
 	// concurrent request committed meanwhile, and restart its idle time.
 	now := r.o.Clock.Now()
+	r.phases = RoundPhases{}
 	gen := r.generation()
 	obs, owner, err := r.observe(ctx)
+	r.phases.Observe = r.since(now)
 	if err != nil {
 		return false, err
 	}
+	t := r.o.Clock.Now()
 	actions := Plan(now, r.o.Policy, obs)
+	r.phases.Plan, t = r.lap(t)
 	r.settling = len(actions) > 0 || len(obs.Held) > 0
 	for _, s := range obs.Slots {
 		srv := obs.Servers[s.Key()]
@@ -314,10 +336,22 @@ func (r *Reconciler) ReconcileOnce(ctx context.Context) (changed bool, err error
 			break
 		}
 	}
+	r.phases.Apply, t = r.lap(t)
 	r.publish(ctx, now, gen, obs, a.changed)
 	r.keepResults(a.results)
+	r.phases.Publish, t = r.lap(t)
 	r.pushAll(ctx, a.pushes)
+	r.phases.Push, _ = r.lap(t)
 	return a.changed, err
+}
+
+// since is the time from t to now on the reconciler's clock.
+func (r *Reconciler) since(t time.Time) time.Duration { return r.o.Clock.Now().Sub(t) }
+
+// lap is the time from t to now, and now, for the next phase.
+func (r *Reconciler) lap(t time.Time) (time.Duration, time.Time) {
+	now := r.o.Clock.Now()
+	return now.Sub(t), now
 }
 
 // observe reads the store, the providers and the load balancer. The three
@@ -327,11 +361,19 @@ func (r *Reconciler) observe(ctx context.Context) (Observed, map[string]Provider
 	var obs Observed
 	var owner map[string]Provider
 	var wg sync.WaitGroup
-	wg.Go(func() { obs.Instances, obs.InstancesKnown, owner = r.listInstances(ctx) })
+	start := r.o.Clock.Now()
+	wg.Go(func() {
+		obs.Instances, obs.InstancesKnown, owner = r.listInstances(ctx)
+		r.phases.List = r.since(start)
+	})
 	if r.o.Readiness != nil {
-		wg.Go(func() { obs.Servers, obs.ServersKnown = r.readServers(ctx) })
+		wg.Go(func() {
+			obs.Servers, obs.ServersKnown = r.readServers(ctx)
+			r.phases.Servers = r.since(start)
+		})
 	}
 	err := r.readStore(ctx, &obs)
+	r.phases.Store = r.since(start)
 	wg.Wait()
 	if err != nil {
 		return obs, nil, err

@@ -430,3 +430,70 @@ func TestIdleRoundsReadNothing(t *testing.T) {
 		t.Errorf("after a write: %d slot reads in all, view with %d reservations; want a second read and 1", st.slotReads, len(v.Reservations))
 	}
 }
+
+// slowProvider takes its time, on the test's clock: List listDelay, Launch
+// launchDelay; every launch fails for want of capacity. List calls after
+// the first `lists` return only when their context ends, so that the test
+// reads the status of a round that no later round overwrote.
+type slowProvider struct {
+	clock                  *clocktest.Clock
+	listDelay, launchDelay time.Duration
+	mu                     sync.Mutex
+	lists                  int // calls that return at once
+}
+
+func (p *slowProvider) Launch(context.Context, scaler.LaunchRequest) (scaler.Instance, error) {
+	p.clock.Advance(p.launchDelay)
+	return scaler.Instance{}, scaler.ErrNoCapacity
+}
+func (p *slowProvider) Terminate(context.Context, string) error { return nil }
+func (p *slowProvider) List(ctx context.Context) ([]scaler.Instance, error) {
+	p.mu.Lock()
+	p.lists--
+	hold := p.lists < 0
+	p.mu.Unlock()
+	if hold {
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
+	p.clock.Advance(p.listDelay)
+	return nil, nil
+}
+
+// TestRoundPhases: the status of a round says where its time went, so that
+// an operator (and the fleet benchmark) can tell a slow provider from a slow
+// store or load balancer.
+func TestRoundPhases(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	pools, st := emptyFleet(1)
+	clk := clocktest.New(t0)
+	// Three rounds: Run's first, and the two the test asks for; the one a
+	// failed launch kicks waits in List.
+	prov := &slowProvider{clock: clk, listDelay: 3 * time.Millisecond, launchDelay: 5 * time.Millisecond, lists: 3}
+	rec := scaler.New(scaler.Options{Store: st, Clock: clk, Policy: scaler.Policy{Pools: pools}, KickBatch: -1,
+		Interval: time.Hour, FastInterval: time.Hour, Providers: map[string]scaler.Provider{"x86": prov}})
+	done := make(chan error, 1)
+	go func() { done <- rec.Run(ctx) }()
+	if err := rec.Reconcile(ctx); err != nil { // after Run's first round
+		t.Fatal(err)
+	}
+	// A reservation, so that the next round launches.
+	if err := st.Commit(ctx, scaler.Change{Reservations: []scaler.Reservation{{ID: "r1", Pool: "x86", State: scaler.Pending,
+		CreatedAt: t0, ExpiresAt: t0.Add(time.Hour)}}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := rec.Reconcile(ctx); err != nil {
+		t.Fatal(err)
+	}
+	s := rec.Status()
+	cancel()
+	<-done
+	ph := s.Phases
+	if ph.List < prov.listDelay || ph.Observe < ph.List || ph.Apply < prov.launchDelay {
+		t.Errorf("phases = %+v; want list >= %v, observe >= list, apply >= %v", ph, prov.listDelay, prov.launchDelay)
+	}
+	if sum := ph.Observe + ph.Plan + ph.Apply + ph.Publish + ph.Push; sum > s.Duration {
+		t.Errorf("phases add up to %v, more than the round's %v", sum, s.Duration)
+	}
+}

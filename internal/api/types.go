@@ -104,7 +104,23 @@ type ReconcileStatus struct {
 	LastAt          time.Time `json:"last_at,omitzero"`
 	LastError       string    `json:"last_error,omitempty"`
 	DurationSeconds float64   `json:"duration_seconds"`
-	Rounds          uint64    `json:"rounds"`
+	// Phases is where the round's time went, in seconds. observe is
+	// store, list and servers read at once (the longest of them); plan,
+	// apply, publish and push follow one after the other.
+	Phases RoundPhases `json:"phases_seconds"`
+	Rounds uint64      `json:"rounds"`
+}
+
+// RoundPhases is the time of each phase of a reconcile round, in seconds.
+type RoundPhases struct {
+	Observe float64 `json:"observe"`
+	Store   float64 `json:"store"`
+	List    float64 `json:"list"`
+	Servers float64 `json:"servers"`
+	Plan    float64 `json:"plan"`
+	Apply   float64 `json:"apply"`
+	Publish float64 `json:"publish"`
+	Push    float64 `json:"push"`
 }
 
 // Error is the body of every error answer.

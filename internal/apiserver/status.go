@@ -48,7 +48,12 @@ func (s *Server) status(w http.ResponseWriter, r *http.Request) {
 }
 
 func reconcileView(st scaler.RoundStatus) api.ReconcileStatus {
-	v := api.ReconcileStatus{LastAt: st.At, DurationSeconds: st.Duration.Seconds(), Rounds: st.Rounds}
+	ph := st.Phases
+	v := api.ReconcileStatus{LastAt: st.At, DurationSeconds: st.Duration.Seconds(), Rounds: st.Rounds,
+		Phases: api.RoundPhases{
+			Observe: ph.Observe.Seconds(), Store: ph.Store.Seconds(), List: ph.List.Seconds(), Servers: ph.Servers.Seconds(),
+			Plan: ph.Plan.Seconds(), Apply: ph.Apply.Seconds(), Publish: ph.Publish.Seconds(), Push: ph.Push.Seconds(),
+		}}
 	if st.Err != nil {
 		v.LastError = st.Err.Error()
 	}
