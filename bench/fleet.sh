@@ -69,7 +69,7 @@ function show(u,    i, runs) {
 BEGIN {
 	goal["daemon-cpu-%"] = "(goal <= 2)"
 	goal["round-p99-ms"] = "(goal <= 10)"
-	n = split("daemon-cpu-% round-p50-ms round-p99-ms round-max-ms round-cpu-ms observe-p99-ms store-p99-ms list-p99-ms servers-p99-ms plan-p99-ms apply-p99-ms publish-p99-ms push-p99-ms steal-% burst-p50-ms burst-p99-ms haproxy-cpu-% builders-cpu-% agent-checks/s idle-rounds/min fleet-up-s", order, " ")
+	n = split("daemon-cpu-% round-p50-ms round-p99-ms round-max-ms round-cpu-ms round-own-p99-ms haproxy-stat-p50-ms haproxy-stat-p99-ms observe-p99-ms store-p99-ms list-p99-ms servers-p99-ms plan-p99-ms apply-p99-ms publish-p99-ms push-p99-ms steal-% burst-p50-ms burst-p99-ms haproxy-cpu-% builders-cpu-% agent-checks/s idle-rounds/min fleet-up-s", order, " ")
 }
 # The figures follow the iteration count; anything printed while the
 # benchmark ran (NBA_BENCH_TRACE=1) can sit between its name and them.

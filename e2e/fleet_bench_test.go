@@ -61,7 +61,13 @@ const fleetSettle = 5 * time.Second
 //     round-max-ms, and round-cpu-ms, the daemon's CPU time over the phase
 //     per round (HTTP, idle load and all); and the p99 of each of the
 //     round's phases (observe-p99-ms ... push-p99-ms, as the status's
-//     reconcile.phases_seconds names them), to tell where a slow tail goes.
+//     reconcile.phases_seconds names them), to tell where a slow tail goes;
+//     round-own-p99-ms, the rounds without their wait for HAProxy (observe
+//     cut to the store and provider reads).
+//   - HAProxy alone (as many requests, as far apart): the benchmark sends
+//     the `show stat` a round sends and times the answer. Figures:
+//     haproxy-stat-p50-ms, haproxy-stat-p99-ms: what HAProxy and the
+//     machine make the servers phase wait, whatever the daemon does.
 //   - burst (as many rounds, one right after the other): a stress figure,
 //     where each round also competes with the garbage collection of the
 //     ones before it. Figures: burst-p50-ms, burst-p99-ms.
@@ -99,6 +105,7 @@ func BenchmarkIdleFleet(b *testing.B) {
 
 	var idle fleetIdle
 	durs, burst := roundTimes{phases: map[string]benchDurs{}}, roundTimes{phases: map[string]benchDurs{}}
+	var stat benchDurs
 	var roundCPU time.Duration
 	var steal, total int64
 	for b.Loop() {
@@ -110,6 +117,7 @@ func BenchmarkIdleFleet(b *testing.B) {
 		s1, t1 := machineSteal()
 		steal, total = steal+s1-s0, total+t1-t0
 		roundCPU += benchProcCPU(f.daemonPID()) - cpu0
+		stat = append(stat, f.probeStat(rounds, gap)...)
 		burst.merge(f.forceRounds(rounds, 0))
 	}
 	pct := func(cpu time.Duration) float64 { return 100 * cpu.Seconds() / idle.wall.Seconds() }
@@ -125,6 +133,9 @@ func BenchmarkIdleFleet(b *testing.B) {
 	for _, ph := range roundPhaseNames {
 		b.ReportMetric(benchMS(durs.phases[ph].pct(0.99)), ph+"-p99-ms")
 	}
+	b.ReportMetric(benchMS(durs.own.pct(0.99)), "round-own-p99-ms")
+	b.ReportMetric(benchMS(stat.pct(0.50)), "haproxy-stat-p50-ms")
+	b.ReportMetric(benchMS(stat.pct(0.99)), "haproxy-stat-p99-ms")
 	if total > 0 {
 		b.ReportMetric(100*float64(steal)/float64(total), "steal-%")
 	}
@@ -507,16 +518,34 @@ func (f *fleet) forceRounds(n int, gap time.Duration) roundTimes {
 	return rt
 }
 
-// roundTimes are the durations of rounds, whole and per phase.
+// probeStat sends HAProxy the command a round sends it (the servers of
+// `show stat`) n times, gap apart, from the benchmark, and returns how long
+// each answer took: what HAProxy and the machine alone make a round wait,
+// to compare with the round's servers phase.
+func (f *fleet) probeStat(n int, gap time.Duration) benchDurs {
+	durs := make(benchDurs, 0, n)
+	for range n {
+		time.Sleep(gap)
+		t := time.Now()
+		f.hp.Cmd("show stat -1 4 -1")
+		durs = append(durs, time.Since(t))
+	}
+	return durs
+}
+
+// roundTimes are the durations of rounds, whole and per phase; own is each
+// round without its wait for HAProxy: the round's time with its observe
+// phase cut to the store and provider reads.
 type roundTimes struct {
-	total  benchDurs
-	phases map[string]benchDurs
+	total, own benchDurs
+	phases     map[string]benchDurs
 }
 
 func (rt *roundTimes) add(st api.ReconcileStatus) {
 	d := func(s float64) time.Duration { return time.Duration(s * float64(time.Second)) }
 	rt.total = append(rt.total, d(st.DurationSeconds))
 	ph := st.Phases
+	rt.own = append(rt.own, d(st.DurationSeconds-ph.Observe+max(ph.Store, ph.List)))
 	for name, v := range map[string]float64{
 		"observe": ph.Observe, "store": ph.Store, "list": ph.List, "servers": ph.Servers,
 		"plan": ph.Plan, "apply": ph.Apply, "publish": ph.Publish, "push": ph.Push,
@@ -527,6 +556,7 @@ func (rt *roundTimes) add(st api.ReconcileStatus) {
 
 func (rt *roundTimes) merge(o roundTimes) {
 	rt.total = append(rt.total, o.total...)
+	rt.own = append(rt.own, o.own...)
 	for k, v := range o.phases {
 		rt.phases[k] = append(rt.phases[k], v...)
 	}
