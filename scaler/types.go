@@ -130,11 +130,11 @@ func (s ReservationState) Live() bool { return s == Pending || s == Assigned }
 
 // Reservation is a lease on build capacity in one pool.
 type Reservation struct {
-	ID         string
-	Pool       string
-	System     string
-	Features   []string
-	Owner      string
+	ID       string
+	Pool     string
+	System   string
+	Features []string
+	Owner    string
 	// Source names where the demand comes from (a CI project); it matches
 	// the reservation to the Forecast of that source.
 	Source     string
