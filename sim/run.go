@@ -48,6 +48,9 @@ type run struct {
 	rec   *scaler.Reconciler
 
 	jobs       []*job
+	evals      []*eval // by start
+	nextEval   int     // the first evaluation not started
+	openEvals  []*eval // started, not ended
 	unroutable int
 	accs       []acc
 	next       int // next job to submit
@@ -95,6 +98,7 @@ func newRun(cfg Config, trace []Build) *run {
 		}
 		r.jobs = append(r.jobs, &job{b: b, id: fmt.Sprintf("r%06d", i), pool: pi})
 	}
+	r.evals = evals(r.jobs)
 	return r
 }
 
@@ -115,7 +119,11 @@ func (r *run) step(t time.Duration, now time.Time) error {
 	if err != nil {
 		return err
 	}
-	if released || submitted || r.settling || now.Sub(r.lastRound) >= r.cfg.Interval {
+	forecast, err := r.forecast(t, now)
+	if err != nil {
+		return err
+	}
+	if released || submitted || forecast || r.settling || now.Sub(r.lastRound) >= r.cfg.Interval {
 		if err := r.reconcile(now); err != nil {
 			return err
 		}
@@ -169,7 +177,7 @@ func (r *run) submit(t time.Duration, now time.Time) (bool, error) {
 		r.next++
 		j.created, j.submitted = now, true
 		res := scaler.Reservation{ID: j.id, Pool: r.cfg.Pools[j.pool].Policy.Name, System: j.b.System,
-			Features: j.b.Features, Owner: "sim", State: scaler.Pending, CreatedAt: now}
+			Features: j.b.Features, Owner: "sim", Source: j.b.Source, State: scaler.Pending, CreatedAt: now}
 		if err := r.store.Commit(r.ctx, scaler.Change{Reservations: []scaler.Reservation{res}}); err != nil {
 			return false, err
 		}

@@ -23,19 +23,32 @@ type Build struct {
 	Duration time.Duration
 	System   string
 	Features []string
+	// Source, when set, is the project whose evaluation, started at
+	// EvalStart, produced the build: the replay sends a forecast for it
+	// then, as the Buildbot extension does, and withdraws it when the
+	// evaluation's first build is submitted.
+	EvalStart time.Duration
+	Source    string
 }
 
-// TraceHeader is the first line of a trace file.
-const TraceHeader = "submit_seconds,duration_seconds,system,features"
+// TraceHeader is the first line of a trace file; TraceHeaderEval is the
+// first line of one whose builds may name their evaluation.
+const (
+	TraceHeader     = "submit_seconds,duration_seconds,system,features"
+	TraceHeaderEval = TraceHeader + ",eval_start_seconds,source"
+)
 
-// ReadTrace parses a CSV trace: a header line (TraceHeader), then one build
-// per line. Features are separated by spaces (or ';'); blank lines and lines
-// starting with '#' are skipped. Builds are returned ordered by submit time.
+// ReadTrace parses a CSV trace: a header line (TraceHeader or
+// TraceHeaderEval), then one build per line. Features are separated by
+// spaces (or ';'); blank lines and lines starting with '#' are skipped.
+// Under TraceHeaderEval a line may end with its evaluation's start and
+// source (both, or neither). Builds are returned ordered by submit time.
 func ReadTrace(r io.Reader) ([]Build, error) {
 	sc := bufio.NewScanner(r)
 	var out []Build
 	line := 0
 	header := false
+	fields := 4
 	for sc.Scan() {
 		line++
 		t := strings.TrimSpace(sc.Text())
@@ -44,14 +57,18 @@ func ReadTrace(r io.Reader) ([]Build, error) {
 		}
 		if !header {
 			header = true
-			if t == TraceHeader {
+			switch t {
+			case TraceHeader:
+				continue
+			case TraceHeaderEval:
+				fields = 6
 				continue
 			}
-			return nil, fmt.Errorf("line %d: want header %q", line, TraceHeader)
+			return nil, fmt.Errorf("line %d: want header %q (or %q)", line, TraceHeader, TraceHeaderEval)
 		}
 		f := strings.Split(t, ",")
-		if len(f) < 3 || len(f) > 4 {
-			return nil, fmt.Errorf("line %d: want 4 comma-separated fields (%s)", line, TraceHeader)
+		if len(f) < 3 || len(f) > fields {
+			return nil, fmt.Errorf("line %d: want at most %d comma-separated fields", line, fields)
 		}
 		sub, err1 := strconv.ParseFloat(f[0], 64)
 		dur, err2 := strconv.ParseFloat(f[1], 64)
@@ -62,8 +79,11 @@ func ReadTrace(r io.Reader) ([]Build, error) {
 		if b.System == "" {
 			return nil, fmt.Errorf("line %d: system is empty", line)
 		}
-		if len(f) == 4 {
+		if len(f) >= 4 {
 			b.Features = strings.FieldsFunc(f[3], func(r rune) bool { return r == ' ' || r == ';' })
+		}
+		if err := readEval(&b, f); err != nil {
+			return nil, fmt.Errorf("line %d: %w", line, err)
 		}
 		out = append(out, b)
 	}
@@ -77,12 +97,44 @@ func ReadTrace(r io.Reader) ([]Build, error) {
 	return out, nil
 }
 
-// WriteTrace writes builds in the format ReadTrace reads.
+// readEval reads a line's evaluation fields (5 and 6) into b.
+func readEval(b *Build, f []string) error {
+	if len(f) < 5 || strings.TrimSpace(f[4]) == "" && (len(f) < 6 || strings.TrimSpace(f[5]) == "") {
+		return nil
+	}
+	if len(f) < 6 || strings.TrimSpace(f[5]) == "" {
+		return fmt.Errorf("eval_start_seconds without a source: give both, or neither")
+	}
+	ev, err := strconv.ParseFloat(strings.TrimSpace(f[4]), 64)
+	if err != nil || ev < 0 || math.IsNaN(ev) || seconds(ev) > b.Submit {
+		return fmt.Errorf("eval_start_seconds must be a non-negative number no later than submit_seconds")
+	}
+	b.EvalStart, b.Source = seconds(ev), strings.TrimSpace(f[5])
+	return nil
+}
+
+// WriteTrace writes builds in the format ReadTrace reads: with
+// TraceHeaderEval when some build names its evaluation.
 func WriteTrace(w io.Writer, builds []Build) error {
 	bw := bufio.NewWriter(w)
-	fmt.Fprintln(bw, TraceHeader)
+	eval := false
 	for _, b := range builds {
-		fmt.Fprintf(bw, "%s,%s,%s,%s\n", fmtSec(b.Submit), fmtSec(b.Duration), b.System, strings.Join(b.Features, " "))
+		eval = eval || b.Source != ""
+	}
+	if !eval {
+		fmt.Fprintln(bw, TraceHeader)
+	} else {
+		fmt.Fprintln(bw, TraceHeaderEval)
+	}
+	for _, b := range builds {
+		fmt.Fprintf(bw, "%s,%s,%s,%s", fmtSec(b.Submit), fmtSec(b.Duration), b.System, strings.Join(b.Features, " "))
+		switch {
+		case b.Source != "":
+			fmt.Fprintf(bw, ",%s,%s", fmtSec(b.EvalStart), b.Source)
+		case eval:
+			fmt.Fprint(bw, ",,")
+		}
+		fmt.Fprintln(bw)
 	}
 	return bw.Flush()
 }
@@ -110,6 +162,12 @@ type GenOptions struct {
 	System      string
 	// StartWeekday is the weekday of day 0 (time.Monday by default).
 	StartWeekday time.Weekday
+	// EvalMedian, when positive, gives every push an evaluation first, as
+	// buildbot-nix runs one: its builds are submitted after it, which
+	// takes a log-normal time of this median (sigma 0.5, at least 10 s).
+	// The push belongs to one of Projects projects (the builds' Source).
+	EvalMedian time.Duration
+	Projects   int
 }
 
 // DefaultGen is a small team's CI: bursty pushes in working hours.
@@ -137,11 +195,23 @@ func Generate(o GenOptions) []Build {
 			continue
 		}
 		n := 1 + int(math.Round(rng.ExpFloat64()*math.Max(o.BuildsPerPush-1, 0)))
+		// Without evaluations no extra number is drawn, so that a seed's
+		// trace stays what it was.
+		start, source := t, ""
+		if o.EvalMedian > 0 {
+			source = fmt.Sprintf("project-%d", rng.IntN(max(o.Projects, 1))+1)
+			eval := float64(o.EvalMedian) * math.Exp(0.5*rng.NormFloat64())
+			start = t + time.Duration(math.Max(eval, float64(10*time.Second)))
+		}
 		for range n {
-			sub := t + time.Duration(rng.Float64()*float64(o.Spread))
+			sub := start + time.Duration(rng.Float64()*float64(o.Spread))
 			dur := float64(o.MedianBuild) * math.Exp(rng.NormFloat64())
 			dur = math.Min(math.Max(dur, float64(5*time.Second)), float64(2*time.Hour))
-			out = append(out, Build{Submit: sub.Truncate(time.Second), Duration: time.Duration(dur).Truncate(time.Second), System: o.System})
+			b := Build{Submit: sub.Truncate(time.Second), Duration: time.Duration(dur).Truncate(time.Second), System: o.System}
+			if source != "" {
+				b.EvalStart, b.Source = t.Truncate(time.Second), source
+			}
+			out = append(out, b)
 		}
 	}
 	sort.SliceStable(out, func(i, j int) bool { return out[i].Submit < out[j].Submit })

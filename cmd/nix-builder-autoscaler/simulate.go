@@ -96,7 +96,7 @@ func simulateFlags(stderr io.Writer) (*pflag.FlagSet, *simulateOpts) {
 	fs.Usage = func() { fmt.Fprint(stderr, simulateUsage); fs.PrintDefaults() }
 	o := &simulateOpts{env: sim.DefaultEnv, g: sim.DefaultGen}
 	o.cfgPath = fs.String("config", "", "the daemon's config file (its pools and timeouts are simulated)")
-	o.tracePath = fs.String("trace", "", "trace CSV: "+sim.TraceHeader)
+	o.tracePath = fs.String("trace", "", "trace CSV: "+sim.TraceHeader+" (or "+sim.TraceHeaderEval+")")
 	o.seed = fs.Uint64("seed", 1, "random seed (same trace and seed: byte-identical output)")
 	o.asJSON = fs.Bool("json", false, "print the report as JSON")
 	o.sweep = fs.String("sweep", "", "KEY=V1,V2,... run the policy once per value")
@@ -122,6 +122,8 @@ func simulateFlags(stderr io.Writer) (*pflag.FlagSet, *simulateOpts) {
 	fs.Float64Var(&g.NightFactor, "night-factor", g.NightFactor, "generate: night push rate, relative")
 	fs.Float64Var(&g.WeekendFactor, "weekend-factor", g.WeekendFactor, "generate: weekend push rate, relative")
 	fs.StringVar(&g.System, "system", g.System, "generate: system of every build")
+	fs.DurationVar(&g.EvalMedian, "eval-median", g.EvalMedian, "generate: median evaluation before a push's builds (0: none; with it, forecasts are replayed)")
+	fs.IntVar(&g.Projects, "projects", 3, "generate: with --eval-median, how many projects push")
 	return fs, o
 }
 
