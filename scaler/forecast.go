@@ -61,6 +61,23 @@ func (f Forecast) Remaining(now time.Time) int {
 	return max(f.Builds-f.Arrived, 0)
 }
 
+// Ended is when f stopped counting as demand (withdrawn or expired), or
+// the zero time while it is open at now.
+func (f Forecast) Ended(now time.Time) time.Time {
+	switch f.State(now) {
+	case ForecastWithdrawn:
+		return f.WithdrawnAt
+	case ForecastExpired:
+		return f.ExpiresAt
+	}
+	return time.Time{}
+}
+
+// ForecastRecent is how long a forecast that ended stays in the planner's
+// view: builders it launched keep their idle time from its end, and the
+// builds it announced arrive just after it (Observed.Forecasts).
+const ForecastRecent = time.Hour
+
 // Forecast bounds and defaults.
 const (
 	DefaultForecastTTL = 30 * time.Minute

@@ -66,8 +66,8 @@ type Observed struct {
 	// Intents are the operators' and clients' requests not applied yet,
 	// oldest first.
 	Intents []Intent
-	// Forecasts are the forecasts not withdrawn; the planner ignores the
-	// ones past their TTL.
+	// Forecasts are the open forecasts and those that ended within
+	// ForecastRecent; only open ones are demand.
 	Forecasts []Forecast
 }
 

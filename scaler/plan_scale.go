@@ -64,6 +64,28 @@ func (p *planner) forecast(pool string) int {
 	return n
 }
 
+// idleSince is when s's idle time began: its last work, or the end of the
+// latest forecast of its pool if later (now while one is open). A builder
+// launched for a forecast waits for the builds the evaluation announced,
+// which are submitted when it ends: its idle time starts then, not when
+// it booted.
+func (p *planner) idleSince(s *Slot) time.Time {
+	t := s.LastActive
+	for _, f := range p.obs.Forecasts {
+		if f.Pool != s.Pool || f.CreatedAt.After(p.now) {
+			continue
+		}
+		end := f.Ended(p.now)
+		if end.IsZero() {
+			end = p.now
+		}
+		if end.After(t) {
+			t = end
+		}
+	}
+	return t
+}
+
 // Target is how many builders a pool should have for live reservations and
 // forecast builds: enough for the live demand plus the forecast (whose
 // share is capped at forecast_max_builders), at least min_builders, plus
@@ -138,7 +160,7 @@ func (p *planner) drainIdle(pp PoolPolicy, target, active int) {
 		if srv, ok := p.server(s.Key()); !ok || srv.Sessions > 0 {
 			continue
 		}
-		if p.now.Sub(s.LastActive) >= pp.IdleTimeout {
+		if p.now.Sub(p.idleSince(s)) >= pp.IdleTimeout {
 			idle = append(idle, s)
 		}
 	}

@@ -263,6 +263,19 @@ func TestPlan(t *testing.T) {
 				forecasts: []Forecast{forecast("f1", 1)}},
 		},
 		{
+			name: "after a forecast ends, its builders' idle time starts then, not at their boot",
+			pol:  forecasting(3),
+			w: world{slots: []Slot{slot("slot1", Ready, func(s *Slot) { s.LastActive = t0.Add(-time.Hour) }), slot("slot2", Empty), slot("slot3", Empty)},
+				forecasts: []Forecast{forecast("f1", 1, func(f *Forecast) { f.WithdrawnAt = t0.Add(-time.Minute) })}},
+		},
+		{
+			name: "a forecast that ended longer than idle_timeout ago keeps no builder",
+			pol:  forecasting(3),
+			w: world{slots: []Slot{slot("slot1", Ready, func(s *Slot) { s.LastActive = t0.Add(-time.Hour) }), slot("slot2", Empty), slot("slot3", Empty)},
+				forecasts: []Forecast{forecast("f1", 1, func(f *Forecast) { f.WithdrawnAt = t0.Add(-6 * time.Minute) })}},
+			want: []string{`drain pool="x86" slot="slot1" instance="i-slot1" reason="idle"`},
+		},
+		{
 			name: "min_builders launches without demand",
 			pol:  policy(pool(func(p *PoolPolicy) { p.MinBuilders = 1 })),
 			w:    world{slots: []Slot{slot("slot1", Empty), slot("slot2", Empty), slot("slot3", Empty)}},

@@ -19,8 +19,8 @@ type Store interface {
 	Reservation(ctx context.Context, id string) (Reservation, error)
 	// Intents returns the intents not yet applied, oldest first.
 	Intents(ctx context.Context) ([]Intent, error)
-	// Forecasts returns the forecasts not withdrawn whose TTL had not
-	// passed when they were read.
+	// Forecasts returns the forecasts open, or ended within
+	// ForecastRecent, when they were read.
 	Forecasts(ctx context.Context) ([]Forecast, error)
 	Commit(ctx context.Context, c Change) error
 }

@@ -48,11 +48,12 @@ func (db *DB) queryForecasts(ctx context.Context, q string, args ...any) ([]scal
 	return out, rows.Err()
 }
 
-// Forecasts returns the forecasts not withdrawn whose TTL has not passed,
-// oldest first: the ones the planner counts.
+// Forecasts returns the forecasts open or ended within
+// scaler.ForecastRecent, oldest first: what the planner looks at.
 func (db *DB) Forecasts(ctx context.Context) ([]scaler.Forecast, error) {
+	since := nanos(db.clock.Now().Add(-scaler.ForecastRecent))
 	fs, err := db.queryForecasts(ctx, "SELECT "+forecastColumns+
-		" FROM forecasts WHERE withdrawn_at = 0 AND expires_at > ? ORDER BY created_at, id", nanos(db.clock.Now()))
+		" FROM forecasts WHERE expires_at > ? AND (withdrawn_at = 0 OR withdrawn_at > ?) ORDER BY created_at, id", since, since)
 	if err != nil {
 		return nil, fmt.Errorf("list forecasts: %w", err)
 	}

@@ -187,13 +187,19 @@ func (m *Store) WithdrawForecast(_ context.Context, id string, at time.Time) (sc
 	return scaler.Forecast{}, fmt.Errorf("forecast %s: %w", id, scaler.ErrNotFound)
 }
 
-// Forecasts returns the forecasts not withdrawn, oldest first.
+// Forecasts returns the forecasts made within a TTL and a
+// scaler.ForecastRecent of the latest one, oldest first: the store has no
+// clock, and this keeps every forecast open or recently ended.
 func (m *Store) Forecasts(context.Context) ([]scaler.Forecast, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if len(m.fcs) == 0 {
+		return nil, nil
+	}
+	since := m.fcs[len(m.fcs)-1].CreatedAt.Add(-scaler.MaxForecastTTL - scaler.ForecastRecent)
 	var out []scaler.Forecast
 	for _, f := range m.fcs {
-		if f.WithdrawnAt.IsZero() {
+		if f.CreatedAt.After(since) {
 			out = append(out, f)
 		}
 	}
