@@ -76,6 +76,8 @@ type world struct {
 	unknown   bool // load balancer unreachable
 	noList    bool // provider list failed
 	intents   []Intent
+	held      int // connections the load balancer holds, pool x86
+	queued    int // connections the load balancer queues, pool x86
 }
 
 func (w world) observed() Observed {
@@ -97,6 +99,12 @@ func (w world) observed() Observed {
 	}
 	for k, v := range w.servers {
 		obs.Servers[k] = v
+	}
+	if w.held > 0 {
+		obs.Held = map[string]int{"x86": w.held}
+	}
+	if w.queued > 0 {
+		obs.Queued = map[string]int{"x86": w.queued}
 	}
 	return obs
 }
@@ -193,6 +201,30 @@ func TestPlan(t *testing.T) {
 			name: "connections held by the load balancer are demand too",
 			w:    world{slots: []Slot{slot("slot1", Empty), slot("slot2", Empty), slot("slot3", Empty)}},
 			want: []string{`launch pool="x86" slot="slot1" reason="1 need a builder, 1 builders wanted, 0 active"`},
+		},
+		{
+			name: "connections queued on a full builder are demand: a second builder",
+			w: world{slots: []Slot{slot("slot1", Ready), slot("slot2", Empty), slot("slot3", Empty)},
+				res: []Reservation{assigned("r1", "slot1")}, queued: 1},
+			want: []string{
+				`touch pool="x86" slot="slot1"`,
+				`launch pool="x86" slot="slot2" reason="2 need a builder, 2 builders wanted, 1 active"`,
+			},
+		},
+		{
+			name: "held and queued connections are each counted once",
+			w:    world{slots: []Slot{slot("slot1", Empty), slot("slot2", Empty), slot("slot3", Empty)}, held: 1, queued: 1},
+			want: []string{
+				`launch pool="x86" slot="slot1" reason="2 need a builder, 2 builders wanted, 0 active"`,
+				`launch pool="x86" slot="slot2" reason="2 need a builder, 2 builders wanted, 1 active"`,
+			},
+		},
+		{
+			name: "queued connections launch no builder beyond max_builders",
+			pol:  policy(pool(func(p *PoolPolicy) { p.MaxBuilders = 2 })),
+			w: world{slots: []Slot{slot("slot1", Ready), slot("slot2", Ready), slot("slot3", Empty)},
+				res: []Reservation{assigned("r1", "slot1")}, queued: 5},
+			want: []string{`touch pool="x86" slot="slot1"`},
 		},
 		{
 			name: "min_builders launches without demand",
