@@ -35,9 +35,11 @@ const statServersCmd = "show stat -1 4 -1"
 // SPOE agent sent to a slot (use-server) waits in that server's queue (qcur
 // of its line); one balanced by HAProxy (no agent answer) waits in the
 // backend's queue (qcur of the BACKEND line), which does not include the
-// servers' queues. A pool's queued connections are the sum of the two. With
-// no server UP HAProxy queues nothing: it closes the connection (unless
-// the agent holds it first, which is Held, not queued).
+// servers' queues. A pool's queued connections are the sum of the two. A
+// connection in the backend's queue goes to the first server with room, a
+// builder that comes up included; one in a server's queue waits for that
+// server. With no server UP HAProxy queues nothing: it closes the
+// connection (unless the agent holds it first, which is Held, not queued).
 //
 // What counts as Up (HAProxy 2.6.12, measured):
 //   - status "UP" and "DRAIN"/"DRAIN (agent)" are up: HAProxy routes to the

@@ -648,7 +648,8 @@ func mustStats(t *testing.T, h *haproxytest.Instance) []Stat {
 // and Readiness reads them as the pool's queued connections, each once: one
 // the SPOE agent sent to the full slot waits in that server's queue, one
 // HAProxy balanced itself (the agent set no slot) in the backend's. They
-// leave the count as they are served.
+// leave the count as they are served: the backend's queue by a builder
+// that comes up, a server's only by that server.
 func TestReadinessQueuedOnGeneratedConfig(t *testing.T) {
 	l := startSPOELab(t, time.Minute)
 	if out := l.h.Cmd(fmt.Sprintf("set server nba_x86/slot2 addr 127.0.0.1 port %d", l.builder)); !strings.Contains(out, "changed") {
@@ -737,32 +738,30 @@ nix_builder_autoscaler_haproxy_queued_connections{pool="x86"} 2
 		t.Errorf("Queued() = %v, want the last read's x86: 2", q)
 	}
 
-	// The first session ends: a queued connection takes its place.
-	c1.Close()
-	var served, waiting net.Conn
-	var last chan error
-	select {
-	case err := <-served2:
-		served, waiting, last = c2, c3, served3
-		if err != nil {
-			t.Fatalf("second connection: %v", err)
-		}
-	case err := <-served3:
-		served, waiting, last = c3, c2, served2
-		if err != nil {
-			t.Fatalf("third connection: %v", err)
-		}
-	case <-time.After(testwait.Bound): // a hang guard
-		t.Fatalf("no queued connection served %v after the first one closed", testwait.Bound)
+	// A second builder comes up (slot3): the connection in the backend's
+	// queue goes to it; the one sent to slot2 stays in slot2's queue.
+	if out := l.h.Cmd(fmt.Sprintf("set server nba_x86/slot3 addr 127.0.0.1 port %d", l.builder)); !strings.Contains(out, "changed") {
+		t.Fatalf("set server addr: %s", out)
 	}
-	waitQueued("one queued connection served", 1)
-	served.Close()
-	if err := <-last; err != nil {
-		t.Fatalf("last queued connection: %v", err)
+	l.ag.set("x86/slot3", "up ready 100% maxconn:1")
+	if err := <-served3; err != nil {
+		t.Fatalf("the connection in the backend's queue, once slot3 is up: %v", err)
+	}
+	if st := stats(t, l.h); st["nba_x86/slot3"]["scur"] != "1" || st["nba_x86/slot2"]["qcur"] != "1" {
+		t.Errorf("slot3 scur %s, slot2 qcur %s; want 1 (the backend's queued connection went to the new server), 1 (the one sent to slot2 waits for slot2)",
+			st["nba_x86/slot3"]["scur"], st["nba_x86/slot2"]["qcur"])
+	}
+	waitQueued("the backend's queued connection served by the new builder", 1)
+
+	// slot2's session ends: the connection in its queue takes its place.
+	c1.Close()
+	if err := <-served2; err != nil {
+		t.Fatalf("the connection in slot2's queue, once slot2 has room: %v", err)
 	}
 	waitQueued("every queued connection served", 0)
 	checkMetrics(t, reg, `
 nix_builder_autoscaler_haproxy_queued_connections{pool="x86"} 0
 `, "nix_builder_autoscaler_haproxy_queued_connections")
-	waiting.Close()
+	c2.Close()
+	c3.Close()
 }
