@@ -518,8 +518,8 @@ func (f *fleet) forceRounds(n int, gap time.Duration) roundTimes {
 	return rt
 }
 
-// probeStat sends HAProxy the command a round sends it (the servers of
-// `show stat`) n times, gap apart, from the benchmark, and returns how long
+// probeStat sends HAProxy the command a round sends it (the backends and
+// servers of `show stat`) n times, gap apart, from the benchmark, and returns how long
 // each answer took: what HAProxy and the machine alone make a round wait,
 // to compare with the round's servers phase.
 func (f *fleet) probeStat(n int, gap time.Duration) benchDurs {
@@ -527,7 +527,7 @@ func (f *fleet) probeStat(n int, gap time.Duration) benchDurs {
 	for range n {
 		time.Sleep(gap)
 		t := time.Now()
-		f.hp.Cmd("show stat -1 4 -1")
+		f.hp.Cmd("show stat -1 6 -1")
 		durs = append(durs, time.Since(t))
 	}
 	return durs

@@ -247,3 +247,91 @@ func TestHAProxyRestartRebinds(t *testing.T) {
 		t.Fatalf("connection after restart: %q, %v", banner, err)
 	}
 }
+
+// TestQueuedConnectionLaunchesABuilder: with the SPOE agent gone, HAProxy
+// balances by itself, and a connection that finds the one builder at
+// max_jobs waits in the backend's queue. The daemon counts it as demand
+// (with the reservation that builder serves, two builders are wanted):
+// it launches a second builder, and HAProxy hands the queued connection
+// to it.
+func TestQueuedConnectionLaunchesABuilder(t *testing.T) {
+	// The local builder boots after a second, so that the status read
+	// below comes while the connection still waits; HAProxy's queue
+	// timeout (1m) is raised so that no slow machine drops it first.
+	b := startBenchStack(t, "max_builders = 2\nmax_jobs = 1\n[pool.local]\nboot_delay = \"1s\"", "10s", "200ms", func(cfg string) string {
+		if !strings.Contains(cfg, "timeout queue 1m\n") {
+			t.Fatalf("the generated config has no `timeout queue 1m`; has the template changed?\n%s", cfg)
+		}
+		return strings.Replace(cfg, "timeout queue 1m\n", "timeout queue 10m\n", 1)
+	})
+	s := &stack{t: t, h: b.h, hp: b.hp, cfg: b.cfg, frontend: b.frontend}
+	ctx := context.Background()
+	s.h.Daemon.StopSPOA()
+	testwait.Until(t, "HAProxy to see the SPOE agent down", func() bool {
+		return strings.HasPrefix(b.proxyStat(haproxy.SPOABackend, "spoa1")["status"], "DOWN")
+	})
+
+	// A reserved build takes slot1's one job.
+	if r := s.reserve("queued-1"); r.Slot != "slot1" {
+		t.Fatalf("reservation on %s, want slot1", r.Slot)
+	}
+	s.waitStat("slot1", "slim", is("1"))
+	if _, banner, err := s.dial(); err != nil || !strings.HasPrefix(banner, "SSH-2.0-") {
+		t.Fatalf("the build's connection: %q, %v", banner, err)
+	}
+	// Another connection waits in the backend's queue.
+	c, err := net.DialTimeout("tcp", s.frontend, testwait.Bound)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	served := make(chan string, 1)
+	go func() {
+		_ = c.SetReadDeadline(time.Now().Add(testwait.Bound)) // a hang guard
+		line, _ := bufio.NewReader(c).ReadString('\n')
+		served <- strings.TrimSpace(line)
+	}()
+	testwait.Until(t, "the second connection queued in HAProxy", func() bool {
+		return b.proxyStat(haproxy.Backend("x86"), "BACKEND")["qcur"] == "1"
+	})
+
+	// The next round (here forced; the daemon's own comes within
+	// reconcile_interval) sees it and launches slot2.
+	if _, err := s.h.Client.Reconcile(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := s.h.Client.Status(ctx); err != nil {
+		t.Fatal(err)
+	} else if q := st.Pools[0].QueuedConnections; q != 1 {
+		select {
+		case line := <-served:
+			t.Logf("status read after the queued connection was served (%q); queued_connections %d not checked", line, q)
+			served <- line
+		default:
+			t.Errorf("status queued_connections = %d while a connection waits in HAProxy's queue; want 1", q)
+		}
+	}
+	ev, err := s.h.Client.Events(ctx, api.EventQuery{Pool: "x86", Slot: "slot2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	launched := ""
+	for _, e := range ev.Events {
+		if e.Kind == "launched" {
+			launched = e.Reason
+		}
+	}
+	if !strings.Contains(launched, "2 need a builder") {
+		t.Fatalf("slot2 launch reason %q (events %+v); want one for 2 needing a builder: the reservation and the queued connection", launched, ev.Events)
+	}
+	select {
+	case line := <-served:
+		if !strings.HasPrefix(line, "SSH-2.0-") {
+			t.Fatalf("the queued connection got %q; want the new builder's banner", line)
+		}
+	case <-time.After(testwait.Bound): // a hang guard
+		t.Fatalf("the queued connection still waits %v after slot2 was launched: stuck", testwait.Bound)
+	}
+	s.waitStat("slot2", "scur", is("1"))
+	s.waitStat("slot1", "scur", is("1"))
+}

@@ -16,13 +16,30 @@ import (
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
-// statServersCmd asks for server lines only (all proxies, type 4 = servers,
-// all server ids): one call per round gives state, sessions and address.
+// statCmd asks for backend and server lines (all proxies, types 2 backends
+// + 4 servers, all server ids): one call per round gives each server's
+// state, sessions and address, and each backend's queue.
+const statCmd = "show stat -1 6 -1"
+
+// statServersCmd asks for server lines only (Quiesce reads one server).
 const statServersCmd = "show stat -1 4 -1"
 
 // Readiness is scaler.Readiness on HAProxy's runtime API: Bind writes a
 // slot's builder address into its server (`set server ... addr`), Servers
-// reads every pool server's address, state and sessions from one `show stat`.
+// reads every pool server's address, state and sessions from one `show stat`,
+// and ServersAndQueues, from the same answer, the connections each pool
+// queues.
+//
+// What counts as queued (HAProxy 2.6.12, measured): a connection waits in a
+// queue when the server it may go to is at its maxconn (max_jobs). One the
+// SPOE agent sent to a slot (use-server) waits in that server's queue (qcur
+// of its line); one balanced by HAProxy (no agent answer) waits in the
+// backend's queue (qcur of the BACKEND line), which does not include the
+// servers' queues. A pool's queued connections are the sum of the two. A
+// connection in the backend's queue goes to the first server with room, a
+// builder that comes up included; one in a server's queue waits for that
+// server. With no server UP HAProxy queues nothing: it closes the
+// connection (unless the agent holds it first, which is Held, not queued).
 //
 // What counts as Up (HAProxy 2.6.12, measured):
 //   - status "UP" and "DRAIN"/"DRAIN (agent)" are up: HAProxy routes to the
@@ -50,6 +67,9 @@ const statServersCmd = "show stat -1 4 -1"
 //   - haproxy_server_sessions{pool,slot}: current sessions (scur) of each
 //     pool server; absent after a failed Servers call (stale numbers would
 //     mislead).
+//   - haproxy_queued_connections{pool}: connections queued for the pool
+//     (its backend's queue and its servers'), demand the scaler counts;
+//     absent after a failed Servers call.
 type Readiness struct {
 	c     *Client
 	pools map[string]string // backend name → pool
@@ -61,6 +81,7 @@ type Readiness struct {
 	spoaUp    bool
 	spoaKnown bool
 	sessions  map[scaler.SlotKey]int
+	queued    map[string]int // per pool, every pool backend HAProxy has
 
 	placeholder string
 	// bound: per slot, the address last bound and whether a check that did
@@ -80,8 +101,9 @@ type boundAddr struct {
 }
 
 var (
-	_ scaler.Readiness = (*Readiness)(nil)
-	_ scaler.Quiescer  = (*Readiness)(nil)
+	_ scaler.Readiness   = (*Readiness)(nil)
+	_ scaler.Quiescer    = (*Readiness)(nil)
+	_ scaler.QueueReader = (*Readiness)(nil)
 )
 
 // NewReadiness returns a Readiness for the given pools (their backends are
@@ -173,31 +195,68 @@ func (r *Readiness) setHAProxyUp(up bool) {
 // backend HAProxy does not have contributes no entries. It also records the
 // SPOE agent backend's state for SPOAUp and the metrics.
 func (r *Readiness) Servers(ctx context.Context) (map[scaler.SlotKey]scaler.ServerStatus, error) {
-	out, spoaUp, spoaKnown, err := r.servers(ctx)
+	out, _, err := r.ServersAndQueues(ctx)
+	return out, err
+}
+
+// ServersAndQueues is Servers, and, from the same `show stat`, the
+// connections queued per pool (see Readiness): only pools with a queue are
+// listed.
+func (r *Readiness) ServersAndQueues(ctx context.Context) (map[scaler.SlotKey]scaler.ServerStatus, map[string]int, error) {
+	out, queued, spoaUp, spoaKnown, err := r.servers(ctx)
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if err != nil {
-		r.haproxyUp, r.spoaUp, r.spoaKnown, r.sessions = false, false, false, nil
+		r.haproxyUp, r.spoaUp, r.spoaKnown, r.sessions, r.queued = false, false, false, nil, nil
 		r.lastErr = err.Error()
-		return nil, fmt.Errorf("haproxy servers: %w", err)
+		return nil, nil, fmt.Errorf("haproxy servers: %w", err)
 	}
-	r.haproxyUp, r.spoaUp, r.spoaKnown, r.lastErr = true, spoaUp, spoaKnown, ""
+	r.haproxyUp, r.spoaUp, r.spoaKnown, r.lastErr, r.queued = true, spoaUp, spoaKnown, "", queued
 	r.sessions = make(map[scaler.SlotKey]int, len(out))
 	for k, s := range out {
 		r.sessions[k] = s.Sessions
 	}
-	return out, nil
+	return out, positive(queued), nil
 }
 
-func (r *Readiness) servers(ctx context.Context) (out map[scaler.SlotKey]scaler.ServerStatus, spoaUp, spoaKnown bool, err error) {
-	stats, err := r.c.showStat(ctx, statServersCmd)
+// Queued returns the connections queued per pool, as the last Servers call
+// read them (nil when it failed or none was made); only pools with a queue
+// are listed.
+func (r *Readiness) Queued() map[string]int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return positive(r.queued)
+}
+
+// positive copies the entries of m above zero (nil if none).
+func positive(m map[string]int) map[string]int {
+	var out map[string]int
+	for k, n := range m {
+		if n > 0 {
+			if out == nil {
+				out = map[string]int{}
+			}
+			out[k] = n
+		}
+	}
+	return out
+}
+
+func (r *Readiness) servers(ctx context.Context) (out map[scaler.SlotKey]scaler.ServerStatus, queued map[string]int, spoaUp, spoaKnown bool, err error) {
+	stats, err := r.c.showStat(ctx, statCmd)
 	if err != nil {
-		return nil, false, false, err
+		return nil, nil, false, false, err
 	}
 	out = map[scaler.SlotKey]scaler.ServerStatus{}
+	queued = map[string]int{}
 	needAddr := false
 	for _, s := range stats {
 		if !s.IsServer() {
+			// A backend's own line: its queue, the connections balanced
+			// there that wait for a server with room.
+			if pool, ok := r.pools[s.Proxy()]; ok && s.Server() == "BACKEND" {
+				queued[pool] += int(max(s.Int("qcur"), 0))
+			}
 			continue
 		}
 		if s.Proxy() == SPOABackend {
@@ -212,6 +271,8 @@ func (r *Readiness) servers(ctx context.Context) (out map[scaler.SlotKey]scaler.
 			needAddr = true
 		}
 		key := scaler.SlotKey{Pool: pool, Slot: s.Server()}
+		// Connections sent to this server (use-server) that wait for room.
+		queued[pool] += int(max(s.Int("qcur"), 0))
 		healthy := r.healthy(key, s)
 		status := s.Status()
 		out[key] = scaler.ServerStatus{
@@ -227,10 +288,10 @@ func (r *Readiness) servers(ctx context.Context) (out map[scaler.SlotKey]scaler.
 	}
 	if needAddr && len(out) > 0 {
 		if err := r.fillAddrs(ctx, out); err != nil {
-			return nil, false, false, err
+			return nil, nil, false, false, err
 		}
 	}
-	return out, spoaUp, spoaKnown, nil
+	return out, queued, spoaUp, spoaKnown, nil
 }
 
 // healthy reports whether the health check of the slot's server (row s of
@@ -361,6 +422,8 @@ var (
 		"1 when HAProxy reports a server of the SPOE agent backend UP, 0 when none is; absent when unknown.", nil, nil)
 	rdServerSessionsDesc = prometheus.NewDesc(prometheus.BuildFQName(readinessNamespace, "", "haproxy_server_sessions"),
 		"Current sessions of each pool server, as HAProxy reported them in the last successful read.", []string{"pool", "slot"}, nil)
+	rdQueuedDesc = prometheus.NewDesc(prometheus.BuildFQName(readinessNamespace, "", "haproxy_queued_connections"),
+		"Connections HAProxy queues for the pool (its backend's queue and its servers') because the builders are at max_jobs, in the last successful read; the scaler counts them as demand.", []string{"pool"}, nil)
 )
 
 // readinessCollector exports a consistent snapshot of the last calls, so a
@@ -371,6 +434,7 @@ func (c readinessCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- rdHAProxyUpDesc
 	ch <- rdSPOAUpDesc
 	ch <- rdServerSessionsDesc
+	ch <- rdQueuedDesc
 }
 
 func (c readinessCollector) Collect(ch chan<- prometheus.Metric) {
@@ -383,6 +447,9 @@ func (c readinessCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for k, n := range r.sessions {
 		ch <- prometheus.MustNewConstMetric(rdServerSessionsDesc, prometheus.GaugeValue, float64(n), k.Pool, k.Slot)
+	}
+	for p, n := range r.queued {
+		ch <- prometheus.MustNewConstMetric(rdQueuedDesc, prometheus.GaugeValue, float64(n), p)
 	}
 }
 

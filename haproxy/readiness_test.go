@@ -17,6 +17,7 @@ import (
 	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy/haproxytest"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/testwait"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+	"guardianproject.dev/ops/nix-builder-autoscaler/spoa/wire"
 )
 
 var placeholderAddr = fmt.Sprintf("%s:%d", Placeholder, PlaceholderPort)
@@ -130,6 +131,8 @@ func TestReadinessAgainstHAProxy(t *testing.T) {
 	}
 	waitServer(t, r, slot1, "one session", func(s scaler.ServerStatus) bool { return s.Sessions == 1 })
 	checkMetrics(t, reg, `
+nix_builder_autoscaler_haproxy_queued_connections{pool="arm"} 0
+nix_builder_autoscaler_haproxy_queued_connections{pool="x86"} 0
 nix_builder_autoscaler_haproxy_server_sessions{pool="arm",slot="slot1"} 0
 nix_builder_autoscaler_haproxy_server_sessions{pool="x86",slot="slot1"} 1
 nix_builder_autoscaler_haproxy_server_sessions{pool="x86",slot="slot2"} 0
@@ -343,6 +346,10 @@ func TestReadinessSPOA(t *testing.T) {
 	}
 }
 
+// TestReadinessOneCallPerRound: one `show stat` gives the servers and the
+// queues (a pool's backend queue plus its servers' queues; other backends'
+// are not counted); only a HAProxy without the addr column costs a second
+// call.
 func TestReadinessOneCallPerRound(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
@@ -350,24 +357,30 @@ func TestReadinessOneCallPerRound(t *testing.T) {
 		calls []string
 	}{
 		{"addr column (2.6.12)",
-			"# pxname,svname,status,scur,check_status,addr,type\n" +
-				"nba_x86,slot1,UP,2,L7OK,100.64.0.7:22,2\n" +
-				"nba_x86,slot2,DOWN 1/2,0,L7OK,[fd7a::1]:22,2\n" +
-				"nba_spoa,spoa1,UP,0,L4OK,127.0.0.1:9000,2\n" +
-				"other,web1,UP,9,L7OK,10.0.0.1:80,2\n",
-			[]string{statServersCmd}},
+			"# pxname,svname,qcur,status,scur,check_status,addr,type\n" +
+				"nba_x86,slot1,1,UP,2,L7OK,100.64.0.7:22,2\n" +
+				"nba_x86,slot2,0,DOWN 1/2,0,L7OK,[fd7a::1]:22,2\n" +
+				"nba_x86,BACKEND,3,UP,2,,,1\n" +
+				"nba_spoa,spoa1,,UP,0,L4OK,127.0.0.1:9000,2\n" +
+				"nba_spoa,BACKEND,5,UP,0,,,1\n" +
+				"other,web1,7,UP,9,L7OK,10.0.0.1:80,2\n" +
+				"other,BACKEND,9,UP,9,,,1\n",
+			[]string{statCmd}},
 		{"no addr column: one more call",
-			"# pxname,svname,status,scur,check_status,type\n" +
-				"nba_x86,slot1,UP,2,L7OK,2\n" +
-				"nba_x86,slot2,DOWN 1/2,0,L7OK,2\n" +
-				"nba_spoa,spoa1,UP,0,L4OK,2\n" +
-				"other,web1,UP,9,L7OK,2\n",
-			[]string{statServersCmd, "show servers state"}},
+			"# pxname,svname,qcur,status,scur,check_status,type\n" +
+				"nba_x86,slot1,1,UP,2,L7OK,2\n" +
+				"nba_x86,slot2,0,DOWN 1/2,0,L7OK,2\n" +
+				"nba_x86,BACKEND,3,UP,2,,1\n" +
+				"nba_spoa,spoa1,,UP,0,L4OK,2\n" +
+				"nba_spoa,BACKEND,5,UP,0,,1\n" +
+				"other,web1,7,UP,9,L7OK,2\n" +
+				"other,BACKEND,9,UP,9,,1\n",
+			[]string{statCmd, "show servers state"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := startFakeSocket(t, func(cmd string) string {
 				switch cmd {
-				case statServersCmd:
+				case statCmd:
 					return tc.stat + "\n"
 				case "show servers state":
 					return "1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port\n" +
@@ -378,7 +391,7 @@ func TestReadinessOneCallPerRound(t *testing.T) {
 			})
 			reg := prometheus.NewPedanticRegistry()
 			r := NewReadiness(NewClient(f.Path, testwait.Bound), []string{"x86"}, "192.0.2.1:22", time.Second, nil, reg)
-			servers, err := r.Servers(t.Context())
+			servers, queued, err := r.ServersAndQueues(t.Context())
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -390,9 +403,15 @@ func TestReadinessOneCallPerRound(t *testing.T) {
 			if fmt.Sprint(servers) != fmt.Sprint(want) {
 				t.Errorf("Servers = %v, want %v", servers, want)
 			}
+			if want := map[string]int{"x86": 4}; fmt.Sprint(queued) != fmt.Sprint(want) {
+				t.Errorf("queued = %v, want %v (backend 3 + slot1 1)", queued, want)
+			}
 			if got := f.Commands(); strings.Join(got, "|") != strings.Join(tc.calls, "|") {
 				t.Errorf("commands sent = %q, want %q", got, tc.calls)
 			}
+			checkMetrics(t, reg, `
+nix_builder_autoscaler_haproxy_queued_connections{pool="x86"} 4
+`, "nix_builder_autoscaler_haproxy_queued_connections")
 		})
 	}
 }
@@ -493,7 +512,7 @@ func TestReusedSlotNotHealthyFromStaleCheck(t *testing.T) {
 	f := startFakeSocket(t, func(cmd string) string {
 		mu.Lock()
 		defer mu.Unlock()
-		if cmd == statServersCmd {
+		if cmd == statCmd {
 			st, chk, _ := strings.Cut(row, ",")
 			return "# pxname,svname,status,scur,check_status,addr,type\n" +
 				"nba_x86,slot1," + st + ",0," + chk + ",10.0.0.9:22,2\n\n"
@@ -621,4 +640,128 @@ func mustStats(t *testing.T, h *haproxytest.Instance) []Stat {
 		t.Fatal(err)
 	}
 	return stats
+}
+
+// TestReadinessQueuedOnGeneratedConfig: on HAProxy running the generated
+// configuration, with one builder up whose maxconn (max_jobs, from the
+// agent check) is 1 and taken, connections that come next wait in a queue,
+// and Readiness reads them as the pool's queued connections, each once: one
+// the SPOE agent sent to the full slot waits in that server's queue, one
+// HAProxy balanced itself (the agent set no slot) in the backend's. They
+// leave the count as they are served: the backend's queue by a builder
+// that comes up, a server's only by that server.
+func TestReadinessQueuedOnGeneratedConfig(t *testing.T) {
+	l := startSPOELab(t, time.Minute)
+	if out := l.h.Cmd(fmt.Sprintf("set server nba_x86/slot2 addr 127.0.0.1 port %d", l.builder)); !strings.Contains(out, "changed") {
+		t.Fatalf("set server addr: %s", out)
+	}
+	l.ag.set("x86/slot2", "up ready 100% maxconn:1")
+	testwait.Until(t, "slot2 UP with maxconn 1 (the agent's)", func() bool {
+		st := stats(t, l.h)["nba_x86/slot2"]
+		return st["status"] == "UP" && st["slim"] == "1"
+	})
+	reg := prometheus.NewPedanticRegistry()
+	r := NewReadiness(NewClient(l.h.Socket, testwait.Bound), []string{"x86"}, placeholderAddr, 200*time.Millisecond, nil, reg)
+	slot2 := scaler.SlotKey{Pool: "x86", Slot: "slot2"}
+	waitServer(t, r, slot2, "up", func(s scaler.ServerStatus) bool { return s.Up })
+	queued := func() map[string]int {
+		t.Helper()
+		_, q, err := r.ServersAndQueues(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return q
+	}
+	if q := queued(); len(q) != 0 {
+		t.Fatalf("queued before any connection = %v, want none", q)
+	}
+	waitQueued := func(what string, n int) {
+		t.Helper()
+		var last map[string]int
+		if !testwait.Poll(testwait.Bound, func() bool {
+			last = queued()
+			return last["x86"] == n && len(last) == min(n, 1)
+		}) {
+			t.Fatalf("%s: queued %v after %v, want x86: %d; show stat: slot2 qcur %s, backend qcur %s", what, last, testwait.Bound,
+				n, stats(t, l.h)["nba_x86/slot2"]["qcur"], stats(t, l.h)["nba_x86/BACKEND"]["qcur"])
+		}
+	}
+	// dial connects through the frontend; the banner, or the error, comes
+	// on the channel once the builder serves the connection.
+	dial := func() (net.Conn, chan error) {
+		t.Helper()
+		c, err := net.DialTimeout("tcp", l.frontend, testwait.Bound)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		served := make(chan error, 1)
+		go func() {
+			_ = c.SetReadDeadline(time.Now().Add(testwait.Bound)) // a hang guard
+			line, err := bufio.NewReader(c).ReadString('\n')
+			if err == nil && !strings.HasPrefix(line, "SSH-2.0-") {
+				err = fmt.Errorf("not a banner: %q", line)
+			}
+			served <- err
+		}()
+		return c, served
+	}
+
+	l.spoa.setAnswer(func(map[string]string) (string, string) { return wire.VarSlot, "slot2" })
+	c1, served1 := dial()
+	l.spoa.next(t)
+	if err := <-served1; err != nil {
+		t.Fatalf("first connection: %v", err)
+	}
+	// The agent sends the next one to slot2 too (its view lags): it waits
+	// in slot2's queue.
+	c2, served2 := dial()
+	l.spoa.next(t)
+	waitQueued("a connection sent to the full slot", 1)
+	if st := stats(t, l.h); st["nba_x86/slot2"]["qcur"] != "1" || st["nba_x86/BACKEND"]["qcur"] != "0" {
+		t.Errorf("show stat qcur: slot2 %s, backend %s; want 1 (use-server queues on the server), 0",
+			st["nba_x86/slot2"]["qcur"], st["nba_x86/BACKEND"]["qcur"])
+	}
+	// No slot from the agent: HAProxy balances, and the connection waits
+	// in the backend's queue, which does not count the server's.
+	l.spoa.setAnswer(func(map[string]string) (string, string) { return "", "" })
+	c3, served3 := dial()
+	l.spoa.next(t)
+	waitQueued("one more connection balanced by HAProxy", 2)
+	if st := stats(t, l.h); st["nba_x86/slot2"]["qcur"] != "1" || st["nba_x86/BACKEND"]["qcur"] != "1" {
+		t.Errorf("show stat qcur: slot2 %s, backend %s; want 1, 1", st["nba_x86/slot2"]["qcur"], st["nba_x86/BACKEND"]["qcur"])
+	}
+	checkMetrics(t, reg, `
+nix_builder_autoscaler_haproxy_queued_connections{pool="x86"} 2
+`, "nix_builder_autoscaler_haproxy_queued_connections")
+	if q := r.Queued(); q["x86"] != 2 {
+		t.Errorf("Queued() = %v, want the last read's x86: 2", q)
+	}
+
+	// A second builder comes up (slot3): the connection in the backend's
+	// queue goes to it; the one sent to slot2 stays in slot2's queue.
+	if out := l.h.Cmd(fmt.Sprintf("set server nba_x86/slot3 addr 127.0.0.1 port %d", l.builder)); !strings.Contains(out, "changed") {
+		t.Fatalf("set server addr: %s", out)
+	}
+	l.ag.set("x86/slot3", "up ready 100% maxconn:1")
+	if err := <-served3; err != nil {
+		t.Fatalf("the connection in the backend's queue, once slot3 is up: %v", err)
+	}
+	if st := stats(t, l.h); st["nba_x86/slot3"]["scur"] != "1" || st["nba_x86/slot2"]["qcur"] != "1" {
+		t.Errorf("slot3 scur %s, slot2 qcur %s; want 1 (the backend's queued connection went to the new server), 1 (the one sent to slot2 waits for slot2)",
+			st["nba_x86/slot3"]["scur"], st["nba_x86/slot2"]["qcur"])
+	}
+	waitQueued("the backend's queued connection served by the new builder", 1)
+
+	// slot2's session ends: the connection in its queue takes its place.
+	c1.Close()
+	if err := <-served2; err != nil {
+		t.Fatalf("the connection in slot2's queue, once slot2 has room: %v", err)
+	}
+	waitQueued("every queued connection served", 0)
+	checkMetrics(t, reg, `
+nix_builder_autoscaler_haproxy_queued_connections{pool="x86"} 0
+`, "nix_builder_autoscaler_haproxy_queued_connections")
+	c2.Close()
+	c3.Close()
 }

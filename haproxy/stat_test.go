@@ -355,6 +355,7 @@ var fuzzSeeds = []string{
 	"#",
 	"# pxname,svname\n",
 	"# pxname,svname,status,addr,scur\nnba_x86,slot1,UP,[::1]:22,1\n",
+	"# pxname,svname,qcur,status,type\nnba_x86,slot1,1,UP,2\nnba_x86,BACKEND,2,UP,1\n",
 	"# pxname,svname,\"status\nx,\"y,\"\"\"\n",
 	"1\n# be_id be_name srv_id srv_name srv_addr\n3 nba_x86 1 slot1 10.0.0.1\n",
 	"1\n#\n",
@@ -403,7 +404,7 @@ func FuzzParseStat(f *testing.F) {
 		}
 		for _, s := range stats {
 			_, _, _, _, _ = s.Proxy(), s.Server(), s.Status(), s.Addr(), s.IsServer()
-			_ = s.Int("scur")
+			_, _ = s.Int("scur"), s.Int("qcur")
 			_ = serverUp(s.Status(), s.Str("check_status"))
 		}
 	})

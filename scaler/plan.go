@@ -63,6 +63,14 @@ type Observed struct {
 	// builder has room for them: demand that came without a reservation
 	// (evaluation-time builds, other Nix clients).
 	Held map[string]int
+	// Queued counts, per pool, connections the load balancer queues
+	// because the builders they may go to are at their connection limit
+	// (HAProxy's maxconn, max_jobs): demand like Held. A connection is
+	// held (waiting for the SPOE agent's answer) before it can be queued,
+	// never both at once; the reconciler reads Held after Queued, so a
+	// connection moving on between the two reads is missed for a round
+	// rather than counted twice.
+	Queued map[string]int
 	// Intents are the operators' and clients' requests not applied yet,
 	// oldest first.
 	Intents []Intent

@@ -27,7 +27,7 @@ func (p *planner) demand(pool string) int {
 			draining[s.Name] = true
 		}
 	}
-	n := p.obs.Held[pool]
+	n := p.obs.Held[pool] + p.obs.Queued[pool]
 	for _, r := range p.res {
 		if r.Pool == pool && !p.ended[r.ID] && !(r.State == Assigned && draining[r.Slot]) {
 			n++

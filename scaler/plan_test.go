@@ -92,6 +92,8 @@ type world struct {
 	noList    bool // provider list failed
 	intents   []Intent
 	forecasts []Forecast
+	held      int // connections the load balancer holds, pool x86
+	queued    int // connections the load balancer queues, pool x86
 }
 
 func (w world) observed() Observed {
@@ -113,6 +115,12 @@ func (w world) observed() Observed {
 	}
 	for k, v := range w.servers {
 		obs.Servers[k] = v
+	}
+	if w.held > 0 {
+		obs.Held = map[string]int{"x86": w.held}
+	}
+	if w.queued > 0 {
+		obs.Queued = map[string]int{"x86": w.queued}
 	}
 	return obs
 }
@@ -274,6 +282,30 @@ func TestPlan(t *testing.T) {
 			w: world{slots: []Slot{slot("slot1", Ready, func(s *Slot) { s.LastActive = t0.Add(-time.Hour) }), slot("slot2", Empty), slot("slot3", Empty)},
 				forecasts: []Forecast{forecast("f1", 1, func(f *Forecast) { f.WithdrawnAt = t0.Add(-6 * time.Minute) })}},
 			want: []string{`drain pool="x86" slot="slot1" instance="i-slot1" reason="idle"`},
+		},
+		{
+			name: "connections queued on a full builder are demand: a second builder",
+			w: world{slots: []Slot{slot("slot1", Ready), slot("slot2", Empty), slot("slot3", Empty)},
+				res: []Reservation{assigned("r1", "slot1")}, queued: 1},
+			want: []string{
+				`touch pool="x86" slot="slot1"`,
+				`launch pool="x86" slot="slot2" reason="2 need a builder, 2 builders wanted, 1 active"`,
+			},
+		},
+		{
+			name: "held and queued connections are each counted once",
+			w:    world{slots: []Slot{slot("slot1", Empty), slot("slot2", Empty), slot("slot3", Empty)}, held: 1, queued: 1},
+			want: []string{
+				`launch pool="x86" slot="slot1" reason="2 need a builder, 2 builders wanted, 0 active"`,
+				`launch pool="x86" slot="slot2" reason="2 need a builder, 2 builders wanted, 1 active"`,
+			},
+		},
+		{
+			name: "queued connections launch no builder beyond max_builders",
+			pol:  policy(pool(func(p *PoolPolicy) { p.MaxBuilders = 2 })),
+			w: world{slots: []Slot{slot("slot1", Ready), slot("slot2", Ready), slot("slot3", Empty)},
+				res: []Reservation{assigned("r1", "slot1")}, queued: 5},
+			want: []string{`touch pool="x86" slot="slot1"`},
 		},
 		{
 			name: "min_builders launches without demand",

@@ -219,9 +219,9 @@ func (r *Reconciler) keepResults(m map[string]IntentResult) {
 const DefaultBindPoll = 100 * time.Millisecond
 
 // DefaultFastInterval is the round rate while any builder is changing state
-// (starting, draining, terminating, held connections waiting): there is no
-// event for "the builder's sshd answers", so it is polled, but only while
-// it matters.
+// (starting, draining, terminating, held or queued connections waiting):
+// there is no event for "the builder's sshd answers", so it is polled, but
+// only while it matters.
 const DefaultFastInterval = time.Second
 
 // KickBatch is how long a round waits after the first event that asked for
@@ -318,7 +318,7 @@ func (r *Reconciler) ReconcileOnce(ctx context.Context) (changed bool, err error
 	t := r.o.Clock.Now()
 	actions := Plan(now, r.o.Policy, obs)
 	r.phases.Plan, t = r.lap(t)
-	r.settling = len(actions) > 0 || len(obs.Held) > 0
+	r.settling = len(actions) > 0 || len(obs.Held) > 0 || anyPositive(obs.Queued)
 	for _, s := range obs.Slots {
 		srv := obs.Servers[s.Key()]
 		// A ready slot the load balancer does not route to yet (the push,
@@ -371,7 +371,7 @@ func (r *Reconciler) observe(ctx context.Context) (Observed, map[string]Provider
 	})
 	if r.o.Readiness != nil {
 		wg.Go(func() {
-			obs.Servers, obs.ServersKnown = r.readServers(ctx)
+			obs.Servers, obs.Queued, obs.ServersKnown = r.readServers(ctx)
 			r.phases.Servers = r.since(start)
 		})
 	}
@@ -384,6 +384,9 @@ func (r *Reconciler) observe(ctx context.Context) (Observed, map[string]Provider
 	r.mu.Lock()
 	obs.LaunchBackoff = copyMap(r.backoff)
 	obs.LaunchError = copyMap(r.lastErr)
+	// Held is read after the servers (and their queues): a connection is
+	// held before it can be queued, so one that moved on meanwhile is
+	// counted in neither, never in both.
 	if r.o.Held != nil {
 		obs.Held = r.o.Held()
 	}
@@ -467,19 +470,35 @@ func (r *Reconciler) listInstances(ctx context.Context) (ins []Instance, known m
 	return ins, known, owner
 }
 
-// readServers asks the load balancer for its servers; known is false when
-// it could not be reached.
-func (r *Reconciler) readServers(ctx context.Context) (map[SlotKey]ServerStatus, bool) {
+// readServers asks the load balancer for its servers, and the connections
+// it queues per pool when it reports them (QueueReader); known is false
+// when it could not be reached.
+func (r *Reconciler) readServers(ctx context.Context) (servers map[SlotKey]ServerStatus, queued map[string]int, known bool) {
 	cctx, cancel := context.WithTimeout(ctx, r.o.CallTimeout)
-	servers, err := r.o.Readiness.Servers(cctx)
+	var err error
+	if q, ok := r.o.Readiness.(QueueReader); ok {
+		servers, queued, err = q.ServersAndQueues(cctx)
+	} else {
+		servers, err = r.o.Readiness.Servers(cctx)
+	}
 	cancel()
 	if err != nil {
 		r.o.Logger.Error("load balancer unreachable: no builder is drained or terminated until it answers", "err", err)
 		r.o.Recorder.LoadBalancer(false)
-		return nil, false
+		return nil, nil, false
 	}
 	r.o.Recorder.LoadBalancer(true)
-	return servers, true
+	return servers, queued, true
+}
+
+// anyPositive reports whether some count in m is above zero.
+func anyPositive(m map[string]int) bool {
+	for _, n := range m {
+		if n > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 func copyMap[V any](m map[string]V) map[string]V {

@@ -497,3 +497,75 @@ func TestRoundPhases(t *testing.T) {
 		t.Errorf("phases add up to %v, more than the round's %v", sum, s.Duration)
 	}
 }
+
+// queueServers is upServers with a queue: a load balancer that reports,
+// with its servers, the connections it queues per pool (QueueReader).
+type queueServers struct {
+	upServers
+	mu     sync.Mutex
+	queued map[string]int
+}
+
+func (q *queueServers) ServersAndQueues(ctx context.Context) (map[scaler.SlotKey]scaler.ServerStatus, map[string]int, error) {
+	servers, _ := q.upServers.Servers(ctx)
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	queued := map[string]int{}
+	for p, n := range q.queued {
+		queued[p] = n
+	}
+	return servers, queued, nil
+}
+
+// TestQueuedConnectionsObservedAndKeepRoundsFast: the connections a
+// QueueReader reports queued reach the plan (Observed.Queued), and while
+// any is queued the Run loop goes at FastInterval, like while connections
+// are held, even though nothing else changes: here the pool is at
+// max_builders, so the queue launches nothing and every slot is stable.
+func TestQueuedConnectionsObservedAndKeepRoundsFast(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	pools, st := emptyFleet(1)
+	key := scaler.SlotKey{Pool: "x86", Slot: "slot1"}
+	s, _ := st.Slot(ctx, key)
+	s.State, s.InstanceID, s.Address, s.LastActive = scaler.Ready, "i-slot1", "10.0.0.1:22", t0
+	if err := st.Commit(ctx, scaler.Change{Slots: []scaler.Slot{s}}); err != nil {
+		t.Fatal(err)
+	}
+	lb := &queueServers{upServers: upServers{key: "10.0.0.1:22"}, queued: map[string]int{"x86": 2}}
+	var mu sync.Mutex
+	var rounds, sawQueued int
+	clk := clocktest.New(t0)
+	rec := scaler.New(scaler.Options{Store: st, Clock: clk, Policy: scaler.Policy{Pools: pools}, Readiness: lb,
+		Interval: time.Hour, FastInterval: time.Second, KickBatch: -1,
+		Recorder: observeRecorder{f: func(obs scaler.Observed) {
+			mu.Lock()
+			defer mu.Unlock()
+			rounds++
+			if obs.Queued["x86"] == 2 {
+				sawQueued++
+			}
+		}},
+		Providers: map[string]scaler.Provider{"x86": &runningProvider{ins: []scaler.Instance{
+			{ID: "i-slot1", Pool: "x86", Slot: "slot1", State: scaler.InstanceRunning, Address: "10.0.0.1:22"}}}}})
+	done := make(chan error, 1)
+	go func() { done <- rec.Run(ctx) }()
+	testwait.Until(t, "three rounds while connections are queued", func() bool {
+		clk.Advance(time.Second)
+		mu.Lock()
+		defer mu.Unlock()
+		return rounds >= 3
+	})
+	if elapsed := clk.Now().Sub(t0); elapsed >= time.Hour {
+		t.Errorf("three rounds took %v of the test clock; want them at FastInterval while connections are queued", elapsed)
+	}
+	mu.Lock()
+	if sawQueued != rounds {
+		t.Errorf("%d of %d rounds observed the 2 queued connections", sawQueued, rounds)
+	}
+	mu.Unlock()
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}

@@ -245,6 +245,15 @@ type Readiness interface {
 	Servers(ctx context.Context) (map[SlotKey]ServerStatus, error)
 }
 
+// QueueReader is a Readiness that reads, in the same call as Servers, the
+// connections the load balancer queues per pool because the builders they
+// may go to are full (for HAProxy: qcur of the pool's backend and of its
+// servers, from the one `show stat`). Queued only lists pools with a queue.
+// Plan counts queued connections as demand (Observed.Queued).
+type QueueReader interface {
+	ServersAndQueues(ctx context.Context) (servers map[SlotKey]ServerStatus, queued map[string]int, err error)
+}
+
 // Quiescer is a Readiness that can close a slot's server to new
 // connections, leaving open ones alone, and count the sessions still open:
 // the confirm step before a drained builder is terminated. Plan saw no

@@ -142,12 +142,12 @@ func printStatus(w io.Writer, st api.Status, now time.Time) error {
 	if len(st.Pools) == 0 {
 		fmt.Fprintln(w, "no pools")
 	} else {
-		t := newTable(w, "POOL", "SYSTEMS", "FEATURES", "BUILDERS", "WARM", "RES/BUILDER", "SLOTS", "RESERVATIONS", "HELD")
+		t := newTable(w, "POOL", "SYSTEMS", "FEATURES", "BUILDERS", "WARM", "RES/BUILDER", "SLOTS", "RESERVATIONS", "HELD", "QUEUED")
 		for _, p := range st.Pools {
 			t.row(p.Name, list(p.Systems), list(p.Features),
 				fmt.Sprintf("%d..%d", p.MinBuilders, p.MaxBuilders),
 				strconv.Itoa(p.WarmPool), strconv.Itoa(p.ReservationsPerBuilder),
-				counts(p.Slots, slotStateOrder), counts(p.Reservations, reservationStates), strconv.Itoa(p.HeldConnections))
+				counts(p.Slots, slotStateOrder), counts(p.Reservations, reservationStates), strconv.Itoa(p.HeldConnections), strconv.Itoa(p.QueuedConnections))
 		}
 		if err := t.flush(); err != nil {
 			return err

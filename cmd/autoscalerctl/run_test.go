@@ -220,7 +220,8 @@ func (f *fakeAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, 200, api.Status{
 			Pools: []api.PoolStatus{{Name: "x86", Systems: []string{"x86_64-linux"}, Features: []string{"kvm"}, MaxBuilders: 4, WarmPool: 1,
-				ReservationsPerBuilder: 2, Slots: map[string]int{"empty": 3, "ready": 1}, Reservations: map[string]int{"ready": 2}}},
+				ReservationsPerBuilder: 2, Slots: map[string]int{"empty": 3, "ready": 1}, Reservations: map[string]int{"ready": 2},
+				HeldConnections: 1, QueuedConnections: 3}},
 			Reconcile: api.ReconcileStatus{LastAt: fakeNow.Add(-4 * time.Second), DurationSeconds: 0.12, Rounds: 1523},
 		})
 	})
@@ -347,7 +348,7 @@ func TestCommandsAgainstFake(t *testing.T) {
 		wantRequest string
 		wantBody    string
 	}{
-		{args: []string{"status"}, wantStdout: []string{"POOL", "RESERVATIONS", "x86_64-linux", "0..4", "empty=3 ready=1", "ready=2", "round 1523, 4s ago, took 120ms"},
+		{args: []string{"status"}, wantStdout: []string{"POOL", "RESERVATIONS", "HELD", "QUEUED", "x86_64-linux", "0..4", "empty=3 ready=1", "ready=2", "round 1523, 4s ago, took 120ms"},
 			wantRequest: "GET /v1/status"},
 		{args: []string{"slots"}, wantStdout: []string{"POOL", "SLOT", "STATE", "slot1", "i-0abc", "3m12s ago", "3h ago"}, wantRequest: "GET /v1/slots"},
 		{args: []string{"reservations", "--state", "pending,ready", "--pool", "x86", "--limit", "5"}, wantStdout: []string{"ID", "r2", "ready", "released"},

@@ -122,6 +122,9 @@ type PoolStatus struct {
 	// HeldConnections waits in HAProxy for a builder (demand without a
 	// reservation).
 	HeldConnections int `json:"held_connections"`
+	// QueuedConnections waits in HAProxy's queues because the builders it
+	// may go to are at max_jobs; like held ones, each counts as demand.
+	QueuedConnections int `json:"queued_connections"`
 }
 
 // HAProxyStatus tells whether HAProxy and the SPOE agent work.

@@ -64,6 +64,9 @@ type Options struct {
 	HAProxy func() api.HAProxyStatus
 	// Held reports connections held for a builder, per pool (nil: none).
 	Held func() map[string]int
+	// Queued reports connections queued for a builder with room, per pool,
+	// as last read from the load balancer (nil: none).
+	Queued func() map[string]int
 	// Views is where the reconciler publishes the fleet; reads and long
 	// polls are answered from it (nil: from the store).
 	Views *scaler.Views

@@ -21,14 +21,17 @@ func (s *Server) status(w http.ResponseWriter, r *http.Request) {
 	if s.o.HAProxy != nil {
 		out.HAProxy = s.o.HAProxy()
 	}
-	var held map[string]int
+	var held, queued map[string]int
 	if s.o.Held != nil {
 		held = s.o.Held()
+	}
+	if s.o.Queued != nil {
+		queued = s.o.Queued()
 	}
 	for _, p := range s.o.Pools {
 		ps := api.PoolStatus{Name: p.Name, Systems: p.Systems, Features: p.Features, MinBuilders: p.MinBuilders, MaxBuilders: p.MaxBuilders,
 			WarmPool: p.WarmPool, ReservationsPerBuilder: p.ReservationsPerBuilder, Slots: map[string]int{}, Reservations: map[string]int{},
-			HeldConnections: held[p.Name]}
+			HeldConnections: held[p.Name], QueuedConnections: queued[p.Name]}
 		if ps.Features == nil {
 			ps.Features = []string{}
 		}

@@ -150,7 +150,7 @@ func New(ctx context.Context, cfg *config.Config, o Options) (*Daemon, error) {
 		sopts.OnPublish, sopts.Held = d.spoa.Update, d.spoa.Held
 		// Poll HAProxy as often as it checks builders while they settle.
 		sopts.FastInterval = min(cfg.HAProxy.CheckInterval.D(), scaler.DefaultFastInterval)
-		aopts.Held = d.spoa.Held
+		aopts.Held, aopts.Queued = d.spoa.Held, d.hap.Queued
 		aopts.HAProxy = d.haproxyStatus
 	}
 	if readiness == nil {
