@@ -30,6 +30,9 @@ PROPERTY_ADDRESS = "nix_builder_autoscaler_address"
 PROPERTY_WAITED = "nix_builder_autoscaler_wait_seconds"
 SOURCE = "nix-builder-autoscaler"
 
+# The daemon takes a demand source of at most 256 bytes of printable text.
+SOURCE_MAX_BYTES = 256
+
 # buildbot-nix sets cacheStatus ("cached", "local", "notBuilt") on each
 # nix-build; "cached" builds are scheduled but only substitute. Releases
 # before August 2024 set isCached (a bool) instead.
@@ -102,6 +105,41 @@ def _seconds(name, value, positive=False, allow_none=False):
     return s
 
 
+def clean_source(value):
+    """value as a demand source: printable characters only, at most 256 bytes
+    of UTF-8 (cut at a character boundary)."""
+    text = "".join(ch for ch in str(value) if ch.isprintable()).strip()
+    return text.encode("utf-8")[:SOURCE_MAX_BYTES].decode("utf-8", "ignore").strip()
+
+
+def project_from_builder(name):
+    """The project in a buildbot-nix builder name: "<project>/nix-build" and
+    "<project>/nix-eval" give "<project>" (which may contain "/" itself, as
+    in "owner/repo"). A name without "/" is its own project."""
+    name = name or ""
+    return name.rsplit("/", 1)[0] if "/" in name else name
+
+
+class _DemandSource:
+    """The demand source a step reports: the project its builds belong to.
+
+    source: a fixed source (or a renderable); by default the build property
+    source_property ("project", which buildbot-nix's builds carry from their
+    source stamp), else the builder name without its last "/part".
+    """
+
+    def _init_source(self, source, source_property):
+        self.source = source
+        self.source_property = source_property
+
+    def _demand_source(self):
+        for value in (self.source, self.getProperty(self.source_property) if self.source_property else None):
+            if isinstance(value, str) and clean_source(value):
+                return clean_source(value)
+        builder = getattr(getattr(self.build, "builder", None), "name", None) or ""
+        return clean_source(project_from_builder(builder))
+
+
 class _StepLog:
     """Lines into a step log, in order, with the time since the step began."""
 
@@ -163,23 +201,26 @@ def _release(client, rid, log, attempts=3, clock=None):
             delay *= 2
 
 
-class CapacityGate(_DaemonSettings, buildstep.BuildStep):
+class CapacityGate(_DaemonSettings, _DemandSource, buildstep.BuildStep):
     """Reserve a builder for this build and wait until the daemon has one ready.
 
     The first step of every <project>/nix-build builder (AutoscalerConfigurator
     puts it there). It chooses the reservation id and records it as the build
     property nix_builder_autoscaler_reservation before it asks the daemon, so
-    ReleaseCapacity can release it even if the daemon's answer is lost.
+    ReleaseCapacity can release it even if the daemon's answer is lost. The
+    reservation names the build's project as its demand source, which is
+    what a ForecastDemand of the project's evaluation counts as arrived.
     """
 
     name = "reserve builder capacity"
     description = ["reserving builder capacity"]
-    renderables = ["token", "pool", "features"]
+    renderables = ["token", "pool", "features", "source"]
 
     def __init__(self, *, socket=None, url=None, token=None, token_file=None, lease="10m",
                  wait_timeout="2h", poll="30s", request_timeout="10s", heartbeat=None,
                  pool=None, features=None, features_from_drv=True, system_property="system",
-                 default_system=None, skip_cached=True, retry_initial="1s", retry_max="30s", **kwargs):
+                 default_system=None, skip_cached=True, retry_initial="1s", retry_max="30s",
+                 source=None, source_property="project", **kwargs):
         kwargs.setdefault("haltOnFailure", True)
         kwargs.setdefault("flunkOnFailure", True)
         kwargs.setdefault("warnOnWarnings", True)  # "not gated" shows on the build
@@ -198,6 +239,7 @@ class CapacityGate(_DaemonSettings, buildstep.BuildStep):
         self.system_property = system_property
         self.default_system = default_system
         self.skip_cached = skip_cached
+        self._init_source(source, source_property)
         self._gate = None
         self._interrupted = None
         self._summary = None
@@ -328,6 +370,9 @@ class CapacityGate(_DaemonSettings, buildstep.BuildStep):
         owner = yield self._owner()
         lease = self.lease if isinstance(self.lease, str) else format_duration(self.lease_seconds)
         body = {"id": rid, "system": system, "owner": owner, "lease": lease}
+        source = self._demand_source()
+        if source:
+            body["source"] = source
         if features:
             body["features"] = features
         if self.pool:
@@ -489,3 +534,4 @@ class ReleaseCapacity(_DaemonSettings, buildstep.BuildStep):
             self._summary = f"reservation had already expired ({res.get('reason') or 'lease ran out'})"
             return WARNINGS
         return SUCCESS
+

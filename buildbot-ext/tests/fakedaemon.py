@@ -1,7 +1,8 @@
 """A Twisted web server that plays the daemon's reservation API for tests.
 
 It keeps reservations in memory and can be told to answer errors, hold
-long polls, delay answers, and expire leases, on a unix socket and/or TCP.
+long polls, delay answers, expire leases, and refuse the "source" field as a
+daemon older than sources does, on a unix socket and/or TCP.
 """
 
 import json
@@ -38,6 +39,7 @@ class FakeDaemon(resource.Resource):
         self.in_flight = []  # (route, id) of requests being held right now
         self.default_lease = "10m"
         self.ports = []
+        self.knows_source = True  # False: refuse "source" like a daemon older than sources
 
     # Listening.
 
@@ -93,17 +95,8 @@ class FakeDaemon(resource.Resource):
             if got != "Bearer " + self.token:
                 return self._error(request, 401, "unauthorized", "missing or wrong bearer token")
         parts = [p for p in path.split("/") if p]
-        if parts[:2] != ["v1", "reservations"]:
-            return self._error(request, 404, "not_found", "no endpoint")
-        if method == "POST" and len(parts) == 2:
-            route, rid = "create", None
-        elif method == "GET" and len(parts) == 3:
-            route, rid = "get", parts[2]
-        elif method == "POST" and len(parts) == 4 and parts[3] == "heartbeat":
-            route, rid = "heartbeat", parts[2]
-        elif method == "DELETE" and len(parts) == 3:
-            route, rid = "release", parts[2]
-        else:
+        route, rid = self._route(method, parts)
+        if route is None:
             return self._error(request, 404, "not_found", "no endpoint")
         if route in self.always:
             return self._error(request, self.always[route], "internal", f"injected {route} error")
@@ -111,6 +104,19 @@ class FakeDaemon(resource.Resource):
             status = self.errors[route].pop(0)
             return self._error(request, status, "unavailable", f"injected {route} error")
         return getattr(self, "_" + route)(request, rid, body)
+
+    @staticmethod
+    def _route(method, parts):
+        if parts[:2] == ["v1", "reservations"]:
+            if method == "POST" and len(parts) == 2:
+                return "create", None
+            if method == "GET" and len(parts) == 3:
+                return "get", parts[2]
+            if method == "POST" and len(parts) == 4 and parts[3] == "heartbeat":
+                return "heartbeat", parts[2]
+            if method == "DELETE" and len(parts) == 3:
+                return "release", parts[2]
+        return None, None
 
     def _json(self, request, status, doc):
         request.setResponseCode(status)
@@ -156,6 +162,11 @@ class FakeDaemon(resource.Resource):
             return self._error(request, 400, "bad_request", "invalid JSON body")
         if not req.get("system"):
             return self._error(request, 400, "bad_request", "system: required")
+        if "source" in req:
+            if not self.knows_source:
+                return self._error(request, 400, "bad_request", 'invalid JSON body: json: unknown field "source"')
+            if len(req["source"].encode()) > 256 or not req["source"].isprintable():
+                return self._error(request, 400, "bad_request", "source: at most 256 bytes of printable text")
         rid = req.get("id") or f"r-{len(self.reservations) + 1}"
         status = 200
         res = self.reservations.get(rid)
@@ -164,7 +175,7 @@ class FakeDaemon(resource.Resource):
             lease = req.get("lease") or self.default_lease
             res = {
                 "id": rid, "pool": req.get("pool") or "x86", "system": req["system"],
-                "features": req.get("features") or [], "owner": req.get("owner", ""),
+                "features": req.get("features") or [], "owner": req.get("owner", ""), "source": req.get("source", ""),
                 "state": "pending", "lease": lease, "created_at": _now_iso(), "wait_seconds": 0.0,
                 "_lease": parse_duration(lease), "_polls": 0, "_created": time.monotonic(),
                 "_heartbeats": 0,
@@ -217,3 +228,4 @@ class FakeDaemon(resource.Resource):
             res["state"] = "released"
             res["slot"] = ""
         return self._json(request, 200, self._view(res))
+
