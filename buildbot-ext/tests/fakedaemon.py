@@ -1,11 +1,14 @@
-"""A Twisted web server that plays the daemon's reservation API for tests.
+"""A Twisted web server that plays the daemon's reservation and forecast
+API for tests.
 
-It keeps reservations in memory and can be told to answer errors, hold
-long polls, delay answers, expire leases, and refuse the "source" field as a
-daemon older than sources does, on a unix socket and/or TCP.
+It keeps reservations and forecasts in memory and can be told to answer
+errors, hold long polls, delay answers, expire leases, and refuse the
+"source" field as a daemon older than sources does, on a unix socket and/or
+TCP.
 """
 
 import json
+import re
 import time
 from datetime import datetime, timezone
 
@@ -33,13 +36,19 @@ class FakeDaemon(resource.Resource):
         self.fail_reason = None  # fail instead of becoming ready
         self.hold_pending = False  # a GET ?wait= of a pending reservation waits the whole wait
         self.create_delay = 0.0  # seconds before POST answers
-        self.errors = {"create": [], "get": [], "heartbeat": [], "release": []}  # statuses to answer first
+        self.errors = {"create": [], "get": [], "heartbeat": [], "release": [],
+                       "forecast": [], "withdraw": [], "forecasts": []}  # statuses to answer first
         self.always = {}  # route -> status answered every time
         self.disconnected = []  # (route, id) of requests whose client went away before the answer
         self.in_flight = []  # (route, id) of requests being held right now
         self.default_lease = "10m"
         self.ports = []
+        self.forecasts = {}
+        self.forecast_estimate = 3  # the builds a forecast without "builds" gets
+        self.forecast_delay = 0.0  # seconds before POST /v1/forecasts answers
+        self.pools = {"x86_64-linux": "x86", "aarch64-linux": "arm"}  # system -> pool (forecasts)
         self.knows_source = True  # False: refuse "source" like a daemon older than sources
+        self.forecast_api = True  # False: /v1/forecasts is Go's plain "404 page not found"
 
     # Listening.
 
@@ -95,6 +104,10 @@ class FakeDaemon(resource.Resource):
             if got != "Bearer " + self.token:
                 return self._error(request, 401, "unauthorized", "missing or wrong bearer token")
         parts = [p for p in path.split("/") if p]
+        if parts[:2] == ["v1", "forecasts"] and not self.forecast_api:
+            request.setResponseCode(404)
+            request.setHeader("content-type", "text/plain; charset=utf-8")
+            return b"404 page not found\n"
         route, rid = self._route(method, parts)
         if route is None:
             return self._error(request, 404, "not_found", "no endpoint")
@@ -116,6 +129,13 @@ class FakeDaemon(resource.Resource):
                 return "heartbeat", parts[2]
             if method == "DELETE" and len(parts) == 3:
                 return "release", parts[2]
+        if parts[:2] == ["v1", "forecasts"]:
+            if method == "POST" and len(parts) == 2:
+                return "forecast", None
+            if method == "GET" and len(parts) == 2:
+                return "forecasts", None
+            if method == "DELETE" and len(parts) == 3:
+                return "withdraw", parts[2]
         return None, None
 
     def _json(self, request, status, doc):
@@ -182,6 +202,9 @@ class FakeDaemon(resource.Resource):
             }
             res["_expires"] = time.monotonic() + res["_lease"]
             self.reservations[rid] = res
+            for fc in self.forecasts.values():
+                if fc["source"] == res["source"] and fc["pool"] == res["pool"] and time.monotonic() < fc["_until"]:
+                    fc["arrived"] += 1
         self._expire(res)
         if self.create_delay:
             return self._hold(request, "create", rid, self.create_delay,
@@ -229,3 +252,55 @@ class FakeDaemon(resource.Resource):
             res["slot"] = ""
         return self._json(request, 200, self._view(res))
 
+    # Forecasts (the daemon's contract, minus the scaling).
+
+    _FORECAST_ID = re.compile(r"^[A-Za-z0-9._:@/-]{1,128}$")
+
+    def _forecast(self, request, _rid, body):
+        try:
+            req = json.loads(body)
+        except ValueError:
+            return self._error(request, 400, "bad_request", "invalid JSON body")
+        unknown = set(req) - {"id", "source", "system", "features", "pool", "builds", "ttl"}
+        if unknown:
+            return self._error(request, 400, "bad_request", f'invalid JSON body: json: unknown field "{sorted(unknown)[0]}"')
+        if not isinstance(req.get("id"), str) or not self._FORECAST_ID.match(req["id"]):
+            return self._error(request, 400, "bad_request", "id: 1 to 128 characters of [A-Za-z0-9._:@/-]")
+        source = req.get("source")
+        if not isinstance(source, str) or not source or len(source.encode()) > 256 or not source.isprintable():
+            return self._error(request, 400, "bad_request", "source: required, at most 256 bytes of printable text")
+        ttl = parse_duration(req.get("ttl") or "30m")
+        if ttl <= 0 or ttl > 6 * 3600:
+            return self._error(request, 400, "bad_request", "ttl: more than 0 and at most 6h")
+        if "builds" in req and not (isinstance(req["builds"], int) and 0 <= req["builds"] <= 10000):
+            return self._error(request, 400, "bad_request", "builds: 0 to 10000")
+        fc = self.forecasts.get(req["id"])
+        status = 200
+        if fc is None:
+            pool = req.get("pool") or self.pools.get(req.get("system") or "x86_64-linux")
+            if not pool:
+                return self._error(request, 404, "not_found", f"no pool serves system {req.get('system')}")
+            status = 201
+            estimated = "builds" not in req
+            fc = {
+                "id": req["id"], "source": source, "pool": pool, "system": req.get("system", ""),
+                "features": req.get("features") or [], "builds": self.forecast_estimate if estimated else req["builds"],
+                "estimated": estimated, "arrived": 0, "state": "open", "created_at": _now_iso(),
+                "expires_at": _now_iso(), "ttl": req.get("ttl") or "30m", "_until": time.monotonic() + ttl,
+            }
+            self.forecasts[req["id"]] = fc
+        if self.forecast_delay:
+            return self._hold(request, "forecast", req["id"], self.forecast_delay,
+                              lambda: json.dumps(self._view(fc)).encode())
+        return self._json(request, status, self._view(fc))
+
+    def _withdraw(self, request, fid, _body):
+        fc = self.forecasts.get(fid)
+        if fc is None:
+            return self._error(request, 404, "not_found", f"no forecast {fid!r}")
+        if fc["state"] == "open":
+            fc["state"] = "withdrawn"
+        return self._json(request, 200, self._view(fc))
+
+    def _forecasts(self, request, _rid, _body):
+        return self._json(request, 200, {"forecasts": [self._view(f) for f in self.forecasts.values()]})
