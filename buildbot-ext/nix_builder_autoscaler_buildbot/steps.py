@@ -555,7 +555,10 @@ def _forecast_error(e):
     """An APIError of the forecast API as a log line, with a hint when the
     daemon does not seem to have that API at all."""
     text = str(e)
-    if isinstance(e, APIError) and e.status in (404, 405) and not e.code:
+    # A daemon without the API answers an unknown route with 404 "no
+    # endpoint ..." (Go's own mux: a plain-text 404 or 405); a routing
+    # failure of a forecast is a 404 too, but names the system or pool.
+    if isinstance(e, APIError) and e.status in (404, 405) and (not e.code or "no endpoint" in e.message):
         text += " (a daemon without the forecast API? update it, or set forecasts=False)"
     return text
 

@@ -48,7 +48,7 @@ class FakeDaemon(resource.Resource):
         self.forecast_delay = 0.0  # seconds before POST /v1/forecasts answers
         self.pools = {"x86_64-linux": "x86", "aarch64-linux": "arm"}  # system -> pool (forecasts)
         self.knows_source = True  # False: refuse "source" like a daemon older than sources
-        self.forecast_api = True  # False: /v1/forecasts is Go's plain "404 page not found"
+        self.forecast_api = True  # False: /v1/forecasts answers like a daemon without it
 
     # Listening.
 
@@ -105,9 +105,7 @@ class FakeDaemon(resource.Resource):
                 return self._error(request, 401, "unauthorized", "missing or wrong bearer token")
         parts = [p for p in path.split("/") if p]
         if parts[:2] == ["v1", "forecasts"] and not self.forecast_api:
-            request.setResponseCode(404)
-            request.setHeader("content-type", "text/plain; charset=utf-8")
-            return b"404 page not found\n"
+            return self._error(request, 404, "not_found", f"no endpoint {method} {path}; see docs/design.md §3.1")
         route, rid = self._route(method, parts)
         if route is None:
             return self._error(request, 404, "not_found", "no endpoint")

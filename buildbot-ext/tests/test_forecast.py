@@ -210,6 +210,10 @@ class ForecastTest(unittest.TestCase):
         self.assertEqual((yield step.run()), WARNINGS)
         self.assertIn("a daemon without the forecast API? update it, or set forecasts=False",
                       step.getResultSummary()["step"])
+        # Its withdrawal finds nothing to withdraw, and says so.
+        wd = self.withdraw(build)
+        self.assertEqual((yield wd.run()), SUCCESS)
+        self.assertIn("unknown to the daemon", self.text(build))
 
     @defer.inlineCallbacks
     def test_source_from_builder_name_and_limits(self):
