@@ -832,7 +832,7 @@ class WithdrawForecast(_DaemonSettings, _QuietSteps):
                 arrived = value.get("arrived")
                 line = f"{_forecast_line(value)} forecast, {arrived if arrived is not None else '?'} arrived so far"
                 log(f"withdrew forecast {fid}: {line}; now {value.get('state') or '?'}")
-                done.append(f"{value.get('pool') or fid}: {line}")
+                done.append(line)
             elif isinstance(value.value, APIError) and value.value.status == 404 and value.value.code == "not_found":
                 log(f"forecast {fid} is unknown to the daemon (it was never created): nothing to withdraw")
             else:

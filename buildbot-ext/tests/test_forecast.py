@@ -105,7 +105,8 @@ class ForecastTest(unittest.TestCase):
         self.assertEqual(self.daemon.count("DELETE", "/v1/forecasts/"), 1)
         self.assertIn(f"withdrew forecast {fid}: 3 builds (estimated) in pool x86 forecast, 2 arrived so far; "
                       "now withdrawn", self.text(build))
-        self.assertIn("x86: 3 builds (estimated) in pool x86 forecast, 2 arrived", step.getResultSummary()["step"])
+        self.assertEqual(step.getResultSummary()["step"],
+                         "withdrew forecast: 3 builds (estimated) in pool x86 forecast, 2 arrived so far")
         # The build's end does not withdraw again.
         build.finish()
         yield sleep(0.1)
