@@ -24,6 +24,9 @@ type PoolPolicy struct {
 	// WarmFor keeps the warm pool only while the pool saw activity (a
 	// reservation, a busy builder) within this long (0: always).
 	WarmFor time.Duration
+	// ForecastMaxBuilders caps the builders that forecasts alone make the
+	// pool launch (0: none).
+	ForecastMaxBuilders int
 }
 
 // Policy is the configuration Plan works from.
@@ -63,6 +66,9 @@ type Observed struct {
 	// Intents are the operators' and clients' requests not applied yet,
 	// oldest first.
 	Intents []Intent
+	// Forecasts are the forecasts not withdrawn; the planner ignores the
+	// ones past their TTL.
+	Forecasts []Forecast
 }
 
 // Cause is why a builder is terminated, in terms code and metrics branch on

@@ -53,12 +53,30 @@ func (p *planner) lastActivity(pool string) time.Time {
 	return last
 }
 
-// Target is how many builders a pool should have for live reservations:
-// enough for the demand (at least min_builders) plus the warm pool, capped
-// at max_builders.
-func Target(pp PoolPolicy, live int) int {
+// forecast counts the builds the pool's open forecasts still expect.
+func (p *planner) forecast(pool string) int {
+	n := 0
+	for _, f := range p.obs.Forecasts {
+		if f.Pool == pool {
+			n += f.Remaining(p.now)
+		}
+	}
+	return n
+}
+
+// Target is how many builders a pool should have for live reservations and
+// forecast builds: enough for the live demand plus the forecast (whose
+// share is capped at forecast_max_builders), at least min_builders, plus
+// the warm pool, capped at max_builders.
+func Target(pp PoolPolicy, live, forecast int) int {
 	rpb := max(pp.ReservationsPerBuilder, 1)
 	need := (live + rpb - 1) / rpb
+	if forecast > 0 && pp.ForecastMaxBuilders > 0 {
+		// The forecast adds the builders that the live demand and it need
+		// together beyond what the live demand needs alone.
+		extra := (live+forecast+rpb-1)/rpb - need
+		need += min(extra, pp.ForecastMaxBuilders)
+	}
 	return min(pp.MaxBuilders, max(pp.MinBuilders, need)+pp.WarmPool)
 }
 
@@ -69,7 +87,7 @@ func (p *planner) scale(pp PoolPolicy) {
 		// recent demand.
 		pp.WarmPool = 0
 	}
-	target := Target(pp, p.demand(pp.Name))
+	target := Target(pp, p.demand(pp.Name), p.forecast(pp.Name))
 	active := p.active(pp.Name)
 	if active < target && !p.now.Before(p.obs.LaunchBackoff[pp.Name]) {
 		active = p.launchUpTo(pp, target, active)
@@ -91,12 +109,21 @@ func (p *planner) launchUpTo(pp PoolPolicy, target, active int) int {
 		if s.Pool != pp.Name || s.State != Empty || SlotNumber(s.Name) > pp.MaxBuilders {
 			continue
 		}
-		p.emit(Launch{Pool: pp.Name, Slot: s.Name,
-			Reason: fmt.Sprintf("%d need a builder, %d builders wanted, %d active", p.demand(pp.Name), target, active)})
+		p.emit(Launch{Pool: pp.Name, Slot: s.Name, Reason: p.launchReason(pp.Name, target, active)})
 		p.setState(s, Launching)
 		active++
 	}
 	return active
+}
+
+// launchReason says why the pool launches: its demand, and the forecast
+// builds when there are some.
+func (p *planner) launchReason(pool string, target, active int) string {
+	r := fmt.Sprintf("%d need a builder, %d builders wanted, %d active", p.demand(pool), target, active)
+	if f := p.forecast(pool); f > 0 {
+		r = fmt.Sprintf("%d need a builder, %d forecast, %d builders wanted, %d active", p.demand(pool), f, target, active)
+	}
+	return r
 }
 
 // drainIdle is the idle drain: longest idle first, never a slot with a

@@ -60,6 +60,21 @@ func pending(id string, age time.Duration) Reservation {
 	return Reservation{ID: id, Pool: "x86", State: Pending, CreatedAt: t0.Add(-age), ExpiresAt: t0.Add(10 * time.Minute)}
 }
 
+// forecast is an open forecast of n builds in pool x86 from source "p",
+// made a minute ago with a 30 m TTL.
+func forecast(id string, n int, mod ...func(*Forecast)) Forecast {
+	f := Forecast{ID: id, Source: "p", Pool: "x86", Builds: n, CreatedAt: t0.Add(-time.Minute), ExpiresAt: t0.Add(29 * time.Minute)}
+	for _, m := range mod {
+		m(&f)
+	}
+	return f
+}
+
+// forecasting is the test pool with forecasts allowed up to n builders.
+func forecasting(n int) Policy {
+	return policy(pool(func(p *PoolPolicy) { p.ForecastMaxBuilders = n }))
+}
+
 func assigned(id, slot string) Reservation {
 	r := pending(id, time.Minute)
 	r.State, r.Slot = Assigned, slot
@@ -76,11 +91,12 @@ type world struct {
 	unknown   bool // load balancer unreachable
 	noList    bool // provider list failed
 	intents   []Intent
+	forecasts []Forecast
 }
 
 func (w world) observed() Observed {
 	obs := Observed{Slots: w.slots, Reservations: w.res, InstancesKnown: map[string]bool{"x86": !w.noList, "arm": !w.noList},
-		ServersKnown: !w.unknown, Servers: map[SlotKey]ServerStatus{}, Intents: w.intents}
+		ServersKnown: !w.unknown, Servers: map[SlotKey]ServerStatus{}, Intents: w.intents, Forecasts: w.forecasts}
 	haveInst := map[string]bool{}
 	for _, in := range w.instances {
 		haveInst[in.ID] = true
@@ -193,6 +209,58 @@ func TestPlan(t *testing.T) {
 			name: "connections held by the load balancer are demand too",
 			w:    world{slots: []Slot{slot("slot1", Empty), slot("slot2", Empty), slot("slot3", Empty)}},
 			want: []string{`launch pool="x86" slot="slot1" reason="1 need a builder, 1 builders wanted, 0 active"`},
+		},
+		// Forecasts.
+		{
+			name: "an open forecast launches builders before its builds arrive",
+			pol:  forecasting(3),
+			w:    world{slots: []Slot{slot("slot1", Empty), slot("slot2", Empty), slot("slot3", Empty)}, forecasts: []Forecast{forecast("f1", 2)}},
+			want: []string{
+				`launch pool="x86" slot="slot1" reason="0 need a builder, 2 forecast, 2 builders wanted, 0 active"`,
+				`launch pool="x86" slot="slot2" reason="0 need a builder, 2 forecast, 2 builders wanted, 1 active"`,
+			},
+		},
+		{
+			name: "forecast builders are capped at forecast_max_builders, reservations are not",
+			pol:  forecasting(1),
+			w: world{slots: []Slot{slot("slot1", Empty), slot("slot2", Empty), slot("slot3", Empty)},
+				res: []Reservation{pending("r1", 0)}, forecasts: []Forecast{forecast("f1", 5)}},
+			want: []string{
+				`launch pool="x86" slot="slot1" reason="1 need a builder, 5 forecast, 2 builders wanted, 0 active"`,
+				`launch pool="x86" slot="slot2" reason="1 need a builder, 5 forecast, 2 builders wanted, 1 active"`,
+			},
+		},
+		{
+			name: "forecasts are ignored with forecast_max_builders = 0",
+			w:    world{slots: []Slot{slot("slot1", Empty), slot("slot2", Empty), slot("slot3", Empty)}, forecasts: []Forecast{forecast("f1", 2)}},
+		},
+		{
+			name: "a forecast past its TTL is no demand",
+			pol:  forecasting(3),
+			w: world{slots: []Slot{slot("slot1", Empty), slot("slot2", Empty), slot("slot3", Empty)},
+				forecasts: []Forecast{forecast("f1", 2, func(f *Forecast) { f.ExpiresAt = t0 })}},
+		},
+		{
+			name: "a withdrawn forecast is no demand",
+			pol:  forecasting(3),
+			w: world{slots: []Slot{slot("slot1", Empty), slot("slot2", Empty), slot("slot3", Empty)},
+				forecasts: []Forecast{forecast("f1", 2, func(f *Forecast) { f.WithdrawnAt = t0.Add(-time.Second) })}},
+		},
+		{
+			name: "reservations that arrived consume their forecast",
+			pol:  forecasting(3),
+			w: world{slots: []Slot{slot("slot1", Empty), slot("slot2", Empty), slot("slot3", Empty)},
+				res: []Reservation{pending("r1", 0), pending("r2", 0)}, forecasts: []Forecast{forecast("f1", 2, func(f *Forecast) { f.Arrived = 2 })}},
+			want: []string{
+				`launch pool="x86" slot="slot1" reason="2 need a builder, 2 builders wanted, 0 active"`,
+				`launch pool="x86" slot="slot2" reason="2 need a builder, 2 builders wanted, 1 active"`,
+			},
+		},
+		{
+			name: "builders a forecast launched are not drained as idle while it is open",
+			pol:  forecasting(3),
+			w: world{slots: []Slot{slot("slot1", Ready, func(s *Slot) { s.LastActive = t0.Add(-time.Hour) }), slot("slot2", Empty), slot("slot3", Empty)},
+				forecasts: []Forecast{forecast("f1", 1)}},
 		},
 		{
 			name: "min_builders launches without demand",
@@ -611,21 +679,29 @@ func TestPlanIsPure(t *testing.T) {
 
 func TestTarget(t *testing.T) {
 	tests := []struct {
-		pp   PoolPolicy
-		live int
-		want int
+		pp             PoolPolicy
+		live, forecast int
+		want           int
 	}{
-		{pool(), 0, 0},
-		{pool(), 2, 2},
-		{pool(), 10, 3},
-		{pool(func(p *PoolPolicy) { p.MinBuilders = 1 }), 0, 1},
-		{pool(func(p *PoolPolicy) { p.MinBuilders = 1; p.WarmPool = 1 }), 0, 2},
-		{pool(func(p *PoolPolicy) { p.WarmPool = 1 }), 2, 3},
-		{pool(func(p *PoolPolicy) { p.ReservationsPerBuilder = 4 }), 5, 2},
+		{pool(), 0, 0, 0},
+		{pool(), 2, 0, 2},
+		{pool(), 10, 0, 3},
+		{pool(func(p *PoolPolicy) { p.MinBuilders = 1 }), 0, 0, 1},
+		{pool(func(p *PoolPolicy) { p.MinBuilders = 1; p.WarmPool = 1 }), 0, 0, 2},
+		{pool(func(p *PoolPolicy) { p.WarmPool = 1 }), 2, 0, 3},
+		{pool(func(p *PoolPolicy) { p.ReservationsPerBuilder = 4 }), 5, 0, 2},
+		// Forecast builds add builders, at most forecast_max_builders.
+		{pool(func(p *PoolPolicy) { p.ForecastMaxBuilders = 2 }), 0, 1, 1},
+		{pool(func(p *PoolPolicy) { p.ForecastMaxBuilders = 2 }), 0, 5, 2},
+		{pool(func(p *PoolPolicy) { p.ForecastMaxBuilders = 2 }), 1, 5, 3},
+		{pool(func(p *PoolPolicy) { p.ForecastMaxBuilders = 2; p.ReservationsPerBuilder = 4 }), 3, 1, 1},
+		{pool(func(p *PoolPolicy) { p.ForecastMaxBuilders = 2; p.ReservationsPerBuilder = 4 }), 3, 2, 2},
+		{pool(), 0, 5, 0},
 	}
 	for _, tt := range tests {
-		if got := Target(tt.pp, tt.live); got != tt.want {
-			t.Errorf("Target(min=%d warm=%d rpb=%d, live=%d) = %d, want %d", tt.pp.MinBuilders, tt.pp.WarmPool, tt.pp.ReservationsPerBuilder, tt.live, got, tt.want)
+		if got := Target(tt.pp, tt.live, tt.forecast); got != tt.want {
+			t.Errorf("Target(min=%d warm=%d rpb=%d fmax=%d, live=%d, forecast=%d) = %d, want %d", tt.pp.MinBuilders, tt.pp.WarmPool,
+				tt.pp.ReservationsPerBuilder, tt.pp.ForecastMaxBuilders, tt.live, tt.forecast, got, tt.want)
 		}
 	}
 }

@@ -19,6 +19,9 @@ type Store interface {
 	Reservation(ctx context.Context, id string) (Reservation, error)
 	// Intents returns the intents not yet applied, oldest first.
 	Intents(ctx context.Context) ([]Intent, error)
+	// Forecasts returns the forecasts not withdrawn whose TTL had not
+	// passed when they were read.
+	Forecasts(ctx context.Context) ([]Forecast, error)
 	Commit(ctx context.Context, c Change) error
 }
 
@@ -399,7 +402,7 @@ func (r *Reconciler) readStore(ctx context.Context, obs *Observed) error {
 	if counts {
 		gen = g.Generation()
 		if c := r.rows; c != nil && c.gen == gen {
-			obs.Slots, obs.Reservations, obs.Intents = c.slots, c.res, c.intents
+			obs.Slots, obs.Reservations, obs.Intents, obs.Forecasts = c.slots, c.res, c.intents, c.forecasts
 			return nil
 		}
 	}
@@ -413,18 +416,22 @@ func (r *Reconciler) readStore(ctx context.Context, obs *Observed) error {
 	if obs.Intents, err = r.o.Store.Intents(ctx); err != nil {
 		return fmt.Errorf("load intents: %w", err)
 	}
+	if obs.Forecasts, err = r.o.Store.Forecasts(ctx); err != nil {
+		return fmt.Errorf("load forecasts: %w", err)
+	}
 	if counts {
-		r.rows = &storeRows{gen: gen, slots: obs.Slots, res: obs.Reservations, intents: obs.Intents}
+		r.rows = &storeRows{gen: gen, slots: obs.Slots, res: obs.Reservations, intents: obs.Intents, forecasts: obs.Forecasts}
 	}
 	return nil
 }
 
 // storeRows are the rows a round read, at the store's write count gen.
 type storeRows struct {
-	gen     uint64
-	slots   []Slot
-	res     []Reservation
-	intents []Intent
+	gen       uint64
+	slots     []Slot
+	res       []Reservation
+	intents   []Intent
+	forecasts []Forecast
 }
 
 // listInstances lists every provider once. known holds the pools whose

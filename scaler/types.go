@@ -130,11 +130,14 @@ func (s ReservationState) Live() bool { return s == Pending || s == Assigned }
 
 // Reservation is a lease on build capacity in one pool.
 type Reservation struct {
-	ID         string
-	Pool       string
-	System     string
-	Features   []string
-	Owner      string
+	ID       string
+	Pool     string
+	System   string
+	Features []string
+	Owner    string
+	// Source names where the demand comes from (a CI project); it matches
+	// the reservation to the Forecast of that source.
+	Source     string
 	State      ReservationState
 	Slot       string // set while State == Assigned
 	Lease      time.Duration
@@ -297,6 +300,9 @@ const (
 	EvEmptied    = "emptied"
 	EvFailed     = "failed"
 	EvHeartbeat  = "heartbeat"
+	// EvForecast and EvForecastWithdrawn: a forecast was made, withdrawn.
+	EvForecast          = "forecast"
+	EvForecastWithdrawn = "forecast_withdrawn"
 )
 
 // Change is one atomic write: slots and reservations to update (compared on

@@ -148,7 +148,7 @@ var commands = []*command{
 	},
 	{
 		name:    "reserve",
-		args:    "--system <system> [--feature f]... [--pool p] [--owner o] [--lease 10m] [--id ID] [--wait] [--wait-timeout 10m]",
+		args:    "--system <system> [--feature f]... [--pool p] [--owner o] [--source s] [--lease 10m] [--id ID] [--wait] [--wait-timeout 10m]",
 		summary: "take a reservation on build capacity",
 		detail: "Asks the daemon for a reservation, as Buildbot does before a build. With --id,\n" +
 			"asking twice gives the same reservation. With --wait, waits until a slot is\n" +
@@ -162,6 +162,7 @@ var commands = []*command{
 			features := fs.StringSlice("feature", nil, "required system feature, e.g. kvm (repeat or comma-separate)")
 			pool := fs.String("pool", "", "pool to reserve in (default: the daemon picks by system and features)")
 			owner := fs.String("owner", "autoscalerctl", "who holds the reservation, shown in listings")
+			source := fs.String("source", "", "where the build comes from, e.g. github:owner/repo: it consumes that source's forecast")
 			lease := fs.String("lease", "", "lease duration, e.g. 10m (default: the daemon's)")
 			id := fs.String("id", "", "reservation id chosen by you (default: the daemon chooses)")
 			wait := fs.Bool("wait", false, "wait until the reservation is ready")
@@ -190,7 +191,7 @@ var commands = []*command{
 					}
 				}
 				req := api.CreateReservationRequest{
-					ID: *id, Pool: *pool, System: *system, Features: *features, Owner: *owner, Lease: *lease,
+					ID: *id, Pool: *pool, System: *system, Features: *features, Owner: *owner, Lease: *lease, Source: *source,
 				}
 				return reserve(ctx, c, req, *wait, *waitTimeout)
 			}

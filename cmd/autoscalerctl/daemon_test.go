@@ -468,3 +468,37 @@ func TestDaemonUnreachable(t *testing.T) {
 		})
 	}
 }
+
+// TestDaemonForecast: a forecast alone launches a builder, a reservation of
+// its source consumes it, and it can be listed and withdrawn.
+func TestDaemonForecast(t *testing.T) {
+	h := startDaemon(t)
+	h.ok([]string{"forecast", "--source", "github:o/r", "--system", "x86_64-linux", "--builds", "1", "--id", "eval-1", "--ttl", "20m"},
+		"eval-1", "open", "github:o/r", "x86")
+	var f api.Forecast
+	h.okJSON(&f, "forecast", "--source", "github:o/r", "--system", "x86_64-linux", "--builds", "1", "--id", "eval-1", "--ttl", "20m")
+	if f.ID != "eval-1" || f.Builds != 1 || f.Remaining != 1 || f.State != "open" {
+		t.Errorf("forecast --json = %+v, want eval-1 open with 1 build remaining", f)
+	}
+	h.WaitFor("a builder launched for the forecast alone", func() bool {
+		var slots api.SlotList
+		h.okJSON(&slots, "slots")
+		return slices.ContainsFunc(slots.Slots, func(s api.Slot) bool { return s.State != "empty" })
+	})
+
+	h.ok([]string{"reserve", "--system", "x86_64-linux", "--source", "github:o/r", "--id", "b1", "--wait"}, "ready")
+	var l api.ForecastList
+	h.okJSON(&l, "forecasts")
+	if len(l.Forecasts) != 1 || l.Forecasts[0].Arrived != 1 || l.Forecasts[0].Remaining != 0 {
+		t.Errorf("forecasts --json = %+v, want eval-1 with its build arrived", l.Forecasts)
+	}
+	h.ok([]string{"forecasts"}, "ID", "eval-1", "ARRIVED")
+	h.ok([]string{"withdraw-forecast", "eval-1"}, "withdrawn")
+	h.ok([]string{"withdraw-forecast", "eval-1"}, "withdrawn")
+	if code, _, stderr := h.ctl("withdraw-forecast", "nope"); code == exitOK || !strings.Contains(stderr, `no forecast "nope"`) {
+		t.Errorf("withdraw-forecast nope: exit %d, stderr %q; want a failure naming it", code, stderr)
+	}
+	if code, _, stderr := h.ctl("forecast", "--source", "s", "--system", "x86_64-linux"); code != exitUsage || !strings.Contains(stderr, "--id is required") {
+		t.Errorf("forecast without --id: exit %d, stderr %q; want a usage error", code, stderr)
+	}
+}

@@ -191,6 +191,27 @@ func (c *Client) Release(ctx context.Context, id string) (Reservation, error) {
 	return r, err
 }
 
+// CreateForecast tells the daemon that demand is coming (POST
+// /v1/forecasts); created is false when the forecast existed (a retry).
+func (c *Client) CreateForecast(ctx context.Context, req CreateForecastRequest) (f Forecast, created bool, err error) {
+	status, err := c.do(ctx, http.MethodPost, "/v1/forecasts", nil, req, 0, &f)
+	return f, err == nil && status == http.StatusCreated, err
+}
+
+// WithdrawForecast says the forecast's evaluation ended.
+func (c *Client) WithdrawForecast(ctx context.Context, id string) (Forecast, error) {
+	var f Forecast
+	_, err := c.do(ctx, http.MethodDelete, "/v1/forecasts/"+url.PathEscape(id), nil, nil, 0, &f)
+	return f, err
+}
+
+// Forecasts lists the newest forecasts, open or ended.
+func (c *Client) Forecasts(ctx context.Context) (ForecastList, error) {
+	var l ForecastList
+	_, err := c.do(ctx, http.MethodGet, "/v1/forecasts", nil, nil, 0, &l)
+	return l, err
+}
+
 // Reservations lists reservations, newest first.
 func (c *Client) Reservations(ctx context.Context, q ReservationQuery) (ReservationList, error) {
 	v := url.Values{}

@@ -16,6 +16,9 @@ type CreateReservationRequest struct {
 	Features []string `json:"features,omitempty"`
 	Owner    string   `json:"owner,omitempty"`
 	Lease    string   `json:"lease,omitempty"` // Go duration, e.g. "10m"
+	// Source names where the demand comes from (a CI project); it matches
+	// the reservation to a forecast of that source.
+	Source string `json:"source,omitempty"`
 }
 
 // Reservation is a reservation as the API shows it.
@@ -25,6 +28,7 @@ type Reservation struct {
 	System     string     `json:"system"`
 	Features   []string   `json:"features"`
 	Owner      string     `json:"owner"`
+	Source     string     `json:"source,omitempty"`
 	State      string     `json:"state"` // pending, ready, released, failed, expired
 	Slot       string     `json:"slot,omitempty"`
 	Address    string     `json:"address,omitempty"`
@@ -37,6 +41,45 @@ type Reservation struct {
 	Reason     string     `json:"reason,omitempty"`
 	// WaitSeconds is how long the reservation waited (or has waited) for a slot.
 	WaitSeconds float64 `json:"wait_seconds"`
+}
+
+// CreateForecastRequest is the body of POST /v1/forecasts: an evaluation
+// of Source started, and its builds will want builders of one pool (Pool,
+// or the one that serves System and Features).
+type CreateForecastRequest struct {
+	ID       string   `json:"id"`
+	Source   string   `json:"source"`
+	Pool     string   `json:"pool,omitempty"`
+	System   string   `json:"system,omitempty"`
+	Features []string `json:"features,omitempty"`
+	// Builds is how many builds are expected; nil: the daemon estimates
+	// it from the source's past forecasts.
+	Builds *int   `json:"builds,omitempty"`
+	TTL    string `json:"ttl,omitempty"` // Go duration; default 30m, at most 6h
+}
+
+// Forecast is a forecast as the API shows it.
+type Forecast struct {
+	ID        string   `json:"id"`
+	Source    string   `json:"source"`
+	Pool      string   `json:"pool"`
+	System    string   `json:"system,omitempty"`
+	Features  []string `json:"features"`
+	Builds    int      `json:"builds"`
+	Estimated bool     `json:"estimated"`
+	// Arrived counts the reservations of this source that came in its
+	// pool while its TTL ran; Remaining is what it still counts as demand.
+	Arrived     int        `json:"arrived"`
+	Remaining   int        `json:"remaining"`
+	State       string     `json:"state"` // open, withdrawn, expired
+	CreatedAt   time.Time  `json:"created_at"`
+	ExpiresAt   time.Time  `json:"expires_at"`
+	WithdrawnAt *time.Time `json:"withdrawn_at,omitempty"`
+}
+
+// ForecastList is the answer of GET /v1/forecasts.
+type ForecastList struct {
+	Forecasts []Forecast `json:"forecasts"`
 }
 
 // Slot is a slot as the API shows it.

@@ -42,7 +42,7 @@ func (s *Server) create(w http.ResponseWriter, r *http.Request) {
 	}
 	now := s.o.Clock.Now()
 	res := scaler.Reservation{ID: req.ID, Pool: req.Pool, System: req.System, Features: req.Features, Owner: req.Owner,
-		State: scaler.Pending, Lease: lease, CreatedAt: now, ExpiresAt: now.Add(lease)}
+		Source: req.Source, State: scaler.Pending, Lease: lease, CreatedAt: now, ExpiresAt: now.Add(lease)}
 	if res.Pool == "" {
 		res.Pool = s.matchPool(req.System, req.Features)
 	}
@@ -105,6 +105,9 @@ func (s *Server) validateCreate(req *api.CreateReservationRequest) (lease time.D
 	if len(req.Owner) > 512 {
 		return 0, "owner: longer than 512 characters"
 	}
+	if msg := checkSource(req.Source, false); msg != "" {
+		return 0, msg
+	}
 	if req.Pool != "" {
 		p, ok := s.pool(req.Pool)
 		if !ok {
@@ -158,7 +161,7 @@ func (s *Server) poolSummary() string {
 // view renders a reservation, with its builder's address from the fleet f
 // (nil: the current view, or the store before the first).
 func (s *Server) view(ctx context.Context, r scaler.Reservation, f *scaler.View) api.Reservation {
-	v := api.Reservation{ID: r.ID, Pool: r.Pool, System: r.System, Features: r.Features, Owner: r.Owner, State: string(r.State),
+	v := api.Reservation{ID: r.ID, Pool: r.Pool, System: r.System, Features: r.Features, Owner: r.Owner, Source: r.Source, State: string(r.State),
 		Slot: r.Slot, Lease: r.Lease.String(), CreatedAt: r.CreatedAt, ExpiresAt: r.ExpiresAt, Reason: r.Reason}
 	if v.Features == nil {
 		v.Features = []string{}

@@ -98,10 +98,13 @@ type Pool struct {
 	MaxLifetime Duration `toml:"max_lifetime"`
 	// WarmFor keeps the warm pool only within this long of the pool's last
 	// activity (0: always).
-	WarmFor  Duration `toml:"warm_for"`
-	Provider string   `toml:"provider"`
-	Local    Local    `toml:"local"`
-	EC2      EC2      `toml:"ec2"`
+	WarmFor Duration `toml:"warm_for"`
+	// ForecastMaxBuilders caps the builders demand forecasts alone make
+	// the pool launch (nil: max_builders; 0: forecasts are ignored).
+	ForecastMaxBuilders *int   `toml:"forecast_max_builders"`
+	Provider            string `toml:"provider"`
+	Local               Local  `toml:"local"`
+	EC2                 EC2    `toml:"ec2"`
 }
 
 // EC2 is a pool's [pool.ec2] table, used with provider = "ec2".
@@ -292,6 +295,15 @@ func DefaultPool() Pool {
 			SSHPort:               22,
 		},
 	}
+}
+
+// ForecastBuilders is the pool's forecast_max_builders, max_builders
+// when it is not set.
+func (p Pool) ForecastBuilders() int {
+	if p.ForecastMaxBuilders == nil {
+		return p.MaxBuilders
+	}
+	return *p.ForecastMaxBuilders
 }
 
 // Pool returns the pool called name.

@@ -229,6 +229,10 @@ func (v *validator) pool(p string, pool Pool) {
 		v.hostPort(p+"frontend", pool.Frontend, "0.0.0.0:2222")
 	}
 
+	if n := pool.ForecastMaxBuilders; n != nil && (*n < 0 || maxOK && *n > pool.MaxBuilders) {
+		v.add(p+"forecast_max_builders", "%d is outside 0..max_builders (%d); write 0 to ignore forecasts, or leave it out to allow up to max_builders",
+			*n, pool.MaxBuilders)
+	}
 	if pool.WarmFor.err != nil {
 		v.add(p+"warm_for", "%q is not a duration; write it like \"30m\", or \"0s\" to keep the warm pool always", pool.WarmFor.raw)
 	} else if pool.WarmFor.D() < 0 {

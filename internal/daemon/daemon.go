@@ -348,6 +348,12 @@ func (d *Daemon) pruneEvents(ctx context.Context) {
 		} else if n > 0 {
 			d.log.Info("pruned ended reservations", "reservations", n)
 		}
+		// Forecasts too: an estimate reads only a source's last few.
+		if n, err := d.db.PruneForecasts(ctx, before); err != nil && ctx.Err() == nil {
+			d.log.Error("prune forecasts", "err", err)
+		} else if n > 0 {
+			d.log.Info("pruned forecasts", "forecasts", n)
+		}
 		select {
 		case <-ctx.Done():
 			return

@@ -23,7 +23,7 @@ func Policy(cfg *config.Config) scaler.Policy {
 			Name: p.Name, MaxBuilders: p.MaxBuilders, MinBuilders: p.MinBuilders, WarmPool: p.WarmPool,
 			ReservationsPerBuilder: p.ReservationsPerBuilder, IdleTimeout: p.IdleTimeout.D(), DrainTimeout: p.DrainTimeout.D(),
 			LaunchTimeout: p.LaunchTimeout.D(), BootTimeout: p.BootTimeout.D(), BindTimeout: p.BindTimeout.D(),
-			MaxLifetime: p.MaxLifetime.D(), WarmFor: p.WarmFor.D(),
+			MaxLifetime: p.MaxLifetime.D(), WarmFor: p.WarmFor.D(), ForecastMaxBuilders: p.ForecastBuilders(),
 		})
 	}
 	return pol

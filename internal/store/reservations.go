@@ -13,7 +13,7 @@ import (
 )
 
 const reservationColumns = `id, pool, system, features, owner, state, slot, lease_ns,
-	created_at, expires_at, assigned_at, ended_at, reason, version`
+	created_at, expires_at, assigned_at, ended_at, reason, version, source`
 
 // ReservationFilter selects reservations for Reservations. Zero fields do
 // not filter.
@@ -54,7 +54,7 @@ func scanReservation(sc scanner) (scaler.Reservation, error) {
 	var features, state string
 	var lease, created, expires, assigned, ended int64
 	err := sc.Scan(&r.ID, &r.Pool, &r.System, &features, &r.Owner, &state, &r.Slot, &lease,
-		&created, &expires, &assigned, &ended, &r.Reason, &r.Version)
+		&created, &expires, &assigned, &ended, &r.Reason, &r.Version, &r.Source)
 	if err != nil {
 		return scaler.Reservation{}, err
 	}
@@ -176,10 +176,13 @@ func (db *DB) CreateReservation(ctx context.Context, r scaler.Reservation, ev sc
 
 	r.Version = 1
 	_, err = tx.ExecContext(ctx, "INSERT INTO reservations ("+reservationColumns+
-		") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+		") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
 		r.ID, r.Pool, r.System, features, r.Owner, string(r.State), r.Slot, int64(r.Lease),
-		nanos(r.CreatedAt), nanos(r.ExpiresAt), nanos(r.AssignedAt), nanos(r.EndedAt), r.Reason, r.Version)
+		nanos(r.CreatedAt), nanos(r.ExpiresAt), nanos(r.AssignedAt), nanos(r.EndedAt), r.Reason, r.Version, r.Source)
 	if err != nil {
+		return scaler.Reservation{}, false, fmt.Errorf("create reservation %s: %w", r.ID, err)
+	}
+	if err := arrive(ctx, tx, r); err != nil {
 		return scaler.Reservation{}, false, fmt.Errorf("create reservation %s: %w", r.ID, err)
 	}
 	if err := db.insertEvents(ctx, tx, []scaler.Event{ev}); err != nil {

@@ -161,6 +161,9 @@ let
         Required with haproxy.runtime_socket (and so with haproxy.enable).
       '';
       max_lifetime = opt durationOrZero "0s" ''Builders older than this are drained and replaced; "0s": never.'';
+      forecast_max_builders = opt (types.nullOr types.ints.unsigned) null ''
+        The most builders demand forecasts alone make the pool launch; null: max_builders, 0: ignore forecasts.
+      '';
       provider = required (types.enum [
         "local"
         "ec2"

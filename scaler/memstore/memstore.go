@@ -8,6 +8,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"time"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
@@ -20,7 +21,8 @@ type Store struct {
 	mu      sync.Mutex
 	slots   map[scaler.SlotKey]scaler.Slot
 	res     map[string]scaler.Reservation
-	intents []scaler.Intent // oldest first
+	intents []scaler.Intent   // oldest first
+	fcs     []scaler.Forecast // oldest first
 	gen     uint64
 }
 
@@ -115,8 +117,12 @@ func (m *Store) Commit(_ context.Context, c scaler.Change) error {
 		m.slots[c.Slots[i].Key()] = c.Slots[i]
 	}
 	for i := range c.Reservations {
-		c.Reservations[i].Version++
-		m.res[c.Reservations[i].ID] = c.Reservations[i]
+		r := &c.Reservations[i]
+		if _, ok := m.res[r.ID]; !ok {
+			m.arrive(*r)
+		}
+		r.Version++
+		m.res[r.ID] = *r
 	}
 	m.intents = append(m.intents, c.Intents...)
 	m.intents = slices.DeleteFunc(m.intents, func(x scaler.Intent) bool { return slices.Contains(c.DoneIntents, x.ID) })
@@ -136,4 +142,74 @@ func (m *Store) Generation() uint64 {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.gen
+}
+
+// arrive counts a new reservation against the forecast of its source and
+// pool (scaler.ForecastFor).
+func (m *Store) arrive(r scaler.Reservation) {
+	if i := scaler.ForecastFor(m.fcs, r); i >= 0 {
+		m.fcs[i].Arrived++
+	}
+}
+
+// CreateForecast stores f unless a forecast with its id exists; then it
+// returns that one and created=false.
+func (m *Store) CreateForecast(_ context.Context, f scaler.Forecast) (scaler.Forecast, bool, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if f.ID == "" {
+		return scaler.Forecast{}, false, fmt.Errorf("create forecast: empty id")
+	}
+	for _, x := range m.fcs {
+		if x.ID == f.ID {
+			return x, false, nil
+		}
+	}
+	m.fcs = append(m.fcs, f)
+	m.gen++
+	return f, true, nil
+}
+
+// WithdrawForecast marks the forecast withdrawn at at (once: a second
+// withdrawal keeps the first time).
+func (m *Store) WithdrawForecast(_ context.Context, id string, at time.Time) (scaler.Forecast, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for i := range m.fcs {
+		if m.fcs[i].ID == id {
+			if m.fcs[i].WithdrawnAt.IsZero() {
+				m.fcs[i].WithdrawnAt = at
+				m.gen++
+			}
+			return m.fcs[i], nil
+		}
+	}
+	return scaler.Forecast{}, fmt.Errorf("forecast %s: %w", id, scaler.ErrNotFound)
+}
+
+// Forecasts returns the forecasts not withdrawn, oldest first.
+func (m *Store) Forecasts(context.Context) ([]scaler.Forecast, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []scaler.Forecast
+	for _, f := range m.fcs {
+		if f.WithdrawnAt.IsZero() {
+			out = append(out, f)
+		}
+	}
+	return out, nil
+}
+
+// ForecastHistory returns how many reservations arrived after each of the
+// last n forecasts of source in pool, newest first.
+func (m *Store) ForecastHistory(_ context.Context, source, pool string, n int) ([]int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []int
+	for i := len(m.fcs) - 1; i >= 0 && len(out) < n; i-- {
+		if f := m.fcs[i]; f.Source == source && f.Pool == pool {
+			out = append(out, f.Arrived)
+		}
+	}
+	return out, nil
 }

@@ -1,0 +1,208 @@
+package apiserver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+	"unicode"
+	"unicode/utf8"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+)
+
+// ForecastStore is the part of the store forecasts need.
+type ForecastStore interface {
+	CreateForecast(ctx context.Context, f scaler.Forecast, ev scaler.Event) (scaler.Forecast, bool, error)
+	WithdrawForecast(ctx context.Context, id string, ev scaler.Event) (scaler.Forecast, error)
+	Forecast(ctx context.Context, id string) (scaler.Forecast, error)
+	RecentForecasts(ctx context.Context, limit int) ([]scaler.Forecast, error)
+	ForecastHistory(ctx context.Context, source, pool string, n int) ([]int, error)
+}
+
+// maxSource bounds a source's length in bytes.
+const maxSource = 256
+
+// checkSource says what is wrong with a source, or "": at most maxSource
+// bytes of UTF-8 without control characters; required says it may not be
+// empty.
+func checkSource(src string, required bool) string {
+	switch {
+	case src == "" && required:
+		return `source: required, e.g. "github:owner/repo": the project whose evaluation started, as its builds' reservations will name it`
+	case len(src) > maxSource:
+		return fmt.Sprintf("source: longer than %d bytes", maxSource)
+	case !utf8.ValidString(src) || strings.ContainsFunc(src, unicode.IsControl):
+		return "source: must be UTF-8 text without control characters"
+	}
+	return ""
+}
+
+func (s *Server) createForecast(w http.ResponseWriter, r *http.Request) {
+	var req api.CreateForecastRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	ttl, msg := s.validateForecast(&req)
+	if msg != "" {
+		writeError(w, http.StatusBadRequest, api.CodeBadRequest, msg)
+		return
+	}
+	now := s.o.Clock.Now()
+	f := scaler.Forecast{ID: req.ID, Source: req.Source, Pool: req.Pool, System: req.System, Features: req.Features,
+		CreatedAt: now, ExpiresAt: now.Add(ttl)}
+	if f.Pool == "" {
+		if f.Pool = s.matchPool(req.System, req.Features); f.Pool == "" {
+			writeError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Sprintf("system: no pool serves system %s with features [%s]; configured: %s",
+				req.System, strings.Join(req.Features, " "), s.poolSummary()))
+			return
+		}
+	}
+	if req.Builds != nil {
+		f.Builds = *req.Builds
+	} else {
+		hist, err := s.o.Forecasts.ForecastHistory(r.Context(), f.Source, f.Pool, scaler.ForecastHistory)
+		if err != nil {
+			s.internal(w, "read forecast history", err)
+			return
+		}
+		f.Builds, f.Estimated = scaler.EstimateBuilds(hist), true
+	}
+	ev := scaler.Event{At: now, Kind: scaler.EvForecast, Pool: f.Pool, Actor: "api",
+		Reason: fmt.Sprintf("forecast %s from %s: %d builds%s, ttl %s", f.ID, f.Source, f.Builds, map[bool]string{true: " (estimated)"}[f.Estimated], ttl)}
+	got, created, err := s.o.Forecasts.CreateForecast(r.Context(), f, ev)
+	if err != nil {
+		s.internal(w, "create forecast", err)
+		return
+	}
+	if !created {
+		if got.Source != f.Source || got.Pool != f.Pool || req.Builds != nil && (got.Builds != *req.Builds || got.Estimated) {
+			writeError(w, http.StatusConflict, api.CodeConflict, fmt.Sprintf("forecast %s already exists with other parameters (source %s, pool %s, %d builds); choose a new id",
+				got.ID, got.Source, got.Pool, got.Builds))
+			return
+		}
+		writeJSON(w, http.StatusOK, s.forecastView(got))
+		return
+	}
+	s.o.Logger.Info("forecast", "forecast", got.ID, "source", got.Source, "pool", got.Pool, "builds", got.Builds, "estimated", got.Estimated, "ttl", ttl)
+	s.o.Scaler.Kick()
+	writeJSON(w, http.StatusCreated, s.forecastView(got))
+}
+
+// validateForecast checks and completes a forecast request; msg says what
+// is wrong and how to fix it.
+func (s *Server) validateForecast(req *api.CreateForecastRequest) (ttl time.Duration, msg string) {
+	if !reID.MatchString(req.ID) {
+		return 0, "id: required, 1-128 characters of letters, digits and ._:@/+- starting with a letter or digit; one per evaluation, so that a retry is not a second forecast"
+	}
+	if msg := checkSource(req.Source, true); msg != "" {
+		return 0, msg
+	}
+	if req.System != "" && !reSystem.MatchString(req.System) {
+		return 0, fmt.Sprintf("system: %q is not a Nix system name like \"x86_64-linux\"", req.System)
+	}
+	for _, f := range req.Features {
+		if !reFeature.MatchString(f) {
+			return 0, fmt.Sprintf("features: %q is not a feature name like \"kvm\" or \"big-parallel\"", f)
+		}
+	}
+	req.Features = slices.Compact(slices.Sorted(slices.Values(req.Features)))
+	switch {
+	case req.Pool != "":
+		p, ok := s.pool(req.Pool)
+		if !ok {
+			return 0, fmt.Sprintf("pool: no pool named %q; configured: %s", req.Pool, s.poolSummary())
+		}
+		if req.System != "" && !p.Serves(req.System, req.Features) {
+			return 0, fmt.Sprintf("pool: %s does not serve system %s with features [%s]", req.Pool, req.System, strings.Join(req.Features, " "))
+		}
+	case req.System == "":
+		return 0, `system: required without a pool, e.g. "x86_64-linux": it picks the pool, as for a reservation`
+	}
+	if b := req.Builds; b != nil && (*b < 0 || *b > scaler.MaxForecastBuilds) {
+		return 0, fmt.Sprintf("builds: %d is outside 0..%d; leave it out to let the daemon estimate it", *b, scaler.MaxForecastBuilds)
+	}
+	ttl = scaler.DefaultForecastTTL
+	if req.TTL != "" {
+		d, err := time.ParseDuration(req.TTL)
+		switch {
+		case err != nil:
+			return 0, fmt.Sprintf("ttl: %q is not a duration; write it like \"30m\"", req.TTL)
+		case d <= 0:
+			return 0, "ttl: must be positive"
+		case d > scaler.MaxForecastTTL:
+			return 0, fmt.Sprintf("ttl: %s is longer than %s; an evaluation that long should send a new forecast", d, scaler.MaxForecastTTL)
+		}
+		ttl = d
+	}
+	return ttl, ""
+}
+
+func (s *Server) withdrawForecast(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	now := s.o.Clock.Now()
+	f, err := s.o.Forecasts.WithdrawForecast(r.Context(), id, scaler.Event{At: now, Kind: scaler.EvForecastWithdrawn, Actor: "api",
+		Reason: "forecast " + id + " withdrawn"})
+	if errors.Is(err, scaler.ErrNotFound) {
+		writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no forecast %q", id))
+		return
+	}
+	if err != nil {
+		s.internal(w, "withdraw forecast", err)
+		return
+	}
+	if f.WithdrawnAt.Equal(now) {
+		s.o.Logger.Info("forecast withdrawn", "forecast", f.ID, "source", f.Source, "pool", f.Pool, "arrived", f.Arrived)
+		// The pool's target may drop: no launch for it is needed any more.
+		s.o.Scaler.Kick()
+	}
+	writeJSON(w, http.StatusOK, s.forecastView(f))
+}
+
+func (s *Server) getForecast(w http.ResponseWriter, r *http.Request) {
+	f, err := s.o.Forecasts.Forecast(r.Context(), r.PathValue("id"))
+	if errors.Is(err, scaler.ErrNotFound) {
+		writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no forecast %q", r.PathValue("id")))
+		return
+	}
+	if err != nil {
+		s.internal(w, "read forecast", err)
+		return
+	}
+	writeJSON(w, http.StatusOK, s.forecastView(f))
+}
+
+// forecastListLimit bounds GET /v1/forecasts: the newest this many.
+const forecastListLimit = 100
+
+func (s *Server) listForecasts(w http.ResponseWriter, r *http.Request) {
+	fs, err := s.o.Forecasts.RecentForecasts(r.Context(), forecastListLimit)
+	if err != nil {
+		s.internal(w, "list forecasts", err)
+		return
+	}
+	out := api.ForecastList{Forecasts: make([]api.Forecast, 0, len(fs))}
+	for _, f := range fs {
+		out.Forecasts = append(out.Forecasts, s.forecastView(f))
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) forecastView(f scaler.Forecast) api.Forecast {
+	now := s.o.Clock.Now()
+	v := api.Forecast{ID: f.ID, Source: f.Source, Pool: f.Pool, System: f.System, Features: f.Features, Builds: f.Builds,
+		Estimated: f.Estimated, Arrived: f.Arrived, Remaining: f.Remaining(now), State: string(f.State(now)),
+		CreatedAt: f.CreatedAt, ExpiresAt: f.ExpiresAt}
+	if v.Features == nil {
+		v.Features = []string{}
+	}
+	if !f.WithdrawnAt.IsZero() {
+		t := f.WithdrawnAt
+		v.WithdrawnAt = &t
+	}
+	return v
+}

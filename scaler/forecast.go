@@ -1,0 +1,114 @@
+package scaler
+
+import (
+	"math"
+	"time"
+)
+
+// A Forecast says that demand is coming: an evaluation of Source started,
+// and the builds it yields will ask for builders of Pool soon. The planner
+// counts it like reservations (its Remaining builds) while it is Open, so
+// that builders boot during the evaluation instead of after it.
+//
+// Reservations that carry the same Source and arrive in Pool while the
+// forecast's TTL runs are counted in Arrived (also after a withdrawal: the
+// builds start when the evaluation ends); they consume the forecast, and
+// they are the history later forecasts of that source are estimated from.
+type Forecast struct {
+	ID       string
+	Source   string
+	Pool     string
+	System   string
+	Features []string
+	// Builds is how many builds are expected; Estimated says the daemon
+	// chose it from the source's history (the client gave none).
+	Builds    int
+	Estimated bool
+	Arrived   int
+	CreatedAt time.Time
+	ExpiresAt time.Time
+	// WithdrawnAt is when the client said the evaluation ended (zero:
+	// not withdrawn).
+	WithdrawnAt time.Time
+}
+
+// ForecastState is what a forecast means to the planner now.
+type ForecastState string
+
+const (
+	ForecastOpen      ForecastState = "open"
+	ForecastWithdrawn ForecastState = "withdrawn"
+	ForecastExpired   ForecastState = "expired"
+)
+
+// State tells whether f counts as demand at now.
+func (f Forecast) State(now time.Time) ForecastState {
+	switch {
+	case !f.WithdrawnAt.IsZero():
+		return ForecastWithdrawn
+	case !now.Before(f.ExpiresAt):
+		return ForecastExpired
+	}
+	return ForecastOpen
+}
+
+// Remaining is the demand f still stands for at now: the builds not yet
+// arrived as reservations, while it is open.
+func (f Forecast) Remaining(now time.Time) int {
+	if f.State(now) != ForecastOpen {
+		return 0
+	}
+	return max(f.Builds-f.Arrived, 0)
+}
+
+// Forecast bounds and defaults.
+const (
+	DefaultForecastTTL = 30 * time.Minute
+	MaxForecastTTL     = 6 * time.Hour
+	MaxForecastBuilds  = 10000
+	// ForecastHistory is how many of a source's past forecasts an estimate
+	// looks at.
+	ForecastHistory = 8
+	// forecastDecay weighs each past forecast half as much as the one
+	// after it.
+	forecastDecay = 0.5
+)
+
+// EstimateBuilds estimates how many builds a new evaluation of a source
+// yields from how many arrived after its past forecasts in the same pool,
+// newest first: a decaying average, where each older evaluation counts half
+// as much as the next. Without history it is 1: an evaluation that started
+// is likely to build something, and one builder is the least that hides a
+// boot.
+func EstimateBuilds(arrivedNewestFirst []int) int {
+	if len(arrivedNewestFirst) == 0 {
+		return 1
+	}
+	var sum, weights float64
+	w := 1.0
+	for _, n := range arrivedNewestFirst {
+		sum += w * float64(n)
+		weights += w
+		w *= forecastDecay
+	}
+	return min(int(math.Round(sum/weights)), MaxForecastBuilds)
+}
+
+// ForecastFor returns the index in fs of the forecast a new reservation r
+// counts against: the latest one of r's source and pool made before r
+// whose TTL had not passed when r was made (withdrawn or not), or -1.
+func ForecastFor(fs []Forecast, r Reservation) int {
+	best := -1
+	if r.Source == "" {
+		return best
+	}
+	for i, f := range fs {
+		if f.Source != r.Source || f.Pool != r.Pool || r.CreatedAt.Before(f.CreatedAt) || !r.CreatedAt.Before(f.ExpiresAt) {
+			continue
+		}
+		if best < 0 || !f.CreatedAt.Before(fs[best].CreatedAt) {
+			best = i
+		}
+	}
+	return best
+}
