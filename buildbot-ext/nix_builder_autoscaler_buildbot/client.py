@@ -1,4 +1,4 @@
-"""HTTP client of the daemon's reservation API (docs/design.md §3.1).
+"""HTTP client of the daemon's reservation and forecast API (docs/design.md §3.1).
 
 Plain Twisted: no Buildbot imports, so it can be tested on its own. Every
 request has a timeout, every answer is classified as success, transient
@@ -146,6 +146,18 @@ class DaemonClient:
 
     def health(self):
         return self._call("GET", "/healthz")
+
+    def forecast(self, body):
+        """POST /v1/forecasts; returns the forecast (dict). Idempotent by id."""
+        return self._call("POST", "/v1/forecasts", body=body)
+
+    def withdraw_forecast(self, fid):
+        """DELETE /v1/forecasts/{id}; returns the withdrawn forecast."""
+        return self._call("DELETE", "/v1/forecasts/" + quote(fid, safe=""))
+
+    def forecasts(self):
+        """GET /v1/forecasts: {"forecasts": [...]}."""
+        return self._call("GET", "/v1/forecasts")
 
     # Plumbing.
 

@@ -50,6 +50,12 @@ class Backoff:
         return d
 
 
+def rejects_field(err, field):
+    """True when err is the daemon's 400 for a body field it does not know
+    (its strict JSON decoding answers 'json: unknown field "<field>"')."""
+    return err.status == 400 and f'unknown field "{field}"' in err.message
+
+
 def describe(res):
     """Where a ready reservation landed: "pool x86, slot slot1, instance i-1, address 10.0.0.1:22"."""
     parts = []
@@ -172,12 +178,23 @@ class Gate:
             want += f" with features {', '.join(req['features'])}"
         if req.get("pool"):
             want += f" in pool {req['pool']}"
+        if req.get("source"):
+            want += f" (source {req['source']})"
         self.log(f"reserving capacity for {want}: reservation {self.id}, lease {req.get('lease') or 'daemon default'}, "
                  f"daemon at {self.client.where}")
-        try:
-            res = yield self._retrying("create reservation", lambda: self.client.create(req))
-        except APIError as e:
-            return Outcome(ERROR, None, f"cannot create the reservation: {e}")
+        while True:
+            try:
+                res = yield self._retrying("create reservation", lambda: self.client.create(self.request))
+                break
+            except APIError as e:
+                if "source" in self.request and rejects_field(e, "source"):
+                    # A daemon older than reservation sources refuses the
+                    # field; the reservation works without it.
+                    self.log("the daemon does not know reservation sources (an older daemon): "
+                             "reserving without one")
+                    self.request.pop("source")
+                    continue
+                return Outcome(ERROR, None, f"cannot create the reservation: {e}")
         self.created = self.last = res
         state = res.get("state")
         self.log(f"reservation {self.id} is {state} in pool {res.get('pool') or '?'}")

@@ -1,10 +1,14 @@
-"""A Twisted web server that plays the daemon's reservation API for tests.
+"""A Twisted web server that plays the daemon's reservation and forecast
+API for tests.
 
-It keeps reservations in memory and can be told to answer errors, hold
-long polls, delay answers, and expire leases, on a unix socket and/or TCP.
+It keeps reservations and forecasts in memory and can be told to answer
+errors, hold long polls, delay answers, expire leases, and refuse the
+"source" field as a daemon older than sources does, on a unix socket and/or
+TCP.
 """
 
 import json
+import re
 import time
 from datetime import datetime, timezone
 
@@ -32,12 +36,19 @@ class FakeDaemon(resource.Resource):
         self.fail_reason = None  # fail instead of becoming ready
         self.hold_pending = False  # a GET ?wait= of a pending reservation waits the whole wait
         self.create_delay = 0.0  # seconds before POST answers
-        self.errors = {"create": [], "get": [], "heartbeat": [], "release": []}  # statuses to answer first
+        self.errors = {"create": [], "get": [], "heartbeat": [], "release": [],
+                       "forecast": [], "withdraw": [], "forecasts": []}  # statuses to answer first
         self.always = {}  # route -> status answered every time
         self.disconnected = []  # (route, id) of requests whose client went away before the answer
         self.in_flight = []  # (route, id) of requests being held right now
         self.default_lease = "10m"
         self.ports = []
+        self.forecasts = {}
+        self.forecast_estimate = 3  # the builds a forecast without "builds" gets
+        self.forecast_delay = 0.0  # seconds before POST /v1/forecasts answers
+        self.pools = {"x86_64-linux": "x86", "aarch64-linux": "arm"}  # system -> pool (forecasts)
+        self.knows_source = True  # False: refuse "source" like a daemon older than sources
+        self.forecast_api = True  # False: /v1/forecasts answers like a daemon without it
 
     # Listening.
 
@@ -93,17 +104,10 @@ class FakeDaemon(resource.Resource):
             if got != "Bearer " + self.token:
                 return self._error(request, 401, "unauthorized", "missing or wrong bearer token")
         parts = [p for p in path.split("/") if p]
-        if parts[:2] != ["v1", "reservations"]:
-            return self._error(request, 404, "not_found", "no endpoint")
-        if method == "POST" and len(parts) == 2:
-            route, rid = "create", None
-        elif method == "GET" and len(parts) == 3:
-            route, rid = "get", parts[2]
-        elif method == "POST" and len(parts) == 4 and parts[3] == "heartbeat":
-            route, rid = "heartbeat", parts[2]
-        elif method == "DELETE" and len(parts) == 3:
-            route, rid = "release", parts[2]
-        else:
+        if parts[:2] == ["v1", "forecasts"] and not self.forecast_api:
+            return self._error(request, 404, "not_found", f"no endpoint {method} {path}; see docs/design.md §3.1")
+        route, rid = self._route(method, parts)
+        if route is None:
             return self._error(request, 404, "not_found", "no endpoint")
         if route in self.always:
             return self._error(request, self.always[route], "internal", f"injected {route} error")
@@ -111,6 +115,26 @@ class FakeDaemon(resource.Resource):
             status = self.errors[route].pop(0)
             return self._error(request, status, "unavailable", f"injected {route} error")
         return getattr(self, "_" + route)(request, rid, body)
+
+    @staticmethod
+    def _route(method, parts):
+        if parts[:2] == ["v1", "reservations"]:
+            if method == "POST" and len(parts) == 2:
+                return "create", None
+            if method == "GET" and len(parts) == 3:
+                return "get", parts[2]
+            if method == "POST" and len(parts) == 4 and parts[3] == "heartbeat":
+                return "heartbeat", parts[2]
+            if method == "DELETE" and len(parts) == 3:
+                return "release", parts[2]
+        if parts[:2] == ["v1", "forecasts"]:
+            if method == "POST" and len(parts) == 2:
+                return "forecast", None
+            if method == "GET" and len(parts) == 2:
+                return "forecasts", None
+            if method == "DELETE" and len(parts) == 3:
+                return "withdraw", parts[2]
+        return None, None
 
     def _json(self, request, status, doc):
         request.setResponseCode(status)
@@ -156,6 +180,11 @@ class FakeDaemon(resource.Resource):
             return self._error(request, 400, "bad_request", "invalid JSON body")
         if not req.get("system"):
             return self._error(request, 400, "bad_request", "system: required")
+        if "source" in req:
+            if not self.knows_source:
+                return self._error(request, 400, "bad_request", 'invalid JSON body: json: unknown field "source"')
+            if len(req["source"].encode()) > 256 or not req["source"].isprintable():
+                return self._error(request, 400, "bad_request", "source: at most 256 bytes of printable text")
         rid = req.get("id") or f"r-{len(self.reservations) + 1}"
         status = 200
         res = self.reservations.get(rid)
@@ -164,13 +193,16 @@ class FakeDaemon(resource.Resource):
             lease = req.get("lease") or self.default_lease
             res = {
                 "id": rid, "pool": req.get("pool") or "x86", "system": req["system"],
-                "features": req.get("features") or [], "owner": req.get("owner", ""),
+                "features": req.get("features") or [], "owner": req.get("owner", ""), "source": req.get("source", ""),
                 "state": "pending", "lease": lease, "created_at": _now_iso(), "wait_seconds": 0.0,
                 "_lease": parse_duration(lease), "_polls": 0, "_created": time.monotonic(),
                 "_heartbeats": 0,
             }
             res["_expires"] = time.monotonic() + res["_lease"]
             self.reservations[rid] = res
+            for fc in self.forecasts.values():
+                if fc["source"] == res["source"] and fc["pool"] == res["pool"] and time.monotonic() < fc["_until"]:
+                    fc["arrived"] += 1
         self._expire(res)
         if self.create_delay:
             return self._hold(request, "create", rid, self.create_delay,
@@ -217,3 +249,56 @@ class FakeDaemon(resource.Resource):
             res["state"] = "released"
             res["slot"] = ""
         return self._json(request, 200, self._view(res))
+
+    # Forecasts (the daemon's contract, minus the scaling).
+
+    _FORECAST_ID = re.compile(r"^[A-Za-z0-9._:@/-]{1,128}$")
+
+    def _forecast(self, request, _rid, body):
+        try:
+            req = json.loads(body)
+        except ValueError:
+            return self._error(request, 400, "bad_request", "invalid JSON body")
+        unknown = set(req) - {"id", "source", "system", "features", "pool", "builds", "ttl"}
+        if unknown:
+            return self._error(request, 400, "bad_request", f'invalid JSON body: json: unknown field "{sorted(unknown)[0]}"')
+        if not isinstance(req.get("id"), str) or not self._FORECAST_ID.match(req["id"]):
+            return self._error(request, 400, "bad_request", "id: 1 to 128 characters of [A-Za-z0-9._:@/-]")
+        source = req.get("source")
+        if not isinstance(source, str) or not source or len(source.encode()) > 256 or not source.isprintable():
+            return self._error(request, 400, "bad_request", "source: required, at most 256 bytes of printable text")
+        ttl = parse_duration(req.get("ttl") or "30m")
+        if ttl <= 0 or ttl > 6 * 3600:
+            return self._error(request, 400, "bad_request", "ttl: more than 0 and at most 6h")
+        if "builds" in req and not (isinstance(req["builds"], int) and 0 <= req["builds"] <= 10000):
+            return self._error(request, 400, "bad_request", "builds: 0 to 10000")
+        fc = self.forecasts.get(req["id"])
+        status = 200
+        if fc is None:
+            pool = req.get("pool") or self.pools.get(req.get("system") or "x86_64-linux")
+            if not pool:
+                return self._error(request, 404, "not_found", f"no pool serves system {req.get('system')}")
+            status = 201
+            estimated = "builds" not in req
+            fc = {
+                "id": req["id"], "source": source, "pool": pool, "system": req.get("system", ""),
+                "features": req.get("features") or [], "builds": self.forecast_estimate if estimated else req["builds"],
+                "estimated": estimated, "arrived": 0, "state": "open", "created_at": _now_iso(),
+                "expires_at": _now_iso(), "ttl": req.get("ttl") or "30m", "_until": time.monotonic() + ttl,
+            }
+            self.forecasts[req["id"]] = fc
+        if self.forecast_delay:
+            return self._hold(request, "forecast", req["id"], self.forecast_delay,
+                              lambda: json.dumps(self._view(fc)).encode())
+        return self._json(request, status, self._view(fc))
+
+    def _withdraw(self, request, fid, _body):
+        fc = self.forecasts.get(fid)
+        if fc is None:
+            return self._error(request, 404, "not_found", f"no forecast {fid!r}")
+        if fc["state"] == "open":
+            fc["state"] = "withdrawn"
+        return self._json(request, 200, self._view(fc))
+
+    def _forecasts(self, request, _rid, _body):
+        return self._json(request, 200, {"forecasts": [self._view(f) for f in self.forecasts.values()]})

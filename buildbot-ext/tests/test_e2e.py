@@ -3,19 +3,32 @@ the extension, against the real daemon (local provider), in a temporary
 directory, on loopback only. Results come from Buildbot's REST API and the
 daemon's API (over its unix socket).
 
-The daemon has two local pools: "x86" (x86_64-linux) whose stand-in
+The daemon has three local pools: "x86" (x86_64-linux) whose stand-in
 builders answer after boot_delay 10s, so a build visibly waits (long enough
-for the test to see the gate waiting, on a busy machine too), and "arm"
+for the test to see the gate waiting, on a busy machine too), "arm"
 (aarch64-linux) whose builders take 10 minutes, so a build waits until it is
-stopped. The builder "demo/nix-build" runs one shell step that asks the
+stopped, and "fc" (i686-linux, boot_delay 8s, idle_timeout 2s) for demand
+forecasts. The builder "demo/nix-build" runs one shell step that asks the
 daemon about its own reservation (so the log shows it was ready while the
 step ran) and then sleeps; AutoscalerConfigurator adds the gate and the
 release. Lease 6s, heartbeat every 2s. A gate over the unix socket asks
 for long polls of 10 minutes (the daemon's max_poll is 1h), so only a change
 of the reservation, or the gate cancelling it, ends one.
 
-No check here measures how long something took: waits for a condition are
-bounded generously (WAIT), and only a stuck test reaches the bound.
+"fcdemo/nix-eval" plays buildbot-nix's evaluation: its project (the source
+stamp's, as buildbot-nix's change sources set it) is "e2e/fcdemo", it
+"evaluates" for longer than an fc builder takes to boot, then triggers two
+builds of "fcdemo/nix-build" and waits for them. The configurator adds the
+forecast steps to it, and to "broken/nix-eval", whose evaluation fails.
+
+Waits for a condition are bounded generously (WAIT), and only a stuck test
+reaches the bound. The forecast scenario checks, from the daemon's events,
+that each build of the second evaluation found its builder already ready;
+the one check that compares times is that their gates waited less than a
+boot, which the test measures first on the same daemon. (What a gate waits
+for a ready builder is the daemon's own latency, up to a reconcile
+interval plus a round; on a loaded machine that alone takes seconds, so a
+fixed bound of 1-2 s would test the machine's load.)
 
 Everything is started by the test and stopped by its PID. NBA_KEEP=1 keeps
 the directory; NBA_DAEMON_BINARY uses a daemon binary built elsewhere;
@@ -34,6 +47,7 @@ import sys
 import tempfile
 import time
 import unittest
+from datetime import datetime
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXT = os.path.dirname(HERE)
@@ -43,6 +57,10 @@ PYTHON = "/usr/bin/python3"
 SUCCESS, WARNINGS, FAILURE, SKIPPED, EXCEPTION, RETRY, CANCELLED = 0, 1, 2, 3, 4, 5, 6
 GATE = "reserve builder capacity"
 RELEASE = "release builder capacity"
+FORECAST = "forecast builder demand"
+WITHDRAW = "withdraw builder forecast"
+FC_PROJECT = "e2e/fcdemo"
+FC_SYSTEM = "i686-linux"
 
 DAEMON_CONFIG = """\
 [daemon]
@@ -73,6 +91,15 @@ max_builders = 1
 provider = "local"
 [pool.local]
 boot_delay = "10m"
+
+[[pool]]
+name = "fc"
+systems = ["i686-linux"]
+max_builders = 2
+idle_timeout = "2s"
+provider = "local"
+[pool.local]
+boot_delay = "8s"
 """
 
 # Runs on the worker as the "build": prints the daemon's view of this
@@ -119,27 +146,69 @@ build.addStep(steps.ShellCommand(
 evaluate = util.BuildFactory()
 evaluate.addStep(steps.ShellCommand(name="evaluate", command=["true"], logEnviron=False))
 
+
+# Triggers `count` builds, as buildbot-nix's evaluation triggers one
+# nix-build per attribute (with the evaluation's source stamp).
+class TriggerBuilds(steps.Trigger):
+    def __init__(self, count, **kwargs):
+        self.count = count
+        super().__init__(**kwargs)
+
+    def getSchedulersAndProperties(self):
+        return [{{"sched_name": self.schedulerNames[0], "unimportant": False,
+                  "props_to_set": {{"system": "{fc_system}", "cacheStatus": "notBuilt", "sleep": "1",
+                                   "attr": "pkg%d" % i}}}}
+                for i in range(self.count)]
+
+
+# An evaluation that takes longer than a builder's boot (eval_seconds), then
+# triggers two gated builds and waits for them.
+fc_eval = util.BuildFactory()
+fc_eval.addStep(steps.ShellCommand(name="evaluate (stand-in)", command=["sleep", util.Property("eval_seconds")],
+                                   haltOnFailure=True, logEnviron=False))
+fc_eval.addStep(TriggerBuilds(2, name="trigger builds", schedulerNames=["fcdemo-nix-build"], waitForFinish=True))
+broken_eval = util.BuildFactory()
+broken_eval.addStep(steps.ShellCommand(name="evaluate (fails)", command=["false"], haltOnFailure=True,
+                                       logEnviron=False))
+broken_eval.addStep(steps.ShellCommand(name="never runs", command=["true"], logEnviron=False))
+
 c["builders"] = [
     util.BuilderConfig(name="demo/nix-build", workernames=["w1"], factory=build),
     util.BuilderConfig(name="remote/nix-build", workernames=["w1"], factory=build),
     util.BuilderConfig(name="demo/nix-eval", workernames=["w1"], factory=evaluate),
+    util.BuilderConfig(name="fcdemo/nix-build", workernames=["w1"], factory=build, collapseRequests=False),
+    util.BuilderConfig(name="fcdemo/nix-eval", workernames=["w1"], factory=fc_eval),
+    util.BuilderConfig(name="broken/nix-eval", workernames=["w1"], factory=broken_eval),
 ]
-c["schedulers"] = [schedulers.ForceScheduler(
-    name="force", builderNames=["demo/nix-build", "remote/nix-build", "demo/nix-eval"],
-    properties=[util.StringParameter(name="system", default="x86_64-linux"),
-                util.StringParameter(name="cacheStatus", default="notBuilt"),
-                util.StringParameter(name="sleep", default="1")])]
+c["schedulers"] = [
+    schedulers.ForceScheduler(
+        name="force", builderNames=["demo/nix-build", "remote/nix-build", "demo/nix-eval", "broken/nix-eval"],
+        properties=[util.StringParameter(name="system", default="x86_64-linux"),
+                    util.StringParameter(name="cacheStatus", default="notBuilt"),
+                    util.StringParameter(name="sleep", default="1")]),
+    # The evaluation's source stamp names its project, as buildbot-nix's
+    # change sources do; Buildbot makes it the "project" property.
+    schedulers.ForceScheduler(
+        name="force-fc", builderNames=["fcdemo/nix-eval"],
+        codebases=[util.CodebaseParameter("", project=util.FixedParameter(name="project", default="{fc_project}"))],
+        properties=[util.StringParameter(name="eval_seconds", default="20")]),
+    schedulers.Triggerable(name="fcdemo-nix-build", builderNames=["fcdemo/nix-build"]),
+]
 
 # What a buildbot-nix master.cfg adds after NixConfigurator (here through
 # the plugin entry point, as the NixOS form in README.md does).
 # "remote/nix-build" shares demo's factory but reaches the daemon over TCP
 # with a bearer token, as a master on another host would; the configurator
 # copies the shared factory before patching it.
+# The first one also adds the forecast steps to the two evaluations (not to
+# demo/nix-eval, which the first scenario checks is left alone).
 c["configurators"] = [
     util.AutoscalerConfigurator(socket="{sock}", lease="6s", poll="10m", wait_timeout="5m",
-                                builders=lambda name: name == "demo/nix-build"),
+                                builders=lambda name: name in ("demo/nix-build", "fcdemo/nix-build"),
+                                eval_builders=lambda name: name in ("fcdemo/nix-eval", "broken/nix-eval"),
+                                forecast_systems=["{fc_system}"]),
     util.AutoscalerConfigurator(url="http://127.0.0.1:{api_port}", token_file="{token_file}",
-                                lease="6s", poll="10s", wait_timeout="5m"),
+                                lease="6s", poll="10s", wait_timeout="5m", forecasts=False),
 ]
 """
 
@@ -174,6 +243,12 @@ class UnixHTTP(http.client.HTTPConnection):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(self.timeout)
         self.sock.connect(self.path)
+
+
+def epoch(text):
+    """An RFC 3339 time of the daemon (nanoseconds, "Z") as epoch seconds."""
+    head, _, frac = text.rstrip("Z").partition(".")
+    return datetime.fromisoformat(head + "+00:00").timestamp() + float("0." + (frac or "0"))
 
 
 def wait_for(what, pred, timeout=WAIT, interval=0.2, on_fail=None):
@@ -246,6 +321,7 @@ class BuildbotEndToEnd(unittest.TestCase):
             self.scenario_build_waits_for_capacity_runs_and_releases,
             self.scenario_tcp_api_with_bearer_token,
             self.scenario_stop_while_waiting_releases,
+            self.scenario_forecast_boots_builders_while_the_evaluation_runs,
             self.scenario_worker_killed_reservation_expires_by_lease,  # last: it kills the worker
         ]
         for scenario in scenarios:
@@ -335,7 +411,8 @@ class BuildbotEndToEnd(unittest.TestCase):
             f.write(CHECK_SCRIPT)
         with open(os.path.join(master, "master.cfg"), "w") as f:
             f.write(MASTER_CFG.format(www=cls.www, pb=cls.pb, python=PYTHON, check=check, sock=cls.sock,
-                                      api_port=cls.api_port, token_file=cls.token_file))
+                                      api_port=cls.api_port, token_file=cls.token_file,
+                                      fc_project=FC_PROJECT, fc_system=FC_SYSTEM))
         subprocess.run(["buildbot", "checkconfig", master], check=True, timeout=SUBPROCESS_TIMEOUT, env=cls.env,
                        stdout=subprocess.DEVNULL)
         cls.master_log = os.path.join(master, "twistd.log")
@@ -397,10 +474,13 @@ class BuildbotEndToEnd(unittest.TestCase):
     # Talking to the daemon and to Buildbot.
 
     @classmethod
-    def api(cls, method, path):
+    def api(cls, method, path, body=None):
         c = UnixHTTP(cls.sock)
         try:
-            c.request(method, path)
+            if body is None:
+                c.request(method, path)
+            else:
+                c.request(method, path, json.dumps(body), {"Content-Type": "application/json"})
             r = c.getresponse()
             return r.status, json.loads(r.read() or b"null")
         finally:
@@ -441,10 +521,11 @@ class BuildbotEndToEnd(unittest.TestCase):
     def logs(self):
         return "".join(self.log_tail(p) for p in (self.daemon.logfile, self.master_log, self.worker_log))
 
-    def force(self, builder="demo/nix-build", **props):
-        props.setdefault("system", "x86_64-linux")
-        props.setdefault("sleep", "1")
-        _, brids = self.rpc("/forceschedulers/force", "force", builderid=self.builderids[builder], **props)
+    def force(self, builder="demo/nix-build", scheduler="force", **props):
+        if scheduler == "force":
+            props.setdefault("system", "x86_64-linux")
+            props.setdefault("sleep", "1")
+        _, brids = self.rpc(f"/forceschedulers/{scheduler}", "force", builderid=self.builderids[builder], **props)
         brid = list(brids.values())[0]
         return wait_for("the build to start", lambda: self.rest(f"/buildrequests/{brid}/builds")["builds"],
                         on_fail=self.logs)[0]["buildid"]
@@ -493,6 +574,94 @@ class BuildbotEndToEnd(unittest.TestCase):
         if rid and gate and not gate["complete"]:
             return rid
         return None
+
+    def forecast(self, fid):
+        status, doc = self.api("GET", "/v1/forecasts")
+        self.assertEqual(status, 200, doc)
+        for fc in doc["forecasts"]:
+            if fc["id"] == fid:
+                return fc
+        raise AssertionError(f"the daemon lists no forecast {fid}: {doc}")
+
+    def step_order(self, buildid):
+        return [s["name"] for s in sorted(self.steps(buildid).values(), key=lambda s: s["number"])]
+
+    def pool_empty(self, name):
+        """True when the pool runs no builder and holds no live reservation."""
+        status, doc = self.api("GET", "/v1/status")
+        self.assertEqual(status, 200, doc)
+        pool = next(p for p in doc["pools"] if p["name"] == name)
+        return (not any(n for state, n in pool["slots"].items() if state != "empty")
+                and not any(pool["reservations"].values()))
+
+    def probe(self, rid):
+        """Seconds from a reservation in the fc pool until it is ready (it
+        is left ready)."""
+        t0 = time.monotonic()
+        status, res = self.api("POST", "/v1/reservations", {"id": rid, "system": FC_SYSTEM, "lease": "1m",
+                                                             "owner": "e2e probe"})
+        self.assertIn(status, (200, 201), res)
+        while res["state"] == "pending" and time.monotonic() - t0 < WAIT:
+            status, res = self.api("GET", f"/v1/reservations/{rid}?wait=30s")
+        self.assertEqual(res["state"], "ready", res)
+        return time.monotonic() - t0
+
+    def measure_boot(self):
+        """What a reservation waits in the fc pool: when it is empty (a
+        boot: what a build waits without a forecast), and right after the
+        first one is released (a ready builder: the daemon's own latency)."""
+        wait_for("the fc pool to be empty", lambda: self.pool_empty("fc"), interval=0.5, on_fail=self.logs)
+        boot = self.probe("e2e-boot-probe")
+        self.assertEqual(self.api("DELETE", "/v1/reservations/e2e-boot-probe")[0], 200)
+        ready = self.probe("e2e-ready-probe")
+        self.assertEqual(self.api("DELETE", "/v1/reservations/e2e-ready-probe")[0], 200)
+        return boot, ready
+
+    def builder_ready_before(self, rid):
+        """(when the builder that served rid became ready, when rid was
+        created), from the daemon's events, in epoch seconds."""
+        res = self.reservation(rid)
+        status, doc = self.api("GET", f"/v1/events?reservation={rid}&limit=1000")
+        self.assertEqual(status, 200, doc)
+        assigned = [e for e in doc["events"] if e["kind"] == "assigned"]
+        self.assertEqual(len(assigned), 1, doc)
+        slot, instance = assigned[0]["slot"], assigned[0]["instance_id"]
+        status, doc = self.api("GET", f"/v1/events?pool=fc&slot={slot}&limit=1000")
+        self.assertEqual(status, 200, doc)
+        ready = [epoch(e["at"]) for e in doc["events"] if e["kind"] == "ready" and e.get("instance_id") == instance]
+        self.assertEqual(len(ready), 1, (instance, doc))
+        return ready[0], epoch(res["created_at"])
+
+    def evaluate(self, eval_seconds):
+        """Force fcdemo/nix-eval; returns (its build, its forecast, [(build, its gate's wait, its reservation)])."""
+        fcb = self.builderids["fcdemo/nix-build"]
+        before = {b["buildid"] for b in self.rest(f"/builders/{fcb}/builds")["builds"]}
+        bid = self.force("fcdemo/nix-eval", scheduler="force-fc", eval_seconds=f"{eval_seconds:.1f}")
+        b = self.wait_build(bid)
+        self.assertEqual(b["results"], SUCCESS, self.logs())
+        self.assertEqual(self.step_order(bid), [FORECAST, "evaluate (stand-in)", "trigger builds", WITHDRAW])
+        st = self.steps(bid)
+        self.assertEqual(st[FORECAST]["results"], SUCCESS, st[FORECAST]["state_string"])
+        self.assertEqual(st[WITHDRAW]["results"], SUCCESS, st[WITHDRAW]["state_string"])
+        self.assertEqual(self.prop(bid, "project"), FC_PROJECT)
+        ids = self.prop(bid, "nix_builder_autoscaler_forecasts")
+        self.assertEqual(len(ids), 1, ids)
+        fc = self.forecast(ids[0])
+        self.assertEqual((fc["source"], fc["pool"], fc["state"]), (FC_PROJECT, "fc", "withdrawn"), fc)
+        builds = [x for x in self.rest(f"/builders/{fcb}/builds")["builds"] if x["buildid"] not in before]
+        self.assertEqual(len(builds), 2, builds)
+        waits = []
+        for x in builds:
+            self.assertEqual(x["results"], SUCCESS, self.logs())
+            self.assertEqual(self.prop(x["buildid"], "project"), FC_PROJECT, "the triggered build has the project")
+            rid = self.prop(x["buildid"], "nix_builder_autoscaler_reservation")
+            res = self.reservation(rid)
+            self.assertEqual((res["source"], res["pool"]), (FC_PROJECT, "fc"), res)
+            waits.append((x, self.prop(x["buildid"], "nix_builder_autoscaler_wait_seconds"), rid))
+        log = self.step_log(bid, st[FORECAST]["number"], "forecast")
+        print("  forecast step log:\n" + "".join("    | " + line + "\n" for line in log.splitlines()),
+              file=sys.stderr)
+        return b, self.forecast(ids[0]), waits
 
     # The scenarios (they share one master, worker and daemon).
 
@@ -605,6 +774,59 @@ class BuildbotEndToEnd(unittest.TestCase):
         self.assertEqual(res["state"], "released")
         self.assertIn("released", self.events(rid))
         self.assertIn(f"released reservation {rid}", self.step_log(bid, st[GATE]["number"], "reservation"))
+
+    def scenario_forecast_boots_builders_while_the_evaluation_runs(self):
+        # What a build waits without a forecast: a boot of an fc builder;
+        # and what it waits when a builder is ready: the daemon's latency.
+        boot, ready = self.measure_boot()
+        print(f"  a reservation in the fc pool waits {boot:.1f}s when it is empty (a boot), "
+              f"{ready:.1f}s when a builder is ready", file=sys.stderr)
+        self.assertGreater(boot, 4, "boot_delay is 8s: the comparison below needs a real boot")
+
+        # An evaluation that fails: the forecast is withdrawn all the same
+        # (alwaysRun), and its source comes from the builder's name (the
+        # "force" scheduler gives no project).
+        bid = self.force("broken/nix-eval")
+        b = self.wait_build(bid)
+        self.assertEqual(b["results"], FAILURE, self.logs())
+        self.assertEqual(self.step_order(bid), [FORECAST, "evaluate (fails)", WITHDRAW])
+        st = self.steps(bid)
+        self.assertEqual(st[FORECAST]["results"], SUCCESS, st[FORECAST]["state_string"])
+        self.assertEqual(st[WITHDRAW]["results"], SUCCESS, st[WITHDRAW]["state_string"])
+        fc = self.forecast(self.prop(bid, "nix_builder_autoscaler_forecasts")[0])
+        self.assertEqual((fc["source"], fc["state"]), ("broken", "withdrawn"), fc)
+
+        # The evaluation "runs" longer than a boot, by half a boot and 5s.
+        eval_seconds = boot * 1.5 + 5
+        # First evaluation of the project: the daemon learns how many builds
+        # it triggers (the forecast's "arrived").
+        wait_for("the fc pool to be empty", lambda: self.pool_empty("fc"), interval=0.5, on_fail=self.logs)
+        _, first, waits1 = self.evaluate(eval_seconds)
+        self.assertEqual(first["arrived"], 2, first)
+        # Second evaluation, from an empty pool again: the forecast, estimated
+        # from the first, boots builders while it evaluates.
+        wait_for("the fc pool to be empty", lambda: self.pool_empty("fc"), interval=0.5, on_fail=self.logs)
+        _, second, waits2 = self.evaluate(eval_seconds)
+        print(f"  first evaluation: forecast {first['builds']} builds (estimated={first['estimated']}), "
+              f"{first['arrived']} arrived; gates waited {[w for _, w, _ in waits1]}s", file=sys.stderr)
+        print(f"  second evaluation: forecast {second['builds']} builds (estimated={second['estimated']}), "
+              f"{second['arrived']} arrived; gates waited {[w for _, w, _ in waits2]}s", file=sys.stderr)
+        # The daemon estimated the second forecast from the first's arrivals.
+        self.assertTrue(second["estimated"], second)
+        self.assertEqual(second["builds"], 2, second)
+        self.assertEqual(second["arrived"], 2, second)
+        for x, waited, rid in waits2:
+            # Each build found its builder already ready: the forecast booted
+            # it while the evaluation ran.
+            ready_at, asked_at = self.builder_ready_before(rid)
+            print(f"  build {x['number']}: its builder was ready {asked_at - ready_at:.1f}s before it asked; "
+                  f"its gate waited {waited}s", file=sys.stderr)
+            self.assertLess(ready_at, asked_at, f"build {x['number']}'s builder became ready only after the build "
+                                                f"asked for it: the forecast booted nothing" + self.logs())
+            # So its gate waited what a ready builder costs, less than a boot.
+            self.assertIsNotNone(waited, x)
+            self.assertLess(waited, boot, f"build {x['number']} waited {waited}s for a ready builder "
+                                          f"(a boot takes {boot:.1f}s)" + self.logs())
 
     def scenario_worker_killed_reservation_expires_by_lease(self):
         bid = self.force(sleep="3600")  # runs until the worker is killed

@@ -96,6 +96,49 @@ class StepTest(unittest.TestCase):
         self.assertIn("released reservation " + rid, build.master.data.updates.log_text("release"))
 
     @defer.inlineCallbacks
+    def test_gate_sends_the_project_as_source(self):
+        # buildbot-nix's nix-build builds carry the project in the "project"
+        # property (from their source stamp).
+        build = self.build(project="github:org/repo")
+        self.assertEqual((yield self.gate(build).run()), SUCCESS)
+        body = self.posted()[-1]
+        self.assertEqual(body["source"], "github:org/repo")
+        rid = build.properties.getProperty(PROPERTY_ID)
+        self.assertEqual(self.daemon.current(rid)["source"], "github:org/repo")
+        self.assertIn("reserving capacity for system x86_64-linux (source github:org/repo)",
+                      build.master.data.updates.log_text("reservation"))
+        # Without the property: the builder name without "/nix-build".
+        build = self.build()
+        self.assertEqual((yield self.gate(build).run()), SUCCESS)
+        self.assertEqual(self.posted()[-1]["source"], "demo")
+        # At most 256 bytes.
+        build = self.build(project="o/" + "x" * 300)
+        self.assertEqual((yield self.gate(build).run()), SUCCESS)
+        self.assertEqual(self.posted()[-1]["source"], "o/" + "x" * 254)
+        # A configured source wins.
+        build = self.build(project="github:org/repo")
+        self.assertEqual((yield self.gate(build, source="team-a").run()), SUCCESS)
+        self.assertEqual(self.posted()[-1]["source"], "team-a")
+
+    @defer.inlineCallbacks
+    def test_daemon_without_sources_reserves_without_one(self):
+        # A daemon older than sources refuses the unknown field; the gate
+        # then reserves without it instead of failing every build.
+        self.daemon.knows_source = False
+        build = self.build(project="github:org/repo")
+        self.assertEqual((yield self.gate(build).run()), SUCCESS)
+        bodies = self.posted()
+        self.assertEqual(len(bodies), 2)
+        self.assertEqual(bodies[0]["source"], "github:org/repo")
+        self.assertNotIn("source", bodies[1])
+        self.assertEqual(bodies[0]["id"], bodies[1]["id"])
+        self.assertIn("the daemon does not know reservation sources", build.master.data.updates.log_text("reservation"))
+        # Other 400s still fail at once.
+        self.daemon.knows_source = True
+        self.daemon.errors["create"] = [400]
+        self.assertEqual((yield self.gate(self.build()).run()), FAILURE)
+
+    @defer.inlineCallbacks
     def test_heartbeat_keeps_lease_until_build_ends(self):
         build = self.build()
         step = self.gate(build, lease="600ms")
