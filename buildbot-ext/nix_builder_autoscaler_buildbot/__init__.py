@@ -10,7 +10,8 @@ See README.md in buildbot-ext/.
 
 from .client import DEFAULT_SOCKET, APIError, DaemonClient
 from .configurator import AutoscalerConfigurator
-from .steps import PROPERTY_FORECASTS, PROPERTY_ID, CapacityGate, ForecastDemand, ReleaseCapacity, WithdrawForecast
+from .forecast import ForecastDemand, WithdrawForecast
+from .steps import PROPERTY_FORECASTS, PROPERTY_ID, CapacityGate, ReleaseCapacity
 
 __version__ = "0.1.0"
 

@@ -14,7 +14,8 @@ from buildbot.configurators import ConfiguratorBase
 from buildbot.process import buildstep
 from twisted.python import log as twlog
 
-from .steps import CapacityGate, ForecastDemand, ReleaseCapacity, WithdrawForecast
+from .forecast import ForecastDemand, WithdrawForecast
+from .steps import CapacityGate, ReleaseCapacity
 
 _DAEMON_KEYS = ("socket", "url", "token", "token_file", "request_timeout")
 

@@ -12,8 +12,9 @@ from buildbot.process.results import CANCELLED, SKIPPED, SUCCESS, WARNINGS
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from nix_builder_autoscaler_buildbot import steps as stepsmod
-from nix_builder_autoscaler_buildbot.steps import PROPERTY_FORECASTS, ForecastDemand, WithdrawForecast
+from nix_builder_autoscaler_buildbot import forecast as forecastmod, steps as stepsmod
+from nix_builder_autoscaler_buildbot.forecast import ForecastDemand, WithdrawForecast
+from nix_builder_autoscaler_buildbot.steps import PROPERTY_FORECASTS
 
 from .fakebuild import FakeBuild, attach
 from .fakedaemon import FakeDaemon
@@ -299,5 +300,5 @@ class ForecastTest(unittest.TestCase):
     def tearDown(self):
         for build in list(stepsmod._heartbeats.keys()):
             stepsmod._heartbeats.pop(build).stop("test ended")
-        stepsmod._open_forecasts.clear()
+        forecastmod._open_forecasts.clear()
         return sleep(0)
