@@ -122,6 +122,10 @@ let
     lease = cfg.lease;
     wait_timeout = cfg.waitTimeout;
     builder_suffix = cfg.builderSuffix;
+    # Only what differs from the extension's defaults.
+    forecasts = if cfg.forecasts.enable then null else false;
+    forecast_systems = cfg.forecasts.systems;
+    forecast_ttl = cfg.forecasts.ttl;
   };
 
   configurator =
@@ -274,6 +278,29 @@ in
       type = types.str;
       default = "/nix-build";
       description = "Builders whose name ends in this are gated (buildbot-nix names them <project>/nix-build).";
+    };
+
+    forecasts = {
+      enable = mkOption {
+        type = types.bool;
+        default = true;
+        description = ''
+          Send the daemon a demand forecast when a project's evaluation
+          (<project>/nix-eval) starts, and withdraw it when it ends, so that
+          builders boot while it evaluates. It never fails an evaluation.
+        '';
+      };
+      systems = mkOption {
+        type = types.nullOr (types.listOf types.str);
+        default = null;
+        example = [ "x86_64-linux" "aarch64-linux" ];
+        description = "The systems forecast for each evaluation; null: buildbot-nix's buildSystems.";
+      };
+      ttl = mkOption {
+        type = types.nullOr duration;
+        default = null;
+        description = "How long a forecast counts at most; null: the extension's default, 30m.";
+      };
     };
 
     extraArguments = mkOption {

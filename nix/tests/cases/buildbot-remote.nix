@@ -6,6 +6,10 @@
     url = "http://100.64.0.1:8470";
     tokenFile = "/run/secrets/nix-builder-autoscaler-token";
     waitTimeout = "3h";
+    forecasts = {
+      systems = [ "x86_64-linux" ];
+      ttl = "45m";
+    };
     extraArguments.features = ''["big-parallel"]'';
     remoteBuilders = {
       sshKey = "/etc/nix/builder_ed25519";
