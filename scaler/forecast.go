@@ -1,6 +1,7 @@
 package scaler
 
 import (
+	"context"
 	"math"
 	"time"
 )
@@ -91,12 +92,34 @@ const (
 	forecastDecay = 0.5
 )
 
+// ForecastHistorian reads how many reservations arrived after each of the
+// last n forecasts of source in pool (any source when source is ""),
+// newest first.
+type ForecastHistorian interface {
+	ForecastHistory(ctx context.Context, source, pool string, n int) ([]int, error)
+}
+
+// Estimate is the build count of a new forecast of source in pool that
+// gave none: EstimateBuilds over the source's history there, or, for a
+// source the pool has not seen, over every source's (a new project is
+// taken to be like the others).
+func Estimate(ctx context.Context, h ForecastHistorian, source, pool string) (int, error) {
+	hist, err := h.ForecastHistory(ctx, source, pool, ForecastHistory)
+	if err == nil && len(hist) == 0 {
+		hist, err = h.ForecastHistory(ctx, "", pool, ForecastHistory)
+	}
+	if err != nil {
+		return 0, err
+	}
+	return EstimateBuilds(hist), nil
+}
+
 // EstimateBuilds estimates how many builds a new evaluation of a source
 // yields from how many arrived after its past forecasts in the same pool,
 // newest first: a decaying average, where each older evaluation counts half
-// as much as the next. Without history it is 1: an evaluation that started
-// is likely to build something, and one builder is the least that hides a
-// boot.
+// as much as the next. Without any history it is 1: an evaluation that
+// started is likely to build something, and one builder is the least that
+// hides a boot.
 func EstimateBuilds(arrivedNewestFirst []int) int {
 	if len(arrivedNewestFirst) == 0 {
 		return 1

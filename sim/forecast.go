@@ -55,12 +55,12 @@ func (r *run) forecast(t time.Duration, now time.Time) (bool, error) {
 		r.nextEval++
 		for _, pi := range e.pools {
 			pool := r.cfg.Pools[pi].Policy.Name
-			hist, err := r.store.ForecastHistory(r.ctx, e.source, pool, scaler.ForecastHistory)
+			n, err := scaler.Estimate(r.ctx, r.store, e.source, pool)
 			if err != nil {
 				return false, err
 			}
 			f := scaler.Forecast{ID: fmt.Sprintf("f-%s-%d-%s", e.source, e.start/time.Second, pool), Source: e.source, Pool: pool,
-				Builds: scaler.EstimateBuilds(hist), Estimated: true, CreatedAt: now, ExpiresAt: now.Add(scaler.DefaultForecastTTL)}
+				Builds: n, Estimated: true, CreatedAt: now, ExpiresAt: now.Add(scaler.DefaultForecastTTL)}
 			if _, _, err := r.store.CreateForecast(r.ctx, f); err != nil {
 				return false, err
 			}

@@ -65,12 +65,12 @@ func (s *Server) createForecast(w http.ResponseWriter, r *http.Request) {
 	if req.Builds != nil {
 		f.Builds = *req.Builds
 	} else {
-		hist, err := s.o.Forecasts.ForecastHistory(r.Context(), f.Source, f.Pool, scaler.ForecastHistory)
+		n, err := scaler.Estimate(r.Context(), s.o.Forecasts, f.Source, f.Pool)
 		if err != nil {
 			s.internal(w, "read forecast history", err)
 			return
 		}
-		f.Builds, f.Estimated = scaler.EstimateBuilds(hist), true
+		f.Builds, f.Estimated = n, true
 	}
 	ev := scaler.Event{At: now, Kind: scaler.EvForecast, Pool: f.Pool, Actor: "api",
 		Reason: fmt.Sprintf("forecast %s from %s: %d builds%s, ttl %s", f.ID, f.Source, f.Builds, map[bool]string{true: " (estimated)"}[f.Estimated], ttl)}

@@ -84,10 +84,11 @@ func (db *DB) Forecast(ctx context.Context, id string) (scaler.Forecast, error) 
 }
 
 // ForecastHistory returns how many reservations arrived after each of the
-// last n forecasts of source in pool, newest first (scaler.EstimateBuilds).
+// last n forecasts of source ("": any) in pool, newest first
+// (scaler.Estimate).
 func (db *DB) ForecastHistory(ctx context.Context, source, pool string, n int) ([]int, error) {
-	rows, err := db.r.QueryContext(ctx, "SELECT arrived FROM forecasts WHERE source = ? AND pool = ? ORDER BY created_at DESC LIMIT ?",
-		source, pool, n)
+	rows, err := db.r.QueryContext(ctx, "SELECT arrived FROM forecasts WHERE (? = '' OR source = ?) AND pool = ? ORDER BY created_at DESC LIMIT ?",
+		source, source, pool, n)
 	if err != nil {
 		return nil, fmt.Errorf("forecast history: %w", err)
 	}

@@ -207,13 +207,13 @@ func (m *Store) Forecasts(context.Context) ([]scaler.Forecast, error) {
 }
 
 // ForecastHistory returns how many reservations arrived after each of the
-// last n forecasts of source in pool, newest first.
+// last n forecasts of source ("": any) in pool, newest first.
 func (m *Store) ForecastHistory(_ context.Context, source, pool string, n int) ([]int, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var out []int
 	for i := len(m.fcs) - 1; i >= 0 && len(out) < n; i-- {
-		if f := m.fcs[i]; f.Source == source && f.Pool == pool {
+		if f := m.fcs[i]; (source == "" || f.Source == source) && f.Pool == pool {
 			out = append(out, f.Arrived)
 		}
 	}
