@@ -135,18 +135,32 @@ func EstimateBuilds(arrivedNewestFirst []int) int {
 }
 
 // ForecastFor returns the index in fs of the forecast a new reservation r
-// counts against: the latest one of r's source and pool made before r
-// whose TTL had not passed when r was made (withdrawn or not), or -1.
+// counts against, or -1. The candidates are r's source's forecasts in its
+// pool made before r whose TTL still ran when r was made. Builds start when
+// their evaluation ends, so r goes to the one withdrawn most recently
+// before it; when none was withdrawn yet (a client that lets the TTL end
+// them), to the latest. Two evaluations of one project that overlap then
+// each count their own builds.
 func ForecastFor(fs []Forecast, r Reservation) int {
 	best := -1
 	if r.Source == "" {
 		return best
 	}
+	ended := func(f Forecast) bool { return !f.WithdrawnAt.IsZero() && !f.WithdrawnAt.After(r.CreatedAt) }
+	better := func(f, b Forecast) bool {
+		switch {
+		case ended(f) != ended(b):
+			return ended(f)
+		case ended(f) && !f.WithdrawnAt.Equal(b.WithdrawnAt):
+			return f.WithdrawnAt.After(b.WithdrawnAt)
+		}
+		return !f.CreatedAt.Before(b.CreatedAt)
+	}
 	for i, f := range fs {
 		if f.Source != r.Source || f.Pool != r.Pool || r.CreatedAt.Before(f.CreatedAt) || !r.CreatedAt.Before(f.ExpiresAt) {
 			continue
 		}
-		if best < 0 || !f.CreatedAt.Before(fs[best].CreatedAt) {
+		if best < 0 || better(f, fs[best]) {
 			best = i
 		}
 	}

@@ -56,3 +56,20 @@ func TestForecastFor(t *testing.T) {
 		}
 	}
 }
+
+// TestForecastForOverlap: two evaluations of one project overlap; the
+// first ends (withdrawn) while the second still evaluates. The builds that
+// follow are the first's.
+func TestForecastForOverlap(t *testing.T) {
+	fs := []Forecast{
+		{ID: "a", Source: "p", Pool: "x86", CreatedAt: t0.Add(-3 * time.Minute), ExpiresAt: t0.Add(time.Hour), WithdrawnAt: t0.Add(-time.Second)},
+		{ID: "b", Source: "p", Pool: "x86", CreatedAt: t0.Add(-2 * time.Minute), ExpiresAt: t0.Add(time.Hour)},
+	}
+	if i := ForecastFor(fs, Reservation{Source: "p", Pool: "x86", CreatedAt: t0}); i != 0 {
+		t.Errorf("a build after a's end counts against %d, want a (0)", i)
+	}
+	fs[1].WithdrawnAt = t0.Add(time.Minute)
+	if i := ForecastFor(fs, Reservation{Source: "p", Pool: "x86", CreatedAt: t0.Add(2 * time.Minute)}); i != 1 {
+		t.Errorf("a build after b's end counts against %d, want b (1)", i)
+	}
+}

@@ -165,9 +165,14 @@ type GenOptions struct {
 	// EvalMedian, when positive, gives every push an evaluation first, as
 	// buildbot-nix runs one: its builds are submitted after it, which
 	// takes a log-normal time of this median (sigma 0.5, at least 10 s).
-	// The push belongs to one of Projects projects (the builds' Source).
+	// The push belongs to one of Projects projects (the builds' Source),
+	// and its build count follows the project's (ProjectSpread).
 	EvalMedian time.Duration
 	Projects   int
+	// ProjectSpread is how much a project's build count varies between
+	// its pushes (σ of a log-normal around the project's typical count,
+	// which is BuildsPerPush times a log-normal of σ 0.5).
+	ProjectSpread float64
 }
 
 // DefaultGen is a small team's CI: bursty pushes in working hours.
@@ -185,6 +190,13 @@ func Generate(o GenOptions) []Build {
 	if peak <= 0 {
 		return nil
 	}
+	// Each project's typical build count (with evaluations only).
+	var projects []float64
+	if o.EvalMedian > 0 {
+		for range max(o.Projects, 1) {
+			projects = append(projects, math.Max(o.BuildsPerPush, 1)*math.Exp(0.5*rng.NormFloat64()))
+		}
+	}
 	for {
 		// Thinning: draw at the peak rate, keep with rate(t)/peak.
 		t += seconds(rng.ExpFloat64() * 3600 / peak)
@@ -199,9 +211,13 @@ func Generate(o GenOptions) []Build {
 		// trace stays what it was.
 		start, source := t, ""
 		if o.EvalMedian > 0 {
-			source = fmt.Sprintf("project-%d", rng.IntN(max(o.Projects, 1))+1)
+			p := rng.IntN(len(projects))
+			source = fmt.Sprintf("project-%d", p+1)
 			eval := float64(o.EvalMedian) * math.Exp(0.5*rng.NormFloat64())
 			start = t + time.Duration(math.Max(eval, float64(10*time.Second)))
+			// A project's pushes rebuild much the same derivations: its
+			// count varies around the project's own.
+			n = max(1, int(math.Round(projects[p]*math.Exp(o.ProjectSpread*rng.NormFloat64()))))
 		}
 		for range n {
 			sub := start + time.Duration(rng.Float64()*float64(o.Spread))

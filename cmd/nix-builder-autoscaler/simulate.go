@@ -124,6 +124,7 @@ func simulateFlags(stderr io.Writer) (*pflag.FlagSet, *simulateOpts) {
 	fs.StringVar(&g.System, "system", g.System, "generate: system of every build")
 	fs.DurationVar(&g.EvalMedian, "eval-median", g.EvalMedian, "generate: median evaluation before a push's builds (0: none; with it, forecasts are replayed)")
 	fs.IntVar(&g.Projects, "projects", 3, "generate: with --eval-median, how many projects push")
+	fs.Float64Var(&g.ProjectSpread, "project-spread", 0.3, "generate: with --eval-median, how much a project's build count varies between pushes (log-normal σ)")
 	return fs, o
 }
 
