@@ -266,6 +266,8 @@ func applySweep(c sim.Config, key, v string) (sim.Config, error) {
 		case "reservations_per_builder":
 			pp.ReservationsPerBuilder, err = num()
 			pp.ReservationsPerBuilder = max(pp.ReservationsPerBuilder, 1)
+		case "forecast_max_builders":
+			pp.ForecastMaxBuilders, err = num()
 		default:
 			return out, fmt.Errorf("--sweep: unknown key %q", key)
 		}

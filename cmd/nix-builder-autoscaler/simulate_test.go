@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/sim"
 )
 
 const (
@@ -79,5 +81,39 @@ func TestSimulateGenerateAndUsage(t *testing.T) {
 		if code := simulateCmd(args, &out, &errb); code != 2 {
 			t.Errorf("%v: exit %d, want 2", args, code)
 		}
+	}
+}
+
+// TestSimulateEvaluations: a generated trace with evaluations replays its
+// forecasts; swept off (forecast_max_builders=0) the builds wait longer.
+func TestSimulateEvaluations(t *testing.T) {
+	trace := filepath.Join(t.TempDir(), "eval.csv")
+	var out, errb bytes.Buffer
+	if code := simulateCmd([]string{"--generate", "--seed", "3", "--eval-median", "2m", "--spread", "10s", "--builds-per-push", "4"}, &out, &errb); code != 0 {
+		t.Fatalf("generate: exit %d: %s", code, errb.String())
+	}
+	if !strings.HasPrefix(out.String(), sim.TraceHeaderEval+"\n") {
+		t.Fatalf("generated trace with evaluations: %.200s", out.String())
+	}
+	if err := os.WriteFile(trace, out.Bytes(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out.Reset()
+	if code := simulateCmd([]string{"--config", simConfigFile, "--trace", trace, "--no-baselines", "--json",
+		"--sweep", "forecast_max_builders=0,16"}, &out, &errb); code != 0 {
+		t.Fatalf("exit %d: %s", code, errb.String())
+	}
+	var rep struct {
+		Policy []struct {
+			Wait struct {
+				Mean float64 `json:"mean"`
+			} `json:"wait"`
+		} `json:"policy"`
+	}
+	if err := json.Unmarshal(out.Bytes(), &rep); err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Policy) != 2 || rep.Policy[1].Wait.Mean >= rep.Policy[0].Wait.Mean {
+		t.Errorf("mean wait without forecasts, with: %v; want two runs, shorter with", rep.Policy)
 	}
 }
