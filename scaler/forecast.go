@@ -136,23 +136,24 @@ func EstimateBuilds(arrivedNewestFirst []int) int {
 
 // ForecastFor returns the index in fs of the forecast a new reservation r
 // counts against, or -1. The candidates are r's source's forecasts in its
-// pool made before r whose TTL still ran when r was made. Builds start when
-// their evaluation ends, so r goes to the one withdrawn most recently
-// before it; when none was withdrawn yet (a client that lets the TTL end
-// them), to the latest. Two evaluations of one project that overlap then
-// each count their own builds.
+// pool made before r whose TTL still ran when r was made. r goes to the
+// oldest of them still expecting builds (Arrived < Builds), else to the
+// latest: evaluations of one project that overlap each count their own
+// builds, in the order they were made (a project's builds cannot tell
+// which evaluation they came from), and a count above the estimate goes to
+// the newest, which learns from it.
 func ForecastFor(fs []Forecast, r Reservation) int {
 	best := -1
 	if r.Source == "" {
 		return best
 	}
-	ended := func(f Forecast) bool { return !f.WithdrawnAt.IsZero() && !f.WithdrawnAt.After(r.CreatedAt) }
+	open := func(f Forecast) bool { return f.Arrived < f.Builds }
 	better := func(f, b Forecast) bool {
 		switch {
-		case ended(f) != ended(b):
-			return ended(f)
-		case ended(f) && !f.WithdrawnAt.Equal(b.WithdrawnAt):
-			return f.WithdrawnAt.After(b.WithdrawnAt)
+		case open(f) != open(b):
+			return open(f)
+		case open(f):
+			return f.CreatedAt.Before(b.CreatedAt)
 		}
 		return !f.CreatedAt.Before(b.CreatedAt)
 	}

@@ -1,6 +1,7 @@
 package scaler
 
 import (
+	"strings"
 	"testing"
 	"time"
 )
@@ -57,19 +58,21 @@ func TestForecastFor(t *testing.T) {
 	}
 }
 
-// TestForecastForOverlap: two evaluations of one project overlap; the
-// first ends (withdrawn) while the second still evaluates. The builds that
-// follow are the first's.
+// TestForecastForOverlap: two evaluations of one project overlap. Their
+// builds fill the older forecast first, then the newer; beyond both, the
+// newer counts them.
 func TestForecastForOverlap(t *testing.T) {
 	fs := []Forecast{
-		{ID: "a", Source: "p", Pool: "x86", CreatedAt: t0.Add(-3 * time.Minute), ExpiresAt: t0.Add(time.Hour), WithdrawnAt: t0.Add(-time.Second)},
-		{ID: "b", Source: "p", Pool: "x86", CreatedAt: t0.Add(-2 * time.Minute), ExpiresAt: t0.Add(time.Hour)},
+		{ID: "a", Source: "p", Pool: "x86", Builds: 2, CreatedAt: t0.Add(-3 * time.Minute), ExpiresAt: t0.Add(time.Hour), WithdrawnAt: t0.Add(-time.Second)},
+		{ID: "b", Source: "p", Pool: "x86", Builds: 3, CreatedAt: t0.Add(-2 * time.Minute), ExpiresAt: t0.Add(time.Hour)},
 	}
-	if i := ForecastFor(fs, Reservation{Source: "p", Pool: "x86", CreatedAt: t0}); i != 0 {
-		t.Errorf("a build after a's end counts against %d, want a (0)", i)
+	var got []string
+	for range 7 {
+		i := ForecastFor(fs, Reservation{Source: "p", Pool: "x86", CreatedAt: t0})
+		fs[i].Arrived++
+		got = append(got, fs[i].ID)
 	}
-	fs[1].WithdrawnAt = t0.Add(time.Minute)
-	if i := ForecastFor(fs, Reservation{Source: "p", Pool: "x86", CreatedAt: t0.Add(2 * time.Minute)}); i != 1 {
-		t.Errorf("a build after b's end counts against %d, want b (1)", i)
+	if want := "a a b b b b b"; strings.Join(got, " ") != want {
+		t.Errorf("seven builds counted against %v, want %s", got, want)
 	}
 }

@@ -185,8 +185,8 @@ func (db *DB) WithdrawForecast(ctx context.Context, id string, ev scaler.Event) 
 }
 
 // arrive counts a new reservation, in tx, against the forecast of its
-// source and pool that scaler.ForecastFor picks: the one withdrawn most
-// recently before it, else the latest.
+// source and pool that scaler.ForecastFor picks: the oldest still
+// expecting builds, else the latest.
 func arrive(ctx context.Context, tx *sql.Tx, r scaler.Reservation) error {
 	if r.Source == "" {
 		return nil
@@ -194,8 +194,8 @@ func arrive(ctx context.Context, tx *sql.Tx, r scaler.Reservation) error {
 	at := nanos(r.CreatedAt)
 	_, err := tx.ExecContext(ctx, `UPDATE forecasts SET arrived = arrived + 1 WHERE id = (
 		SELECT id FROM forecasts WHERE source = ? AND pool = ? AND created_at <= ? AND expires_at > ?
-		ORDER BY (withdrawn_at != 0 AND withdrawn_at <= ?) DESC, withdrawn_at DESC, created_at DESC, id DESC LIMIT 1)`,
-		r.Source, r.Pool, at, at, at)
+		ORDER BY arrived < builds DESC, CASE WHEN arrived < builds THEN created_at ELSE -created_at END, id LIMIT 1)`,
+		r.Source, r.Pool, at, at)
 	if err != nil {
 		return fmt.Errorf("count it against its forecast: %w", err)
 	}

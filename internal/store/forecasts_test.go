@@ -54,17 +54,17 @@ func TestForecasts(t *testing.T) {
 		}
 		arrived[id] = f.Arrived
 	}
-	if want := map[string]int{"old": 0, "f1": 0, "f2": 2, "q": 1}; !maps.Equal(arrived, want) {
-		t.Errorf("arrived = %v, want %v (the latest forecast of each source, withdrawn or not)", arrived, want)
+	if want := map[string]int{"old": 0, "f1": 2, "f2": 0, "q": 1}; !maps.Equal(arrived, want) {
+		t.Errorf("arrived = %v, want %v (the oldest forecast of each source still expecting builds)", arrived, want)
 	}
 	if r, err := db.Reservation(ctx, "r0"); err != nil || r.Source != "p" {
 		t.Errorf("reservation r0 = %+v, %v; want its source kept", r, err)
 	}
-	if h, _ := db.ForecastHistory(ctx, "p", "x86", 8); !slices.Equal(h, []int{2, 0, 0}) {
-		t.Errorf("history of p = %v, want [2 0 0], newest first", h)
+	if h, _ := db.ForecastHistory(ctx, "p", "x86", 8); !slices.Equal(h, []int{0, 2, 0}) {
+		t.Errorf("history of p = %v, want [0 2 0], newest first", h)
 	}
-	if h, _ := db.ForecastHistory(ctx, "", "x86", 2); !slices.Equal(h, []int{1, 2}) {
-		t.Errorf("history of every source = %v, want [1 2]", h)
+	if h, _ := db.ForecastHistory(ctx, "", "x86", 2); !slices.Equal(h, []int{1, 0}) {
+		t.Errorf("history of every source = %v, want [1 0]", h)
 	}
 	open, err := db.Forecasts(ctx)
 	if err != nil {
