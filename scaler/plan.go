@@ -24,6 +24,10 @@ type PoolPolicy struct {
 	// WarmFor keeps the warm pool only while the pool saw activity (a
 	// reservation, a busy builder) within this long (0: always).
 	WarmFor time.Duration
+	// BillingMinimum is the least time a builder is billed for (EC2: 60 s
+	// from its launch). An idle builder younger than this is not drained:
+	// it is paid for until then anyway (0: none).
+	BillingMinimum time.Duration
 }
 
 // Policy is the configuration Plan works from.

@@ -100,7 +100,8 @@ func (p *planner) launchUpTo(pp PoolPolicy, target, active int) int {
 }
 
 // drainIdle is the idle drain: longest idle first, never a slot with a
-// reservation or a session, never below the target.
+// reservation or a session, never one still inside its billing minimum,
+// never below the target.
 func (p *planner) drainIdle(pp PoolPolicy, target, active int) {
 	var idle []*Slot
 	for i := range p.slots {
@@ -111,7 +112,7 @@ func (p *planner) drainIdle(pp PoolPolicy, target, active int) {
 		if srv, ok := p.server(s.Key()); !ok || srv.Sessions > 0 {
 			continue
 		}
-		if p.now.Sub(s.LastActive) >= pp.IdleTimeout {
+		if p.now.Sub(s.LastActive) >= pp.IdleTimeout && !p.paidFor(pp, s) {
 			idle = append(idle, s)
 		}
 	}

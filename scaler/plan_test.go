@@ -266,6 +266,20 @@ func TestPlan(t *testing.T) {
 			want: nil,
 		},
 		{
+			name: "billing minimum: an idle builder younger than it stays, however long idle",
+			pol:  policy(pool(func(p *PoolPolicy) { p.IdleTimeout = 10 * time.Second; p.BillingMinimum = time.Minute })),
+			w: world{slots: []Slot{slot("slot1", Ready, func(s *Slot) { s.LastActive = t0.Add(-40 * time.Second) }), slot("slot2", Empty), slot("slot3", Empty)},
+				instances: []Instance{inst("slot1", InstanceRunning, func(in *Instance) { in.LaunchedAt = t0.Add(-59 * time.Second) })}},
+			want: nil,
+		},
+		{
+			name: "billing minimum: an idle builder drains once it is that old",
+			pol:  policy(pool(func(p *PoolPolicy) { p.IdleTimeout = 10 * time.Second; p.BillingMinimum = time.Minute })),
+			w: world{slots: []Slot{slot("slot1", Ready, func(s *Slot) { s.LastActive = t0.Add(-40 * time.Second) }), slot("slot2", Empty), slot("slot3", Empty)},
+				instances: []Instance{inst("slot1", InstanceRunning, func(in *Instance) { in.LaunchedAt = t0.Add(-time.Minute) })}},
+			want: []string{`drain pool="x86" slot="slot1" instance="i-slot1" reason="idle"`},
+		},
+		{
 			name: "idle drain never goes below min_builders + warm_pool",
 			pol:  policy(pool(func(p *PoolPolicy) { p.MinBuilders = 1; p.WarmPool = 1 })),
 			w: world{slots: []Slot{
