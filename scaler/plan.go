@@ -101,6 +101,7 @@ func Plan(now time.Time, pol Policy, obs Observed) []Action {
 	for _, pp := range pol.Pools {
 		p.assign(pp)
 		p.scale(pp)
+		p.retire(pp)
 	}
 	return p.actions
 }
@@ -121,6 +122,9 @@ type planner struct {
 	ended     map[string]bool
 	perSlot   map[SlotKey]int // live assigned reservations per slot
 	poolIndex map[string]PoolPolicy
+	// idleDrained are the idle-drained slots with no session that
+	// slotTransitions left to the pool's scale (reclaim, retire).
+	idleDrained []SlotKey
 }
 
 func (p *planner) emit(a Action) { p.actions = append(p.actions, a) }

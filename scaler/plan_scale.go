@@ -80,9 +80,11 @@ func (p *planner) scale(pp PoolPolicy) {
 	p.drainIdle(pp, target, active)
 }
 
-// launchUpTo launches builders in the pool's empty slots until active
-// reaches target; it returns the new count of active builders.
+// launchUpTo takes back idle-drained builders, then launches builders in
+// the pool's empty slots, until active reaches target; it returns the new
+// count of active builders.
 func (p *planner) launchUpTo(pp PoolPolicy, target, active int) int {
+	active = p.reclaim(pp, target, active)
 	for i := range p.slots {
 		s := &p.slots[i]
 		if active >= target {
@@ -121,7 +123,7 @@ func (p *planner) drainIdle(pp PoolPolicy, target, active int) {
 		if active <= target {
 			break
 		}
-		p.drain(s, "idle", "")
+		p.drain(s, DrainIdle, "")
 		active--
 	}
 }

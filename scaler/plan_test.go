@@ -391,6 +391,48 @@ func TestPlan(t *testing.T) {
 			want: []string{`terminate pool="x86" slot="slot1" instance="i-slot1" cause="drained" reason="drained (idle)" if_idle="true"`},
 		},
 		{
+			name: "demand returns: an idle-drained builder with no session is taken back instead of launching one",
+			w: world{slots: []Slot{slot("slot1", Draining, func(s *Slot) { s.DrainReason = DrainIdle }),
+				slot("slot2", Draining, func(s *Slot) { s.DrainReason = DrainIdle }), slot("slot3", Empty)},
+				res: []Reservation{pending("r1", 0)}},
+			want: []string{
+				`undrain pool="x86" slot="slot1" instance="i-slot1" reason="demand returned"`,
+				`terminate pool="x86" slot="slot2" instance="i-slot2" cause="drained" reason="drained (idle)" if_idle="true"`,
+			},
+		},
+		{
+			name: "demand returns: operator and max-lifetime drains are not taken back",
+			pol:  policy(pool(func(p *PoolPolicy) { p.MaxBuilders = 4 })),
+			w: world{slots: []Slot{slot("slot1", Draining, func(s *Slot) { s.DrainReason = "operator" }),
+				slot("slot2", Draining, func(s *Slot) { s.DrainReason = "max lifetime (24h0m0s)" }), slot("slot3", Empty), slot("slot4", Empty)},
+				res: []Reservation{pending("r1", 0)}},
+			want: []string{
+				`terminate pool="x86" slot="slot1" instance="i-slot1" cause="drained" reason="drained (operator)" if_idle="true"`,
+				`terminate pool="x86" slot="slot2" instance="i-slot2" cause="drained" reason="drained (max lifetime (24h0m0s))" if_idle="true"`,
+				`launch pool="x86" slot="slot3" reason="1 need a builder, 1 builders wanted, 0 active"`,
+			},
+		},
+		{
+			name: "demand returns: an idle-drained builder whose server fails its check is not taken back",
+			w: world{slots: []Slot{slot("slot1", Draining, func(s *Slot) { s.DrainReason = DrainIdle }), slot("slot2", Empty), slot("slot3", Empty)},
+				res: []Reservation{pending("r1", 0)}, servers: map[SlotKey]ServerStatus{key("slot1"): {Addr: "10.0.0.1:22"}}},
+			want: []string{
+				`terminate pool="x86" slot="slot1" instance="i-slot1" cause="drained" reason="drained (idle)" if_idle="true"`,
+				`launch pool="x86" slot="slot2" reason="1 need a builder, 1 builders wanted, 0 active"`,
+			},
+		},
+		{
+			name: "demand returns: an idle-drained builder past max_lifetime is not taken back",
+			pol:  policy(pool(func(p *PoolPolicy) { p.MaxLifetime = 24 * time.Hour })),
+			w: world{slots: []Slot{slot("slot1", Draining, func(s *Slot) { s.DrainReason = DrainIdle }), slot("slot2", Empty), slot("slot3", Empty)},
+				instances: []Instance{inst("slot1", InstanceRunning, func(in *Instance) { in.LaunchedAt = t0.Add(-25 * time.Hour) })},
+				res:       []Reservation{pending("r1", 0)}},
+			want: []string{
+				`terminate pool="x86" slot="slot1" instance="i-slot1" cause="drained" reason="drained (idle)" if_idle="true"`,
+				`launch pool="x86" slot="slot2" reason="1 need a builder, 1 builders wanted, 0 active"`,
+			},
+		},
+		{
 			name: "draining slot with sessions waits",
 			w: world{slots: []Slot{slot("slot1", Draining, func(s *Slot) { s.DrainReason = "operator" }), slot("slot2", Empty), slot("slot3", Empty)},
 				servers: map[SlotKey]ServerStatus{key("slot1"): {Addr: "10.0.0.1:22", Up: true, Sessions: 1}}},
