@@ -189,6 +189,12 @@ func (a *applier) advance(ctx context.Context, act Advance) error {
 		return err
 	}
 	a.log().Info("slot "+string(act.To), "slot", key, "from", from, "instance", act.Instance, "reason", act.Reason)
+	switch {
+	case act.To == Booting && from == Launching:
+		a.r.boots.run(act.Instance, a.now)
+	case act.To == Ready && from == Binding && s.State == Ready:
+		a.r.boots.ready(act.Pool, act.Instance, a.now)
+	}
 	if act.To == Ready && s.State == Ready {
 		a.push(s)
 	}

@@ -28,6 +28,9 @@ type PoolPolicy struct {
 	// from its launch). An idle builder younger than this is not drained:
 	// it is paid for until then anyway (0: none).
 	BillingMinimum time.Duration
+	// IdleAuto derives the idle timeout from the pool's measured boot
+	// time instead of IdleTimeout (IdlePolicy).
+	IdleAuto bool
 }
 
 // Policy is the configuration Plan works from.
@@ -67,6 +70,9 @@ type Observed struct {
 	// Intents are the operators' and clients' requests not applied yet,
 	// oldest first.
 	Intents []Intent
+	// Boots is, per pool, what its recent boots took (the reconciler
+	// measures them); a pool with IdleAuto derives its idle timeout from it.
+	Boots map[string]BootTime
 }
 
 // Cause is why a builder is terminated, in terms code and metrics branch on

@@ -105,6 +105,7 @@ func (p *planner) launchUpTo(pp PoolPolicy, target, active int) int {
 // reservation or a session, never one still inside its billing minimum,
 // never below the target.
 func (p *planner) drainIdle(pp PoolPolicy, target, active int) {
+	timeout, _ := pp.IdlePolicy(p.obs.Boots[pp.Name])
 	var idle []*Slot
 	for i := range p.slots {
 		s := &p.slots[i]
@@ -114,7 +115,7 @@ func (p *planner) drainIdle(pp PoolPolicy, target, active int) {
 		if srv, ok := p.server(s.Key()); !ok || srv.Sessions > 0 {
 			continue
 		}
-		if p.now.Sub(s.LastActive) >= pp.IdleTimeout && !p.paidFor(pp, s) {
+		if p.now.Sub(s.LastActive) >= timeout && !p.paidFor(pp, s) {
 			idle = append(idle, s)
 		}
 	}

@@ -76,11 +76,12 @@ type world struct {
 	unknown   bool // load balancer unreachable
 	noList    bool // provider list failed
 	intents   []Intent
+	boots     map[string]BootTime
 }
 
 func (w world) observed() Observed {
 	obs := Observed{Slots: w.slots, Reservations: w.res, InstancesKnown: map[string]bool{"x86": !w.noList, "arm": !w.noList},
-		ServersKnown: !w.unknown, Servers: map[SlotKey]ServerStatus{}, Intents: w.intents}
+		ServersKnown: !w.unknown, Servers: map[SlotKey]ServerStatus{}, Intents: w.intents, Boots: w.boots}
 	haveInst := map[string]bool{}
 	for _, in := range w.instances {
 		haveInst[in.ID] = true
@@ -278,6 +279,26 @@ func TestPlan(t *testing.T) {
 			w: world{slots: []Slot{slot("slot1", Ready, func(s *Slot) { s.LastActive = t0.Add(-40 * time.Second) }), slot("slot2", Empty), slot("slot3", Empty)},
 				instances: []Instance{inst("slot1", InstanceRunning, func(in *Instance) { in.LaunchedAt = t0.Add(-time.Minute) })}},
 			want: []string{`drain pool="x86" slot="slot1" instance="i-slot1" reason="idle"`},
+		},
+		{
+			name: "auto idle_timeout: an idle builder drains once idle as long as a measured boot costs",
+			pol:  policy(pool(func(p *PoolPolicy) { p.IdleAuto = true; p.BillingMinimum = time.Minute })),
+			w: world{slots: []Slot{slot("slot1", Ready, func(s *Slot) { s.LastActive = t0.Add(-80 * time.Second) }), slot("slot2", Empty), slot("slot3", Empty)},
+				boots: map[string]BootTime{"x86": {Ready: 50 * time.Second, Billed: 30 * time.Second, Samples: 3}}},
+			want: []string{`drain pool="x86" slot="slot1" instance="i-slot1" reason="idle"`},
+		},
+		{
+			name: "auto idle_timeout: an idle builder stays until idle as long as a measured boot costs",
+			pol:  policy(pool(func(p *PoolPolicy) { p.IdleAuto = true; p.BillingMinimum = time.Minute })),
+			w: world{slots: []Slot{slot("slot1", Ready, func(s *Slot) { s.LastActive = t0.Add(-79 * time.Second) }), slot("slot2", Empty), slot("slot3", Empty)},
+				boots: map[string]BootTime{"x86": {Ready: 50 * time.Second, Billed: 30 * time.Second, Samples: 3}}},
+			want: nil,
+		},
+		{
+			name: "auto idle_timeout: no boot measured yet: an idle builder stays 2m",
+			pol:  policy(pool(func(p *PoolPolicy) { p.IdleAuto = true; p.IdleTimeout = time.Second })),
+			w:    world{slots: []Slot{slot("slot1", Ready, func(s *Slot) { s.LastActive = t0.Add(-119 * time.Second) }), slot("slot2", Empty), slot("slot3", Empty)}},
+			want: nil,
 		},
 		{
 			name: "idle drain never goes below min_builders + warm_pool",
@@ -710,5 +731,38 @@ func TestRetryOnConflict(t *testing.T) {
 				t.Fatalf("calls %d err %v; want %d, %v", calls, err, tt.wantCalls, tt.wantErr)
 			}
 		})
+	}
+}
+
+func TestIdlePolicy(t *testing.T) {
+	ec2 := func(p *PoolPolicy) { p.IdleAuto = true; p.BillingMinimum = time.Minute }
+	local := func(p *PoolPolicy) { p.IdleAuto = true }
+	boot := func(ready, billed time.Duration) BootTime { return BootTime{Ready: ready, Billed: billed, Samples: 9} }
+	tests := []struct {
+		pp      PoolPolicy
+		boot    BootTime
+		want    time.Duration
+		wantWhy string
+	}{
+		{pool(), boot(time.Minute, time.Minute), 5 * time.Minute, "idle_timeout 5m"},
+		{pool(ec2), BootTime{}, 2 * time.Minute, "idle_timeout auto = 2m (no boot measured yet)"},
+		{pool(ec2, func(p *PoolPolicy) { p.BillingMinimum = time.Hour }), BootTime{}, time.Hour, "idle_timeout auto = 1h (no boot measured yet)"},
+		{pool(ec2), boot(31*time.Second, 20*time.Second), time.Minute,
+			"idle_timeout auto = 1m from measured boot 31s (20s of it billed; median of 9), raised to the billing minimum 1m"},
+		{pool(ec2), boot(80*time.Second, 65*time.Second), 145 * time.Second,
+			"idle_timeout auto = 2m25s from measured boot 1m20s (1m5s of it billed; median of 9)"},
+		{pool(ec2), boot(8*time.Minute, 7*time.Minute), 10 * time.Minute,
+			"idle_timeout auto = 10m from measured boot 8m (7m of it billed; median of 9), capped at 10m"},
+		{pool(local), boot(2*time.Second, time.Second), 10 * time.Second,
+			"idle_timeout auto = 10s from measured boot 2s (1s of it billed; median of 9), raised to 10s"},
+		{pool(local), boot(30*time.Second, 20*time.Second), 50 * time.Second,
+			"idle_timeout auto = 50s from measured boot 30s (20s of it billed; median of 9)"},
+	}
+	for _, tt := range tests {
+		got, why := tt.pp.IdlePolicy(tt.boot)
+		if got != tt.want || why != tt.wantWhy {
+			t.Errorf("IdlePolicy(auto %v, billing minimum %s, %+v) = %s, %q; want %s, %q",
+				tt.pp.IdleAuto, tt.pp.BillingMinimum, tt.boot, got, why, tt.want, tt.wantWhy)
+		}
 	}
 }

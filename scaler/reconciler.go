@@ -75,6 +75,8 @@ type Reconciler struct {
 	rows              *storeRows  // the last rows read (readStore); Run goroutine only
 	phases            RoundPhases // of the round running; Run goroutine only
 
+	boots bootMeter // what boots take, per pool (Observed.Boots)
+
 	mu       sync.Mutex
 	backoff  map[string]time.Time
 	failures map[string]int
@@ -385,6 +387,7 @@ func (r *Reconciler) observe(ctx context.Context) (Observed, map[string]Provider
 		obs.Held = r.o.Held()
 	}
 	r.mu.Unlock()
+	obs.Boots = r.boots.times()
 	return obs, owner, nil
 }
 
