@@ -86,7 +86,7 @@ type Pool struct {
 	WarmPool               int      `toml:"warm_pool"`
 	ReservationsPerBuilder int      `toml:"reservations_per_builder"`
 	MaxJobs                int      `toml:"max_jobs"`
-	IdleTimeout            Duration `toml:"idle_timeout"`
+	IdleTimeout            Timeout  `toml:"idle_timeout"`
 	DrainTimeout           Duration `toml:"drain_timeout"`
 	LaunchTimeout          Duration `toml:"launch_timeout"`
 	BootTimeout            Duration `toml:"boot_timeout"`
@@ -102,6 +102,10 @@ type Pool struct {
 	Provider string   `toml:"provider"`
 	Local    Local    `toml:"local"`
 	EC2      EC2      `toml:"ec2"`
+	// BillingMinimum is the least time the provider bills a builder for;
+	// an idle builder is kept at least that long after its launch. Left
+	// out: DefaultBillingMinimum of the provider.
+	BillingMinimum Duration `toml:"billing_minimum"`
 }
 
 // EC2 is a pool's [pool.ec2] table, used with provider = "ec2".
@@ -273,7 +277,7 @@ func DefaultPool() Pool {
 	return Pool{
 		ReservationsPerBuilder: 1,
 		MaxJobs:                1,
-		IdleTimeout:            NewDuration(5 * time.Minute),
+		IdleTimeout:            Auto(),
 		DrainTimeout:           NewDuration(2 * time.Hour),
 		LaunchTimeout:          NewDuration(5 * time.Minute),
 		BootTimeout:            NewDuration(10 * time.Minute),
@@ -292,6 +296,16 @@ func DefaultPool() Pool {
 			SSHPort:               22,
 		},
 	}
+}
+
+// DefaultBillingMinimum is a pool's billing_minimum when the file leaves it
+// out: EC2 bills an instance for at least 60 seconds; a local builder costs
+// nothing per launch.
+func DefaultBillingMinimum(provider string) Duration {
+	if provider == ProviderEC2 {
+		return NewDuration(time.Minute)
+	}
+	return NewDuration(0)
 }
 
 // Pool returns the pool called name.
@@ -392,10 +406,14 @@ func decode(data []byte, raw map[string]any) (*Config, Problems, error) {
 		return nil, nil, err
 	}
 	cfg := &Config{Daemon: doc.Daemon, Reservations: doc.Reservations, HAProxy: doc.HAProxy, Tailscale: doc.Tailscale}
+	pools := rawPools(raw)
 	for i, prim := range doc.Pools {
 		p := DefaultPool()
 		if err := md.PrimitiveDecode(prim, &p); err != nil {
 			return nil, nil, fmt.Errorf("pool[%d]: %w", i, err)
+		}
+		if i >= len(pools) || pools[i]["billing_minimum"] == nil {
+			p.BillingMinimum = DefaultBillingMinimum(p.Provider)
 		}
 		cfg.Pools = append(cfg.Pools, p)
 	}

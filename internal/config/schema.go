@@ -13,6 +13,7 @@ import (
 
 var (
 	durationType = reflect.TypeFor[Duration]()
+	timeoutType  = reflect.TypeFor[Timeout]()
 	configType   = reflect.TypeFor[Config]()
 )
 
@@ -82,6 +83,11 @@ func (s *schemaChecker) value(v any, t reflect.Type, key, header, name string) b
 	case t == durationType:
 		if _, ok := v.(string); !ok {
 			s.add(key, "must be a duration in quotes, like %s = \"5m\"; got %s", name, describe(v))
+			return false
+		}
+	case t == timeoutType:
+		if _, ok := v.(string); !ok {
+			s.add(key, "must be \"auto\" or a duration in quotes, like %s = \"5m\"; got %s", name, describe(v))
 			return false
 		}
 	case t.Kind() == reflect.String:
