@@ -91,3 +91,20 @@ func median(ds []time.Duration) time.Duration {
 // BootTimes returns what each pool's recent boots took, as measured since
 // the reconciler started (pools with no measured boot are absent).
 func (r *Reconciler) BootTimes() map[string]BootTime { return r.boots.times() }
+
+// logIdlePolicy logs each pool's idle timeout when it is first known and
+// whenever it changes (with idle_timeout auto, as boots are measured).
+func (r *Reconciler) logIdlePolicy(boots map[string]BootTime) {
+	if r.idle == nil {
+		r.idle = map[string]time.Duration{}
+	}
+	for _, pp := range r.o.Policy.Pools {
+		d, why := pp.IdlePolicy(boots[pp.Name])
+		if last, ok := r.idle[pp.Name]; ok && last == d {
+			continue
+		}
+		r.idle[pp.Name] = d
+		r.o.Logger.Info("idle policy", "pool", pp.Name, "idle_timeout", d, "why", why,
+			"billing_minimum", pp.BillingMinimum)
+	}
+}

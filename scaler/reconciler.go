@@ -76,6 +76,8 @@ type Reconciler struct {
 	phases            RoundPhases // of the round running; Run goroutine only
 
 	boots bootMeter // what boots take, per pool (Observed.Boots)
+	// idle is each pool's idle timeout as last logged; Run goroutine only.
+	idle map[string]time.Duration
 
 	mu       sync.Mutex
 	backoff  map[string]time.Time
@@ -388,6 +390,7 @@ func (r *Reconciler) observe(ctx context.Context) (Observed, map[string]Provider
 	}
 	r.mu.Unlock()
 	obs.Boots = r.boots.times()
+	r.logIdlePolicy(obs.Boots)
 	return obs, owner, nil
 }
 

@@ -1,10 +1,13 @@
 package scaler_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -532,5 +535,26 @@ func TestIdleDrainedBuilderTakenBack(t *testing.T) {
 	}
 	if r, _ := st.Reservation(ctx, "r1"); r.State != scaler.Assigned || r.Slot != "slot1" {
 		t.Errorf("reservation = %s on %q; want assigned to slot1", r.State, r.Slot)
+	}
+}
+
+// TestIdlePolicyLogged: the reconciler logs each pool's idle timeout once,
+// and again only when it changes.
+func TestIdlePolicyLogged(t *testing.T) {
+	ctx := context.Background()
+	pools := []scaler.PoolPolicy{{Name: "x86", MaxBuilders: 1, ReservationsPerBuilder: 1, IdleAuto: true, BillingMinimum: time.Minute,
+		DrainTimeout: time.Hour, LaunchTimeout: time.Hour, BootTimeout: time.Hour, BindTimeout: time.Hour}}
+	st := memstore.New(pools, func() scaler.Slot { return scaler.Slot{State: scaler.Empty, StateSince: t0, LastActive: t0} })
+	var logs bytes.Buffer
+	rec := scaler.New(scaler.Options{Store: st, Providers: map[string]scaler.Provider{"x86": &runningProvider{}}, Clock: clocktest.New(t0),
+		Readiness: upServers{}, Policy: scaler.Policy{Pools: pools}, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	for range 2 {
+		if _, err := rec.ReconcileOnce(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := `msg="idle policy" pool=x86 idle_timeout=2m0s why="idle_timeout auto = 2m (no boot measured yet)" billing_minimum=1m0s`
+	if got := logs.String(); strings.Count(got, "idle policy") != 1 || !strings.Contains(got, want) {
+		t.Errorf("logs:\n%s\nwant one line with %s", got, want)
 	}
 }
