@@ -58,9 +58,11 @@ type Drain struct {
 	Intent                       string // the operator's drain intent, if any
 }
 
-// Undrain takes a draining slot back into service (an operator's intent).
+// Undrain takes a draining slot back into service: an operator's intent,
+// or an idle-drained builder that demand wants again (Intent empty).
 type Undrain struct {
 	Pool, Slot, Instance, Intent string
+	Reason                       string
 }
 
 // SetWeight sets a slot's load balancer weight (an operator's intent).
@@ -155,7 +157,7 @@ func (a Drain) describe() actionText {
 	return actionText{Kind: "drain", Pool: a.Pool, Slot: a.Slot, Instance: a.Instance, Reason: a.Reason, Intent: a.Intent}
 }
 func (a Undrain) describe() actionText {
-	return actionText{Kind: "undrain", Pool: a.Pool, Slot: a.Slot, Instance: a.Instance, Reason: "operator", Intent: a.Intent}
+	return actionText{Kind: "undrain", Pool: a.Pool, Slot: a.Slot, Instance: a.Instance, Reason: a.Reason, Intent: a.Intent}
 }
 func (a SetWeight) describe() actionText {
 	return actionText{Kind: "weight", Pool: a.Pool, Slot: a.Slot, Instance: a.Instance, Reason: fmt.Sprintf("weight %d", a.Weight),

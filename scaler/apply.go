@@ -189,6 +189,12 @@ func (a *applier) advance(ctx context.Context, act Advance) error {
 		return err
 	}
 	a.log().Info("slot "+string(act.To), "slot", key, "from", from, "instance", act.Instance, "reason", act.Reason)
+	switch {
+	case act.To == Booting && from == Launching:
+		a.r.boots.run(act.Instance, a.now)
+	case act.To == Ready && from == Binding && s.State == Ready:
+		a.r.boots.ready(act.Pool, act.Instance, a.now)
+	}
 	if act.To == Ready && s.State == Ready {
 		a.push(s)
 	}
@@ -286,8 +292,13 @@ func (a *applier) undrain(ctx context.Context, act Undrain) error {
 	var refused string
 	ev := a.event(EvUndrained, act)
 	s, err := a.updateSlotFor(ctx, key, act.Intent, func(s *Slot) bool {
-		if s.State != Draining {
+		switch {
+		case s.State != Draining:
 			refused = fmt.Sprintf("slot %s is %s; only a draining slot can be undrained", key, s.State)
+			return false
+		case act.Intent == "" && (s.DrainReason != DrainIdle || s.InstanceID != act.Instance):
+			// The policy takes back only its own idle drain of this builder.
+			refused = fmt.Sprintf("slot %s is draining for %q", key, s.DrainReason)
 			return false
 		}
 		s.State, s.StateSince, s.DrainReason, s.LastActive = Ready, a.now, "", a.now
@@ -297,11 +308,13 @@ func (a *applier) undrain(ctx context.Context, act Undrain) error {
 		return err
 	}
 	if refused != "" {
-		a.result(act.Intent, IntentResult{Refused: refused, Slot: s})
+		if act.Intent != "" {
+			a.result(act.Intent, IntentResult{Refused: refused, Slot: s})
+		}
 		return nil
 	}
 	a.push(s)
-	a.log().Info("slot undrained", "slot", key, "instance", act.Instance)
+	a.log().Info("slot undrained", "slot", key, "instance", act.Instance, "reason", act.Reason)
 	return nil
 }
 

@@ -56,6 +56,11 @@ func (a *applier) launch(ctx context.Context, act Launch) error {
 	}
 	a.r.launchSucceeded(act.Pool)
 	a.r.o.Recorder.Launched(act.Pool, nil)
+	launched := in.LaunchedAt
+	if launched.IsZero() {
+		launched = a.now
+	}
+	a.r.boots.launch(in.ID, launched)
 	ev := a.event(EvLaunched, act)
 	ev.InstanceID = in.ID
 	_, err = a.updateSlot(ctx, key, func(s *Slot) bool {

@@ -27,6 +27,13 @@ type PoolPolicy struct {
 	// ForecastMaxBuilders caps the builders that forecasts alone make the
 	// pool launch (0: none).
 	ForecastMaxBuilders int
+	// BillingMinimum is the least time a builder is billed for (EC2: 60 s
+	// from its launch). An idle builder younger than this is not drained:
+	// it is paid for until then anyway (0: none).
+	BillingMinimum time.Duration
+	// IdleAuto derives the idle timeout from the pool's measured boot
+	// time instead of IdleTimeout (IdlePolicy).
+	IdleAuto bool
 }
 
 // Policy is the configuration Plan works from.
@@ -77,6 +84,9 @@ type Observed struct {
 	// Forecasts are the open forecasts and those that ended within
 	// ForecastRecent; only open ones are demand.
 	Forecasts []Forecast
+	// Boots is, per pool, what its recent boots took (the reconciler
+	// measures them); a pool with IdleAuto derives its idle timeout from it.
+	Boots map[string]BootTime
 }
 
 // Cause is why a builder is terminated, in terms code and metrics branch on
@@ -111,6 +121,7 @@ func Plan(now time.Time, pol Policy, obs Observed) []Action {
 	for _, pp := range pol.Pools {
 		p.assign(pp)
 		p.scale(pp)
+		p.retire(pp)
 	}
 	return p.actions
 }
@@ -131,6 +142,9 @@ type planner struct {
 	ended     map[string]bool
 	perSlot   map[SlotKey]int // live assigned reservations per slot
 	poolIndex map[string]PoolPolicy
+	// idleDrained are the idle-drained slots with no session that
+	// slotTransitions left to the pool's scale (reclaim, retire).
+	idleDrained []SlotKey
 }
 
 func (p *planner) emit(a Action) { p.actions = append(p.actions, a) }

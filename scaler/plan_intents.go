@@ -54,7 +54,7 @@ func (p *planner) drainIntent(s *Slot, in Intent) {
 func (p *planner) undrainIntent(s *Slot, in Intent) {
 	switch s.State {
 	case Draining:
-		p.emit(Undrain{Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, Intent: in.ID})
+		p.emit(Undrain{Pool: s.Pool, Slot: s.Name, Instance: s.InstanceID, Intent: in.ID, Reason: "operator"})
 		p.setState(s, Ready)
 		s.DrainReason, s.LastActive = "", p.now
 	case Ready:

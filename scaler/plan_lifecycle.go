@@ -188,6 +188,10 @@ func (p *planner) drainingSlot(v slotView) {
 		return // sessions unknown: never terminate blind
 	}
 	switch {
+	case p.perSlot[s.Key()] == 0 && v.srv.Sessions == 0 && p.reclaimable(v):
+		// Terminated after its pool's scale (retire), unless demand
+		// came back for it meanwhile (reclaim).
+		p.idleDrained = append(p.idleDrained, s.Key())
 	case p.perSlot[s.Key()] == 0 && v.srv.Sessions == 0:
 		p.stop(s, CauseDrained, "drained ("+s.DrainReason+")", true)
 	case v.configured && v.age >= pp.DrainTimeout:

@@ -120,9 +120,11 @@ func (p *planner) scale(pp PoolPolicy) {
 	p.drainIdle(pp, target, active)
 }
 
-// launchUpTo launches builders in the pool's empty slots until active
-// reaches target; it returns the new count of active builders.
+// launchUpTo takes back idle-drained builders, then launches builders in
+// the pool's empty slots, until active reaches target; it returns the new
+// count of active builders.
 func (p *planner) launchUpTo(pp PoolPolicy, target, active int) int {
+	active = p.reclaim(pp, target, active)
 	for i := range p.slots {
 		s := &p.slots[i]
 		if active >= target {
@@ -149,8 +151,10 @@ func (p *planner) launchReason(pool string, target, active int) string {
 }
 
 // drainIdle is the idle drain: longest idle first, never a slot with a
-// reservation or a session, never below the target.
+// reservation or a session, never one still inside its billing minimum,
+// never below the target.
 func (p *planner) drainIdle(pp PoolPolicy, target, active int) {
+	timeout, _ := pp.IdlePolicy(p.obs.Boots[pp.Name])
 	var idle []*Slot
 	for i := range p.slots {
 		s := &p.slots[i]
@@ -160,7 +164,7 @@ func (p *planner) drainIdle(pp PoolPolicy, target, active int) {
 		if srv, ok := p.server(s.Key()); !ok || srv.Sessions > 0 {
 			continue
 		}
-		if p.now.Sub(p.idleSince(s)) >= pp.IdleTimeout {
+		if p.now.Sub(p.idleSince(s)) >= timeout && !p.paidFor(pp, s) {
 			idle = append(idle, s)
 		}
 	}
@@ -169,7 +173,7 @@ func (p *planner) drainIdle(pp PoolPolicy, target, active int) {
 		if active <= target {
 			break
 		}
-		p.drain(s, "idle", "")
+		p.drain(s, DrainIdle, "")
 		active--
 	}
 }

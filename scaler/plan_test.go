@@ -94,11 +94,12 @@ type world struct {
 	forecasts []Forecast
 	held      int // connections the load balancer holds, pool x86
 	queued    int // connections the load balancer queues, pool x86
+	boots     map[string]BootTime
 }
 
 func (w world) observed() Observed {
 	obs := Observed{Slots: w.slots, Reservations: w.res, InstancesKnown: map[string]bool{"x86": !w.noList, "arm": !w.noList},
-		ServersKnown: !w.unknown, Servers: map[SlotKey]ServerStatus{}, Intents: w.intents, Forecasts: w.forecasts}
+		ServersKnown: !w.unknown, Servers: map[SlotKey]ServerStatus{}, Intents: w.intents, Forecasts: w.forecasts, Boots: w.boots}
 	haveInst := map[string]bool{}
 	for _, in := range w.instances {
 		haveInst[in.ID] = true
@@ -379,6 +380,40 @@ func TestPlan(t *testing.T) {
 			want: nil,
 		},
 		{
+			name: "billing minimum: an idle builder younger than it stays, however long idle",
+			pol:  policy(pool(func(p *PoolPolicy) { p.IdleTimeout = 10 * time.Second; p.BillingMinimum = time.Minute })),
+			w: world{slots: []Slot{slot("slot1", Ready, func(s *Slot) { s.LastActive = t0.Add(-40 * time.Second) }), slot("slot2", Empty), slot("slot3", Empty)},
+				instances: []Instance{inst("slot1", InstanceRunning, func(in *Instance) { in.LaunchedAt = t0.Add(-59 * time.Second) })}},
+			want: nil,
+		},
+		{
+			name: "billing minimum: an idle builder drains once it is that old",
+			pol:  policy(pool(func(p *PoolPolicy) { p.IdleTimeout = 10 * time.Second; p.BillingMinimum = time.Minute })),
+			w: world{slots: []Slot{slot("slot1", Ready, func(s *Slot) { s.LastActive = t0.Add(-40 * time.Second) }), slot("slot2", Empty), slot("slot3", Empty)},
+				instances: []Instance{inst("slot1", InstanceRunning, func(in *Instance) { in.LaunchedAt = t0.Add(-time.Minute) })}},
+			want: []string{`drain pool="x86" slot="slot1" instance="i-slot1" reason="idle"`},
+		},
+		{
+			name: "auto idle_timeout: an idle builder drains once idle as long as a measured boot costs",
+			pol:  policy(pool(func(p *PoolPolicy) { p.IdleAuto = true; p.BillingMinimum = time.Minute })),
+			w: world{slots: []Slot{slot("slot1", Ready, func(s *Slot) { s.LastActive = t0.Add(-80 * time.Second) }), slot("slot2", Empty), slot("slot3", Empty)},
+				boots: map[string]BootTime{"x86": {Ready: 50 * time.Second, Billed: 30 * time.Second, Samples: 3}}},
+			want: []string{`drain pool="x86" slot="slot1" instance="i-slot1" reason="idle"`},
+		},
+		{
+			name: "auto idle_timeout: an idle builder stays until idle as long as a measured boot costs",
+			pol:  policy(pool(func(p *PoolPolicy) { p.IdleAuto = true; p.BillingMinimum = time.Minute })),
+			w: world{slots: []Slot{slot("slot1", Ready, func(s *Slot) { s.LastActive = t0.Add(-79 * time.Second) }), slot("slot2", Empty), slot("slot3", Empty)},
+				boots: map[string]BootTime{"x86": {Ready: 50 * time.Second, Billed: 30 * time.Second, Samples: 3}}},
+			want: nil,
+		},
+		{
+			name: "auto idle_timeout: no boot measured yet: an idle builder stays 2m",
+			pol:  policy(pool(func(p *PoolPolicy) { p.IdleAuto = true; p.IdleTimeout = time.Second })),
+			w:    world{slots: []Slot{slot("slot1", Ready, func(s *Slot) { s.LastActive = t0.Add(-119 * time.Second) }), slot("slot2", Empty), slot("slot3", Empty)}},
+			want: nil,
+		},
+		{
 			name: "idle drain never goes below min_builders + warm_pool",
 			pol:  policy(pool(func(p *PoolPolicy) { p.MinBuilders = 1; p.WarmPool = 1 })),
 			w: world{slots: []Slot{
@@ -488,6 +523,48 @@ func TestPlan(t *testing.T) {
 			name: "draining slot terminates when empty",
 			w:    world{slots: []Slot{slot("slot1", Draining, func(s *Slot) { s.DrainReason = "idle" }), slot("slot2", Empty), slot("slot3", Empty)}},
 			want: []string{`terminate pool="x86" slot="slot1" instance="i-slot1" cause="drained" reason="drained (idle)" if_idle="true"`},
+		},
+		{
+			name: "demand returns: an idle-drained builder with no session is taken back instead of launching one",
+			w: world{slots: []Slot{slot("slot1", Draining, func(s *Slot) { s.DrainReason = DrainIdle }),
+				slot("slot2", Draining, func(s *Slot) { s.DrainReason = DrainIdle }), slot("slot3", Empty)},
+				res: []Reservation{pending("r1", 0)}},
+			want: []string{
+				`undrain pool="x86" slot="slot1" instance="i-slot1" reason="demand returned"`,
+				`terminate pool="x86" slot="slot2" instance="i-slot2" cause="drained" reason="drained (idle)" if_idle="true"`,
+			},
+		},
+		{
+			name: "demand returns: operator and max-lifetime drains are not taken back",
+			pol:  policy(pool(func(p *PoolPolicy) { p.MaxBuilders = 4 })),
+			w: world{slots: []Slot{slot("slot1", Draining, func(s *Slot) { s.DrainReason = "operator" }),
+				slot("slot2", Draining, func(s *Slot) { s.DrainReason = "max lifetime (24h0m0s)" }), slot("slot3", Empty), slot("slot4", Empty)},
+				res: []Reservation{pending("r1", 0)}},
+			want: []string{
+				`terminate pool="x86" slot="slot1" instance="i-slot1" cause="drained" reason="drained (operator)" if_idle="true"`,
+				`terminate pool="x86" slot="slot2" instance="i-slot2" cause="drained" reason="drained (max lifetime (24h0m0s))" if_idle="true"`,
+				`launch pool="x86" slot="slot3" reason="1 need a builder, 1 builders wanted, 0 active"`,
+			},
+		},
+		{
+			name: "demand returns: an idle-drained builder whose server fails its check is not taken back",
+			w: world{slots: []Slot{slot("slot1", Draining, func(s *Slot) { s.DrainReason = DrainIdle }), slot("slot2", Empty), slot("slot3", Empty)},
+				res: []Reservation{pending("r1", 0)}, servers: map[SlotKey]ServerStatus{key("slot1"): {Addr: "10.0.0.1:22"}}},
+			want: []string{
+				`terminate pool="x86" slot="slot1" instance="i-slot1" cause="drained" reason="drained (idle)" if_idle="true"`,
+				`launch pool="x86" slot="slot2" reason="1 need a builder, 1 builders wanted, 0 active"`,
+			},
+		},
+		{
+			name: "demand returns: an idle-drained builder past max_lifetime is not taken back",
+			pol:  policy(pool(func(p *PoolPolicy) { p.MaxLifetime = 24 * time.Hour })),
+			w: world{slots: []Slot{slot("slot1", Draining, func(s *Slot) { s.DrainReason = DrainIdle }), slot("slot2", Empty), slot("slot3", Empty)},
+				instances: []Instance{inst("slot1", InstanceRunning, func(in *Instance) { in.LaunchedAt = t0.Add(-25 * time.Hour) })},
+				res:       []Reservation{pending("r1", 0)}},
+			want: []string{
+				`terminate pool="x86" slot="slot1" instance="i-slot1" cause="drained" reason="drained (idle)" if_idle="true"`,
+				`launch pool="x86" slot="slot2" reason="1 need a builder, 1 builders wanted, 0 active"`,
+			},
 		},
 		{
 			name: "draining slot with sessions waits",
@@ -775,5 +852,38 @@ func TestRetryOnConflict(t *testing.T) {
 				t.Fatalf("calls %d err %v; want %d, %v", calls, err, tt.wantCalls, tt.wantErr)
 			}
 		})
+	}
+}
+
+func TestIdlePolicy(t *testing.T) {
+	ec2 := func(p *PoolPolicy) { p.IdleAuto = true; p.BillingMinimum = time.Minute }
+	local := func(p *PoolPolicy) { p.IdleAuto = true }
+	boot := func(ready, billed time.Duration) BootTime { return BootTime{Ready: ready, Billed: billed, Samples: 9} }
+	tests := []struct {
+		pp      PoolPolicy
+		boot    BootTime
+		want    time.Duration
+		wantWhy string
+	}{
+		{pool(), boot(time.Minute, time.Minute), 5 * time.Minute, "idle_timeout 5m"},
+		{pool(ec2), BootTime{}, 2 * time.Minute, "idle_timeout auto = 2m (no boot measured yet)"},
+		{pool(ec2, func(p *PoolPolicy) { p.BillingMinimum = time.Hour }), BootTime{}, time.Hour, "idle_timeout auto = 1h (no boot measured yet)"},
+		{pool(ec2), boot(31*time.Second, 20*time.Second), time.Minute,
+			"idle_timeout auto = 1m from measured boot 31s (20s of it billed; median of 9), raised to the billing minimum 1m"},
+		{pool(ec2), boot(80*time.Second, 65*time.Second), 145 * time.Second,
+			"idle_timeout auto = 2m25s from measured boot 1m20s (1m5s of it billed; median of 9)"},
+		{pool(ec2), boot(8*time.Minute, 7*time.Minute), 10 * time.Minute,
+			"idle_timeout auto = 10m from measured boot 8m (7m of it billed; median of 9), capped at 10m"},
+		{pool(local), boot(2*time.Second, time.Second), 10 * time.Second,
+			"idle_timeout auto = 10s from measured boot 2s (1s of it billed; median of 9), raised to 10s"},
+		{pool(local), boot(30*time.Second, 20*time.Second), 50 * time.Second,
+			"idle_timeout auto = 50s from measured boot 30s (20s of it billed; median of 9)"},
+	}
+	for _, tt := range tests {
+		got, why := tt.pp.IdlePolicy(tt.boot)
+		if got != tt.want || why != tt.wantWhy {
+			t.Errorf("IdlePolicy(auto %v, billing minimum %s, %+v) = %s, %q; want %s, %q",
+				tt.pp.IdleAuto, tt.pp.BillingMinimum, tt.boot, got, why, tt.want, tt.wantWhy)
+		}
 	}
 }

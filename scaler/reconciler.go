@@ -78,6 +78,10 @@ type Reconciler struct {
 	rows              *storeRows  // the last rows read (readStore); Run goroutine only
 	phases            RoundPhases // of the round running; Run goroutine only
 
+	boots bootMeter // what boots take, per pool (Observed.Boots)
+	// idle is each pool's idle timeout as last logged; Run goroutine only.
+	idle map[string]time.Duration
+
 	mu       sync.Mutex
 	backoff  map[string]time.Time
 	failures map[string]int

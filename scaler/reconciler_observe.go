@@ -43,6 +43,8 @@ func (r *Reconciler) observe(ctx context.Context) (Observed, map[string]Provider
 		obs.Held = r.o.Held()
 	}
 	r.mu.Unlock()
+	obs.Boots = r.boots.times()
+	r.logIdlePolicy(obs.Boots)
 	return obs, owner, nil
 }
 

@@ -1,10 +1,13 @@
 package scaler_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -567,5 +570,63 @@ func TestQueuedConnectionsObservedAndKeepRoundsFast(t *testing.T) {
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestIdleDrainedBuilderTakenBack: a reservation that arrives while an
+// idle-drained builder waits to be terminated takes that builder back
+// (runningProvider panics on a launch) and is assigned to it.
+func TestIdleDrainedBuilderTakenBack(t *testing.T) {
+	ctx := context.Background()
+	key := scaler.SlotKey{Pool: "x86", Slot: "slot1"}
+	pools := []scaler.PoolPolicy{{Name: "x86", MaxBuilders: 1, ReservationsPerBuilder: 1, IdleTimeout: time.Minute,
+		DrainTimeout: time.Hour, LaunchTimeout: time.Hour, BootTimeout: time.Hour, BindTimeout: time.Hour}}
+	st := memstore.New(pools, func() scaler.Slot {
+		return scaler.Slot{State: scaler.Empty, StateSince: t0, LastActive: t0, Weight: scaler.DefaultWeight}
+	})
+	s, err := st.Slot(ctx, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.State, s.InstanceID, s.Address, s.StateSince, s.DrainReason = scaler.Draining, "i-1", "127.0.0.1:22", t0, scaler.DrainIdle
+	res := scaler.Reservation{ID: "r1", Pool: "x86", System: "x86_64-linux", State: scaler.Pending, CreatedAt: t0, ExpiresAt: t0.Add(time.Hour)}
+	if err := st.Commit(ctx, scaler.Change{Slots: []scaler.Slot{s}, Reservations: []scaler.Reservation{res}}); err != nil {
+		t.Fatal(err)
+	}
+	prov := &runningProvider{ins: []scaler.Instance{{ID: "i-1", Pool: "x86", Slot: "slot1", State: scaler.InstanceRunning,
+		Address: "127.0.0.1:22", LaunchedAt: t0.Add(-time.Hour)}}}
+	rec := scaler.New(scaler.Options{Store: st, Providers: map[string]scaler.Provider{"x86": prov}, Clock: clocktest.New(t0),
+		Readiness: upServers{key: "127.0.0.1:22"}, Policy: scaler.Policy{Pools: pools}})
+	for range 2 {
+		if _, err := rec.ReconcileOnce(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if s, _ = st.Slot(ctx, key); s.State != scaler.Ready || s.DrainReason != "" {
+		t.Errorf("slot = %s (drain reason %q); want ready again", s.State, s.DrainReason)
+	}
+	if r, _ := st.Reservation(ctx, "r1"); r.State != scaler.Assigned || r.Slot != "slot1" {
+		t.Errorf("reservation = %s on %q; want assigned to slot1", r.State, r.Slot)
+	}
+}
+
+// TestIdlePolicyLogged: the reconciler logs each pool's idle timeout once,
+// and again only when it changes.
+func TestIdlePolicyLogged(t *testing.T) {
+	ctx := context.Background()
+	pools := []scaler.PoolPolicy{{Name: "x86", MaxBuilders: 1, ReservationsPerBuilder: 1, IdleAuto: true, BillingMinimum: time.Minute,
+		DrainTimeout: time.Hour, LaunchTimeout: time.Hour, BootTimeout: time.Hour, BindTimeout: time.Hour}}
+	st := memstore.New(pools, func() scaler.Slot { return scaler.Slot{State: scaler.Empty, StateSince: t0, LastActive: t0} })
+	var logs bytes.Buffer
+	rec := scaler.New(scaler.Options{Store: st, Providers: map[string]scaler.Provider{"x86": &runningProvider{}}, Clock: clocktest.New(t0),
+		Readiness: upServers{}, Policy: scaler.Policy{Pools: pools}, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	for range 2 {
+		if _, err := rec.ReconcileOnce(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := `msg="idle policy" pool=x86 idle_timeout=2m0s why="idle_timeout auto = 2m (no boot measured yet)" billing_minimum=1m0s`
+	if got := logs.String(); strings.Count(got, "idle policy") != 1 || !strings.Contains(got, want) {
+		t.Errorf("logs:\n%s\nwant one line with %s", got, want)
 	}
 }

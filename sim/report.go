@@ -50,7 +50,19 @@ func (r Report) WriteText(w io.Writer) error {
 		row(x)
 	}
 	row(r.LowerBound)
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	for _, x := range r.Policy {
+		if len(x.IdlePolicy) == 0 {
+			continue
+		}
+		fmt.Fprintf(w, "\nidle policy of %s:\n", x.Policy)
+		for _, s := range x.IdlePolicy {
+			fmt.Fprintf(w, "  %s\n", s)
+		}
+	}
+	return nil
 }
 
 // WriteSVG draws cost against p95 wait: one point per sweep value of the

@@ -58,6 +58,9 @@ type run struct {
 	lastRound  time.Time
 	settling   bool
 	rounds     int
+	// idleMin and idleMax are the shortest and longest idle timeout each
+	// pool's policy used in a round.
+	idleMin, idleMax []time.Duration
 }
 
 // newRun wires the daemon's reconciler to a memory store, the simulated
@@ -89,6 +92,7 @@ func newRun(cfg Config, trace []Build) *run {
 
 	r := &run{ctx: context.Background(), cfg: cfg, clock: clock, store: store, provs: provs, rd: rd, rec: rec,
 		jobs: make([]*job, 0, len(trace)), accs: make([]acc, len(cfg.Pools)),
+		idleMin: make([]time.Duration, len(cfg.Pools)), idleMax: make([]time.Duration, len(cfg.Pools)),
 		lastRound: Epoch.Add(-time.Hour), settling: true}
 	for i, b := range trace {
 		pi := route(cfg.Pools, b)
@@ -205,6 +209,7 @@ func (r *run) reconcile(now time.Time) error {
 	}
 	r.lastRound = now
 	r.settling = changed
+	r.noteIdle()
 	slots, err := r.store.Slots(r.ctx)
 	if err != nil {
 		return err
@@ -217,6 +222,34 @@ func (r *run) reconcile(now time.Time) error {
 		}
 	}
 	return nil
+}
+
+// noteIdle records the idle timeout each pool's policy uses now, as the
+// reconciler's boot measurements make it.
+func (r *run) noteIdle() {
+	boots := r.rec.BootTimes()
+	for i, p := range r.cfg.Pools {
+		d, _ := p.Policy.IdlePolicy(boots[p.Policy.Name])
+		if r.idleMax[i] == 0 || d < r.idleMin[i] {
+			r.idleMin[i] = d
+		}
+		r.idleMax[i] = max(r.idleMax[i], d)
+	}
+}
+
+// idlePolicy describes each pool's idle policy at the end of the run.
+func (r *run) idlePolicy() []string {
+	boots := r.rec.BootTimes()
+	var out []string
+	for i, p := range r.cfg.Pools {
+		pp := p.Policy
+		_, why := pp.IdlePolicy(boots[pp.Name])
+		if pp.IdleAuto && r.idleMin[i] != r.idleMax[i] {
+			why += fmt.Sprintf(" (%s to %s during the run)", scaler.ShortDuration(r.idleMin[i]), scaler.ShortDuration(r.idleMax[i]))
+		}
+		out = append(out, fmt.Sprintf("%s: %s; billing minimum %s", pp.Name, why, scaler.ShortDuration(pp.BillingMinimum)))
+	}
+	return out
 }
 
 // follow updates the live builds from their reservations.
@@ -315,6 +348,7 @@ func (r *run) result() Result {
 	res := merge(r.accs).result("policy", r.cfg.Env.Price())
 	res.Unroutable = r.unroutable
 	res.Rounds = r.rounds
+	res.IdlePolicy = r.idlePolicy()
 	res.SimulatedSeconds = end.Sub(Epoch).Seconds()
 	return res
 }

@@ -154,6 +154,10 @@ type Result struct {
 	Interruptions    int     `json:"interruptions"`
 	Rounds           int     `json:"reconcile_rounds,omitempty"`
 	SimulatedSeconds float64 `json:"simulated_seconds"`
+	// IdlePolicy says, per pool, the idle timeout the policy used at the
+	// end of the run and why (scaler.PoolPolicy.IdlePolicy), the range it
+	// took during the run, and the billing minimum.
+	IdlePolicy []string `json:"idle_policy,omitempty"`
 }
 
 func (a *acc) result(name string, price float64) Result {

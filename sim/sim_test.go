@@ -124,6 +124,13 @@ func TestRunsDaemonPolicy(t *testing.T) {
 		t.Errorf("idle_timeout 30s: billed %.0fs, %d launches; 30m: %.0fs, %d launches; want fewer billed and more launches with the shorter",
 			short.BilledSeconds, short.Launches, long.BilledSeconds, long.Launches)
 	}
+	// A builder is kept idle until its billing minimum.
+	paid := run(func(p *scaler.PoolPolicy) { p.IdleTimeout, p.BillingMinimum = 10*time.Second, 10*time.Minute })
+	unpaid := run(func(p *scaler.PoolPolicy) { p.IdleTimeout = 10 * time.Second })
+	if !(paid.BilledSeconds > unpaid.BilledSeconds && paid.Launches < unpaid.Launches) {
+		t.Errorf("billing_minimum 10m: billed %.0fs, %d launches; 0: %.0fs, %d launches; want more billed and fewer launches with it",
+			paid.BilledSeconds, paid.Launches, unpaid.BilledSeconds, unpaid.Launches)
+	}
 	// Plan keeps min_builders up for the whole run.
 	minB := run(func(p *scaler.PoolPolicy) { p.MinBuilders = 2 })
 	if minB.BilledSeconds < 2*Horizon(trace).Seconds() {
@@ -205,5 +212,27 @@ func TestSampleTraces(t *testing.T) {
 		if err != nil || len(trace) < 100 {
 			t.Fatalf("%s: %d builds, %v", name, len(trace), err)
 		}
+	}
+}
+
+// TestAutoIdleFromMeasuredBoots: with idle_timeout auto the reconciler
+// measures the simulated boots, and the result says what idle timeout that
+// gave: the boots' cost (about 30 s to SSH, 20 s of it billed, by
+// DefaultEnv) raised to the 60 s billing minimum.
+func TestAutoIdleFromMeasuredBoots(t *testing.T) {
+	cfg := testConfig()
+	cfg.Pools[0].Policy.IdleAuto, cfg.Pools[0].Policy.BillingMinimum = true, time.Minute
+	r, err := Run(cfg, smallTrace())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "x86: idle_timeout auto = 1m from measured boot "
+	if len(r.IdlePolicy) != 1 || !strings.HasPrefix(r.IdlePolicy[0], want) ||
+		!strings.Contains(r.IdlePolicy[0], "raised to the billing minimum 1m (1m to 2m during the run); billing minimum 1m") {
+		t.Errorf("IdlePolicy = %q; want %q..., raised to the billing minimum, 2m before the first boot", r.IdlePolicy, want)
+	}
+	cfg.Pools[0].Policy.IdleAuto = false
+	if r, _ = Run(cfg, smallTrace()); len(r.IdlePolicy) != 1 || r.IdlePolicy[0] != "x86: idle_timeout 5m; billing minimum 1m" {
+		t.Errorf("IdlePolicy with idle_timeout 5m = %q", r.IdlePolicy)
 	}
 }

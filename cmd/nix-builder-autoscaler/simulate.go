@@ -23,8 +23,9 @@ const simulateUsage = `usage: nix-builder-autoscaler simulate --config FILE --tr
 
 Replays a trace of builds against the daemon's own scaling policy on a
 simulated clock and cloud, and against baseline policies. KEY is one of
-idle_timeout, warm_pool, min_builders, max_builders, reservations_per_builder,
-reconcile_interval. See docs/simulation.md.
+idle_timeout (a duration or auto), billing_minimum, warm_pool, min_builders,
+max_builders, reservations_per_builder, reconcile_interval. See
+docs/simulation.md.
 `
 
 // simulateOpts are simulate's flags.
@@ -256,7 +257,12 @@ func applySweep(c sim.Config, key, v string) (sim.Config, error) {
 		var err error
 		switch key {
 		case "idle_timeout":
-			pp.IdleTimeout, err = dur()
+			pp.IdleAuto = v == "auto"
+			if !pp.IdleAuto {
+				pp.IdleTimeout, err = dur()
+			}
+		case "billing_minimum":
+			pp.BillingMinimum, err = dur()
 		case "warm_pool":
 			pp.WarmPool, err = num()
 		case "min_builders":

@@ -67,6 +67,24 @@ func TestSimulateSweepSVG(t *testing.T) {
 	}
 }
 
+// TestSimulateIdlePolicy: the report says which idle timeout each policy
+// run used; sim.toml's EC2 pool has the defaults, idle_timeout auto and a
+// 60 s billing minimum.
+func TestSimulateIdlePolicy(t *testing.T) {
+	var out, errb bytes.Buffer
+	code := simulateCmd([]string{"--config", simConfigFile, "--trace", simTraceFile, "--no-baselines",
+		"--sweep", "idle_timeout=auto,5m"}, &out, &errb)
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errb.String())
+	}
+	for _, want := range []string{"idle policy of policy idle_timeout=auto:\n  x86: idle_timeout auto = ",
+		"idle policy of policy idle_timeout=5m:\n  x86: idle_timeout 5m; billing minimum 1m\n"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("output lacks %q:\n%s", want, out.String())
+		}
+	}
+}
+
 func TestSimulateGenerateAndUsage(t *testing.T) {
 	var out, errb bytes.Buffer
 	if code := simulateCmd([]string{"--generate", "--seed", "5"}, &out, &errb); code != 0 {

@@ -29,7 +29,7 @@ func newTestScaler(tb testing.TB, st scaler.Store, pools []config.Pool, clk cloc
 	var pol scaler.Policy
 	for _, p := range pools {
 		pol.Pools = append(pol.Pools, scaler.PoolPolicy{Name: p.Name, MaxBuilders: p.MaxBuilders, ReservationsPerBuilder: 1,
-			IdleTimeout: p.IdleTimeout.D(), DrainTimeout: p.DrainTimeout.D(), LaunchTimeout: p.LaunchTimeout.D(),
+			IdleTimeout: p.IdleTimeout.D(), IdleAuto: p.IdleTimeout.IsAuto(), DrainTimeout: p.DrainTimeout.D(), LaunchTimeout: p.LaunchTimeout.D(),
 			BootTimeout: p.BootTimeout.D(), BindTimeout: p.BindTimeout.D()})
 	}
 	return &testScaler{rec: scaler.New(scaler.Options{Store: st, Policy: pol, Clock: clk, Views: &scaler.Views{},

@@ -19,7 +19,6 @@ import (
 	"github.com/BurntSushi/toml"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy"
-	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 	ec2prov "guardianproject.dev/ops/nix-builder-autoscaler/scaler/ec2"
 )
 
@@ -86,7 +85,7 @@ type Pool struct {
 	WarmPool               int      `toml:"warm_pool"`
 	ReservationsPerBuilder int      `toml:"reservations_per_builder"`
 	MaxJobs                int      `toml:"max_jobs"`
-	IdleTimeout            Duration `toml:"idle_timeout"`
+	IdleTimeout            Timeout  `toml:"idle_timeout"`
 	DrainTimeout           Duration `toml:"drain_timeout"`
 	LaunchTimeout          Duration `toml:"launch_timeout"`
 	BootTimeout            Duration `toml:"boot_timeout"`
@@ -105,6 +104,10 @@ type Pool struct {
 	Provider            string `toml:"provider"`
 	Local               Local  `toml:"local"`
 	EC2                 EC2    `toml:"ec2"`
+	// BillingMinimum is the least time the provider bills a builder for;
+	// an idle builder is kept at least that long after its launch. Left
+	// out: DefaultBillingMinimum of the provider.
+	BillingMinimum Duration `toml:"billing_minimum"`
 }
 
 // EC2 is a pool's [pool.ec2] table, used with provider = "ec2".
@@ -152,17 +155,6 @@ type Tailscale struct {
 	APIKeyFile string `toml:"api_key_file"`
 	Tailnet    string `toml:"tailnet"`
 	APIURL     string `toml:"api_url"`
-}
-
-// Route is what sends a build to the pool: its systems and features.
-func (p Pool) Route() scaler.Route {
-	return scaler.Route{Systems: p.Systems, Features: p.Features}
-}
-
-// Serves reports whether the pool builds for system and offers every one of
-// features.
-func (p Pool) Serves(system string, features []string) bool {
-	return p.Route().Serves(system, features)
 }
 
 // HAProxy is the [haproxy] table: how the daemon and HAProxy reach each
@@ -276,7 +268,7 @@ func DefaultPool() Pool {
 	return Pool{
 		ReservationsPerBuilder: 1,
 		MaxJobs:                1,
-		IdleTimeout:            NewDuration(5 * time.Minute),
+		IdleTimeout:            Auto(),
 		DrainTimeout:           NewDuration(2 * time.Hour),
 		LaunchTimeout:          NewDuration(5 * time.Minute),
 		BootTimeout:            NewDuration(10 * time.Minute),
@@ -295,15 +287,6 @@ func DefaultPool() Pool {
 			SSHPort:               22,
 		},
 	}
-}
-
-// ForecastBuilders is the pool's forecast_max_builders, max_builders
-// when it is not set.
-func (p Pool) ForecastBuilders() int {
-	if p.ForecastMaxBuilders == nil {
-		return p.MaxBuilders
-	}
-	return *p.ForecastMaxBuilders
 }
 
 // Pool returns the pool called name.
@@ -404,10 +387,14 @@ func decode(data []byte, raw map[string]any) (*Config, Problems, error) {
 		return nil, nil, err
 	}
 	cfg := &Config{Daemon: doc.Daemon, Reservations: doc.Reservations, HAProxy: doc.HAProxy, Tailscale: doc.Tailscale}
+	pools := rawPools(raw)
 	for i, prim := range doc.Pools {
 		p := DefaultPool()
 		if err := md.PrimitiveDecode(prim, &p); err != nil {
 			return nil, nil, fmt.Errorf("pool[%d]: %w", i, err)
+		}
+		if i >= len(pools) || pools[i]["billing_minimum"] == nil {
+			p.BillingMinimum = DefaultBillingMinimum(p.Provider)
 		}
 		cfg.Pools = append(cfg.Pools, p)
 	}

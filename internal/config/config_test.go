@@ -72,7 +72,7 @@ func TestDefaultPool(t *testing.T) {
 		{"warm_pool", p.WarmPool, 0},
 		{"reservations_per_builder", p.ReservationsPerBuilder, 1},
 		{"max_jobs", p.MaxJobs, 1},
-		{"idle_timeout", p.IdleTimeout.D(), 5 * time.Minute},
+		{"idle_timeout", p.IdleTimeout.String(), "auto"},
 		{"drain_timeout", p.DrainTimeout.D(), 2 * time.Hour},
 		{"launch_timeout", p.LaunchTimeout.D(), 5 * time.Minute},
 		{"boot_timeout", p.BootTimeout.D(), 10 * time.Minute},
@@ -200,13 +200,14 @@ func fullWant() Config {
 			WarmPool:               2,
 			ReservationsPerBuilder: 2,
 			MaxJobs:                4,
-			IdleTimeout:            d("10m"),
+			IdleTimeout:            NewTimeout(10 * time.Minute),
 			DrainTimeout:           d("3h"),
 			LaunchTimeout:          d("4m"),
 			BootTimeout:            d("15m"),
 			BindTimeout:            d("3m"),
 			Frontend:               "0.0.0.0:2222",
 			MaxLifetime:            d("0s"),
+			BillingMinimum:         d("30s"),
 			Provider:               "local",
 			EC2:                    DefaultPool().EC2,
 			Local: Local{
@@ -222,7 +223,7 @@ func fullWant() Config {
 			MaxBuilders:            2,
 			ReservationsPerBuilder: 1,
 			MaxJobs:                1,
-			IdleTimeout:            d("1m"),
+			IdleTimeout:            Auto(),
 			DrainTimeout:           d("30m"),
 			LaunchTimeout:          d("2m"),
 			BootTimeout:            d("5m"),
@@ -382,7 +383,32 @@ bootdelay = "1s"
 		{
 			name: "zero timeout",
 			toml: minimalPool + "idle_timeout = \"0s\"\n",
-			want: []string{`pool[0] (name "x86").idle_timeout: must be more than zero; write a duration, like "5m" (the default)`},
+			want: []string{`pool[0] (name "x86").idle_timeout: "0s" is not above zero; write "auto" (the default: as long as a boot of the pool costs), or a duration like "5m"`},
+		},
+		{
+			name: "idle_timeout neither auto nor a duration",
+			toml: minimalPool + "idle_timeout = \"Auto\"\n",
+			want: []string{`pool[0] (name "x86").idle_timeout: "Auto" is not a duration; write "auto" (the default: as long as a boot of the pool costs), or a duration like "5m"`},
+		},
+		{
+			name: "idle_timeout a number",
+			toml: minimalPool + "idle_timeout = 300\n",
+			want: []string{`pool[0] (name "x86").idle_timeout: must be "auto" or a duration in quotes, like idle_timeout = "5m"; got the integer 300`},
+		},
+		{
+			name: "negative billing_minimum",
+			toml: minimalPool + "billing_minimum = \"-1m\"\n",
+			want: []string{`pool[0] (name "x86").billing_minimum: "-1m" is negative; write "0s" for none, or a duration like "60s" (EC2's)`},
+		},
+		{
+			name: "billing_minimum too long",
+			toml: minimalPool + "billing_minimum = \"2h\"\n",
+			want: []string{`pool[0] (name "x86").billing_minimum: "2h" is longer than 1h; an idle builder is kept that long after its launch; lower it`},
+		},
+		{
+			name: "billing_minimum not a duration",
+			toml: minimalPool + "billing_minimum = \"1 minute\"\n",
+			want: []string{`pool[0] (name "x86").billing_minimum: "1 minute" is not a duration; write it like "60s" (EC2's), or "0s" for none`},
 		},
 		{
 			name: "reconcile interval too short",
@@ -548,10 +574,10 @@ func TestValidateBuiltConfig(t *testing.T) {
 		t.Fatalf("Validate: %v", err)
 	}
 	cfg.Pools[0].MaxJobs = 0
-	cfg.Pools[0].IdleTimeout = NewDuration(-time.Second)
+	cfg.Pools[0].IdleTimeout = NewTimeout(-time.Second)
 	err := cfg.Validate()
 	want := `pool[0] (name "x86").max_jobs: must be at least 1; set max_jobs = 1 or more
-pool[0] (name "x86").idle_timeout: "-1s" is negative; write a positive duration, like "5m" (the default)`
+pool[0] (name "x86").idle_timeout: "-1s" is negative; write "auto" (the default: as long as a boot of the pool costs), or a positive duration like "5m"`
 	if err == nil || err.Error() != want {
 		t.Errorf("Validate =\n%v\nwant\n%s", err, want)
 	}
@@ -754,5 +780,37 @@ provider = "local"
 	}
 	if got := cfg.HAProxySpec(); !reflect.DeepEqual(got, want) {
 		t.Errorf("HAProxySpec() =\n%+v\nwant\n%+v", got, want)
+	}
+}
+
+// TestBillingMinimumDefault: left out, billing_minimum is EC2's 60 s for
+// an EC2 pool and 0 for a local one; written, it is what it says.
+func TestBillingMinimumDefault(t *testing.T) {
+	cfg, err := Load("testdata/good/ec2.toml")
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	for _, p := range cfg.Pools {
+		if got := p.BillingMinimum.D(); got != time.Minute {
+			t.Errorf("ec2 pool %s: billing_minimum = %s, want 1m", p.Name, got)
+		}
+		if !p.IdleTimeout.IsAuto() {
+			t.Errorf("ec2 pool %s: idle_timeout = %s, want auto", p.Name, p.IdleTimeout)
+		}
+	}
+	local := mustParse(t, minimalPool)
+	if got := local.Pools[0].BillingMinimum.D(); got != 0 {
+		t.Errorf("local pool: billing_minimum = %s, want 0", got)
+	}
+	data, err := os.ReadFile("testdata/good/ec2.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	zero := mustParse(t, strings.Replace(string(data), "provider = \"ec2\"\n", "provider = \"ec2\"\nbilling_minimum = \"0s\"\n", 1))
+	if got := zero.Pools[0].BillingMinimum.D(); got != 0 {
+		t.Errorf("ec2 pool with billing_minimum = \"0s\": %s, want 0", got)
+	}
+	if got := zero.Pools[1].BillingMinimum.D(); got != time.Minute {
+		t.Errorf("the other ec2 pool: billing_minimum = %s, want 1m", got)
 	}
 }

@@ -54,3 +54,42 @@ func (d *Duration) UnmarshalText(text []byte) error {
 	*d = Duration{d: v}
 	return nil
 }
+
+// Timeout is a Duration that may also be written "auto": the daemon
+// then decides the value as it runs (idle_timeout: from the pool's measured
+// boot time).
+type Timeout struct {
+	Duration
+	auto bool
+}
+
+// Auto is the Timeout written "auto".
+func Auto() Timeout { return Timeout{auto: true} }
+
+// NewTimeout returns a valid fixed Timeout of d.
+func NewTimeout(d time.Duration) Timeout { return Timeout{Duration: NewDuration(d)} }
+
+// IsAuto reports whether the value was written "auto"; D is then 0.
+func (a Timeout) IsAuto() bool { return a.auto }
+
+// String is "auto", or the duration as Duration.String writes it.
+func (a Timeout) String() string {
+	if a.auto {
+		return "auto"
+	}
+	return a.Duration.String()
+}
+
+// MarshalText writes the value as String does.
+func (a Timeout) MarshalText() ([]byte, error) { return []byte(a.String()), nil }
+
+// UnmarshalText parses "auto" or a Go duration. It never returns an error;
+// see Duration.
+func (a *Timeout) UnmarshalText(text []byte) error {
+	if string(text) == "auto" {
+		*a = Auto()
+		return nil
+	}
+	*a = Timeout{}
+	return a.Duration.UnmarshalText(text)
+}

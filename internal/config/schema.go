@@ -13,6 +13,7 @@ import (
 
 var (
 	durationType = reflect.TypeFor[Duration]()
+	timeoutType  = reflect.TypeFor[Timeout]()
 	configType   = reflect.TypeFor[Config]()
 )
 
@@ -78,10 +79,18 @@ func (s *schemaChecker) table(raw map[string]any, t reflect.Type, key, header st
 // value checks one value against the Go type it decodes into and reports
 // whether it may stay.
 func (s *schemaChecker) value(v any, t reflect.Type, key, header, name string) bool {
+	if t.Kind() == reflect.Pointer { // an optional value: *int is an int when present
+		t = t.Elem()
+	}
 	switch {
 	case t == durationType:
 		if _, ok := v.(string); !ok {
 			s.add(key, "must be a duration in quotes, like %s = \"5m\"; got %s", name, describe(v))
+			return false
+		}
+	case t == timeoutType:
+		if _, ok := v.(string); !ok {
+			s.add(key, "must be \"auto\" or a duration in quotes, like %s = \"5m\"; got %s", name, describe(v))
 			return false
 		}
 	case t.Kind() == reflect.String:
@@ -99,23 +108,7 @@ func (s *schemaChecker) value(v any, t reflect.Type, key, header, name string) b
 			return false
 		}
 	case t.Kind() == reflect.Slice && t.Elem().Kind() == reflect.String:
-		list, ok := v.([]any)
-		if !ok {
-			if str, isStr := v.(string); isStr {
-				s.add(key, "must be a list of strings; write %s = [%q]", name, str)
-			} else {
-				s.add(key, "must be a list of strings, like %s = [\"a\", \"b\"]; got %s", name, describe(v))
-			}
-			return false
-		}
-		good := true
-		for i, e := range list {
-			if _, ok := e.(string); !ok {
-				s.add(fmt.Sprintf("%s[%d]", key, i), "must be a string in double quotes; got %s", describe(e))
-				good = false
-			}
-		}
-		return good
+		return s.stringList(v, key, name)
 	case t.Kind() == reflect.Struct:
 		m, ok := v.(map[string]any)
 		if !ok {
@@ -170,4 +163,25 @@ func describe(v any) string {
 		return "a date or time"
 	}
 	return fmt.Sprintf("a %T", v)
+}
+
+// stringList checks a value that decodes into a list of strings.
+func (s *schemaChecker) stringList(v any, key, name string) bool {
+	list, ok := v.([]any)
+	if !ok {
+		if str, isStr := v.(string); isStr {
+			s.add(key, "must be a list of strings; write %s = [%q]", name, str)
+		} else {
+			s.add(key, "must be a list of strings, like %s = [\"a\", \"b\"]; got %s", name, describe(v))
+		}
+		return false
+	}
+	good := true
+	for i, e := range list {
+		if _, ok := e.(string); !ok {
+			s.add(fmt.Sprintf("%s[%d]", key, i), "must be a string in double quotes; got %s", describe(e))
+			good = false
+		}
+	}
+	return good
 }

@@ -220,7 +220,9 @@ func (v *validator) pool(p string, pool Pool) {
 	v.atLeast(p+"reservations_per_builder", pool.ReservationsPerBuilder, 1)
 	v.atLeast(p+"max_jobs", pool.MaxJobs, 1)
 
-	v.duration(p+"idle_timeout", pool.IdleTimeout, "5m")
+	if !pool.IdleTimeout.IsAuto() {
+		v.idleTimeout(p+"idle_timeout", pool.IdleTimeout.Duration)
+	}
 	v.duration(p+"drain_timeout", pool.DrainTimeout, "2h")
 	v.duration(p+"launch_timeout", pool.LaunchTimeout, "5m")
 	v.duration(p+"boot_timeout", pool.BootTimeout, "10m")
@@ -230,16 +232,7 @@ func (v *validator) pool(p string, pool Pool) {
 	}
 
 	v.forecastMax(p, pool, maxOK)
-	if pool.WarmFor.err != nil {
-		v.add(p+"warm_for", "%q is not a duration; write it like \"30m\", or \"0s\" to keep the warm pool always", pool.WarmFor.raw)
-	} else if pool.WarmFor.D() < 0 {
-		v.add(p+"warm_for", "%q is negative; write \"0s\" to keep the warm pool always, or a duration like \"30m\"", pool.WarmFor)
-	}
-	if pool.MaxLifetime.err != nil {
-		v.add(p+"max_lifetime", "%q is not a duration; write it like \"24h\", or \"0s\" for no limit", pool.MaxLifetime.raw)
-	} else if pool.MaxLifetime.D() < 0 {
-		v.add(p+"max_lifetime", "%q is negative; write \"0s\" for no limit, or a duration like \"24h\"", pool.MaxLifetime)
-	}
+	v.poolDurations(p, pool)
 
 	def := DefaultPool()
 	switch pool.Provider {
@@ -257,6 +250,23 @@ func (v *validator) pool(p string, pool Pool) {
 	}
 	if pool.Provider != ProviderEC2 && !reflect.DeepEqual(pool.EC2, def.EC2) {
 		v.add(p+"ec2", "[pool.ec2] is used only with provider = %q; remove it or change provider", ProviderEC2)
+	}
+}
+
+// maxBillingMinimum bounds billing_minimum (per-hour billing is the longest
+// in use).
+const maxBillingMinimum = time.Hour
+
+// idleTimeout reports an idle_timeout that is neither "auto" nor a
+// duration above zero.
+func (v *validator) idleTimeout(key string, d Duration) {
+	switch {
+	case d.err != nil:
+		v.add(key, "%q is not a duration; write \"auto\" (the default: as long as a boot of the pool costs), or a duration like \"5m\"", d.raw)
+	case d.D() < 0:
+		v.add(key, "%q is negative; write \"auto\" (the default: as long as a boot of the pool costs), or a positive duration like \"5m\"", d)
+	case d.D() == 0:
+		v.add(key, "%q is not above zero; write \"auto\" (the default: as long as a boot of the pool costs), or a duration like \"5m\"", d)
 	}
 }
 
@@ -383,5 +393,27 @@ func (v *validator) forecastMax(p string, pool Pool, maxOK bool) {
 	if n := pool.ForecastMaxBuilders; n != nil && (*n < 0 || maxOK && *n > pool.MaxBuilders) {
 		v.add(p+"forecast_max_builders", "%d is outside 0..max_builders (%d); write 0 to ignore forecasts, or leave it out to allow up to max_builders",
 			*n, pool.MaxBuilders)
+	}
+}
+
+// poolDurations checks the pool's optional durations: warm_for,
+// billing_minimum and max_lifetime.
+func (v *validator) poolDurations(p string, pool Pool) {
+	if pool.WarmFor.err != nil {
+		v.add(p+"warm_for", "%q is not a duration; write it like \"30m\", or \"0s\" to keep the warm pool always", pool.WarmFor.raw)
+	} else if pool.WarmFor.D() < 0 {
+		v.add(p+"warm_for", "%q is negative; write \"0s\" to keep the warm pool always, or a duration like \"30m\"", pool.WarmFor)
+	}
+	if pool.BillingMinimum.err != nil {
+		v.add(p+"billing_minimum", "%q is not a duration; write it like \"60s\" (EC2's), or \"0s\" for none", pool.BillingMinimum.raw)
+	} else if pool.BillingMinimum.D() < 0 {
+		v.add(p+"billing_minimum", "%q is negative; write \"0s\" for none, or a duration like \"60s\" (EC2's)", pool.BillingMinimum)
+	} else if pool.BillingMinimum.D() > maxBillingMinimum {
+		v.add(p+"billing_minimum", "%q is longer than %s; an idle builder is kept that long after its launch; lower it", pool.BillingMinimum, NewDuration(maxBillingMinimum))
+	}
+	if pool.MaxLifetime.err != nil {
+		v.add(p+"max_lifetime", "%q is not a duration; write it like \"24h\", or \"0s\" for no limit", pool.MaxLifetime.raw)
+	} else if pool.MaxLifetime.D() < 0 {
+		v.add(p+"max_lifetime", "%q is negative; write \"0s\" for no limit, or a duration like \"24h\"", pool.MaxLifetime)
 	}
 }

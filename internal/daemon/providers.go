@@ -24,6 +24,7 @@ func Policy(cfg *config.Config) scaler.Policy {
 			ReservationsPerBuilder: p.ReservationsPerBuilder, IdleTimeout: p.IdleTimeout.D(), DrainTimeout: p.DrainTimeout.D(),
 			LaunchTimeout: p.LaunchTimeout.D(), BootTimeout: p.BootTimeout.D(), BindTimeout: p.BindTimeout.D(),
 			MaxLifetime: p.MaxLifetime.D(), WarmFor: p.WarmFor.D(), ForecastMaxBuilders: p.ForecastBuilders(),
+			IdleAuto: p.IdleTimeout.IsAuto(), BillingMinimum: p.BillingMinimum.D(),
 		})
 	}
 	return pol

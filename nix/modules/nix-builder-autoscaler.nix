@@ -37,6 +37,10 @@ let
     // {
       description = ''duration greater than zero: a Go duration string, like "30s", "5m" or "1h30m"'';
     };
+  # idle_timeout: "auto", or a duration as above.
+  autoOrDuration = types.addCheck types.str (s: s == "auto" || duration.check s) // {
+    description = ''"auto", or a duration greater than zero: a Go duration string, like "5m"'';
+  };
   hostPortPattern = "(\\[[0-9A-Fa-f:.]+]|[A-Za-z0-9._-]*):[0-9]{1,5}";
   hostPort = types.strMatching hostPortPattern // {
     description = ''address host:port, like "127.0.0.1:5555" ("[::1]:8470" for IPv6, ":8470" for every address)'';
@@ -151,7 +155,14 @@ let
       warm_pool = opt types.ints.unsigned 0 "Spare builders kept running beyond current demand.";
       reservations_per_builder = opt types.ints.positive 1 "How many reservations one builder takes at once.";
       max_jobs = opt types.ints.positive 1 "The most concurrent Nix jobs (SSH connections) HAProxy sends to one builder.";
-      idle_timeout = opt duration "5m" "How long an idle builder is kept before it is drained.";
+      idle_timeout = opt autoOrDuration "auto" ''
+        How long an idle builder is kept before it is drained; "auto": as long
+        as a boot of the pool costs, as the daemon measures it.
+      '';
+      billing_minimum = opt (types.nullOr durationOrZero) null ''
+        The least time the provider bills a builder for; an idle builder is kept
+        at least that long after its launch. null: "60s" for ec2, "0s" for local.
+      '';
       drain_timeout = opt duration "2h" "How long a draining builder may keep running jobs.";
       launch_timeout = opt duration "5m" "How long a launched builder may take to be running.";
       boot_timeout = opt duration "10m" "How long a running builder may take until its address is known.";

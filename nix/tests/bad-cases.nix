@@ -75,7 +75,11 @@ in
   };
   idle-timeout-zero = {
     module = withPool { idle_timeout = "0s"; };
-    expect = "`${entry}.idle_timeout' is not of type `duration greater than zero";
+    expect = "`${entry}.idle_timeout' is not of type `\"auto\", or a duration greater than zero";
+  };
+  billing-minimum = {
+    module = withPool { billing_minimum = "1 minute"; };
+    expect = "`${entry}.billing_minimum' is not of type `null or duration";
   };
   local-address = {
     module = withPool { local.address = "10.0.0.1"; };
