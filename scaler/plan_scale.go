@@ -111,6 +111,11 @@ func (p *planner) scale(pp PoolPolicy) {
 	}
 	target := Target(pp, p.demand(pp.Name), p.forecast(pp.Name))
 	active := p.active(pp.Name)
+	if active < target {
+		// Taking an idle-drained builder back launches nothing, so the
+		// launch backoff does not hold it up.
+		active = p.reclaim(pp, target, active)
+	}
 	if active < target && !p.now.Before(p.obs.LaunchBackoff[pp.Name]) {
 		active = p.launchUpTo(pp, target, active)
 	}
@@ -124,7 +129,6 @@ func (p *planner) scale(pp PoolPolicy) {
 // the pool's empty slots, until active reaches target; it returns the new
 // count of active builders.
 func (p *planner) launchUpTo(pp PoolPolicy, target, active int) int {
-	active = p.reclaim(pp, target, active)
 	for i := range p.slots {
 		s := &p.slots[i]
 		if active >= target {

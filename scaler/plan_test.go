@@ -535,6 +535,12 @@ func TestPlan(t *testing.T) {
 			},
 		},
 		{
+			name: "launch backoff does not hold back taking an idle-drained builder back",
+			w: world{slots: []Slot{slot("slot1", Draining, func(s *Slot) { s.DrainReason = DrainIdle }), slot("slot2", Empty), slot("slot3", Empty)},
+				res: []Reservation{pending("r1", 0), pending("r2", 0)}},
+			want: []string{`undrain pool="x86" slot="slot1" instance="i-slot1" reason="demand returned"`},
+		},
+		{
 			name: "demand returns: operator and max-lifetime drains are not taken back",
 			pol:  policy(pool(func(p *PoolPolicy) { p.MaxBuilders = 4 })),
 			w: world{slots: []Slot{slot("slot1", Draining, func(s *Slot) { s.DrainReason = "operator" }),
