@@ -527,7 +527,7 @@ func (f *fleet) probeStat(n int, gap time.Duration) benchDurs {
 	for range n {
 		time.Sleep(gap)
 		t := time.Now()
-		f.hp.Cmd("show stat -1 6 -1")
+		f.hp.Cmd(haproxy.StatCmd)
 		durs = append(durs, time.Since(t))
 	}
 	return durs

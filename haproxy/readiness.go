@@ -16,10 +16,11 @@ import (
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
-// statCmd asks for backend and server lines (all proxies, types 2 backends
-// + 4 servers, all server ids): one call per round gives each server's
-// state, sessions and address, and each backend's queue.
-const statCmd = "show stat -1 6 -1"
+// StatCmd is what each round asks HAProxy: backend and server lines (all
+// proxies, types 2 backends + 4 servers, all server ids), so that one call
+// gives each server's state, sessions and address, and each backend's
+// queue.
+const StatCmd = "show stat -1 6 -1"
 
 // statServersCmd asks for server lines only (Quiesce reads one server).
 const statServersCmd = "show stat -1 4 -1"
@@ -243,7 +244,7 @@ func positive(m map[string]int) map[string]int {
 }
 
 func (r *Readiness) servers(ctx context.Context) (out map[scaler.SlotKey]scaler.ServerStatus, queued map[string]int, spoaUp, spoaKnown bool, err error) {
-	stats, err := r.c.showStat(ctx, statCmd)
+	stats, err := r.c.showStat(ctx, StatCmd)
 	if err != nil {
 		return nil, nil, false, false, err
 	}

@@ -365,7 +365,7 @@ func TestReadinessOneCallPerRound(t *testing.T) {
 				"nba_spoa,BACKEND,5,UP,0,,,1\n" +
 				"other,web1,7,UP,9,L7OK,10.0.0.1:80,2\n" +
 				"other,BACKEND,9,UP,9,,,1\n",
-			[]string{statCmd}},
+			[]string{StatCmd}},
 		{"no addr column: one more call",
 			"# pxname,svname,qcur,status,scur,check_status,type\n" +
 				"nba_x86,slot1,1,UP,2,L7OK,2\n" +
@@ -375,12 +375,12 @@ func TestReadinessOneCallPerRound(t *testing.T) {
 				"nba_spoa,BACKEND,5,UP,0,,1\n" +
 				"other,web1,7,UP,9,L7OK,2\n" +
 				"other,BACKEND,9,UP,9,,1\n",
-			[]string{statCmd, "show servers state"}},
+			[]string{StatCmd, "show servers state"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := startFakeSocket(t, func(cmd string) string {
 				switch cmd {
-				case statCmd:
+				case StatCmd:
 					return tc.stat + "\n"
 				case "show servers state":
 					return "1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port\n" +
@@ -512,7 +512,7 @@ func TestReusedSlotNotHealthyFromStaleCheck(t *testing.T) {
 	f := startFakeSocket(t, func(cmd string) string {
 		mu.Lock()
 		defer mu.Unlock()
-		if cmd == statCmd {
+		if cmd == StatCmd {
 			st, chk, _ := strings.Cut(row, ",")
 			return "# pxname,svname,status,scur,check_status,addr,type\n" +
 				"nba_x86,slot1," + st + ",0," + chk + ",10.0.0.9:22,2\n\n"

@@ -15,7 +15,7 @@ import (
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
-// ForecastStore is the part of the store forecasts need.
+// ForecastStore is the part of Store that forecasts use.
 type ForecastStore interface {
 	CreateForecast(ctx context.Context, f scaler.Forecast, ev scaler.Event) (scaler.Forecast, bool, error)
 	WithdrawForecast(ctx context.Context, id string, ev scaler.Event) (scaler.Forecast, error)
@@ -65,7 +65,7 @@ func (s *Server) createForecast(w http.ResponseWriter, r *http.Request) {
 	if req.Builds != nil {
 		f.Builds = *req.Builds
 	} else {
-		n, err := scaler.Estimate(r.Context(), s.o.Forecasts, f.Source, f.Pool)
+		n, err := scaler.Estimate(r.Context(), s.o.Store, f.Source, f.Pool)
 		if err != nil {
 			s.internal(w, "read forecast history", err)
 			return
@@ -74,7 +74,7 @@ func (s *Server) createForecast(w http.ResponseWriter, r *http.Request) {
 	}
 	ev := scaler.Event{At: now, Kind: scaler.EvForecast, Pool: f.Pool, Actor: "api",
 		Reason: fmt.Sprintf("forecast %s from %s: %d builds%s, ttl %s", f.ID, f.Source, f.Builds, map[bool]string{true: " (estimated)"}[f.Estimated], ttl)}
-	got, created, err := s.o.Forecasts.CreateForecast(r.Context(), f, ev)
+	got, created, err := s.o.Store.CreateForecast(r.Context(), f, ev)
 	if err != nil {
 		s.internal(w, "create forecast", err)
 		return
@@ -145,7 +145,7 @@ func (s *Server) validateForecast(req *api.CreateForecastRequest) (ttl time.Dura
 func (s *Server) withdrawForecast(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
 	now := s.o.Clock.Now()
-	f, err := s.o.Forecasts.WithdrawForecast(r.Context(), id, scaler.Event{At: now, Kind: scaler.EvForecastWithdrawn, Actor: "api",
+	f, err := s.o.Store.WithdrawForecast(r.Context(), id, scaler.Event{At: now, Kind: scaler.EvForecastWithdrawn, Actor: "api",
 		Reason: "forecast " + id + " withdrawn"})
 	if errors.Is(err, scaler.ErrNotFound) {
 		writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no forecast %q", id))
@@ -164,7 +164,7 @@ func (s *Server) withdrawForecast(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) getForecast(w http.ResponseWriter, r *http.Request) {
-	f, err := s.o.Forecasts.Forecast(r.Context(), r.PathValue("id"))
+	f, err := s.o.Store.Forecast(r.Context(), r.PathValue("id"))
 	if errors.Is(err, scaler.ErrNotFound) {
 		writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no forecast %q", r.PathValue("id")))
 		return
@@ -180,7 +180,7 @@ func (s *Server) getForecast(w http.ResponseWriter, r *http.Request) {
 const forecastListLimit = 100
 
 func (s *Server) listForecasts(w http.ResponseWriter, r *http.Request) {
-	fs, err := s.o.Forecasts.RecentForecasts(r.Context(), forecastListLimit)
+	fs, err := s.o.Store.RecentForecasts(r.Context(), forecastListLimit)
 	if err != nil {
 		s.internal(w, "list forecasts", err)
 		return

@@ -40,6 +40,7 @@ type Store interface {
 	Events(ctx context.Context, f store.EventFilter) ([]scaler.Event, error)
 	// Generation counts committed writes (store.DB.Generation).
 	Generation() uint64
+	ForecastStore
 }
 
 // Scaler is the reconciler as the API drives it.
@@ -70,9 +71,6 @@ type Options struct {
 	// Views is where the reconciler publishes the fleet; reads and long
 	// polls are answered from it (nil: from the store).
 	Views *scaler.Views
-	// Forecasts stores demand forecasts (nil: Store, which must then
-	// implement ForecastStore).
-	Forecasts ForecastStore
 }
 
 // Server serves the reservation and operator API.
@@ -100,21 +98,16 @@ func New(o Options) *Server {
 	if o.Views == nil {
 		o.Views = &scaler.Views{}
 	}
-	if o.Forecasts == nil {
-		o.Forecasts, _ = o.Store.(ForecastStore)
-	}
 	s := &Server{o: o, notify: notifier{ch: make(chan struct{})}, mux: http.NewServeMux(), written: map[string]uint64{}}
 	s.mux.HandleFunc("POST /v1/reservations", s.create)
 	s.mux.HandleFunc("GET /v1/reservations", s.listReservations)
 	s.mux.HandleFunc("GET /v1/reservations/{id}", s.get)
 	s.mux.HandleFunc("POST /v1/reservations/{id}/heartbeat", s.heartbeat)
 	s.mux.HandleFunc("DELETE /v1/reservations/{id}", s.release)
-	if o.Forecasts != nil {
-		s.mux.HandleFunc("POST /v1/forecasts", s.createForecast)
-		s.mux.HandleFunc("GET /v1/forecasts", s.listForecasts)
-		s.mux.HandleFunc("GET /v1/forecasts/{id}", s.getForecast)
-		s.mux.HandleFunc("DELETE /v1/forecasts/{id}", s.withdrawForecast)
-	}
+	s.mux.HandleFunc("POST /v1/forecasts", s.createForecast)
+	s.mux.HandleFunc("GET /v1/forecasts", s.listForecasts)
+	s.mux.HandleFunc("GET /v1/forecasts/{id}", s.getForecast)
+	s.mux.HandleFunc("DELETE /v1/forecasts/{id}", s.withdrawForecast)
 	s.mux.HandleFunc("GET /v1/slots", s.slots)
 	s.mux.HandleFunc("POST /v1/slots/{pool}/{slot}/drain", s.drain)
 	s.mux.HandleFunc("POST /v1/slots/{pool}/{slot}/undrain", s.undrain)
