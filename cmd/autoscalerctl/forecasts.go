@@ -6,7 +6,6 @@ import (
 	"io"
 	"slices"
 	"strconv"
-	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/pflag"
@@ -63,13 +62,7 @@ var forecastCommands = []*command{
 					req.TTL = ttl.String()
 				}
 				f, _, err := c.api.CreateForecast(ctx, req)
-				if err != nil {
-					return err
-				}
-				if c.opts.json {
-					return c.printJSON(f)
-				}
-				return printForecast(c.stdout, f, c.now())
+				return c.showForecast(f, err)
 			}
 		},
 	},
@@ -80,14 +73,7 @@ var forecastCommands = []*command{
 		detail: "The forecast stops counting as demand. Its source's reservations that arrive\n" +
 			"until its TTL passes are still counted, as the history of later estimates.",
 		setup: noFlagsArgs("withdraw-forecast", 1, "<id>", func(ctx context.Context, c *cli, args []string) error {
-			f, err := c.api.WithdrawForecast(ctx, args[0])
-			if err != nil {
-				return err
-			}
-			if c.opts.json {
-				return c.printJSON(f)
-			}
-			return printForecast(c.stdout, f, c.now())
+			return c.showForecast(c.api.WithdrawForecast(ctx, args[0]))
 		}),
 	},
 	{
@@ -107,6 +93,17 @@ var forecastCommands = []*command{
 	},
 }
 
+// showForecast prints the forecast a command got, or returns its error.
+func (c *cli) showForecast(f api.Forecast, err error) error {
+	if err != nil {
+		return err
+	}
+	if c.opts.json {
+		return c.printJSON(f)
+	}
+	return printForecast(c.stdout, f, c.now())
+}
+
 func printForecasts(w io.Writer, fs []api.Forecast, now time.Time) error {
 	if len(fs) == 0 {
 		_, err := fmt.Fprintln(w, "no forecasts")
@@ -122,8 +119,7 @@ func printForecasts(w io.Writer, fs []api.Forecast, now time.Time) error {
 
 // printForecast shows one forecast as "key value" lines.
 func printForecast(w io.Writer, f api.Forecast, now time.Time) error {
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	kv := func(k, v string) { fmt.Fprintf(tw, "%s\t%s\n", k, cell(v)) }
+	kv, flush := keyValues(w)
 	kv("id", f.ID)
 	kv("state", f.State)
 	kv("source", f.Source)
@@ -136,7 +132,7 @@ func printForecast(w io.Writer, f api.Forecast, now time.Time) error {
 	if f.WithdrawnAt != nil {
 		kv("withdrawn", relTime(*f.WithdrawnAt, now))
 	}
-	return tw.Flush()
+	return flush()
 }
 
 func buildsCell(f api.Forecast) string {

@@ -224,10 +224,16 @@ func printReservations(w io.Writer, rs []api.Reservation, now time.Time) error {
 	return t.flush()
 }
 
+// keyValues writes "key value" lines, the values aligned; flush writes
+// them out.
+func keyValues(w io.Writer) (kv func(k, v string), flush func() error) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	return func(k, v string) { fmt.Fprintf(tw, "%s\t%s\n", k, cell(v)) }, tw.Flush
+}
+
 // printReservation shows one reservation as "key value" lines.
 func printReservation(w io.Writer, r api.Reservation, now time.Time) error {
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	kv := func(k, v string) { fmt.Fprintf(tw, "%s\t%s\n", k, cell(v)) }
+	kv, flush := keyValues(w)
 	kv("id", r.ID)
 	kv("state", r.State)
 	kv("pool", r.Pool)
@@ -256,7 +262,7 @@ func printReservation(w io.Writer, r api.Reservation, now time.Time) error {
 	if r.Reason != "" {
 		kv("reason", r.Reason)
 	}
-	return tw.Flush()
+	return flush()
 }
 
 func printEvents(w io.Writer, evs []api.Event, now time.Time) error {
