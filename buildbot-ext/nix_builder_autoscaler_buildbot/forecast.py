@@ -15,7 +15,7 @@ from twisted.python import log as twlog
 
 from .client import APIError
 from .durations import format_duration
-from .steps import PROPERTY_FORECASTS, SOURCE, _DaemonSettings, _DemandSource, _seconds, _StepLog
+from .steps import PROPERTY_FORECASTS, _DaemonSettings, _DemandSource, _seconds, _StepLog, record_property
 
 FORECAST_ID_MAX = 128
 FORECAST_TTL_MAX = 6 * 3600.0
@@ -61,6 +61,25 @@ class _QuietSteps(buildstep.BuildStep):
         kwargs.setdefault("warnOnFailure", False)
         kwargs.setdefault("warnOnWarnings", False)
         return kwargs
+
+    @defer.inlineCallbacks
+    def _quietly(self, work, failed):
+        """Run work(log) with the step's "forecast" log; an exception it
+        raises is logged and ends the step in WARNINGS, with
+        failed(error) -> (log line, summary)."""
+        log = _StepLog(self, "forecast", time.monotonic())
+        try:
+            yield log.open()
+        except Exception:
+            pass
+        try:
+            result = yield work(log)
+        except Exception as e:
+            line, self._summary = failed(e)
+            log(line)
+            result = WARNINGS
+        yield log.flush()
+        return result
 
 
 def _withdraw_left_over(build, why):
@@ -151,32 +170,12 @@ class ForecastDemand(_DaemonSettings, _DemandSource, _QuietSteps):
         return f"{tag}-{suffix}"[:FORECAST_ID_MAX]
 
     @defer.inlineCallbacks
-    def _record_ids(self, ids, log):
-        self.setProperty(PROPERTY_FORECASTS, ids, SOURCE, runtime=True)
-        buildid = getattr(self.build, "buildid", None)
-        if buildid is None:
-            return
-        try:
-            yield self.master.data.updates.setBuildProperty(buildid, PROPERTY_FORECASTS, ids, SOURCE)
-        except Exception as e:  # the in-memory property is enough for WithdrawForecast
-            log(f"could not store property {PROPERTY_FORECASTS} yet: {e}")
-
-    @defer.inlineCallbacks
     def run(self):
-        log = _StepLog(self, "forecast", time.monotonic())
         try:
-            yield log.open()
-        except Exception:
-            pass
-        try:
-            result = yield self._run(log)
-        except Exception as e:  # never fail the evaluation because of a forecast
-            log(f"no forecast sent: {e}")
-            self._summary = f"no forecast: {e}"
-            result = WARNINGS
+            # Never fail the evaluation because of a forecast.
+            result = yield self._quietly(self._run, lambda e: (f"no forecast sent: {e}", f"no forecast: {e}"))
         finally:
             self._inflight = None
-        yield log.flush()
         return result
 
     @defer.inlineCallbacks
@@ -206,7 +205,7 @@ class ForecastDemand(_DaemonSettings, _DemandSource, _QuietSteps):
             body.update(routing)
             bodies.append((label, body))
         ids = [b["id"] for _, b in bodies]
-        yield self._record_ids(ids, log)
+        yield record_property(self, PROPERTY_FORECASTS, ids, log)
         # From here on the forecasts may exist: withdraw them at the build's
         # end if WithdrawForecast does not.
         _open_forecasts[build] = (client, ids)
@@ -279,18 +278,8 @@ class WithdrawForecast(_DaemonSettings, _QuietSteps):
         if not ids:
             self._summary = "no forecast to withdraw"
             return SKIPPED
-        log = _StepLog(self, "forecast", time.monotonic())
-        try:
-            yield log.open()
-        except Exception:
-            pass
-        try:
-            result = yield self._run(list(ids), log)
-        except Exception as e:  # never fail the evaluation
-            log(f"could not withdraw the forecasts: {e}")
-            self._summary = f"could not withdraw the forecasts (their ttl ends them): {e}"
-            result = WARNINGS
-        yield log.flush()
+        result = yield self._quietly(lambda log: self._run(list(ids), log), lambda e: (
+            f"could not withdraw the forecasts: {e}", f"could not withdraw the forecasts (their ttl ends them): {e}"))
         return result
 
     @defer.inlineCallbacks

@@ -112,6 +112,22 @@ def _seconds(name, value, positive=False, allow_none=False):
     return s
 
 
+@defer.inlineCallbacks
+def record_property(step, name, value, log):
+    """Set a build property from step and store it now, not at the step's
+    end, so that a later step (or the build's end) finds it even if this one
+    is interrupted; a failure to store it is logged, and the in-memory
+    property is enough for the steps of this build."""
+    step.setProperty(name, value, SOURCE, runtime=True)
+    buildid = getattr(step.build, "buildid", None)
+    if buildid is None:
+        return
+    try:
+        yield step.master.data.updates.setBuildProperty(buildid, name, value, SOURCE)
+    except Exception as e:
+        log(f"could not store property {name} yet: {e}")
+
+
 def clean_source(value):
     """value as a demand source: printable characters only, at most 256 bytes
     of UTF-8 (cut at a character boundary)."""
@@ -322,17 +338,6 @@ class CapacityGate(_DaemonSettings, _DemandSource, buildstep.BuildStep):
             owner += f" ({attr})"
         return owner[:512]
 
-    @defer.inlineCallbacks
-    def _record_id(self, rid, log):
-        """Set the id as a build property, and store it now, not at step end."""
-        self.setProperty(PROPERTY_ID, rid, SOURCE, runtime=True)
-        buildid = getattr(self.build, "buildid", None)
-        if buildid is None:
-            return
-        try:
-            yield self.master.data.updates.setBuildProperty(buildid, PROPERTY_ID, rid, SOURCE)
-        except Exception as e:  # the in-memory property is enough for the release step
-            log(f"could not store property {PROPERTY_ID} yet: {e}")
 
     @defer.inlineCallbacks
     def run(self):
@@ -373,7 +378,7 @@ class CapacityGate(_DaemonSettings, _DemandSource, buildstep.BuildStep):
 
         features = yield self._features(log)
         rid = "bb-" + uuid.uuid4().hex
-        yield self._record_id(rid, log)
+        yield record_property(self, PROPERTY_ID, rid, log)
         owner = yield self._owner()
         lease = self.lease if isinstance(self.lease, str) else format_duration(self.lease_seconds)
         body = {"id": rid, "system": system, "owner": owner, "lease": lease}
