@@ -48,3 +48,17 @@ def free_port():
 
 def sock_path(testcase):
     return os.path.join(short_dir(testcase), "d.sock")
+
+
+def serve_fake_daemon(testcase):
+    """Give testcase a FakeDaemon on a unix socket (testcase.daemon,
+    .sock, .dir), recording to testcase.events; stopped at cleanup."""
+    from .fakedaemon import FakeDaemon
+
+    testcase.dir = short_dir(testcase)
+    testcase.events = []
+    testcase.daemon = FakeDaemon()
+    testcase.daemon.events = testcase.events
+    testcase.addCleanup(testcase.daemon.stop)
+    testcase.sock = os.path.join(testcase.dir, "d.sock")
+    testcase.daemon.listen_unix(testcase.sock)

@@ -17,8 +17,7 @@ from nix_builder_autoscaler_buildbot.forecast import ForecastDemand, WithdrawFor
 from nix_builder_autoscaler_buildbot.steps import PROPERTY_FORECASTS
 
 from .fakebuild import FakeBuild, attach
-from .fakedaemon import FakeDaemon
-from .helpers import TEST_TIMEOUT, short_dir, sleep, wait_until
+from .helpers import TEST_TIMEOUT, serve_fake_daemon, sleep, wait_until
 
 PROJECT = "github:org/repo"
 EVAL_BUILDER = "github:org/repo/nix-eval"
@@ -29,13 +28,7 @@ class ForecastTest(unittest.TestCase):
     timeout = TEST_TIMEOUT
 
     def setUp(self):
-        self.dir = short_dir(self)
-        self.events = []
-        self.daemon = FakeDaemon()
-        self.daemon.events = self.events
-        self.addCleanup(self.daemon.stop)
-        self.sock = os.path.join(self.dir, "d.sock")
-        self.daemon.listen_unix(self.sock)
+        serve_fake_daemon(self)
 
     def build(self, builder=EVAL_BUILDER, **props):
         b = FakeBuild(self.events, props)

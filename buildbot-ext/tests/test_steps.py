@@ -14,8 +14,7 @@ from nix_builder_autoscaler_buildbot.durations import parse_duration
 from nix_builder_autoscaler_buildbot.steps import PROPERTY_ID, CapacityGate, ReleaseCapacity
 
 from .fakebuild import FakeBuild, attach
-from .fakedaemon import FakeDaemon
-from .helpers import TEST_TIMEOUT, short_dir, sleep, wait_until
+from .helpers import TEST_TIMEOUT, serve_fake_daemon, sleep, wait_until
 
 DRV = ('Derive([("out","/nix/store/abc-vm-test","","")],[],[],"x86_64-linux","/bin/sh",["-c","true"],'
        '[("builder","/bin/sh"),("name","vm-test"),("requiredSystemFeatures","nixos-test kvm"),'
@@ -26,13 +25,7 @@ class StepTest(unittest.TestCase):
     timeout = TEST_TIMEOUT
 
     def setUp(self):
-        self.dir = short_dir(self)
-        self.events = []
-        self.daemon = FakeDaemon()
-        self.daemon.events = self.events
-        self.addCleanup(self.daemon.stop)
-        self.sock = os.path.join(self.dir, "d.sock")
-        self.daemon.listen_unix(self.sock)
+        serve_fake_daemon(self)
 
     def build(self, **props):
         props.setdefault("system", "x86_64-linux")
