@@ -68,32 +68,38 @@ func FuzzIdentityLine(f *testing.F) {
 		if !conn.closed {
 			t.Fatalf("identity %q: handle returned without closing the connection", data)
 		}
-		out := conn.out.Bytes()
-		line, _, hasLF := bytes.Cut(data, []byte("\n"))
-		key := string(bytes.TrimSuffix(line, []byte("\r")))
-		if len(out) == 0 {
-			if !hasLF || !strings.HasPrefix(key, "broken/") || len(line) >= MaxLine {
-				t.Fatalf("identity %q: no reply; only a store failure may leave HAProxy without one", data)
-			}
-			return
-		}
-		if bytes.IndexByte(out, '\n') != len(out)-1 {
-			t.Fatalf("identity %q: reply %q is not exactly one line ending in \\n", data, out)
-		}
-		reply := string(out[:len(out)-1])
-		checkReplyLine(t, "identity "+string(data), reply)
-		if hasLF && len(line) < MaxLine && key == "x86/slot1" {
-			if !strings.HasPrefix(reply, "up ready 100% maxconn:4") {
-				t.Fatalf("identity %q: reply %q, want the ready slot's", data, reply)
-			}
-		} else if hasLF && len(line) < MaxLine && key == "x86/slot2" {
-			if !strings.HasPrefix(reply, "down #") {
-				t.Fatalf("identity %q: reply %q, want the booting slot's", data, reply)
-			}
-		} else if reply != "maint" {
-			t.Fatalf("identity %q: reply %q, want maint for an identity that names no slot", data, reply)
-		}
+		checkAnswer(t, data, conn.out.Bytes())
 	})
+}
+
+// checkAnswer fails unless out is what the responder must answer to a peer
+// that sent data and closed its side for writing.
+func checkAnswer(t *testing.T, data, out []byte) {
+	t.Helper()
+	line, _, hasLF := bytes.Cut(data, []byte("\n"))
+	key := string(bytes.TrimSuffix(line, []byte("\r")))
+	if len(out) == 0 {
+		if !hasLF || !strings.HasPrefix(key, "broken/") || len(line) >= MaxLine {
+			t.Fatalf("identity %q: no reply; only a store failure may leave HAProxy without one", data)
+		}
+		return
+	}
+	if bytes.IndexByte(out, '\n') != len(out)-1 {
+		t.Fatalf("identity %q: reply %q is not exactly one line ending in \\n", data, out)
+	}
+	reply := string(out[:len(out)-1])
+	checkReplyLine(t, "identity "+string(data), reply)
+	if hasLF && len(line) < MaxLine && key == "x86/slot1" {
+		if !strings.HasPrefix(reply, "up ready 100% maxconn:4") {
+			t.Fatalf("identity %q: reply %q, want the ready slot's", data, reply)
+		}
+	} else if hasLF && len(line) < MaxLine && key == "x86/slot2" {
+		if !strings.HasPrefix(reply, "down #") {
+			t.Fatalf("identity %q: reply %q, want the booting slot's", data, reply)
+		}
+	} else if reply != "maint" {
+		t.Fatalf("identity %q: reply %q, want maint for an identity that names no slot", data, reply)
+	}
 }
 
 // FuzzReply builds replies from arbitrary slot fields: always one line of

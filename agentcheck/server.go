@@ -64,6 +64,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/connlimit"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
@@ -79,8 +80,10 @@ const (
 	WriteTimeout = 2 * time.Second
 	// MaxLine is the longest identity line accepted, line end included.
 	MaxLine = 256
-	// MaxConns bounds the connections handled at once; further ones wait in
-	// the listen backlog.
+	// MaxConns bounds the connections open at once. When full, the one
+	// that has waited longest without sending its identity line is closed
+	// (internal/connlimit): HAProxy sends its line as soon as it connects,
+	// so idle connections of another process cannot starve its checks.
 	MaxConns = 256
 )
 
@@ -95,6 +98,10 @@ const (
 
 // maint is the reply to every identity that names no slot.
 const maint = "maint"
+
+// busier is a connection that a full listener must not close while its
+// request is answered (connlimit.Conn).
+type busier interface{ Busy() }
 
 // Slots is where the responder reads slots: the daemon passes the
 // reconciler's published fleet view (scaler.Views), so a check costs a map
@@ -158,25 +165,22 @@ func New(slots Slots, maxJobs map[string]int, log *slog.Logger, reg prometheus.R
 
 // Serve answers agent checks on ln until ctx ends, then closes ln, waits for
 // the connections in flight and returns nil. It returns an error if ln fails
-// for another reason (after the same cleanup).
+// for another reason (after the same cleanup). Unless ln is a
+// connlimit.Listener already (the daemon's, which it measures), Serve caps
+// it at MaxConns.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	if _, ok := ln.(*connlimit.Listener); !ok {
+		ln = connlimit.New(ln, MaxConns)
+	}
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
 
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	sem := make(chan struct{}, MaxConns)
 	var delay time.Duration
 	for {
-		select {
-		case sem <- struct{}{}:
-		case <-ctx.Done():
-			ln.Close()
-			return nil
-		}
 		conn, err := ln.Accept()
 		if err != nil {
-			<-sem
 			if ctx.Err() != nil {
 				return nil
 			}
@@ -201,7 +205,6 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			defer func() { <-sem }()
 			s.handle(ctx, conn)
 		}()
 	}
@@ -234,6 +237,11 @@ func (s *Server) answer(ctx context.Context, conn net.Conn) (string, string) {
 	if err != nil {
 		s.log.Debug("agent check: no identity", "remote", conn.RemoteAddr(), "err", err)
 		return maint, ResultBadIdentity
+	}
+	// A whole line came: this connection is a check being answered, no
+	// longer one a newer connection may push out.
+	if b, ok := conn.(busier); ok {
+		b.Busy()
 	}
 	key, err := scaler.ParseSlotKey(line)
 	if err != nil {

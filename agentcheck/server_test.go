@@ -448,3 +448,29 @@ func parked(state string) bool {
 	}
 	return !strings.HasPrefix(state, "GC ")
 }
+
+// TestIdleConnectionsDoNotStarveChecks: another local process holding more
+// idle connections than the responder takes at once does not keep HAProxy's
+// checks from being answered. Before the listener made room (a semaphore,
+// idle connections holding their place until their read timeout), a check
+// waited behind them.
+func TestIdleConnectionsDoNotStarveChecks(t *testing.T) {
+	s, _ := newTestServer(t, newFakeSlots(readySlot))
+	s.readTimeout = time.Hour // only a newer connection can end an idle one
+	addr, stop := serve(t, s)
+	defer stop()
+
+	for range MaxConns + 44 {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+	}
+	for i := range 2 * MaxConns {
+		got, err := ask(addr, "x86/slot1\n")
+		if err != nil || got != "up ready 100% maxconn:4 #i-1 c7i.large spot\n" {
+			t.Fatalf("check %d behind idle connections: %q, %v", i, got, err)
+		}
+	}
+}
