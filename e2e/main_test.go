@@ -25,6 +25,7 @@ var binary string
 
 func TestMain(m *testing.M) {
 	daemontest.MaybeRunBuilder()
+	runHolder()
 	dir, err := os.MkdirTemp("", "nba-e2e-bin")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

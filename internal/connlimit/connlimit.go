@@ -51,17 +51,29 @@ type Listener struct {
 	net.Listener
 	max int
 
+	onFull, onDrained func() // see OnFull, OnDrained
+
 	mu       sync.Mutex
 	waiting  [2]list.List // stateNew and stateIdle connections, oldest at the front
 	open     int
 	evicted  uint64
 	rejected uint64
+	wasFull  bool // closed a connection since it last drained
 }
 
 // New wraps ln so that at most n connections (≥ 1) are open at once.
 func New(ln net.Listener, n int) *Listener {
 	return &Listener{Listener: ln, max: max(n, 1)}
 }
+
+// OnFull sets a function called (on Accept's goroutine) each time the full
+// listener closes a connection. Set it before the first Accept.
+func (l *Listener) OnFull(f func()) { l.onFull = f }
+
+// OnDrained sets a function called once each time a listener that was full
+// is down to half its connections again (on the goroutine of the Close that
+// made it so). Set it before the first Accept.
+func (l *Listener) OnDrained(f func()) { l.onDrained = f }
 
 // Accept waits for the next connection. When the listener is full it closes
 // the oldest new connection, else the longest idle one; when every
@@ -75,6 +87,9 @@ func (l *Listener) Accept() (net.Conn, error) {
 		conn, victim := l.admit(c)
 		if victim != nil {
 			victim.Close()
+		}
+		if (victim != nil || conn == nil) && l.onFull != nil {
+			l.onFull()
 		}
 		if conn != nil {
 			return conn, nil
@@ -91,6 +106,7 @@ func (l *Listener) admit(c net.Conn) (*Conn, net.Conn) {
 	var victim net.Conn
 	if l.open >= l.max {
 		v := l.oldestWaiting()
+		l.wasFull = true
 		if v == nil {
 			l.rejected++
 			return nil, nil
@@ -171,15 +187,23 @@ func (c *Conn) set(s state) {
 // Close closes the connection and frees its place.
 func (c *Conn) Close() error {
 	l := c.l
+	drained := false
 	l.mu.Lock()
 	if !c.closed {
 		c.closed = true
 		if !c.evicted {
 			l.forget(c)
 		}
+		if l.wasFull && l.open <= l.max/2 {
+			l.wasFull, drained = false, true
+		}
 	}
 	l.mu.Unlock()
-	return c.Conn.Close()
+	err := c.Conn.Close()
+	if drained && l.onDrained != nil {
+		l.onDrained()
+	}
+	return err
 }
 
 type ctxKey struct{}

@@ -24,6 +24,7 @@ import (
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/apiserver"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/connlimit"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/metrics"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/store"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
@@ -222,20 +223,26 @@ func (d *Daemon) Run(ctx context.Context) error {
 			l.Close()
 		}
 	}
+	ls := newListeners()
+	defer ls.stop()
 	ul, err := ListenUnix(d.cfg.Daemon.Socket, d.cfg.Daemon.SocketGroup)
 	if err != nil {
 		return err
 	}
-	lns = append(lns, ul)
-	servers = append(servers, newHTTPServer(d.api.Handler()))
+	lns = append(lns, ls.limit("api_socket", ul, maxSocketConns))
+	servers = append(servers, limitedHTTP(d.api.Handler()))
 	if d.cfg.Daemon.Listen != "" {
 		tl, err := net.Listen("tcp", d.cfg.Daemon.Listen)
 		if err != nil {
 			closeAll()
 			return fmt.Errorf("listen on daemon.listen %s: %w", d.cfg.Daemon.Listen, err)
 		}
-		lns = append(lns, tl)
-		servers = append(servers, newHTTPServer(apiserver.RequireToken(d.token, d.api.Handler())))
+		lns = append(lns, ls.limit("api", tl, maxAPIConns))
+		// Marked busy only once authenticated: a connection that has not
+		// shown the token stays the first to go when the listener is full.
+		srv := newHTTPServer(apiserver.RequireToken(d.token, connlimit.Mark(d.api.Handler())))
+		connlimit.Serve(srv)
+		servers = append(servers, srv)
 	}
 	if d.cfg.Daemon.MetricsListen != "" {
 		ml, err := net.Listen("tcp", d.cfg.Daemon.MetricsListen)
@@ -243,10 +250,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 			closeAll()
 			return fmt.Errorf("listen on daemon.metrics_listen %s: %w", d.cfg.Daemon.MetricsListen, err)
 		}
-		lns = append(lns, ml)
+		lns = append(lns, ls.limit("metrics", ml, maxMetricsConns))
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", promhttp.HandlerFor(d.reg, promhttp.HandlerOpts{Registry: d.reg}))
-		servers = append(servers, newHTTPServer(mux))
+		servers = append(servers, limitedHTTP(mux))
 	}
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -264,6 +271,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 			return err
 		}
 		d.agentAddr, d.spoaAddr = al.Addr(), sl.Addr()
+		al, sl = ls.limit("agent_check", al, agentcheck.MaxConns), ls.limit("spoa", sl, maxSPOAConns)
 		spoaCtx, stopSPOA := context.WithCancel(runCtx)
 		d.spoaMu.Lock()
 		d.stopSPOA = stopSPOA
@@ -283,6 +291,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 		}()
 		addrs := []string{al.Addr().String(), sl.Addr().String()}
 		d.log.Info("haproxy integration", "runtime_socket", d.cfg.HAProxy.RuntimeSocket, "agent_check", addrs[0], "spoa", addrs[1])
+	}
+	checkFDs(d.log, ls.sum)
+	if d.reg != nil {
+		metrics.RegisterShared(d.reg, ls.m)
 	}
 	errc := make(chan error, len(servers)+1)
 	for i, srv := range servers {
