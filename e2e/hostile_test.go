@@ -352,7 +352,6 @@ func (s *hostileStack) builderBanner() (string, error) {
 	return strings.TrimSpace(line), err
 }
 
-
 func (s *hostileStack) memstats() string {
 	resp, err := http.Get("http://" + s.metrics + "/metrics")
 	if err != nil {

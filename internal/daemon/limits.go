@@ -99,4 +99,3 @@ func checkFDs(log *slog.Logger, sum int) {
 			"limit", rl.Cur, "need", need)
 	}
 }
-

@@ -11,10 +11,10 @@ import (
 // each is and how often it had to make room. A climbing evicted count means a
 // local process is holding connections it does not use.
 type Listeners struct {
-	open    *prometheus.Desc
-	closed  *prometheus.Desc
-	names   []string
-	lns     []*connlimit.Listener
+	open   *prometheus.Desc
+	closed *prometheus.Desc
+	names  []string
+	lns    []*connlimit.Listener
 }
 
 // NewListeners returns the collector; Add listeners, then register it.
