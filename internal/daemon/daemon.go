@@ -95,7 +95,7 @@ func New(ctx context.Context, cfg *config.Config, o Options) (*Daemon, error) {
 	}
 	d := &Daemon{cfg: cfg, o: o, log: o.Logger, reg: o.Registry, ready: make(chan struct{})}
 	if cfg.Daemon.Listen != "" {
-		b, err := os.ReadFile(cfg.Daemon.TokenFile)
+		b, err := config.ReadSecretFile(cfg.Daemon.TokenFile, "token_file")
 		if err != nil {
 			return nil, fmt.Errorf("read token_file: %w", err)
 		}

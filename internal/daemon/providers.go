@@ -132,7 +132,7 @@ func (d *Daemon) ec2Providers(pools []config.Pool, out map[string]scaler.Provide
 	}
 	dopts.Hostname = tmpl
 	if ts.APIKeyFile != "" {
-		key, err := os.ReadFile(ts.APIKeyFile)
+		key, err := config.ReadSecretFile(ts.APIKeyFile, "api_key_file")
 		if err != nil {
 			return fmt.Errorf("tailscale.api_key_file: %w", err)
 		}
