@@ -42,8 +42,8 @@ func demo(args []string, stdout, stderr io.Writer) int {
 	fs.BoolVar(&f.once, "once", false, "exit after the walk-through instead of serving until Ctrl-C")
 	fs.StringVar(&f.dir, "state-dir", "", "state directory (default: a new temporary directory)")
 	fs.BoolVarP(&f.verbose, "verbose", "v", false, "show the daemon's log")
-	if err := fs.Parse(args); err != nil {
-		return 2
+	if code, ok := parseFlags(fs, args, stdout, stderr, "demo [--once] [--state-dir DIR] [--verbose]"); !ok {
+		return code
 	}
 	if err := runDemo(f, stdout, stderr); err != nil {
 		fmt.Fprintf(stderr, "demo: %v\n", err)
