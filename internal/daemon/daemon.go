@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"strings"
 	"sync"
 	"time"
@@ -49,6 +50,9 @@ type Options struct {
 	// with the "local-builder" subcommand.
 	BuilderCommand []string
 	BuilderEnv     []string
+	// StartStandin starts a local stand-in builder's process (nil:
+	// exec.Cmd.Start); see local.Options.StartStandin.
+	StartStandin func(*exec.Cmd) error
 	// EC2 builds the EC2 provider of a region instead of the AWS SDK (tests
 	// pass one over a fake).
 	EC2 func(region, endpoint string, pools map[string]ec2prov.PoolOptions) scaler.Provider

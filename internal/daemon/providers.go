@@ -59,7 +59,7 @@ func (d *Daemon) providers() (map[string]scaler.Provider, error) {
 			cmd = []string{exe, "local-builder"}
 		}
 		lp, err := local.New(local.Options{Cluster: d.cfg.Daemon.Cluster, StateDir: filepath.Join(d.cfg.Daemon.StateDir, "local"),
-			Pools: localPools, BuilderCommand: cmd, BuilderEnv: d.o.BuilderEnv, Logger: d.log, Clock: d.o.Clock})
+			Pools: localPools, BuilderCommand: cmd, BuilderEnv: d.o.BuilderEnv, StartStandin: d.o.StartStandin, Logger: d.log, Clock: d.o.Clock})
 		if err != nil {
 			return nil, err
 		}
