@@ -59,7 +59,7 @@ func (f Forecast) Remaining(now time.Time) int {
 	if f.State(now) != ForecastOpen {
 		return 0
 	}
-	return max(f.Builds-f.Arrived, 0)
+	return max(satSub(f.Builds, max(f.Arrived, 0)), 0)
 }
 
 // Ended is when f stopped counting as demand (withdrawn or expired), or
@@ -131,7 +131,9 @@ func EstimateBuilds(arrivedNewestFirst []int) int {
 		weights += w
 		w *= forecastDecay
 	}
-	return min(int(math.Round(sum/weights)), MaxForecastBuilds)
+	// Clamped as a float: converting a float beyond int's range to int
+	// is not defined, and gave a negative estimate on amd64.
+	return int(min(max(math.Round(sum/weights), 0), MaxForecastBuilds))
 }
 
 // ForecastFor returns the index in fs of the forecast a new reservation r

@@ -53,7 +53,7 @@ func (pp PoolPolicy) IdlePolicy(b BootTime) (time.Duration, string) {
 		d := max(AutoIdleUnmeasured, floor)
 		return d, "idle_timeout auto = " + ShortDuration(d) + " (no boot measured yet)"
 	}
-	cost := b.Ready + b.Billed
+	cost := satAdd(b.Ready, b.Billed)
 	d := min(max(cost, floor), AutoIdleMax)
 	why := fmt.Sprintf("idle_timeout auto = %s from measured boot %s (%s of it billed; median of %d)",
 		ShortDuration(d), ShortDuration(b.Ready), ShortDuration(b.Billed), b.Samples)

@@ -27,10 +27,10 @@ func (p *planner) demand(pool string) int {
 			draining[s.Name] = true
 		}
 	}
-	n := p.obs.Held[pool] + p.obs.Queued[pool]
+	n := satAdd(max(p.obs.Held[pool], 0), max(p.obs.Queued[pool], 0))
 	for _, r := range p.res {
 		if r.Pool == pool && !p.ended[r.ID] && !(r.State == Assigned && draining[r.Slot]) {
-			n++
+			n = satAdd(n, 1)
 		}
 	}
 	return n
@@ -58,7 +58,7 @@ func (p *planner) forecast(pool string) int {
 	n := 0
 	for _, f := range p.obs.Forecasts {
 		if f.Pool == pool {
-			n += f.Remaining(p.now)
+			n = satAdd(n, f.Remaining(p.now))
 		}
 	}
 	return n
@@ -89,17 +89,19 @@ func (p *planner) idleSince(s *Slot) time.Time {
 // Target is how many builders a pool should have for live reservations and
 // forecast builds: enough for the live demand plus the forecast (whose
 // share is capped at forecast_max_builders), at least min_builders, plus
-// the warm pool, capped at max_builders.
+// the warm pool, capped at max_builders. Every sum saturates: no input,
+// however large, wraps into a small or negative target.
 func Target(pp PoolPolicy, live, forecast int) int {
 	rpb := max(pp.ReservationsPerBuilder, 1)
-	need := (live + rpb - 1) / rpb
+	live, forecast = max(live, 0), max(forecast, 0)
+	need := ceilDiv(live, rpb)
 	if forecast > 0 && pp.ForecastMaxBuilders > 0 {
 		// The forecast adds the builders that the live demand and it need
 		// together beyond what the live demand needs alone.
-		extra := (live+forecast+rpb-1)/rpb - need
-		need += min(extra, pp.ForecastMaxBuilders)
+		extra := ceilDiv(satAdd(live, forecast), rpb) - need
+		need = satAdd(need, min(extra, pp.ForecastMaxBuilders))
 	}
-	return min(pp.MaxBuilders, max(pp.MinBuilders, need)+pp.WarmPool)
+	return max(min(pp.MaxBuilders, satAdd(max(pp.MinBuilders, need), max(pp.WarmPool, 0))), 0)
 }
 
 // scale launches builders up to the target and drains idle ones above it.

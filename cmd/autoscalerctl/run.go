@@ -211,7 +211,7 @@ func newClient(o *globalOpts, gfs *pflag.FlagSet) (*api.Client, error) {
 		}
 		var token string
 		if o.tokenFile != "" {
-			b, err := os.ReadFile(o.tokenFile)
+			b, err := readTokenFile(o.tokenFile)
 			if err != nil {
 				return nil, usagef("cannot read the token file: %v", err)
 			}
@@ -229,4 +229,21 @@ func newClient(o *globalOpts, gfs *pflag.FlagSet) (*api.Client, error) {
 	}
 	c.Timeout = o.timeout
 	return c, nil
+}
+
+// maxTokenFile bounds the token file read: a token is tens of bytes, and a
+// wrong path (/dev/zero, a log) must not fill memory.
+const maxTokenFile = 64 << 10
+
+func readTokenFile(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxTokenFile+1))
+	if err == nil && len(b) > maxTokenFile {
+		err = fmt.Errorf("%s is larger than %d KiB; check the path", path, maxTokenFile>>10)
+	}
+	return b, err
 }

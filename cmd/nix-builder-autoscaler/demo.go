@@ -20,6 +20,7 @@ import (
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/childproc"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon"
 )
@@ -42,17 +43,27 @@ func demo(args []string, stdout, stderr io.Writer) int {
 	fs.BoolVar(&f.once, "once", false, "exit after the walk-through instead of serving until Ctrl-C")
 	fs.StringVar(&f.dir, "state-dir", "", "state directory (default: a new temporary directory)")
 	fs.BoolVarP(&f.verbose, "verbose", "v", false, "show the daemon's log")
-	if err := fs.Parse(args); err != nil {
-		return 2
+	if code, ok := parseFlags(fs, args, stdout, stderr, "demo [--once] [--state-dir DIR] [--verbose]"); !ok {
+		return code
 	}
-	if err := runDemo(f, stdout, stderr); err != nil {
+	ctx, stop := signalContext()
+	defer stop()
+	err := runDemo(ctx, f, stdout, stderr)
+	if ctx.Err() != nil {
+		// Ctrl-C or SIGTERM is how the demo is meant to end; whatever it
+		// was doing then stopped with the context, which is no failure.
+		// runDemo has stopped HAProxy and the builders by now.
+		fmt.Fprintln(stdout, "demo: stopped; HAProxy and the builders it started are gone")
+		return 0
+	}
+	if err != nil {
 		fmt.Fprintf(stderr, "demo: %v\n", err)
 		return 1
 	}
 	return 0
 }
 
-func runDemo(f demoFlags, stdout, stderr io.Writer) error {
+func runDemo(ctx context.Context, f demoFlags, stdout, stderr io.Writer) error {
 	say := func(format string, a ...any) { fmt.Fprintf(stdout, format+"\n", a...) }
 	haproxyBin, err := findHAProxy(say)
 	if err != nil {
@@ -80,8 +91,9 @@ func runDemo(f demoFlags, stdout, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("embedded config: %w", err)
 	}
-	ctx, stop := signalContext()
-	defer stop()
+	// Events from before this run (a --state-dir used before) are not
+	// this run's story; the walk shows only those from now on.
+	start := time.Now()
 
 	// HAProxy first, on the configuration generated from the same file.
 	hp, err := startDemoHAProxy(haproxyBin, cfg, f.dir)
@@ -94,7 +106,8 @@ func runDemo(f demoFlags, stdout, stderr io.Writer) error {
 	if f.verbose {
 		logw = stderr
 	}
-	d, err := daemon.New(ctx, cfg, daemon.Options{Logger: newLogger(cfg.Daemon, logw)})
+	// Stand-ins die with the demo, even when it is killed (childproc).
+	d, err := daemon.New(ctx, cfg, daemon.Options{Logger: newLogger(cfg.Daemon, logw), StartStandin: childproc.Start})
 	if err != nil {
 		return err
 	}
@@ -123,7 +136,7 @@ func runDemo(f demoFlags, stdout, stderr io.Writer) error {
 	say("  HAProxy log:                          %s", hp.logPath)
 	say("  autoscalerctl:                        go run ./cmd/autoscalerctl --socket %s status", cfg.Daemon.Socket)
 	w := &walk{ctx: ctx, c: api.NewUnixClient(cfg.Daemon.Socket), hc: haproxy.NewClient(cfg.HAProxy.RuntimeSocket, 5*time.Second),
-		cfg: cfg, say: say, start: time.Now()}
+		cfg: cfg, say: say, start: start}
 	if err := w.run(); err != nil {
 		return err
 	}
@@ -208,7 +221,9 @@ func startDemoHAProxy(bin string, cfg *config.Config, dir string) (*demoHAProxy,
 	cmd := exec.Command(bin, "-db", "-f", cfgPath)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
+	// Its own process group keeps a terminal's ^C for the demo, which
+	// stops HAProxy in order; childproc kills it should the demo die.
+	if err := childproc.Start(cmd); err != nil {
 		return nil, fmt.Errorf("start haproxy: %w", err)
 	}
 	h := &demoHAProxy{cmd: cmd, done: make(chan struct{}), logPath: logPath}
@@ -257,7 +272,7 @@ func (w *walk) at() string { return fmt.Sprintf("[%5.1fs]", time.Since(w.start).
 
 // events prints the event log entries not shown yet.
 func (w *walk) events() error {
-	evs, err := w.c.Events(w.ctx, api.EventQuery{Limit: 1000})
+	evs, err := w.c.Events(w.ctx, api.EventQuery{Limit: 1000, Since: w.start})
 	if err != nil {
 		return err
 	}

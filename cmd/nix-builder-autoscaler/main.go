@@ -49,7 +49,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	switch cmd {
 	case "run":
-		return runDaemon(args, stderr)
+		return runDaemon(args, stdout, stderr)
 	case "check-config":
 		return checkConfig(args, stdout, stderr)
 	case "haproxy-config":
@@ -72,8 +72,8 @@ func checkConfig(args []string, stdout, stderr io.Writer) int {
 	fs := pflag.NewFlagSet("check-config", pflag.ContinueOnError)
 	fs.SetOutput(stderr)
 	asJSON := fs.Bool("json", false, `print {"file","ok","problems":[{"key","message"}]} on stdout`)
-	if err := fs.Parse(args); err != nil {
-		return 2
+	if code, ok := parseFlags(fs, args, stdout, stderr, "check-config [--json] FILE"); !ok {
+		return code
 	}
 	if fs.NArg() != 1 {
 		fmt.Fprintln(stderr, "usage: nix-builder-autoscaler check-config [--json] FILE")
@@ -160,12 +160,12 @@ func signalContext() (context.Context, context.CancelFunc) {
 	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 }
 
-func runDaemon(args []string, stderr io.Writer) int {
+func runDaemon(args []string, stdout, stderr io.Writer) int {
 	fs := pflag.NewFlagSet("run", pflag.ContinueOnError)
 	fs.SetOutput(stderr)
 	path := fs.StringP("config", "c", "/etc/nix-builder-autoscaler/config.toml", "config file")
-	if err := fs.Parse(args); err != nil {
-		return 2
+	if code, ok := parseFlags(fs, args, stdout, stderr, "run [--config FILE]"); !ok {
+		return code
 	}
 	cfg, err := config.Load(*path)
 	if err != nil {
@@ -187,4 +187,24 @@ func runDaemon(args []string, stderr io.Writer) int {
 		return 1
 	}
 	return 0
+}
+
+// parseFlags parses a command's flags. A bad flag is named on stderr with
+// the command's usage line (exit code 2); --help prints the flags on
+// stdout (exit code 0). ok is false when the command must exit with code.
+func parseFlags(fs *pflag.FlagSet, args []string, stdout, stderr io.Writer, usageLine string) (code int, ok bool) {
+	// pflag's own report goes through Usage; this prints it instead, once
+	// and in the same words for every command.
+	fs.Usage = func() {}
+	err := fs.Parse(args)
+	switch {
+	case err == nil:
+		return 0, true
+	case errors.Is(err, pflag.ErrHelp):
+		fmt.Fprintf(stdout, "usage: nix-builder-autoscaler %s\n\n%s", usageLine, fs.FlagUsages())
+		return 0, false
+	}
+	fmt.Fprintf(stderr, "nix-builder-autoscaler %s: %v\nusage: nix-builder-autoscaler %s\n(nix-builder-autoscaler %s --help lists the flags)\n",
+		fs.Name(), err, usageLine, fs.Name())
+	return 2, false
 }

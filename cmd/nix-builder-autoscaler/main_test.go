@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -15,6 +16,10 @@ func TestMain(m *testing.M) {
 	// The demo's stand-in builders are this binary's local-builder command.
 	if len(os.Args) > 1 && os.Args[1] == "local-builder" {
 		os.Exit(local.BuilderMain(os.Args[2:]))
+	}
+	// The demo tests run the command in a process of its own, to kill it.
+	if os.Getenv(runMainEnv) == "1" {
+		os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 	}
 	os.Exit(m.Run())
 }
@@ -93,8 +98,26 @@ func TestUsage(t *testing.T) {
 // a connection scales a builder up from zero, a reservation is served,
 // connections are steered, and the idle builder drains away.
 func TestDemo(t *testing.T) {
+	dir := t.TempDir()
+	first := runDemoOnce(t, dir)
+	// Run again on the same state directory: the walk shows this run's
+	// events only, not the first run's again (issue 18).
+	second := runDemoOnce(t, dir)
+	m := regexp.MustCompile(`reservation (\S+) is pending`).FindStringSubmatch(first)
+	if m == nil {
+		t.Fatalf("first run names no reservation:\n%s", first)
+	}
+	for _, line := range strings.Split(second, "\n") {
+		if strings.Contains(line, " event ") && strings.Contains(line, m[1]) {
+			t.Errorf("second run reprints the first run's event %q", line)
+		}
+	}
+}
+
+func runDemoOnce(t *testing.T, dir string) string {
+	t.Helper()
 	var stdout, stderr bytes.Buffer
-	code := run([]string{"demo", "--once"}, &stdout, &stderr)
+	code := run([]string{"demo", "--once", "--state-dir", dir}, &stdout, &stderr)
 	if code != 0 {
 		t.Fatalf("demo exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout.String(), stderr.String())
 	}
@@ -110,4 +133,5 @@ func TestDemo(t *testing.T) {
 			t.Errorf("demo output lacks %q:\n%s", want, stdout.String())
 		}
 	}
+	return stdout.String()
 }

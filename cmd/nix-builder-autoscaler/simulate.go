@@ -40,8 +40,8 @@ type simulateOpts struct {
 
 func simulateCmd(args []string, stdout, stderr io.Writer) int {
 	fs, o := simulateFlags(stderr)
-	if err := fs.Parse(args); err != nil {
-		return 2
+	if code, ok := parseFlags(fs, args, stdout, stderr, "simulate --config FILE --trace FILE [--seed N] [--json] [--sweep KEY=V1,V2,... --svg OUT]"); !ok {
+		return code
 	}
 	if *o.gen {
 		o.g.Seed = *o.seed

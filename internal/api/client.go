@@ -117,7 +117,9 @@ type ReservationQuery struct {
 // EventQuery filters GET /v1/events. Zero fields do not filter; Limit zero
 // leaves the limit to the daemon.
 type EventQuery struct {
-	Limit       int
+	Limit int
+	Since time.Time // events at or after this time
+
 	Pool        string
 	Slot        string
 	Reservation string // reservation id
@@ -277,6 +279,9 @@ func (c *Client) Events(ctx context.Context, q EventQuery) (EventList, error) {
 	v := url.Values{}
 	if q.Limit > 0 {
 		v.Set("limit", strconv.Itoa(q.Limit))
+	}
+	if !q.Since.IsZero() {
+		v.Set("since", q.Since.UTC().Format(time.RFC3339Nano))
 	}
 	if q.Pool != "" {
 		v.Set("pool", q.Pool)

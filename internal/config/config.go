@@ -11,7 +11,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
 	"time"
@@ -300,9 +299,10 @@ func (c *Config) Pool(name string) (Pool, bool) {
 }
 
 // Load reads and parses the config file at path. Its errors start with the
-// path; Problems stay reachable with errors.As.
+// path; Problems stay reachable with errors.As. A file larger than
+// MaxFileSize is refused after reading just past the limit.
 func Load(path string) (*Config, error) {
-	data, err := os.ReadFile(path)
+	data, err := readLimited(path, "config file", MaxFileSize)
 	if err != nil {
 		return nil, fmt.Errorf("read config: %w", err)
 	}
@@ -320,10 +320,22 @@ func Load(path string) (*Config, error) {
 // Parse decodes a config file on top of the defaults and validates it. A TOML
 // syntax error is returned wrapping a toml.ParseError, which has the line;
 // everything else wrong with the file (unknown keys, values of the wrong
-// type, values out of range) is returned at once as Problems.
+// type, values out of range) is returned at once as Problems. Text larger
+// than MaxFileSize or nested deeper than MaxNesting is refused before the
+// decoder sees it (FileTooLargeError, NestingError).
 func Parse(data []byte) (*Config, error) {
+	if len(data) > MaxFileSize {
+		return nil, &FileTooLargeError{Path: "(text)", What: "config file", Limit: MaxFileSize}
+	}
+	if err := checkNesting(data); err != nil {
+		return nil, err
+	}
 	var raw map[string]any
 	if _, err := toml.Decode(string(data), &raw); err != nil {
+		var pe toml.ParseError
+		if errors.As(err, &pe) {
+			return nil, &SyntaxError{Err: pe}
+		}
 		return nil, fmt.Errorf("config syntax: %w", err)
 	}
 
@@ -424,13 +436,13 @@ func unknownKeys(undecoded []toml.Key, raw map[string]any) Problems {
 		}
 		unknown = append(unknown, k)
 		if k[0] != "pool" || len(k) == 1 {
-			ps = append(ps, Problem{Key: k.String(), Message: unknownKeyMessage})
+			ps = append(ps, Problem{Key: clip(k.String(), maxMessage), Message: unknownKeyMessage})
 			continue
 		}
 		for i, pool := range rawPools(raw) {
 			if hasPath(pool, k[1:]) {
 				key := poolKey(i, rawName(pool)) + "." + k[1:].String()
-				ps = append(ps, Problem{Key: key, Message: unknownKeyMessage})
+				ps = append(ps, Problem{Key: clip(key, maxMessage), Message: unknownKeyMessage})
 			}
 		}
 	}

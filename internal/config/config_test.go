@@ -467,7 +467,7 @@ bootdelay = "1s"
 		{
 			name: "max_jobs zero",
 			toml: minimalPool + "max_jobs = 0\n",
-			want: []string{`pool[0] (name "x86").max_jobs: must be at least 1; set max_jobs = 1 or more`},
+			want: []string{`pool[0] (name "x86").max_jobs: must be at least 1; set max_jobs = 1 or more (at most 1024)`},
 		},
 		{
 			name: "duplicate pool names",
@@ -576,7 +576,7 @@ func TestValidateBuiltConfig(t *testing.T) {
 	cfg.Pools[0].MaxJobs = 0
 	cfg.Pools[0].IdleTimeout = NewTimeout(-time.Second)
 	err := cfg.Validate()
-	want := `pool[0] (name "x86").max_jobs: must be at least 1; set max_jobs = 1 or more
+	want := `pool[0] (name "x86").max_jobs: must be at least 1; set max_jobs = 1 or more (at most 1024)
 pool[0] (name "x86").idle_timeout: "-1s" is negative; write "auto" (the default: as long as a boot of the pool costs), or a positive duration like "5m"`
 	if err == nil || err.Error() != want {
 		t.Errorf("Validate =\n%v\nwant\n%s", err, want)

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -28,6 +29,15 @@ func FuzzParse(f *testing.F) {
 		"[daemon]\nreconcile_interval = \"-1s\"\nbogus = true\n",
 		"x = [[[[[[[[[[1]]]]]]]]]]",
 		"[tailscale]\nhostname = \"{{\"\n",
+		// Issue 18's repros: a sum that wrapped, nesting that cost the
+		// decoder gigabytes, a long value echoed whole; and text that only
+		// looks deep.
+		"[[pool]]\nname = \"x86\"\nsystems = [\"x86_64-linux\"]\nmax_builders = 2\nmin_builders = 1\nwarm_pool = 9223372036854775807\nprovider = \"local\"\n",
+		"x = " + strings.Repeat("{a=", 8000) + "1" + strings.Repeat("}", 8000),
+		strings.Repeat("a.", 4000) + "a = 1",
+		"[" + strings.Repeat("a.", 4000) + "a]\n",
+		"s = '''[{'''\nt = \"\\\"[\"\nx = [[1.5], {a.b = {c = 2}}] # [{\n",
+		"[daemon]\ncluster = \"" + strings.Repeat("A", 10000) + "\"\n",
 	} {
 		f.Add([]byte(s))
 	}

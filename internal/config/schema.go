@@ -32,8 +32,9 @@ type schemaChecker struct {
 	problems Problems
 }
 
+// add reports a problem, clipping text from the file as validator.add does.
 func (s *schemaChecker) add(key, format string, args ...any) {
-	s.problems = append(s.problems, Problem{Key: key, Message: fmt.Sprintf(format, args...)})
+	s.problems = append(s.problems, Problem{Key: clip(key, maxMessage), Message: clip(fmt.Sprintf(format, clipArgs(args)...), maxMessage)})
 }
 
 func joinKey(prefix, key string) string {
@@ -144,11 +145,18 @@ func (s *schemaChecker) value(v any, t reflect.Type, key, header, name string) b
 	return true
 }
 
-// describe names a TOML value's type, with the value where it is short.
-func describe(v any) string {
+// shown is text describe made, with any value in it clipped already.
+type shown string
+
+// describe names a TOML value's type, with (the start of) the value.
+func describe(v any) shown {
+	return shown(describeText(v))
+}
+
+func describeText(v any) string {
 	switch v := v.(type) {
 	case string:
-		return fmt.Sprintf("the string %q", v)
+		return fmt.Sprintf("the string %q", Clip(v))
 	case int64:
 		return fmt.Sprintf("the integer %d", v)
 	case float64:

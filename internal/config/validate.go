@@ -76,8 +76,10 @@ type validator struct {
 	problems Problems
 }
 
+// add reports a problem. Text from the file among args is clipped
+// (Clip), so that a huge value is not repeated whole.
 func (v *validator) add(key, format string, args ...any) {
-	v.problems = append(v.problems, Problem{Key: key, Message: fmt.Sprintf(format, args...)})
+	v.problems = append(v.problems, Problem{Key: clip(key, maxMessage), Message: clip(fmt.Sprintf(format, clipArgs(args)...), maxMessage)})
 }
 
 func (v *validator) daemon(d Daemon) {
@@ -211,14 +213,7 @@ func (v *validator) pool(p string, pool Pool) {
 	default:
 		maxOK = true
 	}
-	minOK := v.atLeast(p+"min_builders", pool.MinBuilders, 0)
-	warmOK := v.atLeast(p+"warm_pool", pool.WarmPool, 0)
-	if maxOK && minOK && warmOK && pool.MinBuilders+pool.WarmPool > pool.MaxBuilders {
-		v.add(p+"min_builders", "min_builders (%d) + warm_pool (%d) exceeds max_builders (%d); raise max_builders or lower the others",
-			pool.MinBuilders, pool.WarmPool, pool.MaxBuilders)
-	}
-	v.atLeast(p+"reservations_per_builder", pool.ReservationsPerBuilder, 1)
-	v.atLeast(p+"max_jobs", pool.MaxJobs, 1)
+	v.poolCounts(p, pool, maxOK)
 
 	if !pool.IdleTimeout.IsAuto() {
 		v.idleTimeout(p+"idle_timeout", pool.IdleTimeout.Duration)
@@ -267,6 +262,8 @@ func (v *validator) idleTimeout(key string, d Duration) {
 		v.add(key, "%q is negative; write \"auto\" (the default: as long as a boot of the pool costs), or a positive duration like \"5m\"", d)
 	case d.D() == 0:
 		v.add(key, "%q is not above zero; write \"auto\" (the default: as long as a boot of the pool costs), or a duration like \"5m\"", d)
+	default:
+		v.tooLong(key, d)
 	}
 }
 
@@ -301,15 +298,6 @@ func (v *validator) list(key string, items []string, check func(key, item string
 	}
 }
 
-func (v *validator) atLeast(key string, n, min int) bool {
-	if n >= min {
-		return true
-	}
-	name := key[strings.LastIndexByte(key, '.')+1:]
-	v.add(key, "must be at least %d; set %s = %d or more", min, name, min)
-	return false
-}
-
 // duration reports a duration that did not parse or is not above zero, and
 // tells whether it is fine. def is the default, shown as an example.
 func (v *validator) duration(key string, d Duration, def string) bool {
@@ -320,6 +308,7 @@ func (v *validator) duration(key string, d Duration, def string) bool {
 		v.add(key, "%q is negative; write a positive duration, like %q (the default)", d, def)
 	case d.D() == 0:
 		v.add(key, "must be more than zero; write a duration, like %q (the default)", def)
+	case v.tooLong(key, d):
 	default:
 		return true
 	}
@@ -390,7 +379,7 @@ func sectionRank(key string) int {
 // forecastMax checks forecast_max_builders against max_builders (when that
 // is valid, maxOK).
 func (v *validator) forecastMax(p string, pool Pool, maxOK bool) {
-	if n := pool.ForecastMaxBuilders; n != nil && (*n < 0 || maxOK && *n > pool.MaxBuilders) {
+	if n := pool.ForecastMaxBuilders; n != nil && (*n < 0 || *n > MaxBuilders || maxOK && *n > pool.MaxBuilders) {
 		v.add(p+"forecast_max_builders", "%d is outside 0..max_builders (%d); write 0 to ignore forecasts, or leave it out to allow up to max_builders",
 			*n, pool.MaxBuilders)
 	}
@@ -403,6 +392,8 @@ func (v *validator) poolDurations(p string, pool Pool) {
 		v.add(p+"warm_for", "%q is not a duration; write it like \"30m\", or \"0s\" to keep the warm pool always", pool.WarmFor.raw)
 	} else if pool.WarmFor.D() < 0 {
 		v.add(p+"warm_for", "%q is negative; write \"0s\" to keep the warm pool always, or a duration like \"30m\"", pool.WarmFor)
+	} else {
+		v.tooLong(p+"warm_for", pool.WarmFor)
 	}
 	if pool.BillingMinimum.err != nil {
 		v.add(p+"billing_minimum", "%q is not a duration; write it like \"60s\" (EC2's), or \"0s\" for none", pool.BillingMinimum.raw)
@@ -415,5 +406,7 @@ func (v *validator) poolDurations(p string, pool Pool) {
 		v.add(p+"max_lifetime", "%q is not a duration; write it like \"24h\", or \"0s\" for no limit", pool.MaxLifetime.raw)
 	} else if pool.MaxLifetime.D() < 0 {
 		v.add(p+"max_lifetime", "%q is negative; write \"0s\" for no limit, or a duration like \"24h\"", pool.MaxLifetime)
+	} else {
+		v.tooLong(p+"max_lifetime", pool.MaxLifetime)
 	}
 }

@@ -148,6 +148,8 @@ func (v *validator) local(p string, l Local) {
 		v.add(p+"boot_delay", "%q is not a duration; write it like \"30s\" or \"2m\", or \"0s\" for no delay", l.BootDelay.raw)
 	} else if l.BootDelay.D() < 0 {
 		v.add(p+"boot_delay", "%q is negative; write \"0s\" for no delay, or a positive duration like \"30s\"", l.BootDelay)
+	} else {
+		v.tooLong(p+"boot_delay", l.BootDelay)
 	}
 	v.template(p+"launch_command", l.LaunchCommand)
 	v.template(p+"terminate_command", l.TerminateCommand)

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"strings"
 	"sync"
 	"time"
@@ -50,6 +51,9 @@ type Options struct {
 	// with the "local-builder" subcommand.
 	BuilderCommand []string
 	BuilderEnv     []string
+	// StartStandin starts a local stand-in builder's process (nil:
+	// exec.Cmd.Start); see local.Options.StartStandin.
+	StartStandin func(*exec.Cmd) error
 	// EC2 builds the EC2 provider of a region instead of the AWS SDK (tests
 	// pass one over a fake).
 	EC2 func(region, endpoint string, pools map[string]ec2prov.PoolOptions) scaler.Provider
@@ -96,7 +100,7 @@ func New(ctx context.Context, cfg *config.Config, o Options) (*Daemon, error) {
 	}
 	d := &Daemon{cfg: cfg, o: o, log: o.Logger, reg: o.Registry, ready: make(chan struct{})}
 	if cfg.Daemon.Listen != "" {
-		b, err := os.ReadFile(cfg.Daemon.TokenFile)
+		b, err := config.ReadSecretFile(cfg.Daemon.TokenFile, "token_file")
 		if err != nil {
 			return nil, fmt.Errorf("read token_file: %w", err)
 		}

@@ -59,7 +59,7 @@ func (d *Daemon) providers() (map[string]scaler.Provider, error) {
 			cmd = []string{exe, "local-builder"}
 		}
 		lp, err := local.New(local.Options{Cluster: d.cfg.Daemon.Cluster, StateDir: filepath.Join(d.cfg.Daemon.StateDir, "local"),
-			Pools: localPools, BuilderCommand: cmd, BuilderEnv: d.o.BuilderEnv, Logger: d.log, Clock: d.o.Clock})
+			Pools: localPools, BuilderCommand: cmd, BuilderEnv: d.o.BuilderEnv, StartStandin: d.o.StartStandin, Logger: d.log, Clock: d.o.Clock})
 		if err != nil {
 			return nil, err
 		}
@@ -132,7 +132,7 @@ func (d *Daemon) ec2Providers(pools []config.Pool, out map[string]scaler.Provide
 	}
 	dopts.Hostname = tmpl
 	if ts.APIKeyFile != "" {
-		key, err := os.ReadFile(ts.APIKeyFile)
+		key, err := config.ReadSecretFile(ts.APIKeyFile, "api_key_file")
 		if err != nil {
 			return fmt.Errorf("tailscale.api_key_file: %w", err)
 		}

@@ -41,7 +41,7 @@ func (p *Provider) launchStandin(ctx context.Context, r *record, pl pool) (err e
 	// Its own process group: a signal to the daemon's group (terminal ^C,
 	// a supervisor killing the daemon) does not reach the instance.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	err = cmd.Start()
+	err = p.start(cmd)
 	_ = logFile.Close()
 	if err != nil {
 		p.failLaunch(r, err)

@@ -20,6 +20,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -42,8 +43,12 @@ type Options struct {
 	// BuilderEnv is extra environment ("KEY=value") for stand-ins and for
 	// command hooks, on top of the daemon's own environment.
 	BuilderEnv []string
-	Logger     *slog.Logger // nil discards
-	Clock      clock.Clock  // stamps records (nil = clock.Real)
+	// StartStandin starts a stand-in's process (nil: exec.Cmd.Start). The
+	// demo passes one that makes the stand-ins die with it; the daemon
+	// does not, as its builders outlive a restart of the daemon.
+	StartStandin func(*exec.Cmd) error
+	Logger       *slog.Logger // nil discards
+	Clock        clock.Clock  // stamps records (nil = clock.Real)
 }
 
 // PoolOptions configures one pool of a Provider.
@@ -101,6 +106,7 @@ type Provider struct {
 	pools      map[string]pool
 	builderCmd []string
 	builderEnv []string
+	start      func(*exec.Cmd) error
 	log        *slog.Logger
 	clock      clock.Clock
 
@@ -140,12 +146,16 @@ func New(opts Options) (*Provider, error) {
 		pools:       make(map[string]pool, len(opts.Pools)),
 		builderCmd:  slices.Clone(opts.BuilderCommand),
 		builderEnv:  slices.Clone(opts.BuilderEnv),
+		start:       opts.StartStandin,
 		log:         opts.Logger,
 		clock:       opts.Clock,
 		launching:   map[string]bool{},
 		terminating: map[string]bool{},
 		children:    map[string]<-chan struct{}{},
 		locks:       map[string]*instanceLock{},
+	}
+	if p.start == nil {
+		p.start = (*exec.Cmd).Start
 	}
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
