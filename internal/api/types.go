@@ -184,6 +184,9 @@ const (
 	CodeConflict     = "conflict"
 	CodeInternal     = "internal"
 	CodeUnavailable  = "unavailable"
+	// CodeMethodNotAllowed: the path exists, but not with this method
+	// (status 405; the Allow header lists the methods it has).
+	CodeMethodNotAllowed = "method_not_allowed"
 )
 
 // Event is one entry of the daemon's event log.
