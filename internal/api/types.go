@@ -187,6 +187,10 @@ const (
 	// CodeMethodNotAllowed: the path exists, but not with this method
 	// (status 405; the Allow header lists the methods it has).
 	CodeMethodNotAllowed = "method_not_allowed"
+	// CodeBusy: a write kept meeting concurrent changes of the same
+	// reservation and gave up (status 503, with Retry-After); retrying
+	// later is safe.
+	CodeBusy = "busy"
 )
 
 // Event is one entry of the daemon's event log.

@@ -8,8 +8,6 @@ import (
 	"slices"
 	"strings"
 	"time"
-	"unicode"
-	"unicode/utf8"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
@@ -24,9 +22,6 @@ type ForecastStore interface {
 	ForecastHistory(ctx context.Context, source, pool string, n int) ([]int, error)
 }
 
-// maxSource bounds a source's length in bytes.
-const maxSource = 256
-
 // checkSource says what is wrong with a source, or "": at most maxSource
 // bytes of UTF-8 without control characters; required says it may not be
 // empty.
@@ -34,12 +29,8 @@ func checkSource(src string, required bool) string {
 	switch {
 	case src == "" && required:
 		return `source: required, e.g. "github:owner/repo": the project whose evaluation started, as its builds' reservations will name it`
-	case len(src) > maxSource:
-		return fmt.Sprintf("source: longer than %d bytes", maxSource)
-	case !utf8.ValidString(src) || strings.ContainsFunc(src, unicode.IsControl):
-		return "source: must be UTF-8 text without control characters"
 	}
-	return ""
+	return checkText("source", src, maxSource)
 }
 
 func (s *Server) createForecast(w http.ResponseWriter, r *http.Request) {
@@ -102,20 +93,20 @@ func (s *Server) validateForecast(req *api.CreateForecastRequest) (ttl time.Dura
 	if msg := checkSource(req.Source, true); msg != "" {
 		return 0, msg
 	}
-	if req.System != "" && !reSystem.MatchString(req.System) {
-		return 0, fmt.Sprintf("system: %q is not a Nix system name like \"x86_64-linux\"", req.System)
-	}
-	for _, f := range req.Features {
-		if !reFeature.MatchString(f) {
-			return 0, fmt.Sprintf("features: %q is not a feature name like \"kvm\" or \"big-parallel\"", f)
+	if req.System != "" {
+		if msg := checkSystem(req.System); msg != "" {
+			return 0, msg
 		}
+	}
+	if msg := checkFeatures(req.Features); msg != "" {
+		return 0, msg
 	}
 	req.Features = slices.Compact(slices.Sorted(slices.Values(req.Features)))
 	switch {
 	case req.Pool != "":
 		p, ok := s.pool(req.Pool)
 		if !ok {
-			return 0, fmt.Sprintf("pool: no pool named %q; configured: %s", req.Pool, s.poolSummary())
+			return 0, fmt.Sprintf("pool: no pool named %s; configured: %s", quote(req.Pool), s.poolSummary())
 		}
 		if req.System != "" && !p.Serves(req.System, req.Features) {
 			return 0, fmt.Sprintf("pool: %s does not serve system %s with features [%s]", req.Pool, req.System, strings.Join(req.Features, " "))
@@ -131,7 +122,7 @@ func (s *Server) validateForecast(req *api.CreateForecastRequest) (ttl time.Dura
 		d, err := time.ParseDuration(req.TTL)
 		switch {
 		case err != nil:
-			return 0, fmt.Sprintf("ttl: %q is not a duration; write it like \"30m\"", req.TTL)
+			return 0, fmt.Sprintf("ttl: %s is not a duration; write it like \"30m\"", quote(req.TTL))
 		case d <= 0:
 			return 0, "ttl: must be positive"
 		case d > scaler.MaxForecastTTL:
@@ -148,7 +139,7 @@ func (s *Server) withdrawForecast(w http.ResponseWriter, r *http.Request) {
 	f, err := s.o.Store.WithdrawForecast(r.Context(), id, scaler.Event{At: now, Kind: scaler.EvForecastWithdrawn, Actor: "api",
 		Reason: "forecast " + id + " withdrawn"})
 	if errors.Is(err, scaler.ErrNotFound) {
-		writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no forecast %q", id))
+		writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no forecast %s", quote(id)))
 		return
 	}
 	if err != nil {
@@ -166,7 +157,7 @@ func (s *Server) withdrawForecast(w http.ResponseWriter, r *http.Request) {
 func (s *Server) getForecast(w http.ResponseWriter, r *http.Request) {
 	f, err := s.o.Store.Forecast(r.Context(), r.PathValue("id"))
 	if errors.Is(err, scaler.ErrNotFound) {
-		writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no forecast %q", r.PathValue("id")))
+		writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no forecast %s", quote(r.PathValue("id"))))
 		return
 	}
 	if err != nil {

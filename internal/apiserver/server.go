@@ -100,6 +100,8 @@ type Server struct {
 	mu        sync.Mutex
 	lastWrite uint64            // any reservation
 	written   map[string]uint64 // per reservation id
+
+	locks idLocks // the API's writes of one reservation take turns
 }
 
 // New returns a server; mount Handler on a listener.
