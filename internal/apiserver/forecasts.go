@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/store"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
@@ -18,7 +19,7 @@ type ForecastStore interface {
 	CreateForecast(ctx context.Context, f scaler.Forecast, ev scaler.Event) (scaler.Forecast, bool, error)
 	WithdrawForecast(ctx context.Context, id string, ev scaler.Event) (scaler.Forecast, error)
 	Forecast(ctx context.Context, id string) (scaler.Forecast, error)
-	RecentForecasts(ctx context.Context, limit int) ([]scaler.Forecast, error)
+	ForecastPage(ctx context.Context, limit int, after store.ListKey) ([]scaler.Forecast, error)
 	ForecastHistory(ctx context.Context, source, pool string, n int) ([]int, error)
 }
 
@@ -167,16 +168,27 @@ func (s *Server) getForecast(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, s.forecastView(f))
 }
 
-// forecastListLimit bounds GET /v1/forecasts: the newest this many.
-const forecastListLimit = 100
-
 func (s *Server) listForecasts(w http.ResponseWriter, r *http.Request) {
-	fs, err := s.o.Store.RecentForecasts(r.Context(), forecastListLimit)
+	q := r.URL.Query()
+	limit, ok := pageLimit(w, q)
+	if !ok {
+		return
+	}
+	after, ok := keyFromCursor(w, q, cursorForecasts)
+	if !ok {
+		return
+	}
+	fs, err := s.o.Store.ForecastPage(r.Context(), limit+1, after)
 	if err != nil {
 		s.internal(w, "list forecasts", err)
 		return
 	}
-	out := api.ForecastList{Forecasts: make([]api.Forecast, 0, len(fs))}
+	out := api.ForecastList{Forecasts: make([]api.Forecast, 0, min(len(fs), limit))}
+	if len(fs) > limit {
+		fs = fs[:limit]
+		last := fs[limit-1]
+		out.Next = keyCursor(cursorForecasts, store.ListKey{CreatedAt: last.CreatedAt, ID: last.ID})
+	}
 	for _, f := range fs {
 		out.Forecasts = append(out.Forecasts, s.forecastView(f))
 	}

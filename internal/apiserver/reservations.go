@@ -365,20 +365,30 @@ func (s *Server) listReservations(w http.ResponseWriter, r *http.Request) {
 			f.States = append(f.States, rs)
 		}
 	}
-	if !queryLimit(w, q, &f.Limit) {
+	limit, ok := pageLimit(w, q)
+	if !ok {
 		return
 	}
+	if f.After, ok = keyFromCursor(w, q, cursorReservations); !ok {
+		return
+	}
+	f.Limit = limit + 1 // one more tells whether there is a next page
 	list, err := s.o.Store.Reservations(r.Context(), f)
 	if err != nil {
 		s.internal(w, "list reservations", err)
 		return
+	}
+	out := api.ReservationList{Reservations: []api.Reservation{}}
+	if len(list) > limit {
+		list = list[:limit]
+		last := list[limit-1]
+		out.Next = keyCursor(cursorReservations, store.ListKey{CreatedAt: last.CreatedAt, ID: last.ID})
 	}
 	fleet, err := s.fleet(r.Context())
 	if err != nil {
 		s.internal(w, "read the fleet", err)
 		return
 	}
-	out := api.ReservationList{Reservations: []api.Reservation{}}
 	for _, res := range list {
 		out.Reservations = append(out.Reservations, s.view(r.Context(), res, fleet))
 	}

@@ -14,9 +14,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"net/url"
 	"os"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -49,7 +47,7 @@ type Store interface {
 	Slots(ctx context.Context) ([]scaler.Slot, error)
 	Slot(ctx context.Context, key scaler.SlotKey) (scaler.Slot, error)
 	Commit(ctx context.Context, c scaler.Change) error
-	Events(ctx context.Context, f store.EventFilter) ([]scaler.Event, error)
+	LoggedEvents(ctx context.Context, f store.EventFilter) ([]store.LoggedEvent, error)
 	// Generation counts committed writes (store.DB.Generation).
 	Generation() uint64
 	ForecastStore
@@ -309,20 +307,4 @@ func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 		writeError(w, http.StatusBadRequest, api.CodeBadRequest, "invalid JSON body: "+err.Error())
 	}
 	return false
-}
-
-// queryLimit sets *limit from the "limit" query parameter, if given. It
-// answers 400 and returns false when that is not a non-negative integer.
-func queryLimit(w http.ResponseWriter, q url.Values, limit *int) bool {
-	l := q.Get("limit")
-	if l == "" {
-		return true
-	}
-	n, err := strconv.Atoi(l)
-	if err != nil || n < 0 {
-		writeError(w, http.StatusBadRequest, api.CodeBadRequest, "limit: must be a non-negative integer")
-		return false
-	}
-	*limit = n
-	return true
 }
