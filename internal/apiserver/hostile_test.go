@@ -2,6 +2,7 @@ package apiserver
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"io"
 	"net"
@@ -76,10 +77,9 @@ func TestUnauthenticatedBodylessPostIsRefusedAtOnce(t *testing.T) {
 }
 
 // TestStalledBodyTimesOut: an authenticated client that announces a body
-// and never sends it is cut off after the body read timeout, while a long
-// poll on the same server outlives that timeout.
+// and never sends it is cut off after the body read timeout.
 func TestStalledBodyTimesOut(t *testing.T) {
-	ts := newTestServer(t, withMaxPoll(time.Hour), func(o *Options) { o.BodyReadTimeout = 50 * time.Millisecond })
+	ts := newTestServer(t, func(o *Options) { o.BodyReadTimeout = 50 * time.Millisecond })
 	addr := serveLikeDaemon(t, RequireToken("secret-token", ts.srv.Handler()))
 	for _, path := range []string{"/v1/reservations", "/v1/slots/x86/slot1/drain"} {
 		status, closed := rawExchange(t, addr, "POST "+path+" HTTP/1.1\r\nHost: d\r\nAuthorization: Bearer secret-token\r\nContent-Length: 1000\r\n\r\n{")
@@ -90,36 +90,63 @@ func TestStalledBodyTimesOut(t *testing.T) {
 			t.Errorf("POST %s, body never sent: status line %q, want 4xx", path, status)
 		}
 	}
+}
 
-	// A long poll, after a request with a body on the same connection,
-	// is not cut off by the body's deadline.
-	ts.createReservation(`{"id":"w1","system":"x86_64-linux"}`)
+// heldScaler's rounds wait until release is closed (or their context ends).
+type heldScaler struct {
+	Scaler
+	release chan struct{}
+	ended   chan error
+}
+
+func (h *heldScaler) Reconcile(ctx context.Context) error {
+	select {
+	case <-h.release:
+		return h.Scaler.Reconcile(ctx)
+	case <-ctx.Done():
+		h.ended <- ctx.Err()
+		return ctx.Err()
+	}
+}
+
+// TestBodyDeadlineIsLifted: once a body has been read, the body deadline
+// no longer applies (net/http clears a connection's read deadline when a
+// body ends): a handler that then waits (weight waits for the reconcile
+// round that applies it) is not cut off when it passes. It guards the
+// deadline's placement: armed before the body, never after it.
+func TestBodyDeadlineIsLifted(t *testing.T) {
+	held := &heldScaler{release: make(chan struct{}), ended: make(chan error, 1)}
+	ts := newTestServer(t, func(o *Options) {
+		o.BodyReadTimeout = 20 * time.Millisecond
+		held.Scaler = o.Scaler
+		o.Scaler = held
+	})
+	addr := serveLikeDaemon(t, ts.srv.Handler())
 	c, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	body := `{"id":"w2","system":"x86_64-linux"}`
-	_, err = io.WriteString(c, "POST /v1/reservations HTTP/1.1\r\nHost: d\r\nAuthorization: Bearer secret-token\r\nContent-Length: "+
-		strconv.Itoa(len(body))+"\r\n\r\n"+body+
-		"GET /v1/reservations/w1?wait=1h HTTP/1.1\r\nHost: d\r\nAuthorization: Bearer secret-token\r\n\r\n")
+	body := `{"weight":5}`
+	if _, err := io.WriteString(c, "POST /v1/slots/x86/slot1/weight HTTP/1.1\r\nHost: d\r\nContent-Length: "+
+		strconv.Itoa(len(body))+"\r\n\r\n"+body); err != nil {
+		t.Fatal(err)
+	}
+	// Far past the body deadline, the round must still be waiting: a
+	// deadline left armed would have ended the request's context.
+	select {
+	case err := <-held.ended:
+		t.Fatalf("the request's round ended (%v) while it waited: the body deadline cut it off", err)
+	case <-time.After(50 * ts.srv.o.BodyReadTimeout):
+	}
+	close(held.release)
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	br := bufio.NewReader(c)
-	resp, err := http.ReadResponse(br, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	io.Copy(io.Discard, resp.Body)
 	resp.Body.Close()
-	if resp.StatusCode != http.StatusCreated {
-		t.Fatalf("create on a kept-alive connection: %d", resp.StatusCode)
-	}
-	// Well past the body timeout, the long poll must still be waiting.
-	_ = c.SetReadDeadline(time.Now().Add(20 * ts.srv.o.BodyReadTimeout))
-	if _, err := br.Peek(1); !errors.Is(err, os.ErrDeadlineExceeded) {
-		t.Fatalf("long poll after a body: ended early (%v); want it still waiting", err)
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("weight after the round: %d, want 200", resp.StatusCode)
 	}
 }
 

@@ -29,13 +29,13 @@ import (
 // MaxBodyBytes bounds every request body.
 const MaxBodyBytes = 64 << 10
 
-// DefaultBodyReadTimeout bounds the time a client may take to send a request body.
-// It is a read deadline on the connection, set when a request with a body
-// arrives and lifted once the body is read, so a client that announces a
-// body and never sends it cannot hold a connection (and a handler) for
-// ever, while long polls, which have no body, run as long as they need.
-// (http.Server's ReadTimeout cannot do this: it stays armed after the
-// body and would cut long polls off.)
+// DefaultBodyReadTimeout bounds the time a client may take to send a
+// request body. It is a read deadline on the connection, set when a request
+// with a body arrives and lifted once the body is read, so a client that
+// announces a body and never sends it cannot hold a connection (and a
+// handler) for ever, while long polls and the handlers that wait for a
+// reconcile round run as long as they need. Set here, it holds on every
+// listener the API is served on, whatever its http.Server's settings.
 const DefaultBodyReadTimeout = 30 * time.Second
 
 // Store is the state the API reads and writes.
@@ -142,7 +142,7 @@ func New(o Options) *Server {
 func (s *Server) Handler() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.ContentLength != 0 {
-			r.Body = deadlineBody(w, r.Body, s.o.BodyReadTimeout)
+			armBodyDeadline(w, s.o.BodyReadTimeout)
 		}
 		// Every handler reads at most MaxBodyBytes.
 		r.Body = http.MaxBytesReader(w, r.Body, MaxBodyBytes)
@@ -207,35 +207,16 @@ func refuse(w http.ResponseWriter) {
 	writeError(w, http.StatusUnauthorized, api.CodeUnauthorized, "missing or wrong bearer token; send Authorization: Bearer <token from the daemon's token_file>")
 }
 
-// deadlineBody arms a read deadline d from now on the connection of w and
-// returns body, which lifts it again when the body has been read (or failed).
-func deadlineBody(w http.ResponseWriter, body io.ReadCloser, d time.Duration) io.ReadCloser {
-	rc := http.NewResponseController(w)
-	// The wall clock: the deadline is the network poller's.
-	if rc.SetReadDeadline(time.Now().Add(d)) != nil {
-		return body // not a network connection: nothing can hang
-	}
-	return &bodyWithDeadline{ReadCloser: body, rc: rc}
-}
-
-type bodyWithDeadline struct {
-	io.ReadCloser
-	rc   *http.ResponseController
-	done bool
-}
-
-func (b *bodyWithDeadline) Read(p []byte) (int, error) {
-	n, err := b.ReadCloser.Read(p)
-	if errors.Is(err, io.EOF) && !b.done {
-		// The body is over: the connection's reads from now on are the
-		// server's own (the next request, or noticing the client go away
-		// during a long poll), which must not time out. After any other
-		// error the deadline stays, so that the server's own read of the
-		// rest of the body fails too and it closes the connection.
-		b.done = true
-		_ = b.rc.SetReadDeadline(time.Time{})
-	}
-	return n, err
+// armBodyDeadline sets a read deadline d from now on the connection of w.
+// net/http lifts it itself once the body has been read to its end (it
+// clears the deadline when it starts watching the connection for the
+// client going away), and sets its own for the next request; a body that
+// never comes fails the handler's read, or the server's read of the unread
+// rest after the answer, which then closes the connection.
+func armBodyDeadline(w http.ResponseWriter, d time.Duration) {
+	// The wall clock: the deadline is the network poller's. Not
+	// supported (a test recorder): no connection to hold.
+	_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(d))
 }
 
 // Notify wakes every long poll so it re-reads its reservation.
