@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"path"
 	"strings"
 	"sync"
 	"time"
@@ -146,6 +147,13 @@ func (s *Server) Handler() http.Handler {
 		}
 		// Every handler reads at most MaxBodyBytes.
 		r.Body = http.MaxBytesReader(w, r.Body, MaxBodyBytes)
+		if clean := cleanPath(r.URL.Path); clean != r.URL.Path {
+			// The mux would redirect to the clean path, with an HTML body;
+			// every answer of the API is JSON, and no client needs the
+			// redirect.
+			writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no endpoint %s %s; write the path as %s", r.Method, quote(r.URL.Path), quote(clean)))
+			return
+		}
 		if _, pattern := s.mux.Handler(r); pattern == "" {
 			if allow := s.allowed(r); len(allow) > 0 {
 				w.Header().Set("Allow", strings.Join(allow, ", "))
@@ -157,6 +165,19 @@ func (s *Server) Handler() http.Handler {
 		}
 		s.mux.ServeHTTP(w, r)
 	})
+}
+
+// cleanPath is the path net/http's ServeMux redirects p to: no empty, "."
+// or ".." segments, a trailing slash kept.
+func cleanPath(p string) string {
+	if p == "" || p[0] != '/' {
+		p = "/" + p
+	}
+	np := path.Clean(p)
+	if p[len(p)-1] == '/' && np != "/" {
+		np += "/"
+	}
+	return np
 }
 
 // allowed lists the methods that have an endpoint at r's path.
