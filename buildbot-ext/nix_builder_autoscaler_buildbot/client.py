@@ -156,7 +156,7 @@ class DaemonClient:
         return self._call("DELETE", "/v1/forecasts/" + quote(fid, safe=""))
 
     def forecasts(self):
-        """GET /v1/forecasts: {"forecasts": [...]}."""
+        """GET /v1/forecasts: the newest page, {"forecasts": [...], "next": cursor if more}."""
         return self._call("GET", "/v1/forecasts")
 
     # Plumbing.

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -31,9 +30,6 @@ type command struct {
 	// take a negative number for a flag).
 	checkRaw func(args []string) error
 }
-
-// reservationStates are the states GET /v1/reservations filters on.
-var reservationStates = []string{"pending", "ready", "released", "failed", "expired"}
 
 // reservePoll is how long each long poll of reserve --wait waits.
 var reservePoll = 30 * time.Second
@@ -72,79 +68,6 @@ var commands = []*command{
 			}
 			return printSlots(c.stdout, l.Slots, c.now())
 		}),
-	},
-	{
-		name:    "reservations",
-		args:    "[--state s1,s2] [--pool p] [--limit n]",
-		summary: "list reservations, newest first",
-		detail:  "Lists reservations, newest first. States: " + strings.Join(reservationStates, ", ") + ".",
-		setup: func(fs *pflag.FlagSet) action {
-			states := fs.StringSlice("state", nil, "only these states, comma-separated or repeated (e.g. pending,ready)")
-			pool := fs.String("pool", "", "only this pool")
-			limit := fs.Int("limit", 0, "at most this many (default: the daemon's)")
-			return func(ctx context.Context, c *cli, args []string) error {
-				if err := wantArgs("reservations", args, 0, ""); err != nil {
-					return err
-				}
-				for _, s := range *states {
-					if !slices.Contains(reservationStates, s) {
-						return usagef("--state must be one or more of %s, not %q", strings.Join(reservationStates, ","), s)
-					}
-				}
-				if *limit < 0 {
-					return usagef("--limit must be a positive integer")
-				}
-				l, err := c.api.Reservations(ctx, api.ReservationQuery{States: *states, Pool: *pool, Limit: *limit})
-				if err != nil {
-					return err
-				}
-				if c.opts.json {
-					return c.printJSON(l)
-				}
-				return printReservations(c.stdout, l.Reservations, c.now())
-			}
-		},
-	},
-	{
-		name:    "events",
-		args:    "[--limit n] [--pool p] [--slot s] [--reservation id]",
-		summary: "show the daemon's event log",
-		detail: "Shows the daemon's event log: launches, state changes, drains, terminations,\n" +
-			"reservations and operator actions. --slot takes a slot name (with --pool) or\n" +
-			"<pool>/<slot>.",
-		setup: func(fs *pflag.FlagSet) action {
-			limit := fs.Int("limit", 0, "at most this many events (default: the daemon's)")
-			pool := fs.String("pool", "", "only events of this pool")
-			slot := fs.String("slot", "", "only events of this slot (slot1, or x86/slot1)")
-			res := fs.String("reservation", "", "only events of this reservation id")
-			return func(ctx context.Context, c *cli, args []string) error {
-				if err := wantArgs("events", args, 0, ""); err != nil {
-					return err
-				}
-				if *limit < 0 {
-					return usagef("--limit must be a positive integer")
-				}
-				q := api.EventQuery{Limit: *limit, Pool: *pool, Slot: *slot, Reservation: *res}
-				if strings.Contains(*slot, "/") {
-					p, s, err := parseSlot(*slot)
-					if err != nil {
-						return err
-					}
-					if *pool != "" && *pool != p {
-						return usagef("--pool %s and --slot %s name different pools", *pool, *slot)
-					}
-					q.Pool, q.Slot = p, s
-				}
-				l, err := c.api.Events(ctx, q)
-				if err != nil {
-					return err
-				}
-				if c.opts.json {
-					return c.printJSON(l)
-				}
-				return printEvents(c.stdout, l.Events, c.now())
-			}
-		},
 	},
 	{
 		name:    "reserve",

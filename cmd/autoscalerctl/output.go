@@ -8,6 +8,7 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode/utf8"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 )
@@ -26,9 +27,24 @@ func (t *table) row(cells ...string) {
 		if i > 0 {
 			io.WriteString(t.tw, "\t")
 		}
-		io.WriteString(t.tw, cell(c))
+		io.WriteString(t.tw, clip(cell(c), maxCell))
 	}
 	io.WriteString(t.tw, "\n")
+}
+
+// maxCell bounds what a table prints of one value, in runes: one long
+// value (a reason, an owner, a list of features) would otherwise widen its
+// column, and so every row of the table. --json and the single-item views
+// show values whole.
+const maxCell = 80
+
+// clip cuts s to at most n runes, ending it with "…" when cut.
+func clip(s string, n int) string {
+	if utf8.RuneCountInString(s) <= n {
+		return s
+	}
+	r := []rune(s)
+	return string(r[:n-1]) + "…"
 }
 
 func (t *table) flush() error { return t.tw.Flush() }

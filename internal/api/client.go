@@ -107,15 +107,17 @@ func (e *UnreachableError) Error() string {
 func (e *UnreachableError) Unwrap() error { return e.Err }
 
 // ReservationQuery filters GET /v1/reservations. Zero fields do not filter;
-// Limit zero leaves the limit to the daemon.
+// Limit zero leaves the page size to the daemon (DefaultPageSize).
 type ReservationQuery struct {
 	States []string // e.g. "pending", "ready"
 	Pool   string
 	Limit  int
+	// Cursor asks for the page after the one whose Next it is.
+	Cursor string
 }
 
 // EventQuery filters GET /v1/events. Zero fields do not filter; Limit zero
-// leaves the limit to the daemon.
+// leaves the page size to the daemon (DefaultPageSize).
 type EventQuery struct {
 	Limit int
 	Since time.Time // events at or after this time
@@ -123,6 +125,9 @@ type EventQuery struct {
 	Pool        string
 	Slot        string
 	Reservation string // reservation id
+	// Cursor asks for the page (of older events) after the one whose Next
+	// it is.
+	Cursor string
 }
 
 // CreateReservation asks for a reservation. created is true when the daemon
@@ -214,7 +219,8 @@ func (c *Client) Forecasts(ctx context.Context) (ForecastList, error) {
 	return l, err
 }
 
-// Reservations lists reservations, newest first.
+// Reservations lists one page of reservations, newest first; see
+// ListReservations for more than a page.
 func (c *Client) Reservations(ctx context.Context, q ReservationQuery) (ReservationList, error) {
 	v := url.Values{}
 	if len(q.States) > 0 {
@@ -225,6 +231,9 @@ func (c *Client) Reservations(ctx context.Context, q ReservationQuery) (Reservat
 	}
 	if q.Limit > 0 {
 		v.Set("limit", strconv.Itoa(q.Limit))
+	}
+	if q.Cursor != "" {
+		v.Set("cursor", q.Cursor)
 	}
 	var l ReservationList
 	_, err := c.do(ctx, http.MethodGet, "/v1/reservations", v, nil, 0, &l)
@@ -274,7 +283,9 @@ func (c *Client) Reconcile(ctx context.Context) (ReconcileStatus, error) {
 	return s, err
 }
 
-// Events returns entries of the daemon's event log.
+// Events returns one page of the daemon's event log: the newest entries
+// that match (before q.Cursor), oldest first; see ListEvents for more than a
+// page.
 func (c *Client) Events(ctx context.Context, q EventQuery) (EventList, error) {
 	v := url.Values{}
 	if q.Limit > 0 {
@@ -291,6 +302,9 @@ func (c *Client) Events(ctx context.Context, q EventQuery) (EventList, error) {
 	}
 	if q.Reservation != "" {
 		v.Set("reservation", q.Reservation)
+	}
+	if q.Cursor != "" {
+		v.Set("cursor", q.Cursor)
 	}
 	var l EventList
 	_, err := c.do(ctx, http.MethodGet, "/v1/events", v, nil, 0, &l)

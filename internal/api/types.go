@@ -77,10 +77,22 @@ type Forecast struct {
 	WithdrawnAt *time.Time `json:"withdrawn_at,omitempty"`
 }
 
-// ForecastList is the answer of GET /v1/forecasts.
+// ForecastList is the answer of GET /v1/forecasts: one page, newest first.
 type ForecastList struct {
 	Forecasts []Forecast `json:"forecasts"`
+	// Next is the cursor of the next page; empty on the last page.
+	Next string `json:"next,omitempty"`
 }
+
+// Page sizes of the list endpoints (GET /v1/reservations, /v1/events and
+// /v1/forecasts): a request without limit gets DefaultPageSize items, and
+// limit may be at most MaxPageSize. An answer with more items after it has
+// "next", an opaque cursor; the next page is the same request with
+// cursor=<next>.
+const (
+	DefaultPageSize = 100
+	MaxPageSize     = 1000
+)
 
 // Slot is a slot as the API shows it.
 type Slot struct {
@@ -184,6 +196,13 @@ const (
 	CodeConflict     = "conflict"
 	CodeInternal     = "internal"
 	CodeUnavailable  = "unavailable"
+	// CodeMethodNotAllowed: the path exists, but not with this method
+	// (status 405; the Allow header lists the methods it has).
+	CodeMethodNotAllowed = "method_not_allowed"
+	// CodeBusy: a write kept meeting concurrent changes of the same
+	// reservation and gave up (status 503, with Retry-After); retrying
+	// later is safe.
+	CodeBusy = "busy"
 )
 
 // Event is one entry of the daemon's event log.
@@ -198,9 +217,12 @@ type Event struct {
 	Reason        string    `json:"reason,omitempty"`
 }
 
-// ReservationList is the answer of GET /v1/reservations.
+// ReservationList is the answer of GET /v1/reservations: one page, newest
+// first.
 type ReservationList struct {
 	Reservations []Reservation `json:"reservations"`
+	// Next is the cursor of the next (older) page; empty on the last page.
+	Next string `json:"next,omitempty"`
 }
 
 // SlotList is the answer of GET /v1/slots.
@@ -208,7 +230,11 @@ type SlotList struct {
 	Slots []Slot `json:"slots"`
 }
 
-// EventList is the answer of GET /v1/events.
+// EventList is the answer of GET /v1/events: one page, the newest events
+// that match, oldest first (like tail -n).
 type EventList struct {
 	Events []Event `json:"events"`
+	// Next is the cursor of the next page, of the events before these;
+	// empty on the last page.
+	Next string `json:"next,omitempty"`
 }

@@ -8,10 +8,9 @@ import (
 	"slices"
 	"strings"
 	"time"
-	"unicode"
-	"unicode/utf8"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/store"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
@@ -20,12 +19,9 @@ type ForecastStore interface {
 	CreateForecast(ctx context.Context, f scaler.Forecast, ev scaler.Event) (scaler.Forecast, bool, error)
 	WithdrawForecast(ctx context.Context, id string, ev scaler.Event) (scaler.Forecast, error)
 	Forecast(ctx context.Context, id string) (scaler.Forecast, error)
-	RecentForecasts(ctx context.Context, limit int) ([]scaler.Forecast, error)
+	ForecastPage(ctx context.Context, limit int, after store.ListKey) ([]scaler.Forecast, error)
 	ForecastHistory(ctx context.Context, source, pool string, n int) ([]int, error)
 }
-
-// maxSource bounds a source's length in bytes.
-const maxSource = 256
 
 // checkSource says what is wrong with a source, or "": at most maxSource
 // bytes of UTF-8 without control characters; required says it may not be
@@ -34,12 +30,8 @@ func checkSource(src string, required bool) string {
 	switch {
 	case src == "" && required:
 		return `source: required, e.g. "github:owner/repo": the project whose evaluation started, as its builds' reservations will name it`
-	case len(src) > maxSource:
-		return fmt.Sprintf("source: longer than %d bytes", maxSource)
-	case !utf8.ValidString(src) || strings.ContainsFunc(src, unicode.IsControl):
-		return "source: must be UTF-8 text without control characters"
 	}
-	return ""
+	return checkText("source", src, maxSource)
 }
 
 func (s *Server) createForecast(w http.ResponseWriter, r *http.Request) {
@@ -102,20 +94,20 @@ func (s *Server) validateForecast(req *api.CreateForecastRequest) (ttl time.Dura
 	if msg := checkSource(req.Source, true); msg != "" {
 		return 0, msg
 	}
-	if req.System != "" && !reSystem.MatchString(req.System) {
-		return 0, fmt.Sprintf("system: %q is not a Nix system name like \"x86_64-linux\"", req.System)
-	}
-	for _, f := range req.Features {
-		if !reFeature.MatchString(f) {
-			return 0, fmt.Sprintf("features: %q is not a feature name like \"kvm\" or \"big-parallel\"", f)
+	if req.System != "" {
+		if msg := checkSystem(req.System); msg != "" {
+			return 0, msg
 		}
+	}
+	if msg := checkFeatures(req.Features); msg != "" {
+		return 0, msg
 	}
 	req.Features = slices.Compact(slices.Sorted(slices.Values(req.Features)))
 	switch {
 	case req.Pool != "":
 		p, ok := s.pool(req.Pool)
 		if !ok {
-			return 0, fmt.Sprintf("pool: no pool named %q; configured: %s", req.Pool, s.poolSummary())
+			return 0, fmt.Sprintf("pool: no pool named %s; configured: %s", quote(req.Pool), s.poolSummary())
 		}
 		if req.System != "" && !p.Serves(req.System, req.Features) {
 			return 0, fmt.Sprintf("pool: %s does not serve system %s with features [%s]", req.Pool, req.System, strings.Join(req.Features, " "))
@@ -131,7 +123,7 @@ func (s *Server) validateForecast(req *api.CreateForecastRequest) (ttl time.Dura
 		d, err := time.ParseDuration(req.TTL)
 		switch {
 		case err != nil:
-			return 0, fmt.Sprintf("ttl: %q is not a duration; write it like \"30m\"", req.TTL)
+			return 0, fmt.Sprintf("ttl: %s is not a duration; write it like \"30m\"", quote(req.TTL))
 		case d <= 0:
 			return 0, "ttl: must be positive"
 		case d > scaler.MaxForecastTTL:
@@ -148,7 +140,7 @@ func (s *Server) withdrawForecast(w http.ResponseWriter, r *http.Request) {
 	f, err := s.o.Store.WithdrawForecast(r.Context(), id, scaler.Event{At: now, Kind: scaler.EvForecastWithdrawn, Actor: "api",
 		Reason: "forecast " + id + " withdrawn"})
 	if errors.Is(err, scaler.ErrNotFound) {
-		writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no forecast %q", id))
+		writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no forecast %s", quote(id)))
 		return
 	}
 	if err != nil {
@@ -166,7 +158,7 @@ func (s *Server) withdrawForecast(w http.ResponseWriter, r *http.Request) {
 func (s *Server) getForecast(w http.ResponseWriter, r *http.Request) {
 	f, err := s.o.Store.Forecast(r.Context(), r.PathValue("id"))
 	if errors.Is(err, scaler.ErrNotFound) {
-		writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no forecast %q", r.PathValue("id")))
+		writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no forecast %s", quote(r.PathValue("id"))))
 		return
 	}
 	if err != nil {
@@ -176,16 +168,27 @@ func (s *Server) getForecast(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, s.forecastView(f))
 }
 
-// forecastListLimit bounds GET /v1/forecasts: the newest this many.
-const forecastListLimit = 100
-
 func (s *Server) listForecasts(w http.ResponseWriter, r *http.Request) {
-	fs, err := s.o.Store.RecentForecasts(r.Context(), forecastListLimit)
+	q := r.URL.Query()
+	limit, ok := pageLimit(w, q)
+	if !ok {
+		return
+	}
+	after, ok := keyFromCursor(w, q, cursorForecasts)
+	if !ok {
+		return
+	}
+	fs, err := s.o.Store.ForecastPage(r.Context(), limit+1, after)
 	if err != nil {
 		s.internal(w, "list forecasts", err)
 		return
 	}
-	out := api.ForecastList{Forecasts: make([]api.Forecast, 0, len(fs))}
+	out := api.ForecastList{Forecasts: make([]api.Forecast, 0, min(len(fs), limit))}
+	if len(fs) > limit {
+		fs = fs[:limit]
+		last := fs[limit-1]
+		out.Next = keyCursor(cursorForecasts, store.ListKey{CreatedAt: last.CreatedAt, ID: last.ID})
+	}
 	for _, f := range fs {
 		out.Forecasts = append(out.Forecasts, s.forecastView(f))
 	}

@@ -70,8 +70,13 @@ func (s *fuzzStore) Commit(ctx context.Context, c scaler.Change) error {
 	return s.note(s.DB.Commit(ctx, c))
 }
 
-func (s *fuzzStore) Events(ctx context.Context, f store.EventFilter) ([]scaler.Event, error) {
-	r, err := s.DB.Events(ctx, f)
+func (s *fuzzStore) LoggedEvents(ctx context.Context, f store.EventFilter) ([]store.LoggedEvent, error) {
+	r, err := s.DB.LoggedEvents(ctx, f)
+	return r, s.note(err)
+}
+
+func (s *fuzzStore) ForecastPage(ctx context.Context, limit int, after store.ListKey) ([]scaler.Forecast, error) {
+	r, err := s.DB.ForecastPage(ctx, limit, after)
 	return r, s.note(err)
 }
 
@@ -154,6 +159,9 @@ func FuzzHandler(f *testing.F) {
 		{"POST", "/v1/reservations", "", `[`},
 		{"GET", "/v1/reservations", "state=pending&pool=x86&limit=5", ""},
 		{"GET", "/v1/reservations", "limit=-1", ""},
+		{"GET", "/v1/reservations", "limit=1&cursor=cjoxNzY0MDAwMDAwMDAwMDAwMDAwOnIx", ""},
+		{"GET", "/v1/events", "limit=1&cursor=ZToxMA", ""},
+		{"GET", "/v1/forecasts", "limit=1&cursor=ZjoxOng", ""},
 		{"GET", "/v1/reservations/r1", "wait=10s", ""},
 		{"GET", "/v1/reservations/r1", "wait=-1s", ""},
 		{"GET", "/v1/reservations/%2e%2e", "", ""},

@@ -18,6 +18,12 @@ import (
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
 )
 
+// MinLease is the shortest lease a reservation may ask for: a lease must
+// outlive a heartbeat's round trip and the reconcile round that would
+// otherwise expire it; a shorter one only makes a reservation that expires
+// while its client still wants it.
+const MinLease = time.Second
+
 var (
 	reID      = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}$`)
 	reSystem  = regexp.MustCompile(`^[a-z0-9_]+-[a-z0-9_]+$`)
@@ -48,8 +54,8 @@ func (s *Server) create(w http.ResponseWriter, r *http.Request) {
 	}
 	if res.Pool == "" {
 		res.State, res.EndedAt = scaler.Failed, now
-		res.Reason = fmt.Sprintf("no pool serves system %s with features [%s]; configured: %s",
-			req.System, strings.Join(req.Features, " "), s.poolSummary())
+		res.Reason = truncate(fmt.Sprintf("no pool serves system %s with features [%s]; configured: %s",
+			req.System, strings.Join(req.Features, " "), s.poolSummary()), maxReason)
 	}
 	ev := scaler.Event{At: now, Kind: scaler.EvCreated, Pool: res.Pool, ReservationID: res.ID, Actor: "api", Reason: "owner " + req.Owner}
 	if res.State == scaler.Failed {
@@ -93,17 +99,15 @@ func (s *Server) validateCreate(req *api.CreateReservationRequest) (lease time.D
 	if req.System == "" {
 		return 0, `system: required, e.g. "x86_64-linux"`
 	}
-	if !reSystem.MatchString(req.System) {
-		return 0, fmt.Sprintf("system: %q is not a Nix system name like \"x86_64-linux\"", req.System)
+	if msg := checkSystem(req.System); msg != "" {
+		return 0, msg
 	}
-	for _, f := range req.Features {
-		if !reFeature.MatchString(f) {
-			return 0, fmt.Sprintf("features: %q is not a feature name like \"kvm\" or \"big-parallel\"", f)
-		}
+	if msg := checkFeatures(req.Features); msg != "" {
+		return 0, msg
 	}
 	req.Features = slices.Compact(slices.Sorted(slices.Values(req.Features)))
-	if len(req.Owner) > 512 {
-		return 0, "owner: longer than 512 characters"
+	if msg := checkText("owner", req.Owner, maxOwner); msg != "" {
+		return 0, msg
 	}
 	if msg := checkSource(req.Source, false); msg != "" {
 		return 0, msg
@@ -111,7 +115,7 @@ func (s *Server) validateCreate(req *api.CreateReservationRequest) (lease time.D
 	if req.Pool != "" {
 		p, ok := s.pool(req.Pool)
 		if !ok {
-			return 0, fmt.Sprintf("pool: no pool named %q; configured: %s", req.Pool, s.poolSummary())
+			return 0, fmt.Sprintf("pool: no pool named %s; configured: %s", quote(req.Pool), s.poolSummary())
 		}
 		if !p.Serves(req.System, req.Features) {
 			return 0, fmt.Sprintf("pool: %s does not serve system %s with features [%s]", req.Pool, req.System, strings.Join(req.Features, " "))
@@ -121,10 +125,10 @@ func (s *Server) validateCreate(req *api.CreateReservationRequest) (lease time.D
 	if req.Lease != "" {
 		d, err := time.ParseDuration(req.Lease)
 		if err != nil {
-			return 0, fmt.Sprintf("lease: %q is not a duration; write it like \"10m\" or \"1h30m\"", req.Lease)
+			return 0, fmt.Sprintf("lease: %s is not a duration; write it like \"10m\" or \"1h30m\"", quote(req.Lease))
 		}
-		if d <= 0 {
-			return 0, "lease: must be positive"
+		if d < MinLease {
+			return 0, fmt.Sprintf("lease: %s is shorter than the minimum %s; a lease must outlive the heartbeats that renew it", d, MinLease)
 		}
 		if max := s.o.Reservations.MaxLease.D(); d > max {
 			return 0, fmt.Sprintf("lease: %s is longer than max_lease %s; ask for less and heartbeat", d, max)
@@ -191,7 +195,7 @@ func (s *Server) view(ctx context.Context, r scaler.Reservation, f *scaler.View)
 func (s *Server) lookup(w http.ResponseWriter, r *http.Request, f *scaler.View) (scaler.Reservation, bool) {
 	res, err := s.reservation(r.Context(), f, r.PathValue("id"))
 	if errors.Is(err, scaler.ErrNotFound) {
-		writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no reservation %q", r.PathValue("id")))
+		writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no reservation %s", quote(r.PathValue("id"))))
 		return res, false
 	}
 	if err != nil {
@@ -206,7 +210,7 @@ func (s *Server) get(w http.ResponseWriter, r *http.Request) {
 	if q := r.URL.Query().Get("wait"); q != "" {
 		d, err := time.ParseDuration(q)
 		if err != nil || d < 0 {
-			writeError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Sprintf("wait: %q is not a duration; write it like \"30s\"", q))
+			writeError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Sprintf("wait: %s is not a duration; write it like \"30s\"", quote(q)))
 			return
 		}
 		wait = min(d, s.o.Reservations.MaxPoll.D())
@@ -237,15 +241,14 @@ func (s *Server) get(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// conflictAttempts bounds how often a request re-reads a row that the
-// reconciler (or another request) changed meanwhile.
-const conflictAttempts = 10
-
 // updateReservation applies fn to the stored reservation and commits,
-// retrying when the reconciler changed it meanwhile.
+// retrying when the reconciler changed it meanwhile (see retryConflict).
+// fn runs once per attempt, on a fresh read; what it records for the
+// caller must be set anew each time.
 func (s *Server) updateReservation(ctx context.Context, id string, fn func(*scaler.Reservation) (scaler.Change, bool)) (scaler.Reservation, error) {
+	defer s.locks.lock(id)()
 	var res scaler.Reservation
-	err := scaler.RetryOnConflict(conflictAttempts, func() error {
+	err := s.retryConflict(ctx, func() error {
 		var err error
 		if res, err = s.o.Store.Reservation(ctx, id); err != nil {
 			return err
@@ -269,8 +272,7 @@ func (s *Server) heartbeat(w http.ResponseWriter, r *http.Request) {
 	now := s.o.Clock.Now()
 	live := true
 	res, err := s.updateReservation(r.Context(), id, func(res *scaler.Reservation) (scaler.Change, bool) {
-		if !res.State.Live() {
-			live = false
+		if live = res.State.Live(); !live {
 			return scaler.Change{}, false
 		}
 		res.ExpiresAt = now.Add(res.Lease)
@@ -281,7 +283,9 @@ func (s *Server) heartbeat(w http.ResponseWriter, r *http.Request) {
 	}
 	switch {
 	case errors.Is(err, scaler.ErrNotFound):
-		writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no reservation %q", id))
+		writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no reservation %s", quote(id)))
+	case errors.Is(err, errBusy):
+		writeBusy(w, "heartbeat", err)
 	case err != nil:
 		s.internal(w, "heartbeat", err)
 	case !live:
@@ -302,6 +306,9 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request) {
 	var freed string
 	released := false
 	res, err := s.updateReservation(r.Context(), id, func(res *scaler.Reservation) (scaler.Change, bool) {
+		// An attempt that lost a conflict released nothing: only the
+		// attempt that commits (or sees the reservation ended) decides.
+		freed, released = "", false
 		if !res.State.Live() {
 			return scaler.Change{}, false
 		}
@@ -328,6 +335,10 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request) {
 		ev.Reason = tomb.Reason
 		res, released, err = s.o.Store.CreateReservation(r.Context(), tomb, ev)
 	}
+	if errors.Is(err, errBusy) {
+		writeBusy(w, "release", err)
+		return
+	}
 	if err != nil {
 		s.internal(w, "release", err)
 		return
@@ -348,26 +359,36 @@ func (s *Server) listReservations(w http.ResponseWriter, r *http.Request) {
 		for _, v := range strings.Split(st, ",") {
 			rs := scaler.ReservationState(strings.TrimSpace(v))
 			if !slices.Contains(scaler.ReservationStates, rs) {
-				writeError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Sprintf("state: %q is not one of pending, ready, released, failed, expired", v))
+				writeError(w, http.StatusBadRequest, api.CodeBadRequest, fmt.Sprintf("state: %s is not one of pending, ready, released, failed, expired", quote(v)))
 				return
 			}
 			f.States = append(f.States, rs)
 		}
 	}
-	if !queryLimit(w, q, &f.Limit) {
+	limit, ok := pageLimit(w, q)
+	if !ok {
 		return
 	}
+	if f.After, ok = keyFromCursor(w, q, cursorReservations); !ok {
+		return
+	}
+	f.Limit = limit + 1 // one more tells whether there is a next page
 	list, err := s.o.Store.Reservations(r.Context(), f)
 	if err != nil {
 		s.internal(w, "list reservations", err)
 		return
+	}
+	out := api.ReservationList{Reservations: []api.Reservation{}}
+	if len(list) > limit {
+		list = list[:limit]
+		last := list[limit-1]
+		out.Next = keyCursor(cursorReservations, store.ListKey{CreatedAt: last.CreatedAt, ID: last.ID})
 	}
 	fleet, err := s.fleet(r.Context())
 	if err != nil {
 		s.internal(w, "read the fleet", err)
 		return
 	}
-	out := api.ReservationList{Reservations: []api.Reservation{}}
 	for _, res := range list {
 		out.Reservations = append(out.Reservations, s.view(r.Context(), res, fleet))
 	}

@@ -6,6 +6,7 @@ package apiserver
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/json"
 	"errors"
@@ -13,10 +14,11 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"net/url"
-	"strconv"
+	"os"
+	"path"
 	"strings"
 	"sync"
+	"time"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
@@ -28,6 +30,15 @@ import (
 // MaxBodyBytes bounds every request body.
 const MaxBodyBytes = 64 << 10
 
+// DefaultBodyReadTimeout bounds the time a client may take to send a
+// request body. It is a read deadline on the connection, set when a request
+// with a body arrives and lifted once the body is read, so a client that
+// announces a body and never sends it cannot hold a connection (and a
+// handler) for ever, while long polls and the handlers that wait for a
+// reconcile round run as long as they need. Set here, it holds on every
+// listener the API is served on, whatever its http.Server's settings.
+const DefaultBodyReadTimeout = 30 * time.Second
+
 // Store is the state the API reads and writes.
 type Store interface {
 	CreateReservation(ctx context.Context, r scaler.Reservation, ev scaler.Event) (scaler.Reservation, bool, error)
@@ -37,7 +48,7 @@ type Store interface {
 	Slots(ctx context.Context) ([]scaler.Slot, error)
 	Slot(ctx context.Context, key scaler.SlotKey) (scaler.Slot, error)
 	Commit(ctx context.Context, c scaler.Change) error
-	Events(ctx context.Context, f store.EventFilter) ([]scaler.Event, error)
+	LoggedEvents(ctx context.Context, f store.EventFilter) ([]store.LoggedEvent, error)
 	// Generation counts committed writes (store.DB.Generation).
 	Generation() uint64
 	ForecastStore
@@ -71,6 +82,9 @@ type Options struct {
 	// Views is where the reconciler publishes the fleet; reads and long
 	// polls are answered from it (nil: from the store).
 	Views *scaler.Views
+	// BodyReadTimeout bounds the time to send a request body (0:
+	// DefaultBodyReadTimeout).
+	BodyReadTimeout time.Duration
 }
 
 // Server serves the reservation and operator API.
@@ -85,6 +99,8 @@ type Server struct {
 	mu        sync.Mutex
 	lastWrite uint64            // any reservation
 	written   map[string]uint64 // per reservation id
+
+	locks idLocks // the API's writes of one reservation take turns
 }
 
 // New returns a server; mount Handler on a listener.
@@ -97,6 +113,9 @@ func New(o Options) *Server {
 	}
 	if o.Views == nil {
 		o.Views = &scaler.Views{}
+	}
+	if o.BodyReadTimeout <= 0 {
+		o.BodyReadTimeout = DefaultBodyReadTimeout
 	}
 	s := &Server{o: o, notify: notifier{ch: make(chan struct{})}, mux: http.NewServeMux(), written: map[string]uint64{}}
 	s.mux.HandleFunc("POST /v1/reservations", s.create)
@@ -123,12 +142,22 @@ func New(o Options) *Server {
 // file permissions decide who may connect).
 func (s *Server) Handler() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.ContentLength != 0 {
+			armBodyDeadline(w, s.o.BodyReadTimeout)
+		}
 		// Every handler reads at most MaxBodyBytes.
 		r.Body = http.MaxBytesReader(w, r.Body, MaxBodyBytes)
+		if clean := cleanPath(r.URL.Path); clean != r.URL.Path {
+			// The mux would redirect to the clean path, with an HTML body;
+			// every answer of the API is JSON, and no client needs the
+			// redirect.
+			writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no endpoint %s %s; write the path as %s", r.Method, quote(r.URL.Path), quote(clean)))
+			return
+		}
 		if _, pattern := s.mux.Handler(r); pattern == "" {
 			if allow := s.allowed(r); len(allow) > 0 {
 				w.Header().Set("Allow", strings.Join(allow, ", "))
-				writeError(w, http.StatusMethodNotAllowed, api.CodeBadRequest, fmt.Sprintf("%s %s: method not allowed; use %s", r.Method, r.URL.Path, strings.Join(allow, " or ")))
+				writeError(w, http.StatusMethodNotAllowed, api.CodeMethodNotAllowed, fmt.Sprintf("%s %s: method not allowed; use %s", r.Method, r.URL.Path, strings.Join(allow, " or ")))
 				return
 			}
 			writeError(w, http.StatusNotFound, api.CodeNotFound, fmt.Sprintf("no endpoint %s %s; see docs/design.md §3.1 for the API", r.Method, r.URL.Path))
@@ -136,6 +165,19 @@ func (s *Server) Handler() http.Handler {
 		}
 		s.mux.ServeHTTP(w, r)
 	})
+}
+
+// cleanPath is the path net/http's ServeMux redirects p to: no empty, "."
+// or ".." segments, a trailing slash kept.
+func cleanPath(p string) string {
+	if p == "" || p[0] != '/' {
+		p = "/" + p
+	}
+	np := path.Clean(p)
+	if p[len(p)-1] == '/' && np != "/" {
+		np += "/"
+	}
+	return np
 }
 
 // allowed lists the methods that have an endpoint at r's path.
@@ -152,20 +194,50 @@ func (s *Server) allowed(r *http.Request) []string {
 }
 
 // RequireToken wraps h so that every request but /healthz needs
-// "Authorization: Bearer <token>". The comparison is constant-time.
+// "Authorization: Bearer <token>". The comparison is constant-time: it
+// compares SHA-256 digests, which have a fixed length, because
+// subtle.ConstantTimeCompare returns at once when the lengths differ and
+// so would tell the token's length.
+//
+// A refused request is answered at once and its connection closed: its body
+// is never read (net/http would otherwise read an unread body after the
+// answer, to reuse the connection, and wait for ever on a client that
+// announced a body and sends none).
 func RequireToken(token string, h http.Handler) http.Handler {
-	want := []byte("Bearer " + token)
+	want := sha256.Sum256([]byte("Bearer " + token))
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path != "/healthz" {
-			got := []byte(r.Header.Get("Authorization"))
-			if token == "" || subtle.ConstantTimeCompare(got, want) != 1 {
-				w.Header().Set("WWW-Authenticate", `Bearer realm="nix-builder-autoscaler"`)
-				writeError(w, http.StatusUnauthorized, api.CodeUnauthorized, "missing or wrong bearer token; send Authorization: Bearer <token from the daemon's token_file>")
+			got := sha256.Sum256([]byte(r.Header.Get("Authorization")))
+			if token == "" || subtle.ConstantTimeCompare(got[:], want[:]) != 1 {
+				refuse(w)
 				return
 			}
 		}
 		h.ServeHTTP(w, r)
 	})
+}
+
+// refuse answers 401 and closes the connection without reading the body.
+func refuse(w http.ResponseWriter) {
+	w.Header().Set("WWW-Authenticate", `Bearer realm="nix-builder-autoscaler"`)
+	w.Header().Set("Connection", "close")
+	// A deadline in the past makes the server's read of the unread body
+	// after the answer fail at once; Connection: close then drops the
+	// connection. Not supported (a test recorder): nothing to wait for.
+	_ = http.NewResponseController(w).SetReadDeadline(time.Now())
+	writeError(w, http.StatusUnauthorized, api.CodeUnauthorized, "missing or wrong bearer token; send Authorization: Bearer <token from the daemon's token_file>")
+}
+
+// armBodyDeadline sets a read deadline d from now on the connection of w.
+// net/http lifts it itself once the body has been read to its end (it
+// clears the deadline when it starts watching the connection for the
+// client going away), and sets its own for the next request; a body that
+// never comes fails the handler's read, or the server's read of the unread
+// rest after the answer, which then closes the connection.
+func armBodyDeadline(w http.ResponseWriter, d time.Duration) {
+	// The wall clock: the deadline is the network poller's. Not
+	// supported (a test recorder): no connection to hold.
+	_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(d))
 }
 
 // Notify wakes every long poll so it re-reads its reservation.
@@ -228,26 +300,13 @@ func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 	switch {
 	case errors.As(err, &tooBig):
 		writeError(w, http.StatusRequestEntityTooLarge, api.CodeTooLarge, fmt.Sprintf("request body larger than %d bytes", MaxBodyBytes))
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		w.Header().Set("Connection", "close")
+		writeError(w, http.StatusRequestTimeout, api.CodeBadRequest, "request body not received in time; send it with the request")
 	case errors.Is(err, io.EOF):
 		writeError(w, http.StatusBadRequest, api.CodeBadRequest, "empty body; send a JSON object")
 	default:
 		writeError(w, http.StatusBadRequest, api.CodeBadRequest, "invalid JSON body: "+err.Error())
 	}
 	return false
-}
-
-// queryLimit sets *limit from the "limit" query parameter, if given. It
-// answers 400 and returns false when that is not a non-negative integer.
-func queryLimit(w http.ResponseWriter, q url.Values, limit *int) bool {
-	l := q.Get("limit")
-	if l == "" {
-		return true
-	}
-	n, err := strconv.Atoi(l)
-	if err != nil || n < 0 {
-		writeError(w, http.StatusBadRequest, api.CodeBadRequest, "limit: must be a non-negative integer")
-		return false
-	}
-	*limit = n
-	return true
 }

@@ -3,6 +3,7 @@ package apiserver
 import (
 	"context"
 	"net/http"
+	"strconv"
 	"time"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
@@ -75,8 +76,12 @@ func (s *Server) reconcile(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) events(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
-	f := store.EventFilter{Pool: q.Get("pool"), Slot: q.Get("slot"), ReservationID: q.Get("reservation"), Limit: 100}
-	if !queryLimit(w, q, &f.Limit) {
+	f := store.EventFilter{Pool: q.Get("pool"), Slot: q.Get("slot"), ReservationID: q.Get("reservation")}
+	limit, ok := pageLimit(w, q)
+	if !ok {
+		return
+	}
+	if f.Before, ok = seqFromCursor(w, q); !ok {
 		return
 	}
 	if since := q.Get("since"); since != "" {
@@ -87,12 +92,19 @@ func (s *Server) events(w http.ResponseWriter, r *http.Request) {
 		}
 		f.Since = t
 	}
-	evs, err := s.o.Store.Events(r.Context(), f)
+	f.Limit = limit + 1 // one more tells whether there is a next page
+	evs, err := s.o.Store.LoggedEvents(r.Context(), f)
 	if err != nil {
 		s.internal(w, "list events", err)
 		return
 	}
 	out := api.EventList{Events: []api.Event{}}
+	if len(evs) > limit {
+		// The oldest is the extra one: the next page ends before the
+		// oldest of this one.
+		evs = evs[1:]
+		out.Next = encodeCursor(cursorEvents, strconv.FormatInt(evs[0].Seq, 10))
+	}
 	for _, e := range evs {
 		out.Events = append(out.Events, api.Event{At: e.At, Kind: e.Kind, Pool: e.Pool, Slot: e.Slot, InstanceID: e.InstanceID,
 			ReservationID: e.ReservationID, Actor: e.Actor, Reason: e.Reason})

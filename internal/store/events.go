@@ -19,6 +19,17 @@ type EventFilter struct {
 	// Limit keeps only the newest Limit matching events (still returned
 	// oldest first), like tail -n; 0 = all.
 	Limit int
+	// Before keeps only events logged before the one with this sequence
+	// number (a page's oldest), so that pages walk back through the log;
+	// 0 = up to the newest.
+	Before int64
+}
+
+// LoggedEvent is an event with its sequence number in the log: the order
+// events were written in, unique, never reused.
+type LoggedEvent struct {
+	Seq int64
+	scaler.Event
 }
 
 // insertEvents appends evs inside tx. An event without a time gets the
@@ -50,6 +61,19 @@ func (db *DB) insertEvents(ctx context.Context, tx *sql.Tx, evs []scaler.Event) 
 // Events returns the events f selects, oldest first (in the order they were
 // written).
 func (db *DB) Events(ctx context.Context, f EventFilter) ([]scaler.Event, error) {
+	les, err := db.LoggedEvents(ctx, f)
+	if err != nil {
+		return nil, err
+	}
+	var out []scaler.Event // nil when nothing matches, as before
+	for _, le := range les {
+		out = append(out, le.Event)
+	}
+	return out, nil
+}
+
+// LoggedEvents is Events with each event's sequence number.
+func (db *DB) LoggedEvents(ctx context.Context, f EventFilter) ([]LoggedEvent, error) {
 	var where []string
 	var args []any
 	if !f.Since.IsZero() {
@@ -63,6 +87,10 @@ func (db *DB) Events(ctx context.Context, f EventFilter) ([]scaler.Event, error)
 			where = append(where, c.col+" = ?")
 			args = append(args, c.val)
 		}
+	}
+	if f.Before > 0 {
+		where = append(where, "seq < ?")
+		args = append(args, f.Before)
 	}
 	q := "SELECT seq, at, kind, pool, slot, instance_id, reservation_id, actor, reason FROM events"
 	if len(where) > 0 {
@@ -79,7 +107,7 @@ func (db *DB) Events(ctx context.Context, f EventFilter) ([]scaler.Event, error)
 		return nil, fmt.Errorf("list events: %w", err)
 	}
 	defer rows.Close()
-	var out []scaler.Event
+	var out []LoggedEvent
 	for rows.Next() {
 		var ev scaler.Event
 		var seq, at int64
@@ -88,7 +116,7 @@ func (db *DB) Events(ctx context.Context, f EventFilter) ([]scaler.Event, error)
 			return nil, fmt.Errorf("list events: %w", err)
 		}
 		ev.At = fromNanos(at)
-		out = append(out, ev)
+		out = append(out, LoggedEvent{Seq: seq, Event: ev})
 	}
 	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("list events: %w", err)

@@ -63,8 +63,18 @@ func (db *DB) Forecasts(ctx context.Context) ([]scaler.Forecast, error) {
 // RecentForecasts returns at most limit forecasts, newest first, open or
 // ended: what an operator lists.
 func (db *DB) RecentForecasts(ctx context.Context, limit int) ([]scaler.Forecast, error) {
-	fs, err := db.queryForecasts(ctx, "SELECT "+forecastColumns+
-		" FROM forecasts ORDER BY created_at DESC, id DESC LIMIT ?", limit)
+	return db.ForecastPage(ctx, limit, ListKey{})
+}
+
+// ForecastPage returns at most limit forecasts after the one at after (zero:
+// from the newest), newest first by creation time, then by id descending.
+func (db *DB) ForecastPage(ctx context.Context, limit int, after ListKey) ([]scaler.Forecast, error) {
+	q, args := "SELECT "+forecastColumns+" FROM forecasts", []any{}
+	if !after.IsZero() {
+		w, a := after.where()
+		q, args = q+" WHERE "+w, a
+	}
+	fs, err := db.queryForecasts(ctx, q+" ORDER BY created_at DESC, id DESC LIMIT ?", append(args, limit)...)
 	if err != nil {
 		return nil, fmt.Errorf("list forecasts: %w", err)
 	}

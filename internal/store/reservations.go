@@ -21,6 +21,26 @@ type ReservationFilter struct {
 	States []scaler.ReservationState
 	Pool   string
 	Limit  int // at most this many, newest first; 0 = all
+	// After starts the list after this reservation (a page's last), in
+	// the list's order: newest first by creation time, then by id
+	// descending. Zero: from the newest.
+	After ListKey
+}
+
+// ListKey is a position in a list ordered by creation time and id (newest
+// first): the creation time and id of the item a page ended with.
+type ListKey struct {
+	CreatedAt time.Time
+	ID        string
+}
+
+// IsZero reports whether k is the start of the list.
+func (k ListKey) IsZero() bool { return k.CreatedAt.IsZero() && k.ID == "" }
+
+// where is the condition for rows after k in newest-first order.
+func (k ListKey) where() (string, []any) {
+	at := nanos(k.CreatedAt)
+	return "(created_at < ? OR (created_at = ? AND id < ?))", []any{at, at, k.ID}
 }
 
 // encodeFeatures stores features as a JSON array; nil and empty both become
@@ -95,6 +115,11 @@ func (db *DB) Reservations(ctx context.Context, f ReservationFilter) ([]scaler.R
 	if f.Pool != "" {
 		where = append(where, "pool = ?")
 		args = append(args, f.Pool)
+	}
+	if !f.After.IsZero() {
+		w, a := f.After.where()
+		where = append(where, w)
+		args = append(args, a...)
 	}
 	q := "SELECT " + reservationColumns + " FROM reservations"
 	if len(where) > 0 {
