@@ -8,7 +8,9 @@
 // github.com/negasus/haproxy-spoe-go v1.0.7 encodes only some values safely:
 // a negative integer panics its encoder (killing the process), and net.IP or
 // float64 values make it silently drop the ACK. This agent only ever sets
-// string variables, and recovers panics in its handler.
+// string variables, and recovers panics in its handler. Its decoder trusts
+// the peer just as much, so it only reads frames the guard (guard.go) has
+// bounded and checked.
 package spoa
 
 import (

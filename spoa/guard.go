@@ -9,8 +9,6 @@ import (
 	"os"
 	"sync"
 	"time"
-
-	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy"
 )
 
 // The guard stands between each accepted connection and the SPOE library.
@@ -50,82 +48,6 @@ import (
 // HAProxy itself never sends what the guard refuses: it keeps at most
 // max-waiting-frames (default 20) NOTIFYs unanswered per connection, offers
 // tune.bufsize-4 as max-frame-size (16380 by default) and speaks SPOP 2.0.
-
-// GuardOptions bounds what one SPOE connection may cost. Zero fields take
-// the defaults named after them.
-type GuardOptions struct {
-	// MaxFrameSize caps frames before HELLO and the max-frame-size the
-	// agent accepts (DefaultMaxFrameSize).
-	MaxFrameSize int
-	// HelloTimeout bounds the time from accept to a complete HELLO
-	// (DefaultHelloTimeout).
-	HelloTimeout time.Duration
-	// FrameTimeout bounds the time from a frame's first byte to its last
-	// (DefaultFrameTimeout).
-	FrameTimeout time.Duration
-	// IdleTimeout closes a connection that has had nothing in flight and
-	// sent nothing for this long (DefaultIdleTimeout).
-	IdleTimeout time.Duration
-	// WriteTimeout bounds each write to HAProxy (DefaultWriteTimeout).
-	WriteTimeout time.Duration
-	// MaxInFlight bounds a connection's unanswered NOTIFYs
-	// (DefaultMaxInFlight).
-	MaxInFlight int
-	// MaxInFlightTotal bounds unanswered NOTIFYs over all connections
-	// (DefaultMaxInFlightTotal).
-	MaxInFlightTotal int
-}
-
-// Defaults of GuardOptions.
-const (
-	// DefaultMaxFrameSize is HAProxy's default tune.bufsize, which its
-	// offered max-frame-size stays under.
-	DefaultMaxFrameSize = 16384
-	// DefaultHelloTimeout leaves room above the generated `timeout hello`
-	// (2s), after which HAProxy gives up on the connection itself.
-	DefaultHelloTimeout = 5 * time.Second
-	DefaultFrameTimeout = 5 * time.Second
-	// DefaultIdleTimeout is above SPOE's `timeout idle` so that HAProxy,
-	// not the agent, closes an idle connection in the normal case.
-	DefaultIdleTimeout  = haproxy.SPOEIdleTimeout + time.Minute
-	DefaultWriteTimeout = 10 * time.Second
-	// DefaultMaxInFlight is HAProxy's default max-waiting-frames.
-	DefaultMaxInFlight = 20
-	// DefaultMaxInFlightTotal bounds the frames the library holds to
-	// 1024 × 16 KiB = 16 MiB, and as many handler goroutines.
-	DefaultMaxInFlightTotal = 1024
-)
-
-func (o GuardOptions) withDefaults() GuardOptions {
-	def := func(v *int, d int) {
-		if *v <= 0 {
-			*v = d
-		}
-	}
-	defD := func(v *time.Duration, d time.Duration) {
-		if *v <= 0 {
-			*v = d
-		}
-	}
-	def(&o.MaxFrameSize, DefaultMaxFrameSize)
-	o.MaxFrameSize = max(o.MaxFrameSize, minMaxFrameSize)
-	def(&o.MaxInFlight, DefaultMaxInFlight)
-	def(&o.MaxInFlightTotal, DefaultMaxInFlightTotal)
-	defD(&o.HelloTimeout, DefaultHelloTimeout)
-	defD(&o.FrameTimeout, DefaultFrameTimeout)
-	defD(&o.IdleTimeout, DefaultIdleTimeout)
-	defD(&o.WriteTimeout, DefaultWriteTimeout)
-	return o
-}
-
-// connState is implemented by connections whose listener may evict idle
-// ones when it runs out of room: Busy marks the connection as not to be
-// evicted, Idle as evictable. Before either is called a connection counts
-// as new, the first to go. Implementations must not block.
-type connState interface {
-	Busy()
-	Idle()
-}
 
 // guard holds what all of an agent's connections share.
 type guard struct {
