@@ -8,7 +8,9 @@
 // github.com/negasus/haproxy-spoe-go v1.0.7 encodes only some values safely:
 // a negative integer panics its encoder (killing the process), and net.IP or
 // float64 values make it silently drop the ACK. This agent only ever sets
-// string variables, and recovers panics in its handler.
+// string variables, and recovers panics in its handler. Its decoder trusts
+// the peer just as much, so it only reads frames the guard (guard.go) has
+// bounded and checked.
 package spoa
 
 import (
@@ -45,6 +47,9 @@ type Options struct {
 	Registerer prometheus.Registerer
 	// Clock times decisions and holds (nil: clock.Real).
 	Clock clock.Clock
+	// Guard bounds each HAProxy connection (guard.go); zero fields take
+	// the defaults.
+	Guard GuardOptions
 }
 
 // slotView is what the agent knows of one slot between two reconcile rounds.
@@ -59,8 +64,9 @@ type slotView struct {
 // each reconcile round; between rounds it counts the connections it sent
 // itself, so a burst is spread over the builders.
 type Agent struct {
-	o Options
-	m *metrics
+	o     Options
+	m     *metrics
+	guard *guard
 
 	mu      sync.Mutex
 	pools   map[string][]slotView
@@ -80,8 +86,18 @@ func New(o Options) *Agent {
 	if o.Clock == nil {
 		o.Clock = clock.Real{}
 	}
-	return &Agent{o: o, m: newMetrics(o.Registerer), pools: map[string][]slotView{},
+	a := &Agent{o: o, pools: map[string][]slotView{},
 		picks: map[scaler.SlotKey]int{}, held: map[string]int{}, changed: make(chan struct{})}
+	a.guard = newGuard(o.Guard, a.refused)
+	a.m = newMetrics(o.Registerer, a.guard)
+	return a
+}
+
+// refused counts and logs a connection the guard closed.
+func (a *Agent) refused(remote net.Addr, err *protocolError) {
+	a.m.guardClosed.WithLabelValues(err.reason.String()).Inc()
+	a.o.Logger.Warn("spoa: closed a malformed or stalled SPOE connection", "remote", remote.String(),
+		"reason", err.reason.String(), "detail", err.detail)
 }
 
 // Update replaces the agent's routing table with the fleet as the
@@ -121,7 +137,7 @@ func (a *Agent) Held() map[string]int {
 // Serve answers HAProxy on ln until ctx ends; then it closes the listener
 // and every connection HAProxy opened, so HAProxy sees the agent gone.
 func (a *Agent) Serve(ctx context.Context, ln net.Listener) error {
-	tl := &trackingListener{Listener: ln, conns: map[net.Conn]struct{}{}}
+	tl := &trackingListener{Listener: ln, guard: a.guard, conns: map[net.Conn]struct{}{}}
 	stop := context.AfterFunc(ctx, tl.closeAll)
 	defer stop()
 	err := agent.New(a.handle, spoeLogger{a.o.Logger}).Serve(tl)
@@ -132,9 +148,11 @@ func (a *Agent) Serve(ctx context.Context, ln net.Listener) error {
 }
 
 // trackingListener remembers accepted connections so that they can be
-// closed with the listener (the SPOE library does not track them).
+// closed with the listener (the SPOE library does not track them), and
+// hands the library each one behind the guard.
 type trackingListener struct {
 	net.Listener
+	guard  *guard
 	mu     sync.Mutex
 	conns  map[net.Conn]struct{}
 	closed bool
@@ -153,7 +171,7 @@ func (l *trackingListener) Accept() (net.Conn, error) {
 	}
 	tc := &trackedConn{Conn: c, l: l}
 	l.conns[tc] = struct{}{}
-	return tc, nil
+	return l.guard.wrap(tc, c), nil
 }
 
 func (l *trackingListener) closeAll() {
@@ -378,9 +396,11 @@ type metrics struct {
 	beConn          *prometheus.GaugeVec
 	nbSrv           *prometheus.GaugeVec
 	decisionSeconds prometheus.Histogram
+	guardClosed     *prometheus.CounterVec
+	guardInFlight   prometheus.GaugeFunc
 }
 
-func newMetrics(reg prometheus.Registerer) *metrics {
+func newMetrics(reg prometheus.Registerer, g *guard) *metrics {
 	const ns = scaler.MetricsNamespace
 	m := &metrics{
 		connections: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "spoa_connections_total",
@@ -398,9 +418,15 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		decisionSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Name: "spoa_decision_seconds",
 			Help:    "Time to answer a connection, holds included.",
 			Buckets: []float64{0.0001, 0.0005, 0.001, 0.005, 0.05, 1, 10, 60, 300}}),
+		guardClosed: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "spoa_guard_closed_connections_total",
+			Help: "SPOE connections the agent closed for malformed frames, protocol violations or timeouts, by reason."}, []string{"reason"}),
+		guardInFlight: prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: ns, Name: "spoa_frames_in_flight",
+			Help: "NOTIFY frames handed to the SPOE library and not yet answered, over all connections."},
+			func() float64 { return float64(len(g.slots)) }),
 	}
 	if reg != nil {
-		reg.MustRegister(m.connections, m.decisions, m.held, m.queue, m.beConn, m.nbSrv, m.decisionSeconds)
+		reg.MustRegister(m.connections, m.decisions, m.held, m.queue, m.beConn, m.nbSrv, m.decisionSeconds,
+			m.guardClosed, m.guardInFlight)
 	}
 	return m
 }

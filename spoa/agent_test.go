@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/negasus/haproxy-spoe-go/action"
-	"github.com/negasus/haproxy-spoe-go/message"
 	"github.com/negasus/haproxy-spoe-go/request"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
@@ -170,13 +169,10 @@ func TestHoldLimitRejects(t *testing.T) {
 }
 
 func notify(args map[string]any) *request.Request {
-	req := request.AcquireRequest()
-	m := message.AcquireMessage()
-	m.Name = wire.Message
+	req, m := newRequest(wire.Message)
 	for k, v := range args {
 		m.KV.Add(k, v)
 	}
-	*req.Messages = append(*req.Messages, m)
 	return req
 }
 

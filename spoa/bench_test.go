@@ -14,9 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/negasus/haproxy-spoe-go/client"
 	"github.com/negasus/haproxy-spoe-go/frame"
-	"github.com/negasus/haproxy-spoe-go/message"
 	"github.com/negasus/haproxy-spoe-go/request"
 	"github.com/negasus/haproxy-spoe-go/typeddata"
 	"github.com/negasus/haproxy-spoe-go/varint"
@@ -108,13 +106,10 @@ func BenchmarkDecideParallel(b *testing.B) {
 // benchNotify is a NOTIFY's messages as the library hands them to the
 // handler, with the arguments the generated config sends.
 func benchNotify() *request.Request {
-	req := request.AcquireRequest()
-	m := message.AcquireMessage()
-	m.Name = wire.Message
+	req, m := newRequest(wire.Message)
 	for _, kv := range benchArgs {
 		m.KV.Add(kv.name, kv.value)
 	}
-	*req.Messages = append(*req.Messages, m)
 	return req
 }
 
@@ -134,7 +129,7 @@ func BenchmarkHandle(b *testing.B) {
 	a := benchAgent(8)
 	lat := make([]time.Duration, 0, 1<<20)
 	for b.Loop() {
-		req := benchNotify() // pooled, as the library does per frame
+		req := benchNotify()
 		start := time.Now()
 		a.handle(req)
 		d := time.Since(start)
@@ -144,7 +139,6 @@ func BenchmarkHandle(b *testing.B) {
 		if len(lat) < cap(lat) {
 			lat = append(lat, d)
 		}
-		request.ReleaseRequest(req)
 	}
 	reportPercentiles(b, lat)
 }
@@ -171,11 +165,8 @@ func BenchmarkSPOPRoundTrip(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer conn.Close()
-	cl := client.NewClient(conn)
-	if err := cl.Init(); err != nil { // HAPROXY-HELLO / AGENT-HELLO
-		b.Fatal(err)
-	}
 	r := bufio.NewReader(conn)
+	handshake(b, conn, r)
 	var ack []byte
 	lat := make([]time.Duration, 0, 1<<20)
 	id := uint64(0)

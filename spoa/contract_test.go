@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/negasus/haproxy-spoe-go/action"
-	"github.com/negasus/haproxy-spoe-go/message"
 	"github.com/negasus/haproxy-spoe-go/request"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
@@ -156,13 +155,10 @@ func TestGeneratedConfigAgreesWithAgent(t *testing.T) {
 				}
 			}
 			notify := func() *request.Request {
-				req := request.AcquireRequest()
-				m := message.AcquireMessage()
-				m.Name = msg.name
+				req, m := newRequest(msg.name)
 				for _, a := range msg.args {
 					m.KV.Add(a.name, values[a.name])
 				}
-				*req.Messages = append(*req.Messages, m)
 				return req
 			}
 			// answer runs the agent's NOTIFY handler on one message and
