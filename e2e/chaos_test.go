@@ -84,10 +84,11 @@ const (
 	faultCapacity       = "capacity-outage"  // every RunInstances: InsufficientInstanceCapacity for a while
 	faultThrottle       = "throttle-burst"   // most EC2 calls: RequestLimitExceeded for a while
 	faultReclaim        = "reclaim"          // an instance terminated behind the daemon's back
+	faultHostile        = "hostile-traffic"  // malformed SPOP frames, idle and slow clients on every listener
 )
 
 var chaosFaults = []string{faultKill, faultKillLaunch, faultKillTerminate, faultHAProxyRestart,
-	faultListeners, faultCapacity, faultThrottle, faultReclaim}
+	faultListeners, faultCapacity, faultThrottle, faultReclaim, faultHostile}
 
 // Client-side reservation states.
 const (
@@ -146,7 +147,9 @@ type chaos struct {
 	hp       *haproxytest.Instance
 	agent    *flakyPort
 	spoa     *flakyPort
-	d        *daemonProc
+	// The daemon's own agent-check and SPOE ports, behind the flaky ones.
+	daemonAgent, daemonSPOA string
+	d                       *daemonProc
 	rng      *rand.Rand
 
 	// calls counts client calls that can be acknowledged (create,
@@ -330,6 +333,7 @@ ssh_port = %[15]d
 	// The daemon listens on its own ports; HAProxy reaches them through
 	// the flaky ports.
 	daemonAgent, daemonSPOA := fmt.Sprintf("127.0.0.1:%d", port()), fmt.Sprintf("127.0.0.1:%d", port())
+	c.daemonAgent, c.daemonSPOA = daemonAgent, daemonSPOA
 	c.agent = newFlakyPort(t, fmt.Sprintf("127.0.0.1:%d", agentPort), daemonAgent)
 	c.spoa = newFlakyPort(t, fmt.Sprintf("127.0.0.1:%d", spoaPort), daemonSPOA)
 	c.cfgPath = filepath.Join(dir, "config.toml")
@@ -694,6 +698,8 @@ func (c *chaos) fault(f string) string {
 		c.proxy.outageFor(time.Duration(1000+c.rng.IntN(3000)) * time.Millisecond)
 	case faultThrottle:
 		c.proxy.throttleFor(time.Duration(1000+c.rng.IntN(2000)) * time.Millisecond)
+	case faultHostile:
+		c.hostileTraffic()
 	case faultReclaim:
 		running := c.farm.running()
 		if len(running) == 0 {
