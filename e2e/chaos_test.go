@@ -150,7 +150,7 @@ type chaos struct {
 	// The daemon's own agent-check and SPOE ports, behind the flaky ones.
 	daemonAgent, daemonSPOA string
 	d                       *daemonProc
-	rng      *rand.Rand
+	rng                     *rand.Rand
 
 	// calls counts client calls that can be acknowledged (create,
 	// release) from just before they are sent until their answer is
