@@ -257,7 +257,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 		lns = append(lns, ls.limit("metrics", ml, maxMetricsConns))
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", promhttp.HandlerFor(d.reg, promhttp.HandlerOpts{Registry: d.reg}))
-		servers = append(servers, limitedHTTP(mux))
+		msrv := limitedHTTP(mux)
+		// A scrape is one bounded answer: a client that stops reading it
+		// must not keep its connection busy (never evicted) for ever.
+		msrv.WriteTimeout = metricsWriteTimeout
+		servers = append(servers, msrv)
 	}
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()

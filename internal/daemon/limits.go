@@ -31,6 +31,9 @@ const (
 	maxSPOAConns = 512
 )
 
+// metricsWriteTimeout bounds a scrape, from its request to its last byte.
+const metricsWriteTimeout = 30 * time.Second
+
 // fdsBeyondListeners is what the daemon needs besides its listeners: the
 // database, HAProxy's runtime socket, EC2 and Tailscale clients, logs.
 const fdsBeyondListeners = 256
