@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
 	"io"
 	"net"
 	"os"
@@ -57,6 +58,10 @@ type guard struct {
 	closed func(remote net.Addr, err *protocolError)
 }
 
+// wall is the guard's clock: its times become the kernel's socket deadlines,
+// which only the wall clock drives.
+var wall clock.Real
+
 func newGuard(o GuardOptions, closed func(net.Addr, *protocolError)) *guard {
 	o = o.withDefaults()
 	return &guard{o: o, slots: make(chan struct{}, o.MaxInFlightTotal), closed: closed}
@@ -66,7 +71,7 @@ func newGuard(o GuardOptions, closed func(net.Addr, *protocolError)) *guard {
 // hook (connState) is used if it has one.
 func (g *guard) wrap(conn, origin net.Conn) *guardConn {
 	c := &guardConn{Conn: conn, g: g, maxFrame: uint32(g.o.MaxFrameSize),
-		helloBy: time.Now().Add(g.o.HelloTimeout), wake: make(chan struct{}, 1), done: make(chan struct{})}
+		helloBy: wall.Now().Add(g.o.HelloTimeout), wake: make(chan struct{}, 1), done: make(chan struct{})}
 	c.hook, _ = origin.(connState)
 	return c
 }
@@ -189,7 +194,7 @@ func (c *guardConn) readFrame() ([]byte, error) {
 		return nil, err
 	}
 	c.setReading(true)
-	deadline := time.Now().Add(c.g.o.FrameTimeout)
+	deadline := wall.Now().Add(c.g.o.FrameTimeout)
 	if c.phase == phaseHello {
 		deadline = c.helloBy
 	}
@@ -211,7 +216,7 @@ func (c *guardConn) readFrame() ([]byte, error) {
 	if _, err := io.ReadFull(c.Conn, buf[4:]); err != nil {
 		return nil, c.midFrameErr(err)
 	}
-	c.lastFrame = time.Now()
+	c.lastFrame = wall.Now()
 	return buf, nil
 }
 
@@ -247,7 +252,7 @@ func (c *guardConn) awaitFrame(b []byte) error {
 func (c *guardConn) idleDeadline() (time.Time, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	now := time.Now()
+	now := wall.Now()
 	if c.inflight > 0 {
 		return now.Add(c.g.o.IdleTimeout), false
 	}
@@ -382,7 +387,7 @@ func (c *guardConn) acked(n int) {
 	c.mu.Lock()
 	n = min(n, c.inflight)
 	c.inflight -= n
-	c.lastAck = time.Now()
+	c.lastAck = wall.Now()
 	c.updateHook()
 	c.mu.Unlock()
 	c.release(n)

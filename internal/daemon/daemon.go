@@ -227,7 +227,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 			l.Close()
 		}
 	}
-	ls := newListeners()
+	ls := newListeners(d.o.Clock)
 	defer ls.stop()
 	ul, err := ListenUnix(d.cfg.Daemon.Socket, d.cfg.Daemon.SocketGroup)
 	if err != nil {

@@ -9,6 +9,7 @@ import (
 	"syscall"
 	"time"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/connlimit"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/metrics"
 )
@@ -45,41 +46,70 @@ const reliefAfter = 5 * time.Second
 
 // listeners caps each listener of the daemon and reports them as metrics.
 type listeners struct {
-	m      *metrics.Listeners
-	sum    int
-	relief *time.Timer
+	m    *metrics.Listeners
+	sum  int
+	poke chan struct{} // a listener was full, or drained after being full
+	done chan struct{}
 }
 
-func newListeners() *listeners {
-	ls := &listeners{m: metrics.NewListeners()}
-	// A flood leaves the heap and goroutine stacks it grew to the
-	// runtime, which keeps them until its next collection (up to two
-	// minutes when nothing allocates) and releases them slowly after:
-	// tens of MiB of RSS for a daemon that needs a few. Once a full
-	// listener has emptied to half and reliefAfter has passed without one
-	// being full again, hand them back at once.
-	ls.relief = time.AfterFunc(time.Hour, func() {
+// newListeners starts the relief: a flood leaves the heap and goroutine
+// stacks it grew to the runtime, which keeps them until its next collection
+// (up to two minutes when nothing allocates) and releases them slowly
+// after: tens of MiB of RSS for a daemon that needs a few. Once a full
+// listener has emptied to half and reliefAfter has passed without one being
+// full again, they are handed back at once.
+func newListeners(clk clock.Clock) *listeners {
+	ls := &listeners{m: metrics.NewListeners(), poke: make(chan struct{}, 1), done: make(chan struct{})}
+	go ls.relieve(clk)
+	return ls
+}
+
+func (ls *listeners) relieve(clk clock.Clock) {
+	for {
+		select {
+		case <-ls.poke:
+		case <-ls.done:
+			return
+		}
+		// Wait until reliefAfter passes without another poke.
+		for quiet := false; !quiet; {
+			t := clk.NewTimer(reliefAfter)
+			select {
+			case <-ls.poke:
+				t.Stop()
+			case <-t.C():
+				quiet = true
+			case <-ls.done:
+				t.Stop()
+				return
+			}
+		}
 		// Two collections: buffers pooled by net/http and the SPOE
 		// library survive the first one in sync.Pool's victim cache.
 		runtime.GC()
 		debug.FreeOSMemory()
-	})
-	ls.relief.Stop()
-	return ls
+	}
+}
+
+func (ls *listeners) pokeRelief() {
+	select {
+	case ls.poke <- struct{}{}:
+	default:
+	}
 }
 
 // limit caps ln at n connections, reported as name.
 func (ls *listeners) limit(name string, ln net.Listener, n int) *connlimit.Listener {
 	l := connlimit.New(ln, n)
-	l.OnFull(func() { ls.relief.Reset(reliefAfter) })
-	l.OnDrained(func() { ls.relief.Reset(reliefAfter) })
+	l.OnFull(ls.pokeRelief)
+	l.OnDrained(ls.pokeRelief)
 	ls.m.Add(name, l)
 	ls.sum += n
 	return l
 }
 
-// stop cancels a pending relief.
-func (ls *listeners) stop() { ls.relief.Stop() }
+// stop ends the relief.
+func (ls *listeners) stop() { close(ls.done) }
 
 // limitedHTTP returns an HTTP server for a capped listener: a connection whose
 // request reached h is not evicted while it is answered.
