@@ -4,12 +4,13 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
 	"io"
 	"net"
 	"os"
 	"sync"
 	"time"
+
+	"guardianproject.dev/ops/nix-builder-autoscaler/clock"
 )
 
 // The guard stands between each accepted connection and the SPOE library.
