@@ -289,7 +289,9 @@ type fakeQueue struct {
 	err   error
 }
 
-func (q fakeQueue) QueueAttributes(context.Context, string) (map[string]string, error) { return q.attrs, q.err }
+func (q fakeQueue) QueueAttributes(context.Context, string) (map[string]string, error) {
+	return q.attrs, q.err
+}
 
 func TestQueueCheck(t *testing.T) {
 	const url = "https://sqs.us-east-1.amazonaws.com/123456789012/spot-interruptions"
