@@ -28,6 +28,10 @@ Commands:
   haproxy-config --config FILE (--out DIR | --stdout) [--spoe-path PATH]
                            render HAProxy's config and SPOE file from the same
                            config file the daemon reads
+  preflight --config FILE [--json]
+                           check, with read-only and DryRun calls, that AWS,
+                           Tailscale and HAProxy answer as the config needs;
+                           exit 1 naming the fix of each failure
   simulate --config FILE --trace FILE [--seed N] [--json] [--sweep KEY=V1,V2,... --svg OUT]
                            replay a build trace against the scaling policy and
                            baselines (simulate --generate ... writes a trace)
@@ -56,6 +60,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return haproxyConfigCmd(args, stdout, stderr)
 	case "simulate":
 		return simulateCmd(args, stdout, stderr)
+	case "preflight":
+		return preflightCmd(args, stdout, stderr)
 	case "demo":
 		return demo(args, stdout, stderr)
 	case "local-builder":

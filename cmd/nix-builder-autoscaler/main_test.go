@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/ec2/ec2test"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/local"
 )
 
@@ -21,7 +22,9 @@ func TestMain(m *testing.M) {
 	if os.Getenv(runMainEnv) == "1" {
 		os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 	}
-	os.Exit(m.Run())
+	code := m.Run()
+	ec2test.StopMoto() // the preflight tests' moto_server, if started
+	os.Exit(code)
 }
 
 const testdata = "../../internal/config/testdata"

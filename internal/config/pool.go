@@ -4,6 +4,7 @@ import (
 	"time"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+	ec2prov "guardianproject.dev/ops/nix-builder-autoscaler/scaler/ec2"
 )
 
 // What a pool's settings mean beyond their values.
@@ -36,4 +37,18 @@ func DefaultBillingMinimum(provider string) Duration {
 		return NewDuration(time.Minute)
 	}
 	return NewDuration(0)
+}
+
+// PoolOptions are the EC2 provider's settings of the pool: what the daemon
+// launches with, and what preflight dry-runs.
+func (e EC2) PoolOptions() ec2prov.PoolOptions {
+	version := e.LaunchTemplateVersion
+	if e.LaunchTemplateID == "" && e.LaunchTemplateName == "" {
+		version = "" // the default "$Default" means nothing without a template
+	}
+	return ec2prov.PoolOptions{LaunchTemplateID: e.LaunchTemplateID, LaunchTemplateName: e.LaunchTemplateName,
+		LaunchTemplateVersion: version, AMI: e.AMI, InstanceTypes: e.InstanceTypes, Subnets: e.Subnets,
+		SecurityGroups: e.SecurityGroups, InstanceProfile: e.InstanceProfile, KeyName: e.KeyName,
+		RootVolumeGB: e.RootVolumeGB, RootDeviceName: e.RootDeviceName, UserData: e.UserData, Market: e.Market,
+		OnDemandFallback: e.OnDemandFallback, NestedVirtualization: e.NestedVirtualization, UnavailableFor: e.UnavailableFor.D()}
 }

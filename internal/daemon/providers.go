@@ -95,15 +95,7 @@ func (d *Daemon) ec2Providers(pools []config.Pool, out map[string]scaler.Provide
 		popts := map[string]ec2prov.PoolOptions{}
 		for _, p := range groups[k] {
 			e := p.EC2
-			version := e.LaunchTemplateVersion
-			if e.LaunchTemplateID == "" && e.LaunchTemplateName == "" {
-				version = "" // the default "$Default" means nothing without a template
-			}
-			popts[p.Name] = ec2prov.PoolOptions{LaunchTemplateID: e.LaunchTemplateID, LaunchTemplateName: e.LaunchTemplateName,
-				LaunchTemplateVersion: version, AMI: e.AMI, InstanceTypes: e.InstanceTypes, Subnets: e.Subnets,
-				SecurityGroups: e.SecurityGroups, InstanceProfile: e.InstanceProfile, KeyName: e.KeyName,
-				RootVolumeGB: e.RootVolumeGB, RootDeviceName: e.RootDeviceName, UserData: e.UserData, Market: e.Market,
-				OnDemandFallback: e.OnDemandFallback, NestedVirtualization: e.NestedVirtualization, UnavailableFor: e.UnavailableFor.D()}
+			popts[p.Name] = e.PoolOptions()
 			dopts.Pools[p.Name] = discovery.PoolSource{Source: e.Discovery, Port: e.SSHPort}
 		}
 		if d.o.EC2 != nil {

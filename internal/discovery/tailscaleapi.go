@@ -101,6 +101,47 @@ func (a *TailscaleAPI) DeleteDevice(ctx context.Context, id string) error {
 	return fmt.Errorf("tailscale API: delete device %s: %s: %s%s", id, resp.Status, msg, hint)
 }
 
+// CheckKey proves the key works without changing anything: it lists the
+// tailnet's devices (GET /api/v2/tailnet/{tailnet}/devices), which a key
+// that may delete devices may also do. It returns how many there are.
+func (a *TailscaleAPI) CheckKey(ctx context.Context) (int, error) {
+	if a.key == "" {
+		return 0, errors.New("tailscale API: no API key (tailscale.api_key_file is empty)")
+	}
+	if a.Timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, a.Timeout)
+		defer cancel()
+	}
+	u := a.base + "/api/v2/tailnet/" + url.PathEscape(a.tailnet) + "/devices"
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return 0, fmt.Errorf("tailscale API: list devices: %w", err)
+	}
+	req.Header.Set("Authorization", "Bearer "+a.key)
+	req.Header.Set("Accept", "application/json")
+	resp, err := a.client.Do(req)
+	if err != nil {
+		return 0, fmt.Errorf("tailscale API: list devices: %w", err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, maxStatusBytes))
+	if resp.StatusCode != http.StatusOK {
+		hint := ""
+		if resp.StatusCode == http.StatusUnauthorized || resp.StatusCode == http.StatusForbidden {
+			hint = " (check the key in tailscale.api_key_file: API access tokens expire after at most 90 days)"
+		}
+		return 0, fmt.Errorf("tailscale API: list devices of tailnet %s: %s: %s%s", a.tailnet, resp.Status, apiMessage(body), hint)
+	}
+	var doc struct {
+		Devices []json.RawMessage `json:"devices"`
+	}
+	if err := json.Unmarshal(body, &doc); err != nil {
+		return 0, fmt.Errorf("tailscale API: list devices: unreadable answer: %w", err)
+	}
+	return len(doc.Devices), nil
+}
+
 // apiMessage is the "message" of a Tailscale API error body, or the body's
 // start.
 func apiMessage(body []byte) string {

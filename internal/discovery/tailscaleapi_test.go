@@ -126,3 +126,33 @@ func TestNewTailscaleAPIDefaults(t *testing.T) {
 		t.Errorf("base %q tailnet %q", a.base, a.Tailnet())
 	}
 }
+
+func TestCheckKey(t *testing.T) {
+	var paths []string
+	var mu sync.Mutex
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		paths = append(paths, r.Method+" "+r.URL.EscapedPath())
+		mu.Unlock()
+		if r.Header.Get("Authorization") != "Bearer tskey-api-good" {
+			w.WriteHeader(http.StatusUnauthorized)
+			io.WriteString(w, `{"message":"API token invalid"}`)
+			return
+		}
+		io.WriteString(w, `{"devices":[{"id":"1"},{"id":"2"}]}`)
+	}))
+	defer srv.Close()
+	n, err := NewTailscaleAPI(srv.URL, "", "tskey-api-good\n").CheckKey(context.Background())
+	if err != nil || n != 2 {
+		t.Fatalf("CheckKey with a good key = %d, %v; want 2 devices", n, err)
+	}
+	_, err = NewTailscaleAPI(srv.URL, "example.com", "tskey-api-bad").CheckKey(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "API token invalid") || !strings.Contains(err.Error(), "api_key_file") {
+		t.Fatalf("CheckKey with a bad key: %v; want the API's message and the key file named", err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if want := []string{"GET /api/v2/tailnet/-/devices", "GET /api/v2/tailnet/example.com/devices"}; strings.Join(paths, "|") != strings.Join(want, "|") {
+		t.Fatalf("requests %q, want %q (read-only calls)", paths, want)
+	}
+}

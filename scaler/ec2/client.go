@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -74,18 +75,37 @@ func NewClient(ctx context.Context, region, endpoint string) (*ec2.Client, error
 }
 
 func newClient(ctx context.Context, region, endpoint string, tune func(*retry.StandardOptions)) (*ec2.Client, error) {
-	opts := []func(*config.LoadOptions) error{
-		config.WithRetryer(func() aws.Retryer {
-			return retry.NewStandard(func(o *retry.StandardOptions) {
-				o.MaxAttempts = maxAttempts
-				o.MaxBackoff = maxBackoff
-				o.RateLimiter = ratelimit.None
-				if tune != nil {
-					tune(o)
-				}
-			})
-		}),
+	cfg, err := loadConfig(ctx, region, endpoint, config.WithRetryer(func() aws.Retryer {
+		return retry.NewStandard(func(o *retry.StandardOptions) {
+			o.MaxAttempts = maxAttempts
+			o.MaxBackoff = maxBackoff
+			o.RateLimiter = ratelimit.None
+			if tune != nil {
+				tune(o)
+			}
+		})
+	}))
+	if err != nil {
+		return nil, fmt.Errorf("ec2 client: %w", err)
 	}
+	return ec2.NewFromConfig(cfg, func(o *ec2.Options) {
+		if endpoint != "" {
+			o.BaseEndpoint = aws.String(endpoint)
+		}
+	}), nil
+}
+
+// AWSConfig is the SDK configuration NewClient builds its client from
+// (region, credentials; the SDK's default retryer), for clients of other
+// services that must see the same account: preflight's STS and IAM
+// clients. With an endpoint, those clients need it as their BaseEndpoint
+// too.
+func AWSConfig(ctx context.Context, region, endpoint string) (aws.Config, error) {
+	return loadConfig(ctx, region, endpoint)
+}
+
+func loadConfig(ctx context.Context, region, endpoint string, extra ...func(*config.LoadOptions) error) (aws.Config, error) {
+	opts := slices.Clone(extra)
 	if region != "" {
 		opts = append(opts, config.WithRegion(region))
 	}
@@ -94,17 +114,16 @@ func newClient(ctx context.Context, region, endpoint string, tune func(*retry.St
 	}
 	cfg, err := config.LoadDefaultConfig(ctx, opts...)
 	if err != nil {
-		return nil, fmt.Errorf("ec2 client: load AWS config: %w", err)
+		return aws.Config{}, fmt.Errorf("load AWS config: %w", err)
 	}
 	if cfg.Region == "" {
-		return nil, errors.New("ec2 client: no region (set the pool's region or AWS_REGION)")
+		return aws.Config{}, ErrNoRegion
 	}
-	return ec2.NewFromConfig(cfg, func(o *ec2.Options) {
-		if endpoint != "" {
-			o.BaseEndpoint = aws.String(endpoint)
-		}
-	}), nil
+	return cfg, nil
 }
+
+// ErrNoRegion: neither the pool nor the environment names a region.
+var ErrNoRegion = errors.New("no region (set the pool's region or AWS_REGION)")
 
 // callOpts are the per-call options the provider passes with every request
 // of operation op: a middleware right after the SDK's retry middleware, so

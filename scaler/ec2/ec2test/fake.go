@@ -73,15 +73,18 @@ type Fake struct {
 	RunHook       func(in *ec2.RunInstancesInput) error
 	DescribeHook  func(in *ec2.DescribeInstancesInput) error
 	TerminateHook func(in *ec2.TerminateInstancesInput) error
+	// Images are the AMIs that exist (nil: every image id exists).
+	Images []string
 
-	mu        sync.Mutex
-	instances []*instance // in launch order
-	byID      map[string]*instance
-	tokens    map[string]tokenUse
-	fail      map[string][]error
-	noCap     []offering
-	calls     []Call
-	seq       int
+	mu         sync.Mutex
+	instances  []*instance // in launch order
+	byID       map[string]*instance
+	tokens     map[string]tokenUse
+	fail       map[string][]error
+	noCap      []offering
+	notOffered [][2]string // instance type, zone (NotOffered)
+	calls      []Call
+	seq        int
 }
 
 type instance struct {

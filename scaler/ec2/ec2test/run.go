@@ -39,6 +39,9 @@ func (f *Fake) run(ctx context.Context, in *ec2.RunInstancesInput) (*ec2.RunInst
 	if err := checkRunInput(in); err != nil {
 		return nil, err
 	}
+	if err := f.checkPreflight(in); err != nil {
+		return nil, err
+	}
 	market := runMarket(in)
 	typ, subnet := string(in.InstanceType), aws.ToString(in.SubnetId)
 	fp := fingerprint(in)
