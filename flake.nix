@@ -16,7 +16,7 @@
       # The NAR hash of `go mod vendor`'s output. After a change to go.mod or
       # go.sum, run scripts/update-vendor-hash (scripts/test-nix fails while
       # this is stale).
-      vendorHash = "sha256-x/UKqeTC6HAO8GdR/UBJyNHQVI/QY5+KdSbiNVL4i3A=";
+      vendorHash = "sha256-bF17wS66/vq6cbVVGC948Yde7tsJ6Wu+mzc9JRYh3Rw=";
 
       # go.mod says go 1.26.
       goBuilder = pkgs: pkgs.buildGo126Module or pkgs.buildGoModule;
