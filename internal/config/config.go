@@ -152,8 +152,19 @@ type Tailscale struct {
 	// APIKeyFile, when set, lets the daemon delete a terminated builder's
 	// device from the tailnet through Tailscale's API.
 	APIKeyFile string `toml:"api_key_file"`
-	Tailnet    string `toml:"tailnet"`
-	APIURL     string `toml:"api_url"`
+	// OAuthClientID and OAuthClientSecretFile do the same with an OAuth
+	// client (scope devices:core), which unlike an API key does not
+	// expire. They go together, and exclude APIKeyFile.
+	OAuthClientID         string `toml:"oauth_client_id"`
+	OAuthClientSecretFile string `toml:"oauth_client_secret_file"`
+	Tailnet               string `toml:"tailnet"`
+	APIURL                string `toml:"api_url"`
+}
+
+// DeletesDevices tells whether credentials for Tailscale's API are set, so
+// that the daemon deletes terminated builders' devices.
+func (t Tailscale) DeletesDevices() bool {
+	return t.APIKeyFile != "" || t.OAuthClientID != "" || t.OAuthClientSecretFile != ""
 }
 
 // HAProxy is the [haproxy] table: how the daemon and HAProxy reach each

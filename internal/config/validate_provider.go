@@ -130,11 +130,36 @@ func (v *validator) tailscale(t Tailscale, used bool) {
 	} else if _, err := template.New("hostname").Parse(t.Hostname); err != nil {
 		v.add(p+"hostname", "is not a valid Go text/template (%s)", err)
 	}
-	if t.APIKeyFile != "" {
+	v.tailscaleCredentials(t)
+}
+
+// tailscaleCredentials checks the credentials for deleting devices: an API
+// key file, or an OAuth client's id and secret file, or neither.
+func (v *validator) tailscaleCredentials(t Tailscale) {
+	const p = "tailscale."
+	if !t.DeletesDevices() {
+		return
+	}
+	oauth := t.OAuthClientID != "" || t.OAuthClientSecretFile != ""
+	switch {
+	case t.APIKeyFile != "" && oauth:
+		v.add(p+"api_key_file", "is set together with tailscale.oauth_client_id/oauth_client_secret_file; use one: the OAuth client (it does not expire), and remove api_key_file")
+	case t.APIKeyFile != "":
 		v.absPath(p+"api_key_file", t.APIKeyFile, `like "/run/secrets/tailscale-api-key"`)
-		if u, err := url.Parse(t.APIURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			v.add(p+"api_url", "%q is not an http(s) URL", t.APIURL)
+	case t.OAuthClientID == "":
+		v.add(p+"oauth_client_id", "is required with oauth_client_secret_file; give the OAuth client's id (Tailscale admin console, Settings > OAuth clients), like \"k123456CNTRL\"")
+	case t.OAuthClientSecretFile == "":
+		v.add(p+"oauth_client_secret_file", `is required with oauth_client_id; give the absolute path of a file holding the client's secret, like "/run/secrets/tailscale-oauth-secret"`)
+	default:
+		if strings.HasPrefix(strings.TrimSpace(t.OAuthClientID), "tskey-") {
+			v.add(p+"oauth_client_id", "looks like a secret (it starts with \"tskey-\"); give the client's id here and put the secret in the file named by oauth_client_secret_file")
+		} else if strings.ContainsAny(t.OAuthClientID, " \t\r\n/") {
+			v.add(p+"oauth_client_id", "%q is not an OAuth client id; give the id Tailscale shows for the client, like \"k123456CNTRL\"", Clip(t.OAuthClientID))
 		}
+		v.absPath(p+"oauth_client_secret_file", t.OAuthClientSecretFile, `like "/run/secrets/tailscale-oauth-secret"`)
+	}
+	if u, err := url.Parse(t.APIURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		v.add(p+"api_url", "%q is not an http(s) URL", t.APIURL)
 	}
 }
 

@@ -123,12 +123,22 @@ func (d *Daemon) ec2Providers(pools []config.Pool, out map[string]scaler.Provide
 		return fmt.Errorf("tailscale.hostname: %w", err)
 	}
 	dopts.Hostname = tmpl
-	if ts.APIKeyFile != "" {
+	switch {
+	case ts.APIKeyFile != "":
 		key, err := config.ReadSecretFile(ts.APIKeyFile, "api_key_file")
 		if err != nil {
 			return fmt.Errorf("tailscale.api_key_file: %w", err)
 		}
 		dopts.DeleteDevice = discovery.NewTailscaleAPI(ts.APIURL, ts.Tailnet, strings.TrimSpace(string(key))).DeleteDevice
+	case ts.OAuthClientSecretFile != "":
+		secret, err := config.ReadSecretFile(ts.OAuthClientSecretFile, "oauth_client_secret_file")
+		if err != nil {
+			return fmt.Errorf("tailscale.oauth_client_secret_file: %w", err)
+		}
+		if strings.TrimSpace(string(secret)) == "" {
+			return fmt.Errorf("tailscale.oauth_client_secret_file: %s is empty; put the OAuth client's secret in it", ts.OAuthClientSecretFile)
+		}
+		dopts.DeleteDevice = discovery.NewTailscaleOAuth(ts.APIURL, ts.Tailnet, ts.OAuthClientID, string(secret)).DeleteDevice
 	}
 	// One decorator per distinct provider, so that each is still listed
 	// once per round.

@@ -266,7 +266,20 @@ let
             readOnly = true;
             description = "Set from tailscaleApiKeyFile (read from the daemon's systemd credentials); do not set it.";
           };
-          tailnet = opt types.nonEmptyStr "-" ''The tailnet of the API key; "-" is its default tailnet.'';
+          oauth_client_id = opt (types.strMatching "[^/[:space:]]*" // {
+            description = ''OAuth client id, or ""'';
+          }) "" ''
+            The id of a Tailscale OAuth client with the devices:core scope, like
+            "k123456CNTRL"; with tailscaleOAuthClientSecretFile, the daemon deletes
+            terminated builders' devices with it instead of an API key (an OAuth
+            client does not expire). "" for none.
+          '';
+          oauth_client_secret_file = mkOption {
+            type = absolutePathOrEmpty;
+            readOnly = true;
+            description = "Set from tailscaleOAuthClientSecretFile (read from the daemon's systemd credentials); do not set it.";
+          };
+          tailnet = opt types.nonEmptyStr "-" ''The tailnet of the API key or OAuth client; "-" is its default tailnet.'';
           api_url = opt httpURL "https://api.tailscale.com" "Tailscale's API.";
         };
       }) { } "[tailscale]";
@@ -396,7 +409,21 @@ in
       example = "/run/secrets/tailscale-api-key";
       description = ''
         A file holding a Tailscale API key, with which the daemon deletes a
-        terminated builder's device from the tailnet (LoadCredential).
+        terminated builder's device from the tailnet (LoadCredential). An API
+        key expires after at most 90 days; tailscaleOAuthClientSecretFile does
+        not. Set one of the two.
+      '';
+    };
+
+    tailscaleOAuthClientSecretFile = mkOption {
+      type = types.nullOr secretPath;
+      default = null;
+      example = "/run/secrets/tailscale-oauth-secret";
+      description = ''
+        A file holding the secret of the Tailscale OAuth client named by
+        settings.tailscale.oauth_client_id (scope devices:core), with which the
+        daemon deletes a terminated builder's device from the tailnet
+        (LoadCredential). Unlike an API key it does not expire.
       '';
     };
 
@@ -465,6 +492,11 @@ in
           daemon.token_file = if cfg.tokenFile != null then "${credentialsDir}/token" else "";
           tailscale.api_key_file =
             if cfg.tailscaleApiKeyFile != null then "${credentialsDir}/tailscale-api-key" else "";
+          tailscale.oauth_client_secret_file =
+            if cfg.tailscaleOAuthClientSecretFile != null then
+              "${credentialsDir}/tailscale-oauth-secret"
+            else
+              "";
         };
 
         assertions = [
@@ -479,6 +511,14 @@ in
           {
             assertion = lib.hasPrefix "/run/" socketDir && socketDir != "/run";
             message = "services.nix-builder-autoscaler.settings.daemon.socket must be in a directory under /run/ (the service's RuntimeDirectory), not ${cfg.settings.daemon.socket}.";
+          }
+          {
+            assertion = !(cfg.tailscaleApiKeyFile != null && cfg.tailscaleOAuthClientSecretFile != null);
+            message = "services.nix-builder-autoscaler: set tailscaleApiKeyFile or tailscaleOAuthClientSecretFile, not both; the OAuth client does not expire.";
+          }
+          {
+            assertion = (cfg.settings.tailscale.oauth_client_id != "") == (cfg.tailscaleOAuthClientSecretFile != null);
+            message = "services.nix-builder-autoscaler: settings.tailscale.oauth_client_id and tailscaleOAuthClientSecretFile go together: set both (the OAuth client's id and the file holding its secret) or neither.";
           }
           {
             assertion = cfg.settings.daemon.listen != "" -> cfg.tokenFile != null;
@@ -536,6 +576,9 @@ in
             LoadCredential =
               lib.optional (cfg.tokenFile != null) "token:${cfg.tokenFile}"
               ++ lib.optional (cfg.tailscaleApiKeyFile != null) "tailscale-api-key:${cfg.tailscaleApiKeyFile}"
+              ++ lib.optional (
+                cfg.tailscaleOAuthClientSecretFile != null
+              ) "tailscale-oauth-secret:${cfg.tailscaleOAuthClientSecretFile}"
               ++ lib.optional (cfg.awsCredentialsFile != null) "aws-credentials:${cfg.awsCredentialsFile}";
             ReadWritePaths = lib.optional (
               database != "" && !(lib.hasPrefix "${stateDir}/" database)

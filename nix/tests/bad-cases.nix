@@ -108,6 +108,23 @@ in
     };
     expect = ''`${entry}.ec2.subnets."[definition 1-entry 1]"' is not of type'';
   };
+  tailscale-two-credentials = {
+    module = {
+      services.nix-builder-autoscaler = (daemon { }).services.nix-builder-autoscaler // {
+        tailscaleApiKeyFile = "/run/secrets/tailscale-api-key";
+        tailscaleOAuthClientSecretFile = "/run/secrets/tailscale-oauth-secret";
+      };
+    };
+    expect = "set tailscaleApiKeyFile or tailscaleOAuthClientSecretFile, not both";
+  };
+  tailscale-oauth-secret-without-id = {
+    module = {
+      services.nix-builder-autoscaler = (daemon { }).services.nix-builder-autoscaler // {
+        tailscaleOAuthClientSecretFile = "/run/secrets/tailscale-oauth-secret";
+      };
+    };
+    expect = "settings.tailscale.oauth_client_id and tailscaleOAuthClientSecretFile go together";
+  };
   log-level = {
     module = daemon { daemon.log_level = "verbose"; };
     expect = "`services.nix-builder-autoscaler.settings.daemon.log_level' is not of type `one of \"debug\", \"info\", \"warn\", \"error\"'";

@@ -135,6 +135,9 @@ in
       (check "default: local pools outlive a restart (KillMode)" (sc "default").KillMode "process")
       (check "ec2-only: no local pool, the whole unit stops (KillMode)" (sc "ec2-only").KillMode "control-group")
       (check "default: no credentials" (sc "default").LoadCredential [ ])
+      (check "ec2-only: the OAuth client's secret by LoadCredential" (sc "ec2-only").LoadCredential [
+        "tailscale-oauth-secret:/run/secrets/tailscale-oauth-secret"
+      ])
       (check "two-pools: secrets by LoadCredential" (sc "two-pools").LoadCredential [
         "token:/run/secrets/nix-builder-autoscaler-token"
         "tailscale-api-key:/run/secrets/tailscale-api-key"
