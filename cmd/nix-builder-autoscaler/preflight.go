@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"strings"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -15,6 +14,7 @@ import (
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/config"
+	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/discovery"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/preflight"
 	ec2prov "guardianproject.dev/ops/nix-builder-autoscaler/scaler/ec2"
@@ -115,13 +115,8 @@ func preflightChecks(ctx context.Context, cfg *config.Config) []preflight.Check 
 		checks = append(checks, preflight.EC2Checks(ec2Region(ctx, cfg.Daemon.Cluster, k.region, k.endpoint, groups[k]))...)
 	}
 	ts := preflight.Tailscale{Pools: tsPools, LocalAPI: discovery.NewLocalAPI(cfg.Tailscale.Socket)}
-	if f := cfg.Tailscale.APIKeyFile; f != "" && len(tsPools) > 0 {
-		key, err := config.ReadSecretFile(f, "api_key_file")
-		if err != nil {
-			ts.KeyErr = err
-		} else {
-			ts.Key = discovery.NewTailscaleAPI(cfg.Tailscale.APIURL, cfg.Tailscale.Tailnet, strings.TrimSpace(string(key)))
-		}
+	if len(tsPools) > 0 {
+		ts.Key, ts.KeyErr = tailscaleCredentials(cfg.Tailscale)
 	}
 	checks = append(checks, preflight.TailscaleChecks(ts))
 	var rt preflight.RuntimeAPI
@@ -169,4 +164,14 @@ func ec2Region(ctx context.Context, cluster, region, endpoint string, pools []co
 		}
 	})
 	return r
+}
+
+// tailscaleCredentials is the daemon's own client for deleting devices, as
+// an interface value that is nil when none is configured.
+func tailscaleCredentials(ts config.Tailscale) (preflight.TailscaleKey, error) {
+	api, err := daemon.TailscaleAPI(ts)
+	if api == nil || err != nil {
+		return nil, err
+	}
+	return api, nil
 }

@@ -123,22 +123,12 @@ func (d *Daemon) ec2Providers(pools []config.Pool, out map[string]scaler.Provide
 		return fmt.Errorf("tailscale.hostname: %w", err)
 	}
 	dopts.Hostname = tmpl
-	switch {
-	case ts.APIKeyFile != "":
-		key, err := config.ReadSecretFile(ts.APIKeyFile, "api_key_file")
-		if err != nil {
-			return fmt.Errorf("tailscale.api_key_file: %w", err)
-		}
-		dopts.DeleteDevice = discovery.NewTailscaleAPI(ts.APIURL, ts.Tailnet, strings.TrimSpace(string(key))).DeleteDevice
-	case ts.OAuthClientSecretFile != "":
-		secret, err := config.ReadSecretFile(ts.OAuthClientSecretFile, "oauth_client_secret_file")
-		if err != nil {
-			return fmt.Errorf("tailscale.oauth_client_secret_file: %w", err)
-		}
-		if strings.TrimSpace(string(secret)) == "" {
-			return fmt.Errorf("tailscale.oauth_client_secret_file: %s is empty; put the OAuth client's secret in it", ts.OAuthClientSecretFile)
-		}
-		dopts.DeleteDevice = discovery.NewTailscaleOAuth(ts.APIURL, ts.Tailnet, ts.OAuthClientID, string(secret)).DeleteDevice
+	api, err := TailscaleAPI(ts)
+	if err != nil {
+		return err
+	}
+	if api != nil {
+		dopts.DeleteDevice = api.DeleteDevice
 	}
 	// One decorator per distinct provider, so that each is still listed
 	// once per round.
@@ -154,4 +144,29 @@ func (d *Daemon) ec2Providers(pools []config.Pool, out map[string]scaler.Provide
 		out[p.Name] = w
 	}
 	return nil
+}
+
+// TailscaleAPI is the client terminated builders' devices are deleted
+// with: an OAuth client or an API key, whichever ts configures (nil when
+// neither). Its secret is read now, so a missing or empty file is an error
+// at start, naming its key.
+func TailscaleAPI(ts config.Tailscale) (*discovery.TailscaleAPI, error) {
+	switch {
+	case ts.APIKeyFile != "":
+		key, err := config.ReadSecretFile(ts.APIKeyFile, "api_key_file")
+		if err != nil {
+			return nil, fmt.Errorf("tailscale.api_key_file: %w", err)
+		}
+		return discovery.NewTailscaleAPI(ts.APIURL, ts.Tailnet, strings.TrimSpace(string(key))), nil
+	case ts.OAuthClientSecretFile != "":
+		secret, err := config.ReadSecretFile(ts.OAuthClientSecretFile, "oauth_client_secret_file")
+		if err != nil {
+			return nil, fmt.Errorf("tailscale.oauth_client_secret_file: %w", err)
+		}
+		if strings.TrimSpace(string(secret)) == "" {
+			return nil, fmt.Errorf("tailscale.oauth_client_secret_file: %s is empty; put the OAuth client's secret in it", ts.OAuthClientSecretFile)
+		}
+		return discovery.NewTailscaleOAuth(ts.APIURL, ts.Tailnet, ts.OAuthClientID, string(secret)), nil
+	}
+	return nil, nil
 }

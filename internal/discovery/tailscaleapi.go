@@ -92,21 +92,7 @@ func (a *TailscaleAPI) DeleteDevice(ctx context.Context, id string) error {
 	if id == "" {
 		return errors.New("tailscale API: delete device: empty device id")
 	}
-	if a.oauth == nil && a.key == "" {
-		return errors.New("tailscale API: delete device: no API key (tailscale.api_key_file is empty)")
-	}
-	if a.Timeout > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, a.Timeout)
-		defer cancel()
-	}
-	status, body, err := a.deleteOnce(ctx, id)
-	if err == nil && status == http.StatusUnauthorized && a.oauth != nil {
-		// The cached access token was refused before its expiry (revoked,
-		// or a clock apart): one more try with a new one.
-		a.oauth.forget()
-		status, body, err = a.deleteOnce(ctx, id)
-	}
+	status, body, err := a.call(ctx, http.MethodDelete, "/api/v2/device/"+url.PathEscape(id))
 	if err != nil {
 		return fmt.Errorf("tailscale API: delete device %s: %w", id, err)
 	}
@@ -119,9 +105,32 @@ func (a *TailscaleAPI) DeleteDevice(ctx context.Context, id string) error {
 	return &APIError{Op: "delete device " + id, Status: status, Message: apiMessage(body), OAuth: a.oauth != nil}
 }
 
-// deleteOnce sends one DELETE with the current credentials: the status and
-// the body's start, or why there is no answer.
-func (a *TailscaleAPI) deleteOnce(ctx context.Context, id string) (int, []byte, error) {
+// errNoCredentials is a call made without an API key or OAuth client.
+var errNoCredentials = errors.New("no credentials (neither tailscale.api_key_file nor tailscale.oauth_client_id is set)")
+
+// call sends one request to path with the client's credentials, within
+// Timeout, and returns the status and the body's start. An OAuth access
+// token refused before its expiry (revoked, or a clock apart) is replaced
+// once.
+func (a *TailscaleAPI) call(ctx context.Context, method, path string) (int, []byte, error) {
+	if a.oauth == nil && a.key == "" {
+		return 0, nil, errNoCredentials
+	}
+	if a.Timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, a.Timeout)
+		defer cancel()
+	}
+	status, body, err := a.once(ctx, method, path)
+	if err == nil && status == http.StatusUnauthorized && a.oauth != nil {
+		a.oauth.forget()
+		status, body, err = a.once(ctx, method, path)
+	}
+	return status, body, err
+}
+
+// once sends one request with the current credentials.
+func (a *TailscaleAPI) once(ctx context.Context, method, path string) (int, []byte, error) {
 	bearer := a.key
 	if a.oauth != nil {
 		tok, err := a.oauth.token(ctx, a.client)
@@ -130,8 +139,7 @@ func (a *TailscaleAPI) deleteOnce(ctx context.Context, id string) (int, []byte, 
 		}
 		bearer = tok
 	}
-	u := a.base + "/api/v2/device/" + url.PathEscape(id)
-	req, err := http.NewRequestWithContext(ctx, http.MethodDelete, u, nil)
+	req, err := http.NewRequestWithContext(ctx, method, a.base+path, nil)
 	if err != nil {
 		return 0, nil, err
 	}
@@ -144,7 +152,7 @@ func (a *TailscaleAPI) deleteOnce(ctx context.Context, id string) (int, []byte, 
 		return 0, nil, err
 	}
 	defer resp.Body.Close()
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, maxStatusBytes))
 	return resp.StatusCode, body, nil
 }
 
@@ -242,37 +250,18 @@ func tokenError(err error) *TokenError {
 	return te
 }
 
-// CheckKey proves the key works without changing anything: it lists the
-// tailnet's devices (GET /api/v2/tailnet/{tailnet}/devices), which a key
-// that may delete devices may also do. It returns how many there are.
+// CheckKey proves the credentials work without changing anything: it
+// lists the tailnet's devices (GET /api/v2/tailnet/{tailnet}/devices),
+// which credentials that may delete devices may also do (for an OAuth
+// client this also exchanges its secret for a token). It returns how many
+// devices there are.
 func (a *TailscaleAPI) CheckKey(ctx context.Context) (int, error) {
-	if a.key == "" {
-		return 0, errors.New("tailscale API: no API key (tailscale.api_key_file is empty)")
-	}
-	if a.Timeout > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, a.Timeout)
-		defer cancel()
-	}
-	u := a.base + "/api/v2/tailnet/" + url.PathEscape(a.tailnet) + "/devices"
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	status, body, err := a.call(ctx, http.MethodGet, "/api/v2/tailnet/"+url.PathEscape(a.tailnet)+"/devices")
 	if err != nil {
 		return 0, fmt.Errorf("tailscale API: list devices: %w", err)
 	}
-	req.Header.Set("Authorization", "Bearer "+a.key)
-	req.Header.Set("Accept", "application/json")
-	resp, err := a.client.Do(req)
-	if err != nil {
-		return 0, fmt.Errorf("tailscale API: list devices: %w", err)
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, maxStatusBytes))
-	if resp.StatusCode != http.StatusOK {
-		hint := ""
-		if resp.StatusCode == http.StatusUnauthorized || resp.StatusCode == http.StatusForbidden {
-			hint = " (check the key in tailscale.api_key_file: API access tokens expire after at most 90 days)"
-		}
-		return 0, fmt.Errorf("tailscale API: list devices of tailnet %s: %s: %s%s", a.tailnet, resp.Status, apiMessage(body), hint)
+	if status != http.StatusOK {
+		return 0, &APIError{Op: "list devices of tailnet " + a.tailnet, Status: status, Message: apiMessage(body), OAuth: a.oauth != nil}
 	}
 	var doc struct {
 		Devices []json.RawMessage `json:"devices"`

@@ -37,6 +37,7 @@ func newFakeControl(t *testing.T) (*fakeControl, *httptest.Server) {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /api/v2/oauth/token", f.token)
 	mux.HandleFunc("DELETE /api/v2/device/{id}", f.deleteDevice)
+	mux.HandleFunc("GET /api/v2/tailnet/{tailnet}/devices", f.listDevices)
 	srv := httptest.NewServer(mux)
 	t.Cleanup(srv.Close)
 	return f, srv
@@ -64,6 +65,25 @@ func (f *fakeControl) token(w http.ResponseWriter, r *http.Request) {
 func (f *fakeControl) deleteDevice(w http.ResponseWriter, r *http.Request) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if !f.authorized(w, r) {
+		return
+	}
+	f.deleted = append(f.deleted, r.PathValue("id"))
+}
+
+// listDevices answers the tailnet's devices: the ones not deleted of two.
+func (f *fakeControl) listDevices(w http.ResponseWriter, r *http.Request) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if !f.authorized(w, r) {
+		return
+	}
+	fmt.Fprint(w, `{"devices":[{"nodeId":"nA"},{"nodeId":"nB"}]}`)
+}
+
+// authorized answers 401 unless r carries the API key or an unexpired
+// token the fake issued; f.mu is held.
+func (f *fakeControl) authorized(w http.ResponseWriter, r *http.Request) bool {
 	auth := r.Header.Get("Authorization")
 	f.bearers = append(f.bearers, auth)
 	tok, ok := strings.CutPrefix(auth, "Bearer ")
@@ -71,9 +91,9 @@ func (f *fakeControl) deleteDevice(w http.ResponseWriter, r *http.Request) {
 	if !ok || !(tok == f.apiKey || issued && f.now.Before(exp)) {
 		w.WriteHeader(http.StatusUnauthorized)
 		fmt.Fprint(w, `{"message":"API token invalid"}`)
-		return
+		return false
 	}
-	f.deleted = append(f.deleted, r.PathValue("id"))
+	return true
 }
 
 // advance moves the fake's clock, expiring the tokens it issued earlier.
@@ -224,5 +244,24 @@ func TestDeleteDeviceOAuthTokenEndpointDown(t *testing.T) {
 	var te *TokenError
 	if !errors.As(err, &te) || te.Status != 0 || strings.Contains(err.Error(), "s3cr3t") {
 		t.Errorf("error %v, want a *TokenError with no status and no secret", err)
+	}
+}
+
+// TestCheckKeyOAuth: preflight's credential check works with an OAuth
+// client as with an API key, and names the OAuth client when refused.
+func TestCheckKeyOAuth(t *testing.T) {
+	f, srv := newFakeControl(t)
+	for name, api := range map[string]*TailscaleAPI{
+		"oauth":   NewTailscaleOAuth(srv.URL, "-", f.clientID, f.secret),
+		"api key": NewTailscaleAPI(srv.URL, "-", f.apiKey),
+	} {
+		if n, err := api.CheckKey(context.Background()); err != nil || n != 2 {
+			t.Errorf("%s: CheckKey = %d, %v; want 2 devices", name, n, err)
+		}
+	}
+	_, err := NewTailscaleOAuth(srv.URL, "-", f.clientID, "wrong").CheckKey(context.Background())
+	var te *TokenError
+	if !errors.As(err, &te) || te.Status != http.StatusUnauthorized || strings.Contains(err.Error(), "wrong") {
+		t.Errorf("wrong secret: %v; want a TokenError with 401 that does not show the secret", err)
 	}
 }

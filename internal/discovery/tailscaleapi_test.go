@@ -85,7 +85,7 @@ func TestDeleteDeviceEscapesID(t *testing.T) {
 
 func TestDeleteDeviceRefusals(t *testing.T) {
 	if err := NewTailscaleAPI("http://127.0.0.1:1", "-", "").DeleteDevice(context.Background(), "n1"); err == nil ||
-		!strings.Contains(err.Error(), "no API key") {
+		!errors.Is(err, errNoCredentials) {
 		t.Errorf("empty key: %v", err)
 	}
 	if err := NewTailscaleAPI("http://127.0.0.1:1", "-", "k").DeleteDevice(context.Background(), ""); err == nil {

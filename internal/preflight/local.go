@@ -50,8 +50,8 @@ type TailscaleKey interface {
 type Tailscale struct {
 	Pools    []string
 	LocalAPI LocalAPI
-	// Key is nil when tailscale.api_key_file is not set; KeyErr says why
-	// the key could not be read.
+	// Key is nil when neither tailscale.api_key_file nor an OAuth client
+	// is set; KeyErr says why the credentials could not be read.
 	Key    TailscaleKey
 	KeyErr error
 }
@@ -73,14 +73,14 @@ func TailscaleChecks(t Tailscale) Check {
 		}
 		switch {
 		case t.KeyErr != nil:
-			out = append(out, fail(CheckTailscaleKey, pools, "%v: fix tailscale.api_key_file", t.KeyErr))
+			out = append(out, fail(CheckTailscaleKey, pools, "%v: fix tailscale.api_key_file or tailscale.oauth_client_secret_file", t.KeyErr))
 		case t.Key == nil:
-			out = append(out, skip(CheckTailscaleKey, pools, "not configured (tailscale.api_key_file is empty: terminated builders' devices stay in the tailnet until Tailscale expires them)"))
+			out = append(out, skip(CheckTailscaleKey, pools, "not configured (no tailscale.api_key_file or tailscale.oauth_client_id: terminated builders' devices stay in the tailnet until Tailscale expires them)"))
 		default:
 			if n, err := t.Key.CheckKey(ctx); err != nil {
 				out = append(out, fail(CheckTailscaleKey, pools, "%v", err))
 			} else {
-				out = append(out, pass(CheckTailscaleKey, pools, "the key lists the tailnet's %d devices", n))
+				out = append(out, pass(CheckTailscaleKey, pools, "the credentials list the tailnet's %d devices", n))
 			}
 		}
 		return out
