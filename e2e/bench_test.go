@@ -50,8 +50,9 @@ type benchStack struct {
 
 // startBenchStack starts HAProxy on the configuration generated for pool x86
 // (pool is extra TOML for it) with the given hold and check_interval, after
-// an optional edit of haproxy.cfg, then the daemon in-process.
-func startBenchStack(tb testing.TB, pool, hold, checkInterval string, edit func(string) string) *benchStack {
+// an optional edit of haproxy.cfg, then the daemon in-process (opts change
+// its options after the stack's own).
+func startBenchStack(tb testing.TB, pool, hold, checkInterval string, edit func(string) string, opts ...daemontest.Option) *benchStack {
 	tb.Helper()
 	dir := haproxytest.Dir(tb)
 	port := func() int { return haproxytest.FreePort(tb) }
@@ -69,11 +70,11 @@ hold = "%[5]s"
 check_interval = "%[6]s"`, dir, port(), port(), port(), hold, checkInterval), fmt.Sprintf("frontend = %q\n%s", frontend, pool))
 	hp := startHAProxy(tb, dir, cfg, edit)
 	reg := prometheus.NewRegistry()
-	h := daemontest.Start(tb, cfg, func(o *daemon.Options) {
+	h := daemontest.Start(tb, cfg, append([]daemontest.Option{func(o *daemon.Options) {
 		o.Clock = clock.Real{}
 		o.KickBatch = 0 // the product's batch window, on the real clock
 		o.Registry = reg
-	})
+	}}, opts...)...)
 	return &benchStack{tb: tb, h: h, hp: hp, cfg: cfg, reg: reg, frontend: frontend}
 }
 

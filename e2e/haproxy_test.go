@@ -30,7 +30,13 @@ type stack struct {
 // extra TOML for pool x86, hold the SPOE hold.
 func startStack(t *testing.T, pool, hold string) *stack {
 	t.Helper()
-	b := startBenchStack(t, pool, hold, "200ms", nil)
+	return startStackWith(t, pool, hold)
+}
+
+// startStackWith is startStack with opts changing the daemon's options.
+func startStackWith(t *testing.T, pool, hold string, opts ...daemontest.Option) *stack {
+	t.Helper()
+	b := startBenchStack(t, pool, hold, "200ms", nil, opts...)
 	return &stack{t: t, h: b.h, hp: b.hp, cfg: b.cfg, frontend: b.frontend}
 }
 
