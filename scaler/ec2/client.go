@@ -29,6 +29,9 @@ type ec2API interface {
 	TerminateInstances(ctx context.Context, in *ec2.TerminateInstancesInput, optFns ...func(*ec2.Options)) (*ec2.TerminateInstancesOutput, error)
 	// DescribeInstances is also driven through ec2.NewDescribeInstancesPaginator.
 	DescribeInstances(ctx context.Context, in *ec2.DescribeInstancesInput, optFns ...func(*ec2.Options)) (*ec2.DescribeInstancesOutput, error)
+	// DescribeSpotInstanceRequests finds the Spot builders EC2 marked for
+	// termination, when no interruption queue tells of them.
+	DescribeSpotInstanceRequests(ctx context.Context, in *ec2.DescribeSpotInstanceRequestsInput, optFns ...func(*ec2.Options)) (*ec2.DescribeSpotInstanceRequestsOutput, error)
 }
 
 var _ ec2API = (*ec2.Client)(nil)
@@ -38,6 +41,7 @@ const (
 	opRun       = "RunInstances"
 	opDescribe  = "DescribeInstances"
 	opTerminate = "TerminateInstances"
+	opSpot      = "DescribeSpotInstanceRequests"
 )
 
 // Client-side request rates, per operation and per Provider: below EC2's
@@ -51,6 +55,7 @@ var defaultLimits = map[string]struct {
 	opRun:       {burst: 4, rate: 1.5},
 	opDescribe:  {burst: 50, rate: 10},
 	opTerminate: {burst: 50, rate: 4},
+	opSpot:      {burst: 10, rate: 2},
 }
 
 // Retry settings of NewClient's SDK retryer. Throttling errors
