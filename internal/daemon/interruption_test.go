@@ -1,13 +1,20 @@
 package daemon_test
 
 import (
+	"context"
+	"fmt"
 	"testing"
 	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/sqs"
+	sqstypes "github.com/aws/aws-sdk-go-v2/service/sqs/types"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/clock/clocktest"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/daemon/daemontest"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler"
+	ec2prov "guardianproject.dev/ops/nix-builder-autoscaler/scaler/ec2"
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/ec2/ec2test"
 )
 
@@ -85,4 +92,51 @@ func TestEC2InterruptionWarningDrainsAndReplaces(t *testing.T) {
 	if s := d.slot(slot2); s.State != scaler.Ready || s.InstanceID != r.InstanceID {
 		t.Errorf("slot2 = %s on %s, want the replacement still ready", s.State, s.InstanceID)
 	}
+}
+
+// TestEC2MotoInterruptionQueue: with interruption_queue set, the daemon
+// long-polls the queue (moto's SQS, the real SDK); a Spot interruption
+// warning sent there for the builder of a ready reservation drains its
+// slot and launches a replacement, and the message is deleted.
+func TestEC2MotoInterruptionQueue(t *testing.T) {
+	m := newMotoEC2(t)
+	ctx := context.Background()
+	sc, err := ec2prov.NewSQSClient(ctx, ec2test.MotoRegion, m.Endpoint)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cq, err := sc.CreateQueue(ctx, &sqs.CreateQueueInput{QueueName: aws.String("nix-builders-interruptions")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	url := aws.ToString(cq.QueueUrl)
+	cfg := ec2Config(t, []string{m.subnets[0].ID, m.subnets[1].ID}, ec2test.MotoAMI, "",
+		fmt.Sprintf("endpoint = %q\ninterruption_queue = %q", m.Endpoint, url))
+	clock := clocktest.New(time.Now().UTC().Truncate(time.Second))
+	d := startEC2(t, cfg, clock, daemontest.NewReachable(), nil)
+
+	d.create("build-1")
+	id := d.waitReady("build-1").InstanceID
+	warning := fmt.Sprintf(`{"version":"0","id":"1e5527d7-bb36-4607-3370-4164db56a40e","detail-type":"EC2 Spot Instance Interruption Warning",
+"source":"aws.ec2","account":"123456789012","time":%q,"region":"us-east-1","resources":["arn:aws:ec2:us-east-1b:instance/%s"],
+"detail":{"instance-id":%q,"instance-action":"terminate"}}`, clock.Now().Format(time.RFC3339), id, id)
+	if _, err := sc.SendMessage(ctx, &sqs.SendMessageInput{QueueUrl: aws.String(url), MessageBody: aws.String(warning)}); err != nil {
+		t.Fatal(err)
+	}
+	d.WaitFor("slot1 draining after the queued warning", func() bool {
+		d.reconcile()
+		return d.slot(ec2Slot1).State == scaler.Draining
+	})
+	if s := d.slot(ec2Slot1); s.DrainReason != scaler.DrainInterrupted || s.InstanceID != id {
+		t.Errorf("slot1 = %+v, want draining %s for %q", s, id, scaler.DrainInterrupted)
+	}
+	if n := len(m.ours(t)); n != 2 {
+		t.Errorf("instances of cluster %s = %d after the warning, want 2 (the replacement)", ec2Cluster, n)
+	}
+	d.WaitFor("the warning deleted from the queue", func() bool {
+		a, err := sc.GetQueueAttributes(ctx, &sqs.GetQueueAttributesInput{QueueUrl: aws.String(url),
+			AttributeNames: []sqstypes.QueueAttributeName{"ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"}})
+		return err == nil && a.Attributes["ApproximateNumberOfMessages"] == "0" && a.Attributes["ApproximateNumberOfMessagesNotVisible"] == "0"
+	})
+	m.checkOthersUntouched(t, d)
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/aws/aws-sdk-go-v2/service/ec2"
+	"github.com/aws/aws-sdk-go-v2/service/sqs"
 	"github.com/aws/smithy-go"
 	"github.com/aws/smithy-go/middleware"
 
@@ -79,6 +80,34 @@ func NewClient(ctx context.Context, region, endpoint string) (*ec2.Client, error
 }
 
 func newClient(ctx context.Context, region, endpoint string, tune func(*retry.StandardOptions)) (*ec2.Client, error) {
+	cfg, err := loadConfig(ctx, region, endpoint, tune)
+	if err != nil {
+		return nil, fmt.Errorf("ec2 client: %w", err)
+	}
+	return ec2.NewFromConfig(cfg, func(o *ec2.Options) {
+		if endpoint != "" {
+			o.BaseEndpoint = aws.String(endpoint)
+		}
+	}), nil
+}
+
+// NewSQSClient returns an SQS client for an interruption queue in region,
+// with NewClient's credentials, endpoint and retry settings (moto_server
+// serves SQS on its EC2 endpoint).
+func NewSQSClient(ctx context.Context, region, endpoint string) (*sqs.Client, error) {
+	cfg, err := loadConfig(ctx, region, endpoint, nil)
+	if err != nil {
+		return nil, fmt.Errorf("sqs client: %w", err)
+	}
+	return sqs.NewFromConfig(cfg, func(o *sqs.Options) {
+		if endpoint != "" {
+			o.BaseEndpoint = aws.String(endpoint)
+		}
+	}), nil
+}
+
+// loadConfig is the AWS configuration of NewClient and NewSQSClient.
+func loadConfig(ctx context.Context, region, endpoint string, tune func(*retry.StandardOptions)) (aws.Config, error) {
 	opts := []func(*config.LoadOptions) error{
 		config.WithRetryer(func() aws.Retryer {
 			return retry.NewStandard(func(o *retry.StandardOptions) {
@@ -99,16 +128,12 @@ func newClient(ctx context.Context, region, endpoint string, tune func(*retry.St
 	}
 	cfg, err := config.LoadDefaultConfig(ctx, opts...)
 	if err != nil {
-		return nil, fmt.Errorf("ec2 client: load AWS config: %w", err)
+		return aws.Config{}, fmt.Errorf("load AWS config: %w", err)
 	}
 	if cfg.Region == "" {
-		return nil, errors.New("ec2 client: no region (set the pool's region or AWS_REGION)")
+		return aws.Config{}, errors.New("no region (set the pool's region or AWS_REGION)")
 	}
-	return ec2.NewFromConfig(cfg, func(o *ec2.Options) {
-		if endpoint != "" {
-			o.BaseEndpoint = aws.String(endpoint)
-		}
-	}), nil
+	return cfg, nil
 }
 
 // callOpts are the per-call options the provider passes with every request
