@@ -135,10 +135,7 @@ type EC2 struct {
 	// "ec2-private-ip" or "ec2-public-ip".
 	Discovery string `toml:"discovery"`
 	SSHPort   int    `toml:"ssh_port"`
-	// InterruptionQueue is the URL of the SQS queue EventBridge sends the
-	// region's interruption notices to (empty: the daemon polls
-	// DescribeSpotInstanceRequests instead). One queue per region: every
-	// pool of the region names the same one.
+	// InterruptionQueue: the region's SQS queue of EC2 notices (empty: poll).
 	InterruptionQueue string `toml:"interruption_queue"`
 }
 
