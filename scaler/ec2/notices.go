@@ -44,13 +44,19 @@ func (p *Provider) Notices(ctx context.Context, ins []scaler.Instance) (map[stri
 			spot = append(spot, in.ID)
 		}
 	}
+	listed := map[string]bool{}
+	for _, in := range ins {
+		listed[in.ID] = true
+	}
 	p.mu.Lock()
 	out := map[string]scaler.Notice{}
-	for id, n := range p.notices {
-		if live[id] {
-			out[id] = n
-		} else {
-			delete(p.notices, id) // gone: nothing more to warn of
+	now := p.clock.Now()
+	for id, h := range p.notices {
+		switch {
+		case live[id]:
+			out[id] = h.n
+		case listed[id] || now.Sub(h.at) >= noticeHold:
+			delete(p.notices, id) // gone, or never the cluster's
 		}
 	}
 	queue := p.queue
@@ -94,18 +100,28 @@ func (p *Provider) pollSpot(ctx context.Context, ids []string, into map[string]s
 	return nil
 }
 
-// Notify records a notice the interruption queue brought (see Queue). A
-// notice about an instance the last List did not show as this cluster's
-// is ignored, and it reports false; a weaker notice does not replace a
-// stronger one.
+// noticeHold is how long a notice about an instance no List showed yet is
+// kept: the queue may be read before the first List after a start, or
+// tell of a builder launched after the last one. Notices only ever
+// returns notices about the cluster's listed instances, so one about
+// another instance is ignored, then dropped.
+const noticeHold = 5 * time.Minute
+
+// heldNotice is a notice Notify was given, and when.
+type heldNotice struct {
+	n  scaler.Notice
+	at time.Time
+}
+
+// Notify records a notice the interruption queue brought (see Queue). It
+// reports whether the last List showed the instance as the cluster's; a
+// notice about another is kept for noticeHold in case a List shows it
+// yet. A weaker notice does not replace a stronger one.
 func (p *Provider) Notify(n scaler.Notice) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if !p.listed[n.Instance] {
-		return false
+	if old, ok := p.notices[n.Instance]; !ok || !old.n.Stronger(n) {
+		p.notices[n.Instance] = heldNotice{n: n, at: p.clock.Now()}
 	}
-	if old, ok := p.notices[n.Instance]; !ok || !old.Stronger(n) {
-		p.notices[n.Instance] = n
-	}
-	return true
+	return p.listed[n.Instance]
 }

@@ -62,13 +62,16 @@ func TestNoticesPollMarkedForTermination(t *testing.T) {
 }
 
 // TestNoticesFromTheQueue: with a queue, Notices returns what Notify was
-// told of the cluster's live instances and polls nothing; Notify ignores
-// instances that are not the cluster's, and a rebalance recommendation
-// does not weaken an interruption warning.
+// told of the cluster's live instances and polls nothing; a notice that
+// came before the List that shows its instance counts (the queue may be
+// read before a start's first List); one about an instance that is not
+// the cluster's is never returned and is dropped after noticeHold; a
+// rebalance recommendation does not weaken an interruption warning.
 func TestNoticesFromTheQueue(t *testing.T) {
 	ctx := context.Background()
 	fake := ec2test.New()
-	p, err := New(fake, Options{Cluster: cluster, Pools: map[string]PoolOptions{"x86": spotPool()}, Clock: newClock(), Queue: true})
+	clk := newClock()
+	p, err := New(fake, Options{Cluster: cluster, Pools: map[string]PoolOptions{"x86": spotPool()}, Clock: clk, Queue: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -76,16 +79,19 @@ func TestNoticesFromTheQueue(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	warning := scaler.Notice{Instance: in.ID, Kind: scaler.NoticeInterruption, Deadline: clk.Now().Add(SpotWarning)}
+	if p.Notify(warning) {
+		t.Error("Notify said a builder no List showed yet is known")
+	}
 	ins, err := p.List(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if p.Notify(scaler.Notice{Instance: "i-0000000000000dead", Kind: scaler.NoticeInterruption}) {
-		t.Error("Notify took a notice about an instance not the cluster's")
+		t.Error("Notify said an instance not the cluster's is known")
 	}
-	warning := scaler.Notice{Instance: in.ID, Kind: scaler.NoticeInterruption, Deadline: newClock().Now().Add(SpotWarning)}
-	if !p.Notify(warning) || !p.Notify(scaler.Notice{Instance: in.ID, Kind: scaler.NoticeRebalance}) {
-		t.Fatal("Notify ignored the cluster's instance")
+	if !p.Notify(scaler.Notice{Instance: in.ID, Kind: scaler.NoticeRebalance}) {
+		t.Fatal("Notify did not know the cluster's listed instance")
 	}
 	got, err := p.Notices(ctx, ins)
 	if err != nil || len(got) != 1 || got[in.ID] != warning {
@@ -93,6 +99,10 @@ func TestNoticesFromTheQueue(t *testing.T) {
 	}
 	if n := fake.CallCount(ec2test.OpSpotRequests); n != 0 {
 		t.Errorf("%d DescribeSpotInstanceRequests calls with a queue, want none", n)
+	}
+	clk.Advance(noticeHold)
+	if _, err := p.Notices(ctx, ins); err != nil || len(p.notices) != 1 {
+		t.Errorf("after %s: %d notices held, want only the cluster's (the other dropped)", noticeHold, len(p.notices))
 	}
 	fake.Interrupt(in.ID)
 	if ins, err = p.List(ctx); err != nil {

@@ -195,9 +195,9 @@ type Provider struct {
 	interrupted map[string]bool        // instance ids counted as interrupted
 	lastList    time.Time
 	// listed are the cluster's instances the last List returned; notices
-	// holds what Notify was told about them.
+	// holds what Notify was told, by instance.
 	listed  map[string]bool
-	notices map[string]scaler.Notice
+	notices map[string]heldNotice
 	queue   bool
 }
 
@@ -227,7 +227,7 @@ func New(api API, o Options) (*Provider, error) {
 		unavailable: map[offering]time.Time{},
 		interrupted: map[string]bool{},
 		listed:      map[string]bool{},
-		notices:     map[string]scaler.Notice{},
+		notices:     map[string]heldNotice{},
 		queue:       o.Queue,
 	}
 	if p.log == nil {
