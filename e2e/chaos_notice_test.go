@@ -74,14 +74,20 @@ func (c *chaos) interruptionWarning() string {
 // (notice events): a figure, not an invariant, as a warning about a
 // builder that went away first is rightly ignored.
 func (c *chaos) countNotices(cl *api.Client) {
-	l, err := cl.Events(context.Background(), api.EventQuery{Limit: 10000})
-	if err != nil {
-		return
-	}
 	n := 0
-	for _, e := range l.Events {
-		if e.Kind == scaler.EvNotice {
-			n++
+	for q := (api.EventQuery{Limit: api.MaxPageSize}); ; {
+		l, err := cl.Events(context.Background(), q)
+		if err != nil {
+			c.t.Logf("count notice events: %v", err)
+			return
+		}
+		for _, e := range l.Events {
+			if e.Kind == scaler.EvNotice {
+				n++
+			}
+		}
+		if q.Cursor = l.Next; q.Cursor == "" {
+			break
 		}
 	}
 	c.count(func(r *chaosReportData) { r.NoticeEvents = n })
