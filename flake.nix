@@ -16,7 +16,7 @@
       # The NAR hash of `go mod vendor`'s output. After a change to go.mod or
       # go.sum, run scripts/update-vendor-hash (scripts/test-nix fails while
       # this is stale).
-      vendorHash = "sha256-bhV+9i5tfrhLbzbrFvYxiAqYHbdL6ZnqnxO7mi0zbi4=";
+      vendorHash = "sha256-X6fEahJZvdtlS14K/XDr+Mt9cK4A+tQKt4Uk1yO2oyk=";
 
       # go.mod says go 1.26.
       goBuilder = pkgs: pkgs.buildGo126Module or pkgs.buildGoModule;

@@ -8,7 +8,8 @@ package e2e
 // has carried out a RunInstances or TerminateInstances whose answer the
 // daemon never gets), HAProxy restarted, the SPOA and agent-check listeners
 // refusing connections, EC2 out of capacity and throttling, instances
-// reclaimed as Spot interruptions would.
+// reclaimed as Spot interruptions would, and Spot interruption warnings on
+// the daemon's interruption queue.
 //
 // The three promises are checked throughout:
 //   - never kill a busy builder: every TerminateInstances is checked, before
@@ -23,7 +24,8 @@ package e2e
 //     terminated; at the end everything scales to zero and every instance
 //     is terminated.
 //
-// and no reservation is assigned to a slot that is not ready.
+// and no reservation is assigned to a slot that is not ready (or draining
+// after an interruption warning, until its replacement is ready).
 //
 // The short form runs in `go test ./...`; bench/chaos.sh runs the long form
 // (-chaos.duration, -chaos.soak) and writes the figures docs/reliability.md
@@ -53,6 +55,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	awsec2 "github.com/aws/aws-sdk-go-v2/service/ec2"
 	"github.com/aws/aws-sdk-go-v2/service/ec2/types"
+	"github.com/aws/aws-sdk-go-v2/service/sqs"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/haproxy/haproxytest"
 	"guardianproject.dev/ops/nix-builder-autoscaler/internal/api"
@@ -88,7 +91,7 @@ const (
 )
 
 var chaosFaults = []string{faultKill, faultKillLaunch, faultKillTerminate, faultHAProxyRestart,
-	faultListeners, faultCapacity, faultThrottle, faultReclaim, faultHostile}
+	faultListeners, faultCapacity, faultThrottle, faultReclaim, faultHostile, faultWarning}
 
 // Client-side reservation states.
 const (
@@ -132,6 +135,7 @@ type chaosReportData struct {
 	RSSMaxMiB         float64        `json:"soak_rss_max_mib"`
 	ElapsedSeconds    float64        `json:"elapsed_seconds"`
 	DaemonIncarnation int            `json:"daemon_starts"`
+	NoticeEvents      int            `json:"notice_events"` // interruption warnings the daemon recorded
 }
 
 type chaos struct {
@@ -164,10 +168,15 @@ type chaos struct {
 	// then (after a failure) must not report to it.
 	over atomic.Bool
 
-	mu         sync.Mutex
-	res        map[string]*chaosRes
-	sessions   map[string]*chaosSession
-	reclaimed  map[string]bool
+	mu        sync.Mutex
+	res       map[string]*chaosRes
+	sessions  map[string]*chaosSession
+	reclaimed map[string]bool
+	// warned are the builders an interruption warning was sent for; sqs
+	// and queue are the interruption queue's client and URL.
+	warned     map[string]bool
+	sqs        *sqs.Client
+	queue      string
 	violations []string
 	report     chaosReportData
 }
@@ -262,7 +271,7 @@ func startChaos(t *testing.T, seed uint64) *chaos {
 	finishCtx, cancelFinish := context.WithCancel(context.Background())
 	t.Cleanup(cancelFinish)
 	c := &chaos{finishCtx: finishCtx, t: t, dir: dir, moto: m, rng: rand.New(rand.NewPCG(seed, 0xc4a05)),
-		res: map[string]*chaosRes{}, sessions: map[string]*chaosSession{}, reclaimed: map[string]bool{},
+		res: map[string]*chaosRes{}, sessions: map[string]*chaosSession{}, reclaimed: map[string]bool{}, warned: map[string]bool{},
 		report: chaosReportData{Seed: seed, Duration: chaosDuration.String(), Soak: chaosSoak.String(), Workers: *chaosWorkers,
 			Faults: map[string]int{}}}
 	c.sock = filepath.Join(dir, "d.sock")
@@ -282,6 +291,7 @@ func startChaos(t *testing.T, seed uint64) *chaos {
 		}
 	}
 
+	queue := c.startQueue(m.Endpoint)
 	hdir := haproxytest.Dir(t)
 	agentPort, spoaPort := port(), port()
 	text := func(agent, spoa string) string {
@@ -327,8 +337,9 @@ on_demand_fallback = true
 unavailable_for = "2s"
 discovery = "tailscale"
 ssh_port = %[15]d
+interruption_queue = %[16]q
 `, c.sock, dir, c.metrics, chaosCluster, hdir, agent, spoa, port(), c.farm.ts.Socket, c.frontend,
-			c.proxy.URL(), ec2test.MotoAMI, subnets[0].ID, subnets[1].ID, c.farm.port)
+			c.proxy.URL(), ec2test.MotoAMI, subnets[0].ID, subnets[1].ID, c.farm.port, queue)
 	}
 	// The daemon listens on its own ports; HAProxy reaches them through
 	// the flaky ports.
@@ -500,7 +511,7 @@ func (c *chaos) relearn(id string) {
 		c.mu.Lock()
 		res := c.res[id]
 		done := res.state != resAcked || r.State != "ready"
-		if !done && !c.reclaimed[r.InstanceID] {
+		if !done && !c.reclaimed[r.InstanceID] && !c.warned[r.InstanceID] {
 			res.instance, res.stale, done = r.InstanceID, false, true
 		}
 		c.mu.Unlock()
@@ -700,6 +711,8 @@ func (c *chaos) fault(f string) string {
 		c.proxy.throttleFor(time.Duration(1000+c.rng.IntN(2000)) * time.Millisecond)
 	case faultHostile:
 		c.hostileTraffic()
+	case faultWarning:
+		f = c.interruptionWarning()
 	case faultReclaim:
 		running := c.farm.running()
 		if len(running) == 0 {
@@ -788,7 +801,10 @@ func (c *chaos) checkStateFile(final bool) (cutOff map[string]bool) {
 		if r.State != scaler.Assigned {
 			continue
 		}
-		if s := bySlot[scaler.SlotKey{Pool: r.Pool, Slot: r.Slot}]; s.State != scaler.Ready {
+		// A warned builder drains at once and keeps its reservations
+		// until its replacement is ready.
+		s := bySlot[scaler.SlotKey{Pool: r.Pool, Slot: r.Slot}]
+		if s.State != scaler.Ready && (s.State != scaler.Draining || s.DrainReason != scaler.DrainInterrupted) {
 			c.violate("reservation %s is assigned to slot %s/%s, which is %s, not ready", r.ID, r.Pool, r.Slot, s.State)
 		}
 	}
@@ -949,6 +965,7 @@ func (c *chaos) finish() {
 	for _, in := range c.clusterInstances(false) {
 		c.violate("instance %s is %s after the fleet went idle: leaked", aws.ToString(in.InstanceId), ec2test.State(in))
 	}
+	c.countNotices(cl)
 	if slots, err := cl.Slots(context.Background()); err == nil {
 		for _, s := range slots.Slots {
 			if s.State != string(scaler.Empty) {

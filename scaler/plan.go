@@ -87,6 +87,9 @@ type Observed struct {
 	// Boots is, per pool, what its recent boots took (the reconciler
 	// measures them); a pool with IdleAuto derives its idle timeout from it.
 	Boots map[string]BootTime
+	// Notices are the providers' warnings, by instance id, that they will
+	// take an instance back (NoticeReader).
+	Notices map[string]Notice
 }
 
 // Cause is why a builder is terminated, in terms code and metrics branch on
@@ -101,6 +104,9 @@ const (
 	// CauseDrained: drained (idle, operator, max lifetime, ...) and no
 	// session left.
 	CauseDrained Cause = "drained"
+	// CauseInterrupted: a builder still starting when its provider warned
+	// that it reclaims it; a replacement is launched instead.
+	CauseInterrupted Cause = "interrupted"
 	// CauseOrphan: an instance of this cluster that no slot tracks.
 	CauseOrphan Cause = "orphan"
 	// CauseOther: anything else (a launch cut off by a crash, ...).

@@ -49,6 +49,7 @@ func (p *planner) requeueSlot(s *Slot, reason string) {
 // assign gives pending reservations to ready slots with room, packing
 // builders so that the others can go idle and be released.
 func (p *planner) assign(pp PoolPolicy) {
+	p.moveOffInterrupted(pp)
 	for i := range p.res {
 		r := &p.res[i]
 		if r.Pool != pp.Name || r.State != Pending || p.ended[r.ID] {
@@ -75,8 +76,13 @@ func (p *planner) assign(pp PoolPolicy) {
 	}
 }
 
-// better prefers the fuller slot (packing), then fewer sessions.
+// better prefers a builder without a notice (one with a rebalance
+// recommendation is used only while nothing else has room), then the
+// fuller slot (packing), then fewer sessions.
 func (p *planner) better(a, b *Slot) bool {
+	if da, db := p.doomed(a), p.doomed(b); da != db {
+		return db
+	}
 	ra, rb := p.perSlot[a.Key()], p.perSlot[b.Key()]
 	if ra != rb {
 		return ra > rb

@@ -103,7 +103,7 @@ const DrainIdle = "idle"
 func (p *planner) reclaimable(v slotView) bool {
 	s, pp := v.s, v.pp
 	old := pp.MaxLifetime > 0 && !v.in.LaunchedAt.IsZero() && p.now.Sub(v.in.LaunchedAt) >= pp.MaxLifetime
-	return s.DrainReason == DrainIdle && v.configured && SlotNumber(s.Name) <= pp.MaxBuilders && !old &&
+	return s.DrainReason == DrainIdle && v.configured && !p.doomed(s) && SlotNumber(s.Name) <= pp.MaxBuilders && !old &&
 		v.found && v.in.State == InstanceRunning && v.srvKnown && v.srv.Healthy && v.srv.Addr == s.Address
 }
 

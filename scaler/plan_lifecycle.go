@@ -100,6 +100,11 @@ func (p *planner) slotTransitions() {
 		v := slotView{s: s, in: in, found: found, age: p.now.Sub(s.StateSince)}
 		v.pp, v.configured = p.poolIndex[s.Pool]
 		v.srv, v.srvKnown = p.server(s.Key())
+		if s.State.Starting() && p.interrupted(s) && v.srv.Sessions == 0 {
+			// It would be reclaimed before, or soon after, it serves.
+			p.terminate(s, CauseInterrupted, "interruption warning while "+string(s.State))
+			continue
+		}
 		switch s.State {
 		case Launching:
 			p.launchingSlot(v)
@@ -172,6 +177,11 @@ func (p *planner) readySlot(v slotView) {
 		s.LastActive = p.now
 	}
 	switch {
+	case p.interrupted(s):
+		// No new connection goes to a builder about to be reclaimed; the
+		// sessions open finish if they can, and a replacement is launched
+		// in the same round (scale: it no longer counts as active).
+		p.drain(s, DrainInterrupted, "")
 	case !v.configured || SlotNumber(s.Name) > pp.MaxBuilders:
 		// The pool, or this slot, left the configuration.
 		p.drain(s, "slot no longer configured", "")

@@ -10,7 +10,7 @@ import (
 func (p *planner) active(pool string) int {
 	n := 0
 	for _, s := range p.slots {
-		if s.Pool == pool && (s.State.Starting() || s.State == Ready) {
+		if s.Pool == pool && (s.State.Starting() || s.State == Ready) && !p.doomed(&s) {
 			n++
 		}
 	}
@@ -19,15 +19,17 @@ func (p *planner) active(pool string) int {
 
 // demand counts the pool's live reservations that need a serving builder:
 // pending ones and those on a builder that is not draining (a draining
-// builder keeps serving what it holds, so those need no new capacity).
+// builder keeps serving what it holds, so those need no new capacity),
+// except one about to be reclaimed, whose work needs a replacement.
 func (p *planner) demand(pool string) int {
 	draining := map[string]bool{}
-	for _, s := range p.slots {
-		if s.Pool == pool && s.State == Draining {
+	for i := range p.slots {
+		if s := &p.slots[i]; s.Pool == pool && s.State == Draining && !p.interrupted(s) {
 			draining[s.Name] = true
 		}
 	}
 	n := satAdd(max(p.obs.Held[pool], 0), max(p.obs.Queued[pool], 0))
+	n = satAdd(n, p.interruptedDemand(pool))
 	for _, r := range p.res {
 		if r.Pool == pool && !p.ended[r.ID] && !(r.State == Assigned && draining[r.Slot]) {
 			n = satAdd(n, 1)
@@ -121,6 +123,7 @@ func (p *planner) scale(pp PoolPolicy) {
 	if active < target && !p.now.Before(p.obs.LaunchBackoff[pp.Name]) {
 		active = p.launchUpTo(pp, target, active)
 	}
+	p.drainRebalanced(pp, target)
 	if active <= target || !p.obs.ServersKnown {
 		return
 	}

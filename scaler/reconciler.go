@@ -81,6 +81,9 @@ type Reconciler struct {
 	boots bootMeter // what boots take, per pool (Observed.Boots)
 	// idle is each pool's idle timeout as last logged; Run goroutine only.
 	idle map[string]time.Duration
+	// noticed is the notice kind recorded per instance, so that each is
+	// recorded once; Run goroutine only.
+	noticed map[string]NoticeKind
 
 	mu       sync.Mutex
 	backoff  map[string]time.Time
@@ -330,6 +333,9 @@ func (r *Reconciler) ReconcileOnce(ctx context.Context) (changed bool, err error
 		r.settling = r.settling || s.State != Empty && s.State != Ready || s.State == Ready && obs.ServersKnown && !srv.Up
 	}
 	r.o.Recorder.Observed(r.o.Policy, obs)
+	if err := r.recordNotices(ctx, now, obs); err != nil {
+		return false, err
+	}
 	a := applier{r: r, now: now, owner: owner}
 	for _, act := range actions {
 		if err = a.apply(ctx, act); err != nil {

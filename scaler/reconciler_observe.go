@@ -18,7 +18,7 @@ func (r *Reconciler) observe(ctx context.Context) (Observed, map[string]Provider
 	var wg sync.WaitGroup
 	start := r.o.Clock.Now()
 	wg.Go(func() {
-		obs.Instances, obs.InstancesKnown, owner = r.listInstances(ctx)
+		obs.Instances, obs.InstancesKnown, owner, obs.Notices = r.listInstances(ctx)
 		r.phases.List = r.since(start)
 	})
 	if r.o.Readiness != nil {
@@ -93,8 +93,9 @@ type storeRows struct {
 
 // listInstances lists every provider once. known holds the pools whose
 // provider answered; owner maps each instance to the provider that listed
-// it.
-func (r *Reconciler) listInstances(ctx context.Context) (ins []Instance, known map[string]bool, owner map[string]Provider) {
+// it; notices are the interruption notices of the providers that give
+// them (NoticeReader).
+func (r *Reconciler) listInstances(ctx context.Context) (ins []Instance, known map[string]bool, owner map[string]Provider, notices map[string]Notice) {
 	known, owner = map[string]bool{}, map[string]Provider{}
 	listed := map[Provider]bool{}
 	for _, pp := range r.o.Policy.Pools {
@@ -120,8 +121,36 @@ func (r *Reconciler) listInstances(ctx context.Context) (ins []Instance, known m
 			owner[in.ID] = p
 		}
 		ins = append(ins, got...)
+		notices = r.readNotices(ctx, p, got, notices)
 	}
-	return ins, known, owner
+	return ins, known, owner, notices
+}
+
+// readNotices adds p's notices about instances to into, keeping the
+// stronger of two for one instance. A failed read leaves the builders as
+// they are: without a notice they are treated as they always were.
+func (r *Reconciler) readNotices(ctx context.Context, p Provider, instances []Instance, into map[string]Notice) map[string]Notice {
+	nr, ok := p.(NoticeReader)
+	if !ok {
+		return into
+	}
+	cctx, cancel := context.WithTimeout(ctx, r.o.CallTimeout)
+	got, err := nr.Notices(cctx, instances)
+	cancel()
+	if err != nil {
+		r.o.Logger.Error("reading interruption notices failed", "err", err)
+		r.o.Recorder.CallFailed("notices")
+		return into
+	}
+	for id, n := range got {
+		if into == nil {
+			into = map[string]Notice{}
+		}
+		if old, ok := into[id]; !ok || n.Stronger(old) {
+			into[id] = n
+		}
+	}
+	return into
 }
 
 // readServers asks the load balancer for its servers, and the connections

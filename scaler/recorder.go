@@ -11,7 +11,7 @@ type Recorder interface {
 	// Observed: the fleet as a round saw it.
 	Observed(pol Policy, obs Observed)
 	// CallFailed: a provider or load balancer call failed; op is one of
-	// list, bind, quiesce, terminate.
+	// list, notices, bind, quiesce, terminate.
 	CallFailed(op string)
 	// LoadBalancer: whether the load balancer answered this round.
 	LoadBalancer(answered bool)
@@ -23,6 +23,9 @@ type Recorder interface {
 	Launched(pool string, err error)
 	// Terminated: a builder of pool was terminated, for cause.
 	Terminated(pool string, cause Cause)
+	// Noticed: the provider announced that it takes back a builder of
+	// pool (counted once per instance and kind).
+	Noticed(pool string, kind NoticeKind)
 }
 
 // NopRecorder records nothing.
@@ -36,6 +39,7 @@ func (NopRecorder) Assigned(string, time.Duration) {}
 func (NopRecorder) LeaseExpired(string)            {}
 func (NopRecorder) Launched(string, error)         {}
 func (NopRecorder) Terminated(string, Cause)       {}
+func (NopRecorder) Noticed(string, NoticeKind)     {}
 
 // MetricsNamespace prefixes every metric of the autoscaler, whichever part
 // registers it.

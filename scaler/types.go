@@ -309,6 +309,9 @@ const (
 	EvEmptied    = "emptied"
 	EvFailed     = "failed"
 	EvHeartbeat  = "heartbeat"
+	// EvNotice: the provider announced that it takes the slot's builder
+	// back (an interruption warning, a rebalance recommendation).
+	EvNotice = "notice"
 	// EvForecast and EvForecastWithdrawn: a forecast was made, withdrawn.
 	EvForecast          = "forecast"
 	EvForecastWithdrawn = "forecast_withdrawn"

@@ -47,6 +47,11 @@ type Env struct {
 	PricePerHour map[string]float64 `json:"price_per_hour"`
 	// MinBilled is the minimum billed time per instance (EC2: 60 s).
 	MinBilled time.Duration `json:"min_billed_ns"`
+	// InterruptionWarning is how long before an interruption the provider
+	// warns of it (EC2: 2 min, which the daemon reads from the
+	// interruption queue or DescribeSpotInstanceRequests); 0: no warning,
+	// the builder is found gone after the fact.
+	InterruptionWarning time.Duration `json:"interruption_warning_ns"`
 }
 
 // DefaultEnv follows published EC2 figures for a tuned Linux AMI: about 10 s
@@ -61,6 +66,7 @@ var DefaultEnv = Env{
 	Market:               "spot",
 	PricePerHour:         map[string]float64{"spot": 0.0806, "on-demand": 0.2053},
 	MinBilled:            60 * time.Second,
+	InterruptionWarning:  2 * time.Minute,
 }
 
 // Price is the hourly price of the environment's market.
@@ -161,6 +167,33 @@ func (p *provider) advance(now time.Time) bool {
 		}
 	}
 	return changed
+}
+
+// Notices warns of the interruptions due within the environment's
+// warning (scaler.NoticeReader), as EC2's two-minute warning does.
+func (p *provider) Notices(context.Context, []scaler.Instance) (map[string]scaler.Notice, error) {
+	if p.env.InterruptionWarning <= 0 {
+		return nil, nil
+	}
+	now := p.now()
+	var out map[string]scaler.Notice
+	for _, id := range p.order {
+		si := p.insts[id]
+		if si.interruptAt.IsZero() || !si.endedAt.IsZero() || now.Before(si.interruptAt.Add(-p.env.InterruptionWarning)) {
+			continue
+		}
+		if out == nil {
+			out = map[string]scaler.Notice{}
+		}
+		out[id] = scaler.Notice{Instance: id, Kind: scaler.NoticeInterruption, Deadline: si.interruptAt}
+	}
+	return out, nil
+}
+
+// ended reports whether instance id no longer runs (or is unknown).
+func (p *provider) ended(id string) bool {
+	si, ok := p.insts[id]
+	return !ok || !si.endedAt.IsZero()
 }
 
 // finish terminates everything still running at the end of the run.

@@ -273,23 +273,31 @@ func (r *run) follow(now time.Time) error {
 	return nil
 }
 
-// followOne starts, aborts (requeued) or fails build j as its reservation
-// res says.
+// followOne starts, aborts or fails build j as its reservation res and
+// its builder say. A running build is lost (and reruns) when the
+// instance it runs on ends under it; a reservation moved off a warned
+// builder (requeued, or assigned elsewhere) does not stop the build
+// still running there.
 func (r *run) followOne(j *job, res scaler.Reservation, now time.Time) {
 	a := &r.accs[j.pool]
+	if j.running && j.inst != "" && r.provs[j.slot.Pool].ended(j.inst) {
+		j.running = false
+		r.rd.sessions[j.slot]--
+		a.reruns++
+	}
 	switch {
 	case res.State == scaler.Assigned && !j.running:
 		j.running, j.started, j.endAt = true, now, now.Add(j.b.Duration)
 		j.slot = scaler.SlotKey{Pool: res.Pool, Slot: res.Slot}
+		j.inst = ""
+		if s, err := r.store.Slot(r.ctx, j.slot); err == nil {
+			j.inst = s.InstanceID
+		}
 		r.rd.sessions[j.slot]++
 		if !j.assigned {
 			j.assigned = true
 			a.wait(now.Sub(j.created), j.bootWait)
 		}
-	case res.State == scaler.Pending && j.running:
-		j.running = false
-		r.rd.sessions[j.slot]--
-		a.reruns++
 	case !res.State.Live():
 		if j.running {
 			r.rd.sessions[j.slot]--

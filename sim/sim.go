@@ -38,7 +38,8 @@ type job struct {
 	started   time.Time
 	endAt     time.Time
 	slot      scaler.SlotKey
-	assigned  bool // assigned at least once (wait recorded)
+	inst      string // the instance it runs on (empty: not known)
+	assigned  bool   // assigned at least once (wait recorded)
 	done      bool
 	submitted bool
 	// bootWait and queueWait split the wait before the first assignment.

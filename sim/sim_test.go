@@ -236,3 +236,31 @@ func TestAutoIdleFromMeasuredBoots(t *testing.T) {
 		t.Errorf("IdlePolicy with idle_timeout 5m = %q", r.IdlePolicy)
 	}
 }
+
+// TestInterruptionWarningSavesReruns: with EC2's two-minute warning the
+// daemon drains the warned builder and moves its reservations to a
+// replacement, so fewer builds are lost with their builder than when the
+// interruption is found after the fact.
+func TestInterruptionWarningSavesReruns(t *testing.T) {
+	trace := smallTrace()
+	cfg := testConfig()
+	cfg.Env.InterruptionsPerHour = 2 // many interruptions on a small trace
+	cfg.Env.InterruptionWarning = 0
+	before, err := Run(cfg, trace)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Env.InterruptionWarning = 2 * time.Minute
+	after, err := Run(cfg, trace)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("without warning: %d interruptions, %d reruns, p95 wait %.0fs; with: %d, %d, %.0fs",
+		before.Interruptions, before.Reruns, before.Wait.P95, after.Interruptions, after.Reruns, after.Wait.P95)
+	if before.Reruns == 0 || after.Reruns >= before.Reruns {
+		t.Errorf("reruns with a warning = %d, without = %d; want fewer with it", after.Reruns, before.Reruns)
+	}
+	if after.Completed != after.Builds {
+		t.Errorf("with a warning: %d of %d builds completed", after.Completed, after.Builds)
+	}
+}

@@ -108,6 +108,7 @@ func simulateFlags(stderr io.Writer) (*pflag.FlagSet, *simulateOpts) {
 	o.spot = fs.Float64("price-spot", env.PricePerHour["spot"], "hourly price of a spot builder")
 	o.od = fs.Float64("price-on-demand", env.PricePerHour["on-demand"], "hourly price of an on-demand builder")
 	fs.Float64Var(&env.InterruptionsPerHour, "interruptions-per-hour", env.InterruptionsPerHour, "spot interruption rate per builder-hour")
+	fs.DurationVar(&env.InterruptionWarning, "interruption-warning", env.InterruptionWarning, "how long before an interruption the daemon is warned (0: not at all, found after the fact)")
 	fs.Float64Var(&env.CapacityErrorRate, "capacity-error-rate", env.CapacityErrorRate, "fraction of launches failing for capacity")
 	fs.DurationVar(&env.LaunchToRunning.Min, "running-min", env.LaunchToRunning.Min, "launch to running: minimum")
 	fs.DurationVar(&env.LaunchToRunning.Mean, "running-mean", env.LaunchToRunning.Mean, "launch to running: mean")

@@ -134,6 +134,8 @@ type EC2 struct {
 	// "ec2-private-ip" or "ec2-public-ip".
 	Discovery string `toml:"discovery"`
 	SSHPort   int    `toml:"ssh_port"`
+	// InterruptionQueue: the region's SQS queue of EC2 notices (empty: poll).
+	InterruptionQueue string `toml:"interruption_queue"`
 }
 
 // EffectiveMarket is the market launches start in, as the EC2 provider

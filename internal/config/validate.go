@@ -180,6 +180,7 @@ func (v *validator) pools(pools []Pool) {
 		}
 		v.pool(p, pool)
 	}
+	v.interruptionQueues(pools)
 }
 
 func (v *validator) pool(p string, pool Pool) {

@@ -44,6 +44,34 @@ func (v *validator) ec2Endpoint(p string, e EC2) {
 			v.add(p+"endpoint", "%q is not an http(s) URL; leave it out to use AWS, or give e.g. \"http://127.0.0.1:5000\" for an emulator", e.Endpoint)
 		}
 	}
+	if e.InterruptionQueue != "" {
+		if u, err := url.Parse(e.InterruptionQueue); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.Path == "" || u.Path == "/" {
+			v.add(p+"interruption_queue", "%q is not an SQS queue URL like \"https://sqs.eu-central-1.amazonaws.com/123456789012/nix-builders-interruptions\"", e.InterruptionQueue)
+		}
+	}
+}
+
+// interruptionQueues checks that the EC2 pools of one region (and
+// endpoint) name the same interruption queue: the daemon runs one
+// provider, and so reads one queue, per region.
+func (v *validator) interruptionQueues(pools []Pool) {
+	type region struct{ name, endpoint string }
+	first := map[region]int{}
+	for i, pool := range pools {
+		if pool.Provider != ProviderEC2 {
+			continue
+		}
+		k := region{pool.EC2.Region, pool.EC2.Endpoint}
+		j, seen := first[k]
+		if !seen {
+			first[k] = i
+			continue
+		}
+		if q := pools[j].EC2.InterruptionQueue; q != pool.EC2.InterruptionQueue {
+			v.add(poolKey(i, pool.Name)+".ec2.interruption_queue", "%q differs from pool[%d]'s %q in the same region %s; the pools of a region share one queue: name the same one in each, or none",
+				pool.EC2.InterruptionQueue, j, q, pool.EC2.Region)
+		}
+	}
 }
 
 // ec2Image checks the launch template and the AMI.

@@ -74,6 +74,8 @@ type Daemon struct {
 	ready chan struct{}
 	token string
 	provs map[string]scaler.Provider
+	// queues are the interruption queues Run reads, one per region that has one.
+	queues []*ec2prov.Queue
 
 	// With HAProxy: its runtime-API readiness, the SPOE agent and the
 	// agent-check responder (nil without).
@@ -313,6 +315,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 				errc <- fmt.Errorf("serve %s: %w", lns[i].Addr(), err)
 			}
 		}()
+	}
+	for _, q := range d.queues {
+		wg.Go(func() { _ = q.Run(runCtx) })
 	}
 	wg.Add(2)
 	go func() {

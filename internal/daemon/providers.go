@@ -98,15 +98,11 @@ func (d *Daemon) ec2Providers(pools []config.Pool, out map[string]scaler.Provide
 			popts[p.Name] = e.PoolOptions()
 			dopts.Pools[p.Name] = discovery.PoolSource{Source: e.Discovery, Port: e.SSHPort}
 		}
+		queue := groups[k][0].EC2.InterruptionQueue // the same for the region's pools (config checks)
 		if d.o.EC2 != nil {
 			prov = d.o.EC2(k.region, k.endpoint, popts)
 		} else {
-			client, err := ec2prov.NewClient(context.Background(), k.region, k.endpoint)
-			if err != nil {
-				return fmt.Errorf("ec2 region %s: %w", k.region, err)
-			}
-			p, err := ec2prov.New(client, ec2prov.Options{Cluster: d.cfg.Daemon.Cluster, Pools: popts, Logger: d.log,
-				Registerer: d.reg, Clock: d.o.Clock})
+			p, err := d.ec2Provider(k.region, k.endpoint, queue, popts)
 			if err != nil {
 				return err
 			}
@@ -116,6 +112,39 @@ func (d *Daemon) ec2Providers(pools []config.Pool, out map[string]scaler.Provide
 			out[p.Name] = prov
 		}
 	}
+	return d.discovery(pools, out, dopts)
+}
+
+// ec2Provider is the EC2 provider of a region, and the reader of its
+// interruption queue when it has one (run by Run).
+func (d *Daemon) ec2Provider(region, endpoint, queue string, popts map[string]ec2prov.PoolOptions) (*ec2prov.Provider, error) {
+	client, err := ec2prov.NewClient(context.Background(), region, endpoint)
+	if err != nil {
+		return nil, fmt.Errorf("ec2 region %s: %w", region, err)
+	}
+	p, err := ec2prov.New(client, ec2prov.Options{Cluster: d.cfg.Daemon.Cluster, Pools: popts, Logger: d.log,
+		Registerer: d.reg, Clock: d.o.Clock, Queue: queue != ""})
+	if err != nil {
+		return nil, err
+	}
+	if queue == "" {
+		return p, nil
+	}
+	sc, err := ec2prov.NewSQSClient(context.Background(), region, endpoint)
+	if err != nil {
+		return nil, fmt.Errorf("ec2 region %s: interruption queue: %w", region, err)
+	}
+	q, err := ec2prov.NewQueue(sc, ec2prov.QueueOptions{URL: queue, Notify: p.Notify, Kick: func() { d.rec.Kick() },
+		Logger: d.log, Clock: d.o.Clock})
+	if err != nil {
+		return nil, err
+	}
+	d.queues = append(d.queues, q)
+	return p, nil
+}
+
+// discovery wraps the EC2 providers in out with address discovery.
+func (d *Daemon) discovery(pools []config.Pool, out map[string]scaler.Provider, dopts discovery.Options) error {
 	ts := d.cfg.Tailscale
 	dopts.LocalAPI = discovery.NewLocalAPI(ts.Socket)
 	tmpl, err := template.New("tailscale.hostname").Parse(ts.Hostname)

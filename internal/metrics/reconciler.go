@@ -23,6 +23,7 @@ type Reconciler struct {
 	leaseExpiries    *prometheus.CounterVec
 	providerErrors   *prometheus.CounterVec
 	readinessUp      prometheus.Gauge
+	notices          *prometheus.CounterVec
 }
 
 var _ scaler.Recorder = (*Reconciler)(nil)
@@ -51,12 +52,14 @@ func NewReconciler(reg prometheus.Registerer) *Reconciler {
 			Help: "Reservations whose lease expired without release."}, []string{"pool"}),
 		providerErrors: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "provider_errors_total",
 			Help: "Failed provider and load balancer calls by operation."}, []string{"op"}),
+		notices: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "interruption_notices_total",
+			Help: "Notices that the provider takes a builder back, by pool and kind (interruption, rebalance)."}, []string{"pool", "kind"}),
 		readinessUp: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "load_balancer_up",
 			Help: "1 if the load balancer answered the last reconcile round."}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.slots, m.reservations, m.waitSeconds, m.launches, m.terminations,
-			m.reconcileSeconds, m.reconcileErrors, m.leaseExpiries, m.providerErrors, m.readinessUp)
+			m.reconcileSeconds, m.reconcileErrors, m.leaseExpiries, m.providerErrors, m.readinessUp, m.notices)
 	}
 	return m
 }
@@ -99,6 +102,10 @@ func (m *Reconciler) Launched(pool string, err error) {
 
 func (m *Reconciler) Terminated(pool string, cause scaler.Cause) {
 	m.terminations.WithLabelValues(pool, string(cause)).Inc()
+}
+
+func (m *Reconciler) Noticed(pool string, kind scaler.NoticeKind) {
+	m.notices.WithLabelValues(pool, string(kind)).Inc()
 }
 
 // Observed sets the slot and reservation gauges of every configured pool.

@@ -15,6 +15,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/aws/aws-sdk-go-v2/service/ec2"
+	"github.com/aws/aws-sdk-go-v2/service/sqs"
 	"github.com/aws/smithy-go"
 	"github.com/aws/smithy-go/middleware"
 
@@ -30,6 +31,9 @@ type ec2API interface {
 	TerminateInstances(ctx context.Context, in *ec2.TerminateInstancesInput, optFns ...func(*ec2.Options)) (*ec2.TerminateInstancesOutput, error)
 	// DescribeInstances is also driven through ec2.NewDescribeInstancesPaginator.
 	DescribeInstances(ctx context.Context, in *ec2.DescribeInstancesInput, optFns ...func(*ec2.Options)) (*ec2.DescribeInstancesOutput, error)
+	// DescribeSpotInstanceRequests finds the Spot builders EC2 marked for
+	// termination, when no interruption queue tells of them.
+	DescribeSpotInstanceRequests(ctx context.Context, in *ec2.DescribeSpotInstanceRequestsInput, optFns ...func(*ec2.Options)) (*ec2.DescribeSpotInstanceRequestsOutput, error)
 }
 
 var _ ec2API = (*ec2.Client)(nil)
@@ -39,6 +43,7 @@ const (
 	opRun       = "RunInstances"
 	opDescribe  = "DescribeInstances"
 	opTerminate = "TerminateInstances"
+	opSpot      = "DescribeSpotInstanceRequests"
 )
 
 // Client-side request rates, per operation and per Provider: below EC2's
@@ -52,6 +57,7 @@ var defaultLimits = map[string]struct {
 	opRun:       {burst: 4, rate: 1.5},
 	opDescribe:  {burst: 50, rate: 10},
 	opTerminate: {burst: 50, rate: 4},
+	opSpot:      {burst: 10, rate: 2},
 }
 
 // Retry settings of NewClient's SDK retryer. Throttling errors
@@ -75,16 +81,7 @@ func NewClient(ctx context.Context, region, endpoint string) (*ec2.Client, error
 }
 
 func newClient(ctx context.Context, region, endpoint string, tune func(*retry.StandardOptions)) (*ec2.Client, error) {
-	cfg, err := loadConfig(ctx, region, endpoint, config.WithRetryer(func() aws.Retryer {
-		return retry.NewStandard(func(o *retry.StandardOptions) {
-			o.MaxAttempts = maxAttempts
-			o.MaxBackoff = maxBackoff
-			o.RateLimiter = ratelimit.None
-			if tune != nil {
-				tune(o)
-			}
-		})
-	}))
+	cfg, err := loadConfig(ctx, region, endpoint, withRetryer(tune))
 	if err != nil {
 		return nil, fmt.Errorf("ec2 client: %w", err)
 	}
@@ -93,6 +90,36 @@ func newClient(ctx context.Context, region, endpoint string, tune func(*retry.St
 			o.BaseEndpoint = aws.String(endpoint)
 		}
 	}), nil
+}
+
+// NewSQSClient returns an SQS client for an interruption queue in region,
+// with NewClient's credentials, endpoint and retry settings (moto_server
+// serves SQS on its EC2 endpoint).
+func NewSQSClient(ctx context.Context, region, endpoint string) (*sqs.Client, error) {
+	cfg, err := loadConfig(ctx, region, endpoint, withRetryer(nil))
+	if err != nil {
+		return nil, fmt.Errorf("sqs client: %w", err)
+	}
+	return sqs.NewFromConfig(cfg, func(o *sqs.Options) {
+		if endpoint != "" {
+			o.BaseEndpoint = aws.String(endpoint)
+		}
+	}), nil
+}
+
+// withRetryer is the SDK's standard retryer with NewClient's settings,
+// changed by tune if set.
+func withRetryer(tune func(*retry.StandardOptions)) func(*config.LoadOptions) error {
+	return config.WithRetryer(func() aws.Retryer {
+		return retry.NewStandard(func(o *retry.StandardOptions) {
+			o.MaxAttempts = maxAttempts
+			o.MaxBackoff = maxBackoff
+			o.RateLimiter = ratelimit.None
+			if tune != nil {
+				tune(o)
+			}
+		})
+	})
 }
 
 // AWSConfig is the SDK configuration NewClient builds its client from

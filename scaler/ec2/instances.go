@@ -120,6 +120,7 @@ func (p *Provider) observe(ins []scaler.Instance) {
 				"type", in.Type, "zone", in.Zone)
 		}
 	}
+	p.listed = listed
 	for id := range p.interrupted {
 		if !listed[id] {
 			delete(p.interrupted, id)

@@ -221,3 +221,29 @@ func TestMotoListPaginates(t *testing.T) {
 }
 
 func sortedKeys[V any](m map[string]V) []string { return slices.Sorted(maps.Keys(m)) }
+
+// TestMotoSpotRequestsPoll: the poll's DescribeSpotInstanceRequests (its
+// instance-id and status-code filters) is a request moto accepts, and a
+// Spot builder nobody marked gets no notice. moto 5.2 neither records a
+// Spot request for a Spot RunInstances nor marks one for termination; the
+// fake tests the marked case (TestNoticesPollMarkedForTermination).
+func TestMotoSpotRequestsPoll(t *testing.T) {
+	e := newMotoEnv(t)
+	ctx := context.Background()
+	p := e.provider(t)
+	spot, err := p.Launch(ctx, scaler.LaunchRequest{Pool: "x86", Slot: "slot1", LaunchID: "L1"})
+	if err != nil {
+		t.Fatalf("Launch spot: %v", err)
+	}
+	ins, err := p.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := p.Notices(ctx, ins)
+	if err != nil {
+		t.Fatalf("Notices: %v", err)
+	}
+	if len(got) != 0 {
+		t.Errorf("notices = %v for a fulfilled Spot builder %s, want none", got, spot.ID)
+	}
+}

@@ -159,6 +159,9 @@ type Options struct {
 	Logger     *slog.Logger           // nil discards
 	Registerer prometheus.Registerer  // nil: metrics are not registered
 	Clock      clock.Clock            // nil = clock.Real
+	// Queue: an interruption queue feeds Notify, so Notices does not poll
+	// DescribeSpotInstanceRequests.
+	Queue bool
 }
 
 type pool struct {
@@ -191,6 +194,11 @@ type Provider struct {
 	unavailable map[offering]time.Time // offering → skipped until
 	interrupted map[string]bool        // instance ids counted as interrupted
 	lastList    time.Time
+	// listed are the cluster's instances the last List returned; notices
+	// holds what Notify was told, by instance.
+	listed  map[string]bool
+	notices map[string]heldNotice
+	queue   bool
 }
 
 var _ scaler.Provider = (*Provider)(nil)
@@ -218,6 +226,9 @@ func New(api API, o Options) (*Provider, error) {
 		pageSize:    500,
 		unavailable: map[offering]time.Time{},
 		interrupted: map[string]bool{},
+		listed:      map[string]bool{},
+		notices:     map[string]heldNotice{},
+		queue:       o.Queue,
 	}
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)

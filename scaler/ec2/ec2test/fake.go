@@ -91,6 +91,10 @@ type instance struct {
 	inst      types.Instance
 	volTags   []types.Tag
 	describes int // DescribeInstances calls since launch
+	// spotCode and spotUpdated are the Spot request's status once
+	// MarkForTermination changed it (empty: fulfilled at launch).
+	spotCode    string
+	spotUpdated time.Time
 }
 
 type tokenUse struct {
