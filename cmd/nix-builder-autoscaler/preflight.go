@@ -5,10 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/iam"
+	"github.com/aws/aws-sdk-go-v2/service/sqs"
+	sqstypes "github.com/aws/aws-sdk-go-v2/service/sqs/types"
 	"github.com/aws/aws-sdk-go-v2/service/sts"
 	"github.com/spf13/pflag"
 
@@ -113,6 +116,9 @@ func preflightChecks(ctx context.Context, cfg *config.Config) []preflight.Check 
 	var checks []preflight.Check
 	for _, k := range order {
 		checks = append(checks, preflight.EC2Checks(ec2Region(ctx, cfg.Daemon.Cluster, k.region, k.endpoint, groups[k]))...)
+		if c := queueCheck(ctx, k.region, k.endpoint, groups[k]); c != nil {
+			checks = append(checks, c)
+		}
 	}
 	ts := preflight.Tailscale{Pools: tsPools, LocalAPI: discovery.NewLocalAPI(cfg.Tailscale.Socket)}
 	if len(tsPools) > 0 {
@@ -174,4 +180,45 @@ func tailscaleCredentials(ts config.Tailscale) (preflight.TailscaleKey, error) {
 		return nil, err
 	}
 	return api, nil
+}
+
+// queueCheck checks the interruption queue the pools of one region name
+// (validation makes them name the same one), with the SQS client the
+// daemon reads it with; nil when they name none.
+func queueCheck(ctx context.Context, region, endpoint string, pools []config.Pool) preflight.Check {
+	var url string
+	var names []string
+	for _, p := range pools {
+		if p.EC2.InterruptionQueue != "" {
+			url = p.EC2.InterruptionQueue
+			names = append(names, p.Name)
+		}
+	}
+	if url == "" {
+		return nil
+	}
+	c, err := ec2prov.NewSQSClient(ctx, region, endpoint)
+	if err != nil {
+		return preflight.QueueCheck(strings.Join(names, ","), url, failingQueue{err})
+	}
+	return preflight.QueueCheck(strings.Join(names, ","), url, sqsQueue{c})
+}
+
+// sqsQueue reads a queue's attributes over SQS.
+type sqsQueue struct{ c *sqs.Client }
+
+func (q sqsQueue) QueueAttributes(ctx context.Context, url string) (map[string]string, error) {
+	out, err := q.c.GetQueueAttributes(ctx, &sqs.GetQueueAttributesInput{QueueUrl: &url,
+		AttributeNames: []sqstypes.QueueAttributeName{sqstypes.QueueAttributeNameAll}})
+	if err != nil {
+		return nil, err
+	}
+	return out.Attributes, nil
+}
+
+// failingQueue is a queue whose client could not be made.
+type failingQueue struct{ err error }
+
+func (q failingQueue) QueueAttributes(context.Context, string) (map[string]string, error) {
+	return nil, q.err
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/aws/aws-sdk-go-v2/service/iam"
+	"github.com/aws/aws-sdk-go-v2/service/sqs"
 
 	"guardianproject.dev/ops/nix-builder-autoscaler/scaler/ec2/ec2test"
 )
@@ -135,5 +136,38 @@ func TestPreflightUsageAndConfigErrors(t *testing.T) {
 	}
 	if code, out, _ := runPreflight(t, "--help"); code != 0 || !strings.Contains(out, "DryRun") {
 		t.Errorf("--help: exit %d, %q", code, out)
+	}
+}
+
+// TestPreflightMotoQueue: a pool's interruption queue is checked with the
+// daemon's SQS client: one that exists passes, a wrong URL fails naming
+// the setting.
+func TestPreflightMotoQueue(t *testing.T) {
+	m := ec2test.StartMoto(t)
+	t.Setenv("AWS_ACCESS_KEY_ID", "")
+	var subnets []string
+	for _, s := range m.DefaultSubnets(t)[:1] {
+		subnets = append(subnets, s.ID)
+	}
+	createSpotRole(t, m)
+	c := sqs.New(sqs.Options{Region: ec2test.MotoRegion, BaseEndpoint: aws.String(m.Endpoint),
+		Credentials: credentials.NewStaticCredentialsProvider("testing", "testing", "")})
+	cq, err := c.CreateQueue(context.Background(), &sqs.CreateQueueInput{QueueName: aws.String("nix-builders-interruptions")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	url := aws.ToString(cq.QueueUrl)
+	for _, tc := range []struct {
+		url, want string
+		code      int
+	}{
+		{url, "interruption-queue  x86   PASS", 0},
+		{strings.Replace(url, "nix-builders-interruptions", "no-such-queue", 1), "fix [pool.ec2] interruption_queue", 1},
+	} {
+		cfg := preflightConfig(t, m, subnets, fmt.Sprintf("ami = %q\ninterruption_queue = %q\n", ec2test.MotoAMI, tc.url))
+		code, out, errOut := runPreflight(t, "--config", cfg)
+		if code != tc.code || !strings.Contains(out, tc.want) {
+			t.Errorf("queue %s: exit %d, want %d with %q:\n%s%s", tc.url, code, tc.code, tc.want, out, errOut)
+		}
 	}
 }
