@@ -251,9 +251,6 @@ func runHolder() {
 // connection through HAProxy reaches a builder. Afterwards the daemon's
 // descriptors and memory go back to where they were.
 func TestHostileNeighbour(t *testing.T) {
-	if testing.Short() {
-		t.Skip("holds 21,500 connections")
-	}
 	s := startHostileStack(t)
 	pid := s.d.cmd.Process.Pid
 	ctx, cancel := context.WithTimeout(context.Background(), testwait.Bound) // a hang guard

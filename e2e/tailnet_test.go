@@ -46,11 +46,11 @@ const (
 )
 
 // tailnetTools returns the directory holding tailscaled, tailscale and
-// headscale, or skips the test when they are not built.
+// headscale; the test fails when they are not built.
 func tailnetTools(t *testing.T) string {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates network namespaces, a bridge and a kernel TUN interface")
+		t.Fatal("needs root: creates network namespaces, a bridge and a kernel TUN interface (scripts/test runs as root)")
 	}
 	if dir := os.Getenv("NBA_TAILNET_TOOLS"); dir != "" {
 		return dir
@@ -62,7 +62,7 @@ func tailnetTools(t *testing.T) string {
 		if errors.As(err, &ee) {
 			msg = strings.TrimSpace(string(ee.Stderr))
 		}
-		t.Skipf("tailscaled, tailscale and headscale are not built (scripts/test builds them with scripts/tailnet-tools): %s", msg)
+		t.Fatalf("tailscaled, tailscale and headscale are not built: run scripts/tailnet-tools (scripts/test does): %s", msg)
 	}
 	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
 	return lines[len(lines)-1]

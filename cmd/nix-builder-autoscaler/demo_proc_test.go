@@ -31,7 +31,7 @@ type demoProc struct {
 func startDemoProc(t *testing.T, args ...string) *demoProc {
 	t.Helper()
 	if _, err := exec.LookPath("haproxy"); err != nil {
-		t.Skip("haproxy is not installed")
+		t.Fatal("haproxy is not installed: scripts/test installs it (scripts/apt-need haproxy)")
 	}
 	exe, err := os.Executable()
 	if err != nil {
