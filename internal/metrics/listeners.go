@@ -13,8 +13,12 @@ import (
 type Listeners struct {
 	open   *prometheus.Desc
 	closed *prometheus.Desc
-	names  []string
-	lns    []*connlimit.Listener
+	lns    []namedListener
+}
+
+type namedListener struct {
+	name string
+	l    *connlimit.Listener
 }
 
 // NewListeners returns the collector; Add listeners, then register it.
@@ -30,8 +34,7 @@ func NewListeners() *Listeners {
 
 // Add reports ln under name.
 func (m *Listeners) Add(name string, ln *connlimit.Listener) {
-	m.names = append(m.names, name)
-	m.lns = append(m.lns, ln)
+	m.lns = append(m.lns, namedListener{name, ln})
 }
 
 // Describe implements prometheus.Collector.
@@ -42,10 +45,10 @@ func (m *Listeners) Describe(ch chan<- *prometheus.Desc) {
 
 // Collect implements prometheus.Collector.
 func (m *Listeners) Collect(ch chan<- prometheus.Metric) {
-	for i, ln := range m.lns {
-		s := ln.Stats()
-		ch <- prometheus.MustNewConstMetric(m.open, prometheus.GaugeValue, float64(s.Open), m.names[i])
-		ch <- prometheus.MustNewConstMetric(m.closed, prometheus.CounterValue, float64(s.Evicted), m.names[i], "evicted")
-		ch <- prometheus.MustNewConstMetric(m.closed, prometheus.CounterValue, float64(s.Rejected), m.names[i], "rejected")
+	for _, ln := range m.lns {
+		s := ln.l.Stats()
+		ch <- prometheus.MustNewConstMetric(m.open, prometheus.GaugeValue, float64(s.Open), ln.name)
+		ch <- prometheus.MustNewConstMetric(m.closed, prometheus.CounterValue, float64(s.Evicted), ln.name, "evicted")
+		ch <- prometheus.MustNewConstMetric(m.closed, prometheus.CounterValue, float64(s.Rejected), ln.name, "rejected")
 	}
 }
